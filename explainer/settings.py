@@ -1,0 +1,217 @@
+"""Every default and its help text, in one pydantic model with a section per stage.
+
+Sources, lowest to highest: field defaults, `--config explainer.toml`, environment
+variables (secrets only: OPENAI_API_KEY, OPENAI_BASE_URL), flags the user typed.
+The CLI builds its flags from these fields, so a default's description is its --help.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from explainer.errors import ExplainerError
+
+
+class Section(BaseModel):
+    # A typo in a TOML key or --set must fail loudly, not silently keep the default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(Section):
+    name: str = Field(
+        "smollm2",
+        description="subject model: a built-in name (smollm2, gemma3-270m), a Hugging Face id or a local directory",
+    )
+    layer: int = Field(
+        15,
+        description="hook the residual stream at the output of this decoder layer (0-based; SmolLM2 has 30)",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the subject model's forward pass"
+    )
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
+    batch_size: int = Field(8, ge=1, description="contexts per forward pass")
+
+
+class CorpusSettings(Section):
+    source: str = Field(
+        "builtin",
+        description=(
+            "text to run the model on: builtin (Shakespeare plays + Python docstrings), a .txt/.md file, "
+            "a folder of .txt/.md, a .jsonl or .parquet file, or hf:PATH for a datasets dataset saved to disk"
+        ),
+    )
+    text_field: str = Field("text", description="field holding the text in JSONL, Parquet and datasets sources")
+    ctx_len: int = Field(64, ge=4, description="tokens per context window (64 as in Gao et al. 2024)")
+    validation_fraction: float = Field(
+        0.1, ge=0, lt=1, description="fraction of documents reserved for the validation split (agent selection)"
+    )
+    heldout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="fraction of documents reserved for the held-out split (final scores only)"
+    )
+    split_seed: int = Field(0, description="seed of the document-level split; keep it fixed across runs")
+
+
+class TrainSettings(Section):
+    out: Path = Field(Path("runs/sae"), description="folder for the trained dictionary (SAELens layout)")
+    n_latents: int = Field(4096, ge=2, description="dictionary width (number of latents)")
+    k: int = Field(32, ge=1, description="active latents per token (TopK)")
+    tokens: int = Field(600_000, ge=1, description="training tokens to stream from the subject model")
+    batch_tokens: int = Field(4096, ge=1, description="tokens per optimizer step")
+    lr: Optional[float] = Field(
+        None, description="Adam learning rate; default 2e-4 / sqrt(n_latents / 16384) as in Gao et al."
+    )
+    adam_eps: float = Field(6.25e-10, description="Adam epsilon (Gao et al. 2024)")
+    auxk_coef: float = Field(1 / 32, ge=0, description="weight of the AuxK loss on dead latents")
+    k_aux: Optional[int] = Field(None, description="latents in the AuxK reconstruction; default d_model / 2")
+    dead_tokens: int = Field(
+        100_000,
+        ge=1,
+        description="a latent not fired for this many tokens counts as dead (10M in the paper; scaled to short runs)",
+    )
+    multi_topk: bool = Field(False, description="add the Multi-TopK loss (4k latents, weight 1/8)")
+    decoder: Literal["sparse", "dense"] = Field(
+        "sparse", description="sparse decodes only the k active rows; dense is the reference path"
+    )
+    autocast: Literal["none", "bfloat16"] = Field("none", description="autocast the SAE step to this dtype")
+    median_samples: int = Field(8192, ge=1, description="activations used for the geometric-median b_pre init")
+    eval_tokens: int = Field(16_384, ge=0, description="held-out tokens for FVU, L0 and CE-increase metrics")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    seed: int = Field(0, description="seed for init and data order")
+
+
+class SampleSettings(Section):
+    n_top: int = Field(20, ge=0, description="top-activating examples per latent per split")
+    n_quantile: int = Field(20, ge=0, description="quantile-stratified activating examples per latent per split")
+    n_quantile_bins: int = Field(5, ge=1, description="activation quantile bins the quantile examples are spread over")
+    n_nonactivating: int = Field(20, ge=0, description="examples where the latent is zero on every token, per split")
+    n_random: int = Field(10, ge=0, description="uniformly random contexts per split (shared by all latents)")
+    tokens: int = Field(300_000, ge=1, description="corpus tokens to run through model + dictionary")
+    checkpoint_every: int = Field(64, ge=1, description="batches between resumable checkpoints")
+    shard: str = Field("0/1", description="process shard i of N (i/N) of the contexts; merge shards with `explainer merge`")
+
+
+class LLMSettings(Section):
+    base_url: Optional[str] = Field(
+        None,
+        description="OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama); default https://api.openai.com/v1; env OPENAI_BASE_URL",
+    )
+    api_key: Optional[SecretStr] = Field(
+        None,
+        description="API key; read from OPENAI_API_KEY, never stored in the DB, logs or errors; not needed for 127.0.0.1/localhost",
+    )
+    model: str = Field("gpt-4o-mini", description="model name sent to the endpoint")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature")
+    max_tokens: int = Field(300, ge=1, description="completion token limit per call")
+    timeout: float = Field(60.0, gt=0, description="seconds before one request is abandoned and retried")
+    concurrency: int = Field(16, ge=1, description="requests in flight at once")
+    max_attempts: int = Field(
+        5, ge=1, description="attempts per call (errors and rejected answers alike) before it is recorded as failed"
+    )
+    backoff: float = Field(1.0, ge=0, description="seconds before the first retry; doubles per attempt, with jitter")
+    backoff_max: float = Field(30.0, ge=0, description="longest wait between two attempts, unless Retry-After asks for more")
+    retry_after_max: float = Field(
+        120.0, ge=0, description="longest Retry-After wait honoured; a server asking for more waits this long"
+    )
+    cache: bool = Field(True, description="answer repeated calls from the llm_cache table instead of the endpoint")
+    price_in: float = Field(0.0, ge=0, description="USD per million prompt tokens, for the cost ledger")
+    price_out: float = Field(0.0, ge=0, description="USD per million completion tokens, for the cost ledger")
+
+
+class ExplainSettings(Section):
+    explainer: Literal["llm", "ngram"] = Field("llm", description="llm asks the endpoint; ngram is the offline N2G baseline")
+    template: str = Field("explain", description="prompt template name in prompts/ or a path to a .txt file")
+    latents: str = Field("all", description="which latents: all, 3, 0-99, 1,5,9, or a SQL WHERE over latents")
+    n_top: int = Field(10, ge=0, description="top train-split examples shown to the explainer")
+    n_quantile: int = Field(10, ge=0, description="quantile train-split examples shown to the explainer")
+    n_nonactivating: int = Field(4, ge=0, description="non-activating train-split contrast examples shown")
+    max_chars: int = Field(300, ge=10, description="longest explanation accepted; longer answers are retried, then failed")
+
+
+class ScoreSettings(Section):
+    scorers: str = Field("simulation", description="comma list of scorers: simulation, detection, fuzzing")
+    mode: Literal["json", "logprobs"] = Field("json", description="simulation mode: json predictions or digit logprobs")
+    latents: str = Field("all", description="which latents: all, 3, 0-99, 1,5,9, or a SQL WHERE over latents")
+    explanations: Optional[str] = Field(None, description="SQL WHERE over explanations choosing which to score")
+    split: Literal["heldout", "validation"] = Field("heldout", description="split the scorer reads")
+    n_top: int = Field(5, ge=0, description="held-out top examples per latent")
+    n_quantile: int = Field(5, ge=0, description="held-out quantile examples per latent")
+    n_random: int = Field(5, ge=0, description="held-out random contexts per latent")
+    n_nonactivating: int = Field(5, ge=0, description="held-out non-activating examples (detection)")
+    per_call: int = Field(5, ge=1, description="snippets batched into one detection/fuzzing/simulation call")
+
+
+class Settings(Section):
+    db: Path = Field(Path("runs/explainer.duckdb"), description="DuckDB file holding every result")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    corpus: CorpusSettings = Field(default_factory=CorpusSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    sample: SampleSettings = Field(default_factory=SampleSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    explain: ExplainSettings = Field(default_factory=ExplainSettings)
+    score: ScoreSettings = Field(default_factory=ScoreSettings)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings as JSON-able data with the API key left out, for storing with a run."""
+        data = self.model_dump(mode="json")
+        data["llm"].pop("api_key", None)
+        return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_assignment(text: str) -> dict[str, Any]:
+    """`train.lr=3e-4` -> {"train": {"lr": "3e-4"}}; pydantic coerces the string."""
+    if "=" not in text:
+        raise ExplainerError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. --set train.lr=3e-4")
+    dotted, value = text.split("=", 1)
+    keys = dotted.strip().split(".")
+    out: dict[str, Any] = {}
+    node = out
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return out
+
+
+def one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def load_settings(path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None) -> Settings:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ExplainerError(f"config file {path} not found (pass an existing TOML file to --config)") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ExplainerError(f"config file {path} is not valid TOML: {e}") from None
+    env: dict[str, Any] = {}
+    if os.environ.get("OPENAI_API_KEY"):
+        env.setdefault("llm", {})["api_key"] = os.environ["OPENAI_API_KEY"]
+    if os.environ.get("OPENAI_BASE_URL"):
+        env.setdefault("llm", {})["base_url"] = os.environ["OPENAI_BASE_URL"]
+    merged = deep_merge(deep_merge(data, env), overrides or {})
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as e:
+        src = f" (in {path} or flags)" if path else ""
+        raise ExplainerError(f"invalid settings{src}: {one_line(e)}") from None

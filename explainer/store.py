@@ -1,0 +1,326 @@
+"""The DuckDB file: connection, locking message, and the schema as append-only migrations.
+
+Every stage writes here; users query it with SQL. A migration is a named function that
+runs once inside a transaction and is recorded in `_migrations`. Applied migrations are
+never edited: change the schema by appending a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import duckdb
+
+from explainer.errors import ExplainerError
+
+SPLITS = ("train", "validation", "heldout")
+KINDS = ("top", "quantile", "nonactivating", "random")
+
+
+def m001_core(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        """
+        CREATE SEQUENCE run_ids START 1;
+        CREATE TABLE runs (
+            id BIGINT PRIMARY KEY DEFAULT nextval('run_ids'),
+            stage VARCHAR NOT NULL,
+            settings JSON,            -- effective settings, API key removed
+            status VARCHAR NOT NULL,  -- running | done | failed
+            result JSON,
+            started_at TIMESTAMP NOT NULL,
+            finished_at TIMESTAMP
+        );
+        CREATE SEQUENCE dictionary_ids START 1;
+        CREATE TABLE dictionaries (
+            id INTEGER PRIMARY KEY DEFAULT nextval('dictionary_ids'),
+            name VARCHAR NOT NULL UNIQUE,
+            path VARCHAR,
+            model VARCHAR NOT NULL,
+            hook VARCHAR NOT NULL,
+            d_in INTEGER NOT NULL,
+            d_sae INTEGER NOT NULL,
+            k INTEGER,
+            fingerprint VARCHAR NOT NULL,  -- hash of the weights: a DB never mixes two dictionaries under one id
+            config JSON,
+            created_at TIMESTAMP NOT NULL
+        );
+        -- One row per context window the sampler ran. Split is decided per document.
+        CREATE TABLE contexts (
+            dict_id INTEGER NOT NULL,
+            context_id BIGINT NOT NULL,   -- global index in corpus order; stable across shards and resumes
+            doc_id VARCHAR NOT NULL,
+            split VARCHAR NOT NULL,
+            token_ids INTEGER[] NOT NULL,
+            tokens VARCHAR[] NOT NULL,    -- each token as the tokenizer decodes it alone
+            PRIMARY KEY (dict_id, context_id)
+        );
+        CREATE TABLE latents (
+            dict_id INTEGER NOT NULL,
+            latent INTEGER NOT NULL,
+            frequency DOUBLE NOT NULL,    -- fraction of tokens on which the latent fired
+            n_fired BIGINT NOT NULL,      -- tokens fired
+            n_tokens BIGINT NOT NULL,     -- tokens seen
+            n_contexts BIGINT NOT NULL,   -- contexts with at least one firing token
+            max_act REAL,
+            mean_act REAL,                -- mean over firing tokens
+            quantiles REAL[],             -- of per-context max activation over firing contexts
+            PRIMARY KEY (dict_id, latent)
+        );
+        CREATE TABLE examples (
+            dict_id INTEGER NOT NULL,
+            latent INTEGER NOT NULL,
+            split VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,        -- top | quantile | nonactivating | random
+            rank INTEGER NOT NULL,
+            context_id BIGINT NOT NULL,
+            max_act REAL NOT NULL,
+            acts REAL[] NOT NULL,         -- aligned with contexts.tokens
+            bin INTEGER,                  -- quantile bin for kind = quantile
+            PRIMARY KEY (dict_id, latent, split, kind, rank)
+        );
+        CREATE SEQUENCE explanation_ids START 1;
+        CREATE TABLE explanations (
+            id BIGINT PRIMARY KEY DEFAULT nextval('explanation_ids'),
+            dict_id INTEGER NOT NULL,
+            latent INTEGER NOT NULL,
+            explainer VARCHAR NOT NULL,   -- llm | ngram | agent
+            model VARCHAR,
+            template VARCHAR,
+            template_hash VARCHAR,
+            text VARCHAR,                 -- NULL when status = failed: never a placeholder
+            pattern JSON,                 -- machine-readable form (n-gram patterns)
+            status VARCHAR NOT NULL,      -- ok | failed
+            error VARCHAR,
+            parent_id BIGINT,             -- the explanation this one revised (agent)
+            round INTEGER,
+            candidate INTEGER,
+            chosen BOOLEAN,
+            run_id BIGINT,
+            prompt_tokens BIGINT,
+            completion_tokens BIGINT,
+            cost DOUBLE,
+            created_at TIMESTAMP NOT NULL
+        );
+        CREATE SEQUENCE score_ids START 1;
+        CREATE TABLE scores (
+            id BIGINT PRIMARY KEY DEFAULT nextval('score_ids'),
+            explanation_id BIGINT NOT NULL,
+            dict_id INTEGER NOT NULL,
+            latent INTEGER NOT NULL,
+            scorer VARCHAR NOT NULL,      -- simulation | detection | fuzzing | ngram
+            mode VARCHAR,
+            split VARCHAR NOT NULL,
+            score DOUBLE,                 -- NULL when status = failed
+            details JSON,
+            n_snippets INTEGER,
+            status VARCHAR NOT NULL,
+            error VARCHAR,
+            run_id BIGINT,
+            prompt_tokens BIGINT,
+            completion_tokens BIGINT,
+            cost DOUBLE,
+            created_at TIMESTAMP NOT NULL
+        );
+        CREATE TABLE llm_cache (
+            key VARCHAR PRIMARY KEY,      -- sha256 of (model, messages, parameters)
+            model VARCHAR,
+            response JSON NOT NULL,
+            created_at TIMESTAMP NOT NULL
+        );
+        CREATE SEQUENCE call_ids START 1;
+        CREATE TABLE llm_calls (
+            id BIGINT PRIMARY KEY DEFAULT nextval('call_ids'),
+            run_id BIGINT,
+            stage VARCHAR,
+            model VARCHAR,
+            dict_id INTEGER,
+            latent INTEGER,
+            cache_key VARCHAR,
+            cache_hit BOOLEAN NOT NULL,
+            attempts INTEGER,
+            prompt_tokens BIGINT,         -- NULL when the server reported no usage
+            completion_tokens BIGINT,
+            latency_s DOUBLE,
+            cost DOUBLE,
+            error VARCHAR,
+            created_at TIMESTAMP NOT NULL
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_core]
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _lock_message(path: Path, err: Exception) -> str:
+    pid = re.search(r"PID (\d+)", str(err))
+    who = f"process {pid.group(1)}" if pid else "another process"
+    return f"database {path} is in use by {who}; wait for it to finish or use another --db file"
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
+    con.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP)")
+    done = {r[0] for r in con.execute("SELECT name FROM _migrations").fetchall()}
+    applied = []
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        con.execute("BEGIN")
+        try:
+            fn(con)
+            con.execute("INSERT INTO _migrations VALUES (?, ?)", [fn.__name__, now()])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        applied.append(fn.__name__)
+    return applied
+
+
+def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open (creating if needed) and migrate the DB; a lock held elsewhere is a user error."""
+    path = Path(path)
+    if read_only and not path.exists():
+        raise ExplainerError(f"database {path} does not exist (run `explainer sample` first, or pass --db)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        con = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as e:
+        if "lock" in str(e).lower():
+            raise ExplainerError(_lock_message(path, e)) from None
+        raise ExplainerError(f"cannot open database {path}: {e}") from None
+    except duckdb.Error as e:
+        raise ExplainerError(f"{path} is not a usable DuckDB file ({e}); pass another --db") from None
+    if not read_only:
+        migrate(con)
+    return con
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """All-or-nothing: a crash inside leaves no partial rows (DuckDB commits are durable)."""
+    con.execute("BEGIN")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: Any) -> None:
+    """Bulk insert a pyarrow Table (or anything DuckDB can scan) by column name."""
+    con.register("_bulk", data)
+    try:
+        cols = ", ".join(f'"{c}"' for c in data.column_names)
+        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _bulk")
+    finally:
+        con.unregister("_bulk")
+
+
+# --- runs -------------------------------------------------------------------------------
+
+
+def start_run(con: duckdb.DuckDBPyConnection, stage: str, settings: dict[str, Any]) -> int:
+    return con.execute(
+        "INSERT INTO runs (stage, settings, status, started_at) VALUES (?, ?, 'running', ?) RETURNING id",
+        [stage, json.dumps(settings), now()],
+    ).fetchone()[0]
+
+
+def finish_run(con: duckdb.DuckDBPyConnection, run_id: int, status: str, result: Optional[dict] = None) -> None:
+    con.execute(
+        "UPDATE runs SET status = ?, result = ?, finished_at = ? WHERE id = ?",
+        [status, json.dumps(result) if result is not None else None, now(), run_id],
+    )
+
+
+# --- dictionaries -------------------------------------------------------------------------
+
+
+def dictionary_id(con: duckdb.DuckDBPyConnection, name: Optional[str] = None) -> int:
+    """The dictionary a command works on: the only one, or the one named with --dict."""
+    rows = con.execute("SELECT id, name FROM dictionaries ORDER BY id").fetchall()
+    if not rows:
+        raise ExplainerError("the database holds no dictionary yet (run `explainer sample` first)")
+    if name is None:
+        if len(rows) > 1:
+            names = ", ".join(r[1] for r in rows)
+            raise ExplainerError(f"the database holds several dictionaries ({names}); choose one with --dict NAME")
+        return rows[0][0]
+    for rid, rname in rows:
+        if rname == name or str(rid) == name:
+            return rid
+    names = ", ".join(r[1] for r in rows)
+    raise ExplainerError(f"no dictionary named {name!r} in the database (it holds: {names})")
+
+
+def register_dictionary(con: duckdb.DuckDBPyConnection, *, name: str, path: str, model: str, hook: str,
+                        d_in: int, d_sae: int, k: Optional[int], fingerprint: str, config: dict) -> int:
+    """Return the id for this dictionary, adding it if new; refuse a different one under the same name."""
+    row = con.execute("SELECT id, fingerprint FROM dictionaries WHERE name = ?", [name]).fetchone()
+    if row is not None:
+        if row[1] != fingerprint:
+            raise ExplainerError(
+                f"the database already holds a different dictionary named {name!r}; "
+                "pass another --db, or --dict-name to keep both apart"
+            )
+        return row[0]
+    row = con.execute("SELECT id, name FROM dictionaries WHERE fingerprint = ?", [fingerprint]).fetchone()
+    if row is not None:
+        return row[0]
+    return con.execute(
+        """INSERT INTO dictionaries (name, path, model, hook, d_in, d_sae, k, fingerprint, config, created_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id""",
+        [name, path, model, hook, d_in, d_sae, k, fingerprint, json.dumps(config), now()],
+    ).fetchone()[0]
+
+
+# --- latent selectors ---------------------------------------------------------------------
+
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_LIST = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
+
+
+def select_latents(con: duckdb.DuckDBPyConnection, dict_id: int, selector: str) -> list[int]:
+    """`all`, `7`, `0-99`, `1,5,9`, or a SQL WHERE over the latents table."""
+    sel = selector.strip()
+    if sel == "all":
+        rows = con.execute("SELECT latent FROM latents WHERE dict_id = ? ORDER BY latent", [dict_id]).fetchall()
+    elif m := _RANGE.match(sel):
+        lo, hi = int(m.group(1)), int(m.group(2))
+        rows = con.execute(
+            "SELECT latent FROM latents WHERE dict_id = ? AND latent BETWEEN ? AND ? ORDER BY latent",
+            [dict_id, lo, hi],
+        ).fetchall()
+    elif _LIST.match(sel):
+        wanted = [int(x) for x in sel.split(",")]
+        rows = con.execute(
+            "SELECT latent FROM latents WHERE dict_id = ? AND list_contains(?, latent) ORDER BY latent",
+            [dict_id, wanted],
+        ).fetchall()
+    else:
+        try:
+            rows = con.execute(
+                f"SELECT latent FROM latents WHERE dict_id = ? AND ({sel}) ORDER BY latent", [dict_id]
+            ).fetchall()
+        except duckdb.Error as e:
+            msg = str(e).splitlines()[0]
+            raise ExplainerError(
+                f"--latents {selector!r} is not a range, a list, 'all' or a valid SQL WHERE over latents: {msg}"
+            ) from None
+    latents = [r[0] for r in rows]
+    if not latents:
+        raise ExplainerError(
+            f"--latents {selector!r} matches no latent (columns: latent, frequency, max_act, mean_act, n_contexts)"
+        )
+    return latents
