@@ -150,11 +150,62 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db(args: argparse.Namespace) -> Path:
+    return args.db or load_settings(args.config, {}).db
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from explainer import query, store, ui
+
+    with store.connect(_db(args), read_only=True) as con:
+        dict_id = store.dictionary_id(con, args.dict)
+        found = query.search(con, args.query, dict_id=dict_id, limit=args.limit)
+    ui.emit(found, as_json=args.json, title=f"explanations matching {args.query!r}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from explainer import query, store, ui
+
+    with store.connect(_db(args), read_only=True) as con:
+        dict_id = store.dictionary_id(con, args.dict)
+        rec = query.latent_record(con, dict_id, args.latent, splits=tuple(args.split.split(",")), per_kind=args.n)
+    if args.json:
+        ui.emit_mapping(rec.to_json(), as_json=True)
+    else:
+        ui.show_latent(rec)
+    return 0
+
+
+def cmd_browse(args: argparse.Namespace) -> int:
+    from explainer import browse, store, ui
+
+    with store.connect(_db(args), read_only=True) as con:
+        dict_id = store.dictionary_id(con, args.dict)
+        with ui.progress_bar("browse", enabled=not args.json) as bar:
+            n = browse.build(con, dict_id, args.out, progress=bar)
+    ui.emit_mapping({"pages": n, "index": str(args.out / "index.html")}, as_json=args.json, title="static site written")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from explainer import query, store, ui
+
+    with store.connect(_db(args), read_only=True) as con:
+        files = query.export(con, args.out)
+    ui.emit([{"file": str(f), "bytes": f.stat().st_size} for f in files], as_json=args.json, title="exported")
+    return 0
+
+
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]]] = {
     "train": (cmd_train, "train a TopK sparse autoencoder on a model's residual stream", ("model", "corpus", "train")),
     "sample": (cmd_sample, "store top, quantile, non-activating and random examples per latent in DuckDB", ("model", "corpus", "sample")),
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain")),
     "sql": (cmd_sql, "run SQL against the results database", ()),
+    "search": (cmd_search, "rank explanations by relevance to a text query (BM25)", ()),
+    "show": (cmd_show, "one latent: its explanations, scores and highlighted examples", ()),
+    "browse": (cmd_browse, "write a static HTML site: index with search and sort, a page per latent", ()),
+    "export": (cmd_export, "write every table as Parquet and a Neuronpedia-like JSON per dictionary", ()),
 }
 
 
@@ -181,8 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "sample":
             p.add_argument("--sae", default=None, help="dictionary folder (ours, SAELens or sparsify); default: train.out")
             p.add_argument("--dict-name", default=None, help="name of the dictionary in the DB (default: from its folder)")
-        if verb in ("explain",):
+        if verb in ("explain", "search", "show", "browse"):
             p.add_argument("--dict", default=None, help="dictionary name or id when the DB holds several")
+        if verb == "search":
+            p.add_argument("query", help="words to look for in explanations")
+            p.add_argument("--limit", type=int, default=20, help="rows to show (default: 20)")
+        if verb == "show":
+            p.add_argument("latent", type=int, help="latent index")
+            p.add_argument("--split", default="train,heldout", help="splits to show examples from (default: train,heldout)")
+            p.add_argument("-n", type=int, default=5, help="examples per kind (default: 5)")
+        if verb in ("browse", "export"):
+            p.add_argument("--out", type=Path, required=True, help="output folder")
         if verb == "sql":
             p.add_argument("query", help="a SQL statement, e.g. \"SELECT * FROM latents LIMIT 5\"")
             p.add_argument("--csv", action="store_true", help="print CSV")

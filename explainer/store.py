@@ -154,7 +154,62 @@ def m001_core(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_core]
+def m002_views(con: duckdb.DuckDBPyConnection) -> None:
+    """The documented views users query (README 'Schema'). Failed rows never appear in them."""
+    con.execute(
+        """
+        CREATE VIEW explanation_scores AS
+        SELECT e.id AS explanation_id, e.dict_id, e.latent, e.explainer, e.model, e.template,
+               e.text, e.round, e.parent_id, e.chosen, s.scorer, s.mode, s.split, s.score,
+               s.n_snippets, s.details, s.created_at AS scored_at,
+               rank() OVER (PARTITION BY e.dict_id, e.latent, s.scorer, s.split
+                            ORDER BY s.score DESC NULLS LAST) AS rank_for_latent
+        FROM explanations e
+        LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok'
+        WHERE e.status = 'ok';
+
+        CREATE VIEW labels AS
+        WITH per_expl AS (
+            SELECT e.id, e.dict_id, e.latent, e.explainer, e.model, e.text, e.created_at,
+                   max(s.score) FILTER (WHERE s.scorer = 'simulation' AND s.split = 'heldout') AS simulation,
+                   max(s.score) FILTER (WHERE s.scorer = 'detection' AND s.split = 'heldout') AS detection,
+                   max(s.score) FILTER (WHERE s.scorer = 'fuzzing' AND s.split = 'heldout') AS fuzzing
+            FROM explanations e
+            LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok'
+            WHERE e.status = 'ok'
+            GROUP BY ALL
+        ),
+        best AS (
+            SELECT * FROM per_expl
+            QUALIFY row_number() OVER (
+                PARTITION BY dict_id, latent
+                ORDER BY simulation DESC NULLS LAST, detection DESC NULLS LAST,
+                         (explainer = 'ngram') ASC, created_at DESC) = 1
+        ),
+        ngram AS (
+            SELECT dict_id, latent, max(simulation) AS ngram_simulation
+            FROM per_expl WHERE explainer = 'ngram' GROUP BY ALL
+        )
+        SELECT l.dict_id, l.latent, l.frequency, l.max_act, l.n_contexts,
+               b.text AS explanation, b.explainer, b.model AS explainer_model, b.id AS explanation_id,
+               b.simulation, b.detection, b.fuzzing, n.ngram_simulation
+        FROM latents l
+        LEFT JOIN best b USING (dict_id, latent)
+        LEFT JOIN ngram n USING (dict_id, latent);
+
+        CREATE VIEW costs AS
+        SELECT stage, model, count(*) AS calls,
+               count(*) FILTER (WHERE cache_hit) AS cache_hits,
+               count(*) FILTER (WHERE error IS NOT NULL) AS errors,
+               sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
+               sum(cost) AS cost, count(DISTINCT latent) AS latents,
+               sum(cost) / nullif(count(DISTINCT latent), 0) AS cost_per_latent
+        FROM llm_calls GROUP BY ALL;
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_core, m002_views]
 
 
 def now() -> datetime:

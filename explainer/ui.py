@@ -88,3 +88,32 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[d
             prog.update(task, completed=done, total=info.get("total"), stats=stats)
 
         yield update
+
+
+def show_latent(rec: Any) -> None:
+    """A latent's explanations and examples, each token shaded by its activation."""
+    from rich.text import Text
+
+    st = rec.stats
+    scale = float(st.get("max_act") or 0.0)
+    console.print(f"[bold]latent {rec.latent}[/bold]  frequency {_fmt(st['frequency'])}  "
+                  f"max {_fmt(st['max_act'])}  contexts fired {st['n_contexts']}")
+    if not rec.explanations:
+        console.print("[dim]no explanations yet (explainer explain ...)[/dim]")
+    for e in rec.explanations:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in e["scores"].items()) or "not scored"
+        console.print(f"  [bold]{e['text']}[/bold]  [dim]{e['explainer']}/{e['model']}: {scores}[/dim]")
+    current = None
+    for x in rec.examples:
+        if (x.split, x.kind) != current:
+            current = (x.split, x.kind)
+            console.print(f"\n[dim]{x.kind} examples, {x.split} split[/dim]")
+        line = Text(f"{x.max_act:7.3g}  ")
+        for tok, a in zip(x.tokens, x.acts):
+            tok = tok.replace("\n", "\u21b5")
+            if a > 0 and scale > 0:
+                level = int(80 + 175 * min(1.0, a / scale))
+                line.append(tok, style=f"black on rgb(255,{255 - level + 80},{max(0, 255 - level)})")
+            else:
+                line.append(tok)
+        console.print(line)

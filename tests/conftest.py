@@ -89,3 +89,57 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def db_path(tmp_path: Path) -> Path:
     # A real file, not :memory:, so reopen and resume are exercised.
     return tmp_path / "test.duckdb"
+
+
+def fill_db(path: Path) -> Path:
+    """A small hand-made results DB: 1 dictionary, 3 latents, examples in train and heldout,
+    LLM and n-gram explanations with scores. Used by the read-side tests."""
+    from explainer import store
+
+    con = store.connect(path)
+    con.execute(
+        "INSERT INTO dictionaries (name, path, model, hook, d_in, d_sae, k, fingerprint, config, created_at) "
+        "VALUES ('toy', '/x', 'tiny', 'layers.1', 32, 3, 1, 'fp', '{}', now())"
+    )
+    words = [["the", " king", " of", " Paris"], ["a", " river", " in", " Rome"], ["3", " swords", " and", " 4"],
+             ["the", " queen", " in", " Venice"], ["7", " crowns", " of", " 9"], ["old", " wise", " proud", " lord"]]
+    for cid, toks in enumerate(words):
+        split = "train" if cid < 3 else "heldout"
+        con.execute("INSERT INTO contexts VALUES (1, ?, ?, ?, ?, ?)", [cid, f"doc{cid}", split, list(range(4)), toks])
+    for latent, freq in [(0, 0.1), (1, 0.05), (2, 0.0)]:
+        con.execute("INSERT INTO latents VALUES (1, ?, ?, 10, 100, 3, 2.0, 1.0, [0.5, 1.0, 2.0])", [latent, freq])
+    ex = [
+        (0, "train", "top", 0, 0, [0.0, 0.0, 0.0, 2.0]),
+        (0, "train", "top", 1, 1, [0.0, 0.0, 0.0, 1.5]),
+        (0, "train", "nonactivating", 0, 2, [0.0, 0.0, 0.0, 0.0]),
+        (0, "heldout", "top", 0, 3, [0.0, 0.0, 0.0, 1.8]),
+        (0, "heldout", "nonactivating", 0, 5, [0.0, 0.0, 0.0, 0.0]),
+        (1, "train", "top", 0, 2, [1.0, 0.0, 0.0, 2.0]),
+        (1, "heldout", "top", 0, 4, [1.0, 0.0, 0.0, 1.0]),
+    ]
+    for latent, split, kind, rank, cid, acts in ex:
+        con.execute("INSERT INTO examples VALUES (1, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                    [latent, split, kind, rank, cid, max(acts), acts])
+    expl = [
+        (0, "llm", "gpt-test", "capitalised city names after a preposition"),
+        (0, "ngram", "ngram", 'fires on " Paris", " Rome"'),
+        (1, "llm", "gpt-test", "numbers and digits at the start of a phrase"),
+    ]
+    for latent, explainer, model, text in expl:
+        con.execute("INSERT INTO explanations (dict_id, latent, explainer, model, text, status, created_at) "
+                    "VALUES (1, ?, ?, ?, ?, 'ok', now())", [latent, explainer, model, text])
+    con.execute("INSERT INTO explanations (dict_id, latent, explainer, model, text, status, error, created_at) "
+                "VALUES (1, 2, 'llm', 'gpt-test', NULL, 'failed', 'HTTP 500 after 5 attempts', now())")
+    for eid, score in [(1, 0.8), (2, 0.6), (3, 0.4)]:
+        con.execute("INSERT INTO scores (explanation_id, dict_id, latent, scorer, mode, split, score, status, created_at) "
+                    "SELECT id, dict_id, latent, 'simulation', 'json', 'heldout', ?, 'ok', now() FROM explanations WHERE id = ?",
+                    [score, eid])
+    con.execute("INSERT INTO llm_calls (stage, model, latent, cache_hit, prompt_tokens, completion_tokens, cost, created_at) "
+                "VALUES ('explain', 'gpt-test', 0, false, 100, 10, 0.01, now()), ('explain', 'gpt-test', 1, true, 100, 10, 0.0, now())")
+    con.close()
+    return path
+
+
+@pytest.fixture
+def filled_db(db_path: Path) -> Path:
+    return fill_db(db_path)

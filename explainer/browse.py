@@ -1,0 +1,107 @@
+"""A static HTML browser generated from the DB: an index with search and sort, a page per latent.
+
+Pages embed their data and a few lines of JavaScript; viewing needs no server and no network
+(a file:// page cannot fetch JSON, so the index carries its rows inline).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import duckdb
+
+from explainer.query import latent_record, rows
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1100px}
+table{border-collapse:collapse;width:100%}th,td{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}
+th{cursor:pointer;background:#f6f6f6;position:sticky;top:0}input{font-size:1em;padding:4px;width:24em}
+.ex{font-family:ui-monospace,monospace;font-size:13px;white-space:pre-wrap;margin:3px 0;padding:4px;border:1px solid #eee}
+.tok{border-radius:2px}.kind{color:#777;font-size:12px;margin-top:1em}.num{text-align:right}
+.expl{font-size:1.1em;margin:.3em 0}.score{color:#555;font-size:.9em}
+"""
+
+INDEX_JS = """
+const rows = JSON.parse(document.getElementById('data').textContent);
+let key = 'simulation', desc = true;
+function fmt(v){ if(v===null||v===undefined) return ''; return typeof v==='number' ? (Number.isInteger(v)? v : v.toPrecision(3)) : v; }
+function render(){
+  const q = document.getElementById('q').value.toLowerCase();
+  const shown = rows.filter(r => !q || (r.explanation||'').toLowerCase().includes(q) || String(r.latent)===q);
+  shown.sort((a,b) => { const x=a[key], y=b[key]; if(x===y) return a.latent-b.latent;
+    if(x===null||x===undefined) return 1; if(y===null||y===undefined) return -1; return (x<y?-1:1)*(desc?-1:1); });
+  document.getElementById('count').textContent = shown.length + ' latents';
+  document.getElementById('body').innerHTML = shown.map(r => `<tr><td><a href="latent_${r.latent}.html">${r.latent}</a></td>`+
+    `<td>${(r.explanation||'').replace(/&/g,'&amp;').replace(/</g,'&lt;')}</td><td>${r.explainer||''}</td>`+
+    `<td class=num>${fmt(r.simulation)}</td><td class=num>${fmt(r.ngram_simulation)}</td>`+
+    `<td class=num>${fmt(r.frequency)}</td><td class=num>${fmt(r.max_act)}</td></tr>`).join('');
+}
+document.querySelectorAll('th[data-k]').forEach(th => th.onclick = () => {
+  if(key===th.dataset.k) desc=!desc; else {key=th.dataset.k; desc=true;} render(); });
+document.getElementById('q').oninput = render;
+render();
+"""
+
+
+def _page(title: str, body: str, script: str = "") -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{body}{script}</body></html>")
+
+
+def _highlight(tokens: list[str], acts: list[float], scale: float) -> str:
+    spans = []
+    for tok, a in zip(tokens, acts):
+        alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, a / scale))
+        title = f' title="{a:.3g}"' if a > 0 else ""
+        style = f' style="background:rgba(255,120,0,{alpha:.2f})"' if a > 0 else ""
+        spans.append(f"<span class='tok'{style}{title}>{html.escape(tok)}</span>")
+    return "".join(spans)
+
+
+def latent_page(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int) -> str:
+    rec = latent_record(con, dict_id, latent, splits=("train", "heldout"), per_kind=10)
+    st = rec.stats
+    scale = float(st.get("max_act") or 0.0)
+    parts = [f"<p><a href='index.html'>&larr; all latents</a></p><h1>Latent {latent}</h1>",
+             f"<p class=score>frequency {st['frequency']:.3g} &middot; max activation {scale:.3g} "
+             f"&middot; contexts fired {st['n_contexts']}</p><h2>Explanations</h2>"]
+    if not rec.explanations:
+        parts.append("<p><i>none yet</i></p>")
+    for e in rec.explanations:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in e["scores"].items()) or "not scored"
+        parts.append(f"<div class=expl>{html.escape(e['text'] or '')}</div>"
+                     f"<div class=score>{html.escape(e['explainer'])} / {html.escape(str(e['model']))}: {scores}</div>")
+    parts.append("<h2>Examples</h2>")
+    current = None
+    for x in rec.examples:
+        if (x.split, x.kind) != current:
+            current = (x.split, x.kind)
+            parts.append(f"<div class=kind>{html.escape(x.kind)} &middot; {html.escape(x.split)}</div>")
+        parts.append(f"<div class=ex>{_highlight(x.tokens, x.acts, scale)}</div>")
+    return _page(f"Latent {latent}", "".join(parts))
+
+
+def build(con: duckdb.DuckDBPyConnection, dict_id: int, out: Path,
+          progress: Optional[Callable[[dict[str, Any]], None]] = None) -> int:
+    """Write index.html and latent_N.html into `out`; returns the number of latent pages."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = rows(con.execute(
+        """SELECT latent, explanation, explainer, simulation, ngram_simulation, frequency, max_act
+           FROM labels WHERE dict_id = ? ORDER BY latent""", [dict_id]))
+    name = con.execute("SELECT name FROM dictionaries WHERE id = ?", [dict_id]).fetchone()[0]
+    head = ("<tr><th data-k=latent>latent</th><th data-k=explanation>explanation</th><th data-k=explainer>by</th>"
+            "<th data-k=simulation>simulation</th><th data-k=ngram_simulation>n-gram</th>"
+            "<th data-k=frequency>frequency</th><th data-k=max_act>max act</th></tr>")
+    payload = json.dumps(data, default=float).replace("</", "<\\/")
+    body = (f"<h1>{html.escape(name)}</h1><p><input id=q placeholder='search explanations or a latent number'> "
+            f"<span id=count></span></p><table><thead>{head}</thead><tbody id=body></tbody></table>"
+            f"<script id=data type='application/json'>{payload}</script>")
+    (out / "index.html").write_text(_page(name, body, f"<script>{INDEX_JS}</script>"))
+    for i, r in enumerate(data):
+        (out / f"latent_{r['latent']}.html").write_text(latent_page(con, dict_id, r["latent"]))
+        if progress is not None:
+            progress({"done": i + 1, "total": len(data)})
+    return len(data)

@@ -1,0 +1,153 @@
+"""Read side of the DB: text search over explanations, one latent's full record, exports.
+
+DuckDB's fts extension is not in the wheel and cannot be installed offline, so search ranks
+with BM25 written in plain SQL (tokenize with a regex, then the usual k1/b formula).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import duckdb
+
+from explainer.errors import ExplainerError
+
+TABLES = ("dictionaries", "contexts", "latents", "examples", "explanations", "scores", "llm_calls", "runs")
+
+
+def rows(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def search(con: duckdb.DuckDBPyConnection, query: str, *, dict_id: Optional[int] = None, limit: int = 20,
+           k1: float = 1.2, b: float = 0.75) -> list[dict[str, Any]]:
+    """Explanations ranked by BM25 relevance to `query`, with their latent's scores."""
+    terms = [t for t in re.split(r"[^a-z0-9]+", query.lower()) if t]
+    if not terms:
+        raise ExplainerError(f"search query {query!r} has no words to match (use letters or digits)")
+    sql = f"""
+        WITH docs AS (
+            SELECT id, dict_id, latent, explainer, model, text FROM explanations
+            WHERE status = 'ok' {"AND dict_id = $dict" if dict_id is not None else ""}
+        ),
+        toks AS (
+            SELECT id, unnest(regexp_split_to_array(lower(text), '[^a-z0-9]+')) AS term FROM docs
+        ),
+        terms AS (SELECT * FROM toks WHERE term <> ''),
+        dl AS (SELECT id, count(*) AS len FROM terms GROUP BY id),
+        stats AS (SELECT count(*) AS n, avg(len) AS avgdl FROM dl),
+        q AS (SELECT DISTINCT unnest($terms::VARCHAR[]) AS term),
+        df AS (SELECT term, count(DISTINCT id) AS df FROM terms WHERE term IN (SELECT term FROM q) GROUP BY term),
+        tf AS (SELECT id, term, count(*) AS tf FROM terms WHERE term IN (SELECT term FROM q) GROUP BY id, term),
+        ranked AS (
+            SELECT tf.id,
+                   sum(ln(1 + (stats.n - df.df + 0.5) / (df.df + 0.5))
+                       * tf.tf * ($k1 + 1) / (tf.tf + $k1 * (1 - $b + $b * dl.len / stats.avgdl))) AS relevance
+            FROM tf JOIN df USING (term) JOIN dl USING (id) CROSS JOIN stats
+            GROUP BY tf.id
+        )
+        SELECT d.latent, d.text AS explanation, d.explainer, d.model, round(r.relevance, 3) AS relevance,
+               max(s.score) FILTER (WHERE s.scorer = 'simulation' AND s.split = 'heldout') AS simulation,
+               l.frequency, d.dict_id, d.id AS explanation_id
+        FROM ranked r JOIN docs d USING (id)
+        LEFT JOIN scores s ON s.explanation_id = d.id AND s.status = 'ok'
+        LEFT JOIN latents l ON l.dict_id = d.dict_id AND l.latent = d.latent
+        GROUP BY ALL
+        ORDER BY relevance DESC, simulation DESC NULLS LAST, d.latent
+        LIMIT $limit
+    """
+    params: dict[str, Any] = {"terms": terms, "k1": k1, "b": b, "limit": limit}
+    if dict_id is not None:
+        params["dict"] = dict_id
+    return rows(con.execute(sql, params))
+
+
+@dataclass
+class Example:
+    kind: str
+    split: str
+    rank: int
+    context_id: int
+    max_act: float
+    tokens: list[str]
+    acts: list[float]
+
+
+@dataclass
+class LatentRecord:
+    dict_id: int
+    latent: int
+    stats: dict[str, Any]
+    explanations: list[dict[str, Any]]
+    examples: list[Example] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dict_id": self.dict_id,
+            "latent": self.latent,
+            "stats": self.stats,
+            "explanations": self.explanations,
+            "examples": [e.__dict__ for e in self.examples],
+        }
+
+
+def latent_record(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int, *,
+                  splits: tuple[str, ...] = ("train", "heldout"), per_kind: int = 10) -> LatentRecord:
+    stat_rows = rows(con.execute("SELECT * FROM latents WHERE dict_id = ? AND latent = ?", [dict_id, latent]))
+    if not stat_rows:
+        n = con.execute("SELECT count(*) FROM latents WHERE dict_id = ?", [dict_id]).fetchone()[0]
+        raise ExplainerError(f"latent {latent} not found: the dictionary has latents 0..{n - 1}" if n else
+                             "the database has no sampled latents (run `explainer sample` first)")
+    expl = rows(con.execute(
+        """SELECT e.id, e.explainer, e.model, e.template, e.text, e.round, e.parent_id, e.chosen,
+                  map_from_entries(list({'k': s.scorer || '/' || s.split, 'v': s.score})
+                                   FILTER (WHERE s.score IS NOT NULL)) AS scores
+           FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok'
+           WHERE e.dict_id = ? AND e.latent = ? AND e.status = 'ok'
+           GROUP BY ALL ORDER BY e.id""",
+        [dict_id, latent],
+    ))
+    for e in expl:
+        e["scores"] = {k: round(v, 4) for k, v in (e["scores"] or {}).items()}
+    ex_rows = con.execute(
+        """SELECT x.kind, x.split, x.rank, x.context_id, x.max_act, c.tokens, x.acts
+           FROM examples x JOIN contexts c ON c.dict_id = x.dict_id AND c.context_id = x.context_id
+           WHERE x.dict_id = ? AND x.latent = ? AND list_contains(?, x.split) AND x.rank < ?
+           ORDER BY x.split DESC, CASE x.kind WHEN 'top' THEN 0 WHEN 'quantile' THEN 1
+                    WHEN 'random' THEN 2 ELSE 3 END, x.rank""",
+        [dict_id, latent, list(splits), per_kind],
+    ).fetchall()
+    examples = [Example(r[0], r[1], r[2], r[3], float(r[4]), list(r[5]), [float(a) for a in r[6]]) for r in ex_rows]
+    return LatentRecord(dict_id, latent, stat_rows[0], expl, examples)
+
+
+def export(con: duckdb.DuckDBPyConnection, out: Path) -> list[Path]:
+    """Every table as Parquet, plus one Neuronpedia-like JSON per dictionary."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for table in TABLES:
+        path = out / f"{table}.parquet"
+        con.execute(f"COPY {table} TO '{path.as_posix()}' (FORMAT parquet)")
+        written.append(path)
+    for (dict_id, name) in con.execute("SELECT id, name FROM dictionaries ORDER BY id").fetchall():
+        latents = []
+        for (latent,) in con.execute("SELECT latent FROM latents WHERE dict_id = ? ORDER BY latent", [dict_id]).fetchall():
+            rec = latent_record(con, dict_id, latent, splits=("train",), per_kind=5)
+            latents.append({
+                "index": latent,
+                "frac_nonzero": rec.stats["frequency"],
+                "max_act_approx": rec.stats["max_act"],
+                "explanations": [{"description": e["text"], "explainer": e["explainer"], "model": e["model"],
+                                  "scores": e["scores"]} for e in rec.explanations],
+                "activations": [{"tokens": x.tokens, "values": x.acts, "max_value": x.max_act, "kind": x.kind}
+                                for x in rec.examples if x.kind in ("top", "quantile")],
+            })
+        path = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.json"
+        path.write_text(json.dumps({"dictionary": name, "latents": latents}))
+        written.append(path)
+    return written
