@@ -197,6 +197,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from explainer import serve, ui
+
+    with serve.local_server(args.serve_model, port=args.port) as base_url:
+        ui.err_console.print(f"[yellow]warning:[/yellow] {serve.WARNING}")
+        ui.emit_mapping({"base_url": base_url, "model": args.serve_model,
+                         "try": f"explainer explain --base-url {base_url} --model {args.serve_model}"},
+                        as_json=args.json, title="llama.cpp server running (Ctrl-C stops it)")
+        sys.stdout.flush()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]]] = {
     "train": (cmd_train, "train a TopK sparse autoencoder on a model's residual stream", ("model", "corpus", "train")),
     "sample": (cmd_sample, "store top, quantile, non-activating and random examples per latent in DuckDB", ("model", "corpus", "sample")),
@@ -205,6 +224,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "search": (cmd_search, "rank explanations by relevance to a text query (BM25)", ()),
     "show": (cmd_show, "one latent: its explanations, scores and highlighted examples", ()),
     "browse": (cmd_browse, "write a static HTML site: index with search and sort, a page per latent", ()),
+    "serve": (cmd_serve, "serve the packaged SmolLM2 through llama.cpp's OpenAI-compatible server on 127.0.0.1", ()),
     "export": (cmd_export, "write every table as Parquet and a Neuronpedia-like JSON per dictionary", ()),
 }
 
@@ -241,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("latent", type=int, help="latent index")
             p.add_argument("--split", default="train,heldout", help="splits to show examples from (default: train,heldout)")
             p.add_argument("-n", type=int, default=5, help="examples per kind (default: 5)")
+        if verb == "serve":
+            p.add_argument("--serve-model", default="smollm2", help="smollm2, gemma3-270m or a .gguf path (default: smollm2)")
+            p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
         if verb in ("browse", "export"):
             p.add_argument("--out", type=Path, required=True, help="output folder")
         if verb == "sql":
