@@ -22,6 +22,7 @@ ALIASES = {
     ("model", "name"): "--model",
     ("corpus", "source"): "--corpus",
     ("llm", "model"): "--model",
+    ("score", "scorers"): "--scorer",
 }
 # In verbs that take both the subject model and an LLM, the LLM's model flag is renamed.
 RUN_ALIASES = {**ALIASES, ("llm", "model"): "--llm-model", ("model", "name"): "--model"}
@@ -46,6 +47,8 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str, aliases: di
     cls = Settings.model_fields[section].annotation
     group = parser.add_argument_group(f"{section} settings")
     for name, field in cls.model_fields.items():
+        if name == "api_key":
+            continue  # secrets come from the environment, never from argv (shell history, ps)
         flag = aliases.get((section, name), "--" + name.replace("_", "-"))
         if flag in seen:
             flag = f"--{section}-{name.replace('_', '-')}"
@@ -121,6 +124,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
         with ui.progress_bar("explain", enabled=not args.json) as bar:
             res = explain.run(con, s, dict_id, progress=bar)
     ui.emit_mapping(as_dict(res), as_json=args.json, title="explain")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from explainer import score, store, ui
+
+    s = settings_from(args)
+    with store.connect(s.db) as con:
+        dict_id = store.dictionary_id(con, args.dict)
+        with ui.progress_bar("score", enabled=not args.json) as bar:
+            res = score.run(con, s, dict_id, progress=bar)
+    ui.emit_mapping(as_dict(res), as_json=args.json, title="score")
     return 0
 
 
@@ -220,6 +235,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "train": (cmd_train, "train a TopK sparse autoencoder on a model's residual stream", ("model", "corpus", "train")),
     "sample": (cmd_sample, "store top, quantile, non-activating and random examples per latent in DuckDB", ("model", "corpus", "sample")),
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain")),
+    "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing", ("llm", "score")),
     "sql": (cmd_sql, "run SQL against the results database", ()),
     "search": (cmd_search, "rank explanations by relevance to a text query (BM25)", ()),
     "show": (cmd_show, "one latent: its explanations, scores and highlighted examples", ()),
@@ -252,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "sample":
             p.add_argument("--sae", default=None, help="dictionary folder (ours, SAELens or sparsify); default: train.out")
             p.add_argument("--dict-name", default=None, help="name of the dictionary in the DB (default: from its folder)")
-        if verb in ("explain", "search", "show", "browse"):
+        if verb in ("explain", "score", "search", "show", "browse"):
             p.add_argument("--dict", default=None, help="dictionary name or id when the DB holds several")
         if verb == "search":
             p.add_argument("query", help="words to look for in explanations")

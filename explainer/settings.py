@@ -62,13 +62,15 @@ class TrainSettings(Section):
     n_latents: int = Field(4096, ge=2, description="dictionary width (number of latents)")
     k: int = Field(32, ge=1, description="active latents per token (TopK)")
     tokens: int = Field(600_000, ge=1, description="training tokens to stream from the subject model")
-    batch_tokens: int = Field(4096, ge=1, description="tokens per optimizer step")
+    batch_tokens: int = Field(
+        4096, ge=1, description="tokens per optimizer step (rounded to whole contexts of ctx_len tokens)"
+    )
     lr: Optional[float] = Field(
         None, description="Adam learning rate; default 2e-4 / sqrt(n_latents / 16384) as in Gao et al."
     )
     adam_eps: float = Field(6.25e-10, description="Adam epsilon (Gao et al. 2024)")
     auxk_coef: float = Field(1 / 32, ge=0, description="weight of the AuxK loss on dead latents")
-    k_aux: Optional[int] = Field(None, description="latents in the AuxK reconstruction; default d_model / 2")
+    k_aux: Optional[int] = Field(None, ge=1, description="latents in the AuxK reconstruction; default d_model / 2")
     dead_tokens: int = Field(
         100_000,
         ge=1,
@@ -78,9 +80,17 @@ class TrainSettings(Section):
     decoder: Literal["sparse", "dense"] = Field(
         "sparse", description="sparse decodes only the k active rows; dense is the reference path"
     )
-    autocast: Literal["none", "bfloat16"] = Field("none", description="autocast the SAE step to this dtype")
+    autocast: Literal["none", "bfloat16"] = Field(
+        "none", description="run the SAE step's dense encoder matmul (nearly all its FLOPs) in this dtype"
+    )
     median_samples: int = Field(8192, ge=1, description="activations used for the geometric-median b_pre init")
-    eval_tokens: int = Field(16_384, ge=0, description="held-out tokens for FVU, L0 and CE-increase metrics")
+    eval_tokens: int = Field(16_384, ge=0, description="held-out tokens for the FVU, L0 and dead-latent metrics")
+    ce_tokens: int = Field(
+        4096, ge=0, description="held-out tokens (a prefix of the eval tokens) for the CE-increase metric (3 full-model passes)"
+    )
+    shuffle_steps: int = Field(
+        8, ge=1, description="optimizer steps whose activations are pooled and shuffled together (decorrelates batches)"
+    )
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     seed: int = Field(0, description="seed for init and data order")
 
@@ -91,9 +101,25 @@ class SampleSettings(Section):
     n_quantile_bins: int = Field(5, ge=1, description="activation quantile bins the quantile examples are spread over")
     n_nonactivating: int = Field(20, ge=0, description="examples where the latent is zero on every token, per split")
     n_random: int = Field(10, ge=0, description="uniformly random contexts per split (shared by all latents)")
+    n_reservoir: int = Field(
+        40, ge=0,
+        description="activating contexts kept per latent per split as a uniform sample (with their activations); "
+        "quantile examples and activation quantiles come from it; at least n_quantile",
+    )
+    nonactivating_pool: int = Field(
+        400, ge=0,
+        description="contexts per split kept as a uniform sample shared by all latents; each latent's "
+        "non-activating examples come from it (half sharing tokens with its top examples), the random ones too",
+    )
+    acts_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="dtype of the per-token activations held for kept examples while sampling (memory)"
+    )
     tokens: int = Field(300_000, ge=1, description="corpus tokens to run through model + dictionary")
     checkpoint_every: int = Field(64, ge=1, description="batches between resumable checkpoints")
     shard: str = Field("0/1", description="process shard i of N (i/N) of the contexts; merge shards with `explainer merge`")
+    force_layer: bool = Field(
+        False, description="sample even though the dictionary's config names another layer than --layer"
+    )
 
 
 class LLMSettings(Section):
@@ -135,15 +161,42 @@ class ExplainSettings(Section):
 
 class ScoreSettings(Section):
     scorers: str = Field("simulation", description="comma list of scorers: simulation, detection, fuzzing")
-    mode: Literal["json", "logprobs"] = Field("json", description="simulation mode: json predictions or digit logprobs")
+    mode: Literal["json", "logprobs"] = Field(
+        "json",
+        description=(
+            "simulation mode: json (a chat model writes per-token predictions for several snippets per call) or "
+            "logprobs (expected digit from top_logprobs; one call per token, ~100x the calls of json)"
+        ),
+    )
     latents: str = Field("all", description="which latents: all, 3, 0-99, 1,5,9, or a SQL WHERE over latents")
-    explanations: Optional[str] = Field(None, description="SQL WHERE over explanations choosing which to score")
-    split: Literal["heldout", "validation"] = Field("heldout", description="split the scorer reads")
-    n_top: int = Field(5, ge=0, description="held-out top examples per latent")
-    n_quantile: int = Field(5, ge=0, description="held-out quantile examples per latent")
-    n_random: int = Field(5, ge=0, description="held-out random contexts per latent")
-    n_nonactivating: int = Field(5, ge=0, description="held-out non-activating examples (detection)")
-    per_call: int = Field(5, ge=1, description="snippets batched into one detection/fuzzing/simulation call")
+    explanations: Optional[str] = Field(
+        None, description="SQL WHERE over the explanations table choosing which ok explanations to score, e.g. \"explainer = 'llm'\""
+    )
+    split: Literal["heldout", "validation"] = Field(
+        "heldout", description="split the scorers read (never train): heldout for final scores, validation for selection"
+    )
+    n_top: int = Field(5, ge=0, description="top examples per latent (simulation, detection and fuzzing positives)")
+    n_quantile: int = Field(5, ge=0, description="quantile examples per latent, spread over the bins (as n_top)")
+    n_random: int = Field(5, ge=0, description="random contexts per latent (simulation; detection negatives where the latent is 0)")
+    n_nonactivating: int = Field(5, ge=0, description="non-activating examples per latent (detection negatives)")
+    per_call: int = Field(5, ge=1, description="snippets per call in json simulation, detection and fuzzing")
+    top_logprobs: int = Field(
+        10, ge=1, le=20, description="alternatives per generated token in logprobs mode (OpenAI completions allow 5)"
+    )
+    logprobs_api: Literal["completions", "chat"] = Field(
+        "completions",
+        description="logprobs mode endpoint: completions (the prompt ends exactly 'Activation: ') or chat",
+    )
+    json_response_format: bool = Field(
+        False, description="send response_format={type: json_object} with json answers (some endpoints reject it)"
+    )
+    seed: int = Field(0, description="seed for snippet order, detection/fuzzing batches and moved fuzzing highlights")
+    simulation_template: str = Field("simulate", description="json-mode simulator prompt: a name in prompts/ or a .txt path")
+    logprobs_template: str = Field(
+        "simulate_logprobs", description="logprobs-mode simulator prompt (must end with 'Activation:')"
+    )
+    detection_template: str = Field("detection", description="detection prompt: a name in prompts/ or a .txt path")
+    fuzzing_template: str = Field("fuzzing", description="fuzzing prompt: a name in prompts/ or a .txt path")
 
 
 class Settings(Section):

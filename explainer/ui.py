@@ -5,6 +5,7 @@ Stages never print; they call `progress(dict)` and return results. Only the CLI 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from contextlib import contextmanager
@@ -70,22 +71,26 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[d
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TextColumn("{task.fields[count]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[stats]}"),
     ]
     with Progress(*columns, console=err_console, transient=False) as prog:
-        task = prog.add_task(description, total=None, stats="")
+        task = prog.add_task(description, total=None, stats="", count="")
 
-        def update(info: dict[str, Any]) -> None:
+        def update(info: Any) -> None:
+            if not isinstance(info, dict):
+                info = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(info)
             done = info.get("done", info.get("tokens"))
+            total = info.get("total")
             stats = "  ".join(
                 f"{k}={_fmt(v)}" for k, v in info.items() if k not in ("done", "tokens", "total", "stage")
             )
             if "stage" in info:
                 prog.update(task, description=f"{description}: {info['stage']}")
-            prog.update(task, completed=done, total=info.get("total"), stats=stats)
+            count = f"{done:,.0f}/{total:,.0f}" if done is not None and total else (f"{done:,.0f}" if done is not None else "")
+            prog.update(task, completed=done, total=total, stats=stats, count=count)
 
         yield update
 

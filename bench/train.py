@@ -1,0 +1,116 @@
+"""Throughput of one TopK SAE train step (forward + backward + decoder geometry + Adam).
+
+    python bench/train.py                     # d=576, 16,384 latents, k=32, 4,096-token batches
+    python bench/train.py --steps 10 --device cuda --latents 32768 --batch 65536
+
+Prints tokens/s for our sparse and dense paths in fp32 and bf16, EleutherAI sparsify's
+SparseCoder step when `eai-sparsify` is installed (the `bench` extra), and a bare bf16
+`x @ W_enc` of the same shape as the bound a step can at best approach. All figures come
+from this one process, the configurations taking turns step by step so that load from other
+processes hits them alike: compare the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from explainer.sae import TopKSAE
+from explainer.settings import TrainSettings
+from explainer.train import Trainer
+
+
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each step, timed in turns so load changes hit all alike."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for warm in range(2 + rounds):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            if warm >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ours(x: torch.Tensor, latents: int, k: int, decoder: str, autocast: str) -> Callable[[], None]:
+    sae = TopKSAE(x.shape[1], latents, k, device=x.device)
+    sae.init_tied(torch.Generator().manual_seed(0))
+    trainer = Trainer(sae, TrainSettings(n_latents=latents, k=k, decoder=decoder, autocast=autocast))
+    return lambda: trainer.step(x)
+
+
+def sparsify_step(x: torch.Tensor, latents: int, k: int) -> Callable[[], None]:
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    coder = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=latents, k=k), device=x.device)
+    opt = torch.optim.Adam(coder.parameters(), lr=2e-4, eps=6.25e-10)
+
+    def step() -> None:
+        # What sparsify's trainer does per step for an SAE with the fvu loss.
+        coder.set_decoder_norm_to_unit_norm()
+        out = coder(x)
+        out.fvu.backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--latents", type=int, default=16384)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    ap.add_argument("--steps", type=int, default=7, help="timed steps per configuration")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-dense", action="store_true", help="skip the dense reference paths (slow)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.d, device=device)
+    print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}; d={args.d} "
+          f"latents={args.latents} k={args.k} batch={args.batch} tokens, median of {args.steps} steps")
+
+    w = torch.randn(args.d, args.latents, device=device).bfloat16()
+    xb = x.bfloat16()
+    steps: dict[str, Callable[[], None]] = {"bf16 x @ W_enc alone (bound)": lambda: xb @ w}
+    configs = [("ours sparse fp32", "sparse", "none"), ("ours sparse bf16", "sparse", "bfloat16")]
+    if not args.skip_dense:
+        configs += [("ours dense fp32", "dense", "none"), ("ours dense bf16", "dense", "bfloat16")]
+    for name, decoder, autocast in configs:
+        steps[name] = ours(x, args.latents, args.k, decoder, autocast)
+    try:
+        import sparsify  # noqa: F401
+    except ImportError:
+        print("sparsify: skipped (pip install eai-sparsify, or the `bench` extra, to compare)")
+    else:
+        steps["sparsify SparseCoder fp32"] = sparsify_step(x, args.latents, args.k)
+    results = {name: args.batch / sec for name, sec in interleaved(steps, args.steps, device).items()}
+    bound = results.pop("bf16 x @ W_enc alone (bound)")
+    flops = 2 * args.batch * args.d * args.latents
+    print(f"{'bf16 x @ W_enc alone (bound)':38s} {bound:10,.0f} tok/s  ({flops * bound / args.batch / 1e12:.2f} TFLOP/s)")
+    for name, tok_s in results.items():
+        print(f"{name:38s} {tok_s:10,.0f} tok/s  ({tok_s / bound:6.1%} of the bf16 matmul bound)")
+    if "ours dense fp32" in results:
+        print(f"sparse / dense, fp32: {results['ours sparse fp32'] / results['ours dense fp32']:.2f}x; "
+              f"bf16: {results['ours sparse bf16'] / results['ours dense bf16']:.2f}x")
+    if "sparsify SparseCoder fp32" in results:
+        ref = results["sparsify SparseCoder fp32"]
+        print(f"ours sparse fp32 / sparsify fp32: {results['ours sparse fp32'] / ref:.2f}x (target >= 1.5x)")
+    print(f"ours sparse bf16 / bf16 matmul bound: {results['ours sparse bf16'] / bound:.1%} (target >= 45%)")
+
+
+if __name__ == "__main__":
+    main()

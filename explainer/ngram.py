@@ -1,0 +1,326 @@
+"""N-gram (N2G-style) explainer: stored explanations and simulation scores, for many latents at once.
+
+The patterns themselves (matching, simulation, greedy fitting) live in ngram_fit.py; this
+module moves examples in and results out. Examples of many latents load in two queries
+(Arrow -> numpy), token strings become dense integer ids through Arrow's dictionary
+encoding, and results are written per chunk of latents in one transaction each, so a
+killed run keeps what it finished and a rerun skips it.
+
+Explanations: explainer='ngram', model='ngram', template='ngram-v1', pattern = the JSON
+of ngram_fit.PatternSet. Scores: scorer='simulation', mode='ngram', on validation or
+heldout only (the SQL refuses train contexts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from explainer import store
+from explainer.errors import ExplainerError
+from explainer.ngram_fit import (  # noqa: F401  (re-exported: the agent and the benchmark use them from here)
+    KEY_BASE, ALL_KINDS, FORMAT, MODES, SCORED_KINDS, LatentExamples, Pattern, PatternSet, SimScore, candidate_sets,
+    fit, match, normalize, score_examples, simulate,
+)
+
+
+@dataclass
+class SplitData:
+    """Examples of many latents on one split, with the token strings of their contexts."""
+
+    split: str
+    exact_index: dict[str, int]
+    norm_index: dict[str, int]
+    vocab: tuple[list[str], list[str]]  # strings by id: exact, normalized
+    ctx_exact: np.ndarray  # [n_ctx, T]
+    ctx_norm: np.ndarray
+    ex_latent: np.ndarray  # [n_ex], sorted
+    ex_kind: np.ndarray
+    ex_context: np.ndarray
+    ex_row: np.ndarray  # row into ctx_* arrays
+    ex_acts: np.ndarray  # [n_ex, T]
+
+    @property
+    def index(self) -> tuple[dict[str, int], dict[str, int]]:
+        return self.exact_index, self.norm_index
+
+    @property
+    def latents(self) -> list[int]:
+        return np.unique(self.ex_latent).tolist()
+
+    def latent(self, latent: int) -> LatentExamples:
+        lo, hi = np.searchsorted(self.ex_latent, [latent, latent + 1])
+        rows = self.ex_row[lo:hi]
+        return LatentExamples(latent, self.ex_kind[lo:hi], self.ex_context[lo:hi],
+                              self.ctx_exact[rows], self.ctx_norm[rows], self.ex_acts[lo:hi])
+
+
+def _layout(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, pa.Array, int]:
+    """Scatter indices (row, col) of a list column's flat values, the values, and the widest row."""
+    arr = col.combine_chunks()
+    offsets = arr.offsets.to_numpy()
+    offsets = offsets - offsets[0]
+    lengths = np.diff(offsets)
+    rows = np.repeat(np.arange(len(arr)), lengths)
+    cols = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    return rows, cols, arr.flatten(), int(lengths.max(initial=0))
+
+
+def _arrow(con: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, Any]) -> pa.Table:
+    # con.sql() refuses to run while another caller left an execute() result unfetched
+    # (DuckDB 2.0.1, e.g. after a fetchone()); execute() does not. It warns of one extra copy.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return con.execute(sql, dict(params)).to_arrow_table()
+
+
+def load_split(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, latents: Optional[Sequence[int]] = None,
+               *, kinds: Sequence[str] = ALL_KINDS, limits: Optional[Mapping[str, int]] = None,
+               scoring: bool = False) -> SplitData:
+    """Examples of `latents` (all when None) on `split`, in two queries.
+
+    With scoring=True the SQL itself refuses train contexts (a scorer must never read
+    text the explainer saw), even if an examples row claims another split.
+    """
+    if scoring and split == "train":
+        raise ExplainerError("scorers read only validation or heldout examples, never train (pass --split heldout)")
+    limits = dict(limits or {})
+    unknown = (set(kinds) | set(limits)) - set(ALL_KINDS)
+    if unknown:
+        raise ExplainerError(f"unknown example kinds {sorted(unknown)}; kinds are {', '.join(ALL_KINDS)}")
+    guard = "AND c.split <> 'train'" if scoring else ""
+    where_latent = "AND list_contains($latents, latent)" if latents is not None else ""
+    params: dict[str, Any] = {"d": dict_id, "s": split, "kinds": list(kinds), "lk": list(limits),
+                              "ln": [int(n) for n in limits.values()]}
+    if latents is not None:
+        params["latents"] = [int(x) for x in latents]
+    # `r` counts a kind's examples by rank, so a limit keeps the lowest ranks whatever their values.
+    ex_sql = f"""
+        WITH e AS (
+            SELECT latent, kind, context_id, acts, rank,
+                   row_number() OVER (PARTITION BY latent, kind ORDER BY rank) AS r
+            FROM examples WHERE dict_id = $d AND split = $s AND list_contains($kinds::VARCHAR[], kind) {where_latent}
+        )
+        SELECT e.latent, e.kind, e.context_id, e.acts
+        FROM e JOIN contexts c ON c.dict_id = $d AND c.context_id = e.context_id
+        WHERE c.split = $s {guard}
+          AND (NOT list_contains($lk::VARCHAR[], e.kind) OR e.r <= ($ln::INTEGER[])[list_position($lk::VARCHAR[], e.kind)])
+        ORDER BY e.latent, e.kind, e.rank"""
+    ex = _arrow(con, ex_sql, params)
+    ctx = _arrow(con, f"""
+        SELECT c.context_id, c.tokens FROM contexts c
+        WHERE c.dict_id = $d AND c.split = $s {guard}
+          AND c.context_id IN (SELECT DISTINCT context_id FROM examples WHERE dict_id = $d AND split = $s
+                               AND list_contains($kinds::VARCHAR[], kind) {where_latent})
+        ORDER BY c.context_id""", {k: v for k, v in params.items() if k not in ("lk", "ln")})
+    # Token strings -> dense ids through Arrow's dictionary encoding (no Python loop per token).
+    rows, cols, values, width = _layout(ctx.column("tokens"))
+    enc = pc.dictionary_encode(values)
+    vocab = enc.dictionary.to_pylist() if len(values) else []
+    if len(vocab) >= KEY_BASE:
+        raise ExplainerError(f"{len(vocab)} distinct token strings exceed the n-gram explainer's limit of {KEY_BASE}")
+    tok_mat = np.full((ctx.num_rows, width), -1, dtype=np.int64)
+    tok_mat[rows, cols] = enc.indices.to_numpy(zero_copy_only=False)
+    norm_index: dict[str, int] = {}
+    norm_of = np.array([norm_index.setdefault(normalize(s), len(norm_index)) for s in vocab] + [-1], dtype=np.int64)
+    ctx_ids = ctx.column("context_id").to_numpy()
+    rows, cols, values, _ = _layout(ex.column("acts"))
+    acts = np.zeros((ex.num_rows, width), dtype=np.float32)
+    inside = cols < width  # acts longer than their tokens would be corrupt data: ignore the excess
+    acts[rows[inside], cols[inside]] = values.to_numpy(zero_copy_only=False)[inside]
+    ex_ctx = ex.column("context_id").to_numpy()
+    return SplitData(
+        split=split, exact_index={s: i for i, s in enumerate(vocab)}, norm_index=norm_index,
+        vocab=(vocab, list(norm_index)),
+        ctx_exact=tok_mat, ctx_norm=norm_of[tok_mat], ex_latent=ex.column("latent").to_numpy(),
+        ex_kind=np.asarray(ex.column("kind").to_pylist(), dtype=object), ex_context=ex_ctx,
+        ex_row=np.searchsorted(ctx_ids, ex_ctx), ex_acts=acts,
+    )
+
+
+# --- database entry points -------------------------------------------------------------------
+
+Progress = Optional[Callable[[dict[str, Any]], None]]  # {"done", "total"}, as the CLI progress bar takes
+
+
+@dataclass
+class ExplainResult:
+    explained: int
+    failed: int
+    skipped: int
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"explainer": "ngram", "explained": self.explained, "failed": self.failed,
+                "skipped (already explained)": self.skipped, "seconds": round(self.seconds, 2)}
+
+
+@dataclass
+class ScoreResult:
+    scored: int
+    failed: int
+    skipped: int
+    mean_score: Optional[float]
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"scorer": "simulation (ngram)", "scored": self.scored, "failed": self.failed,
+                "skipped (already scored)": self.skipped,
+                "mean score": None if self.mean_score is None else round(self.mean_score, 4),
+                "seconds": round(self.seconds, 2)}
+
+
+def _chunks(items: Sequence[int], n: int) -> Iterable[Sequence[int]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def explain_all(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Optional[Sequence[int]] = None,
+                split: str = "train", progress: Progress = None, *, max_patterns: int = 3,
+                run_id: Optional[int] = None, batch: int = 1024) -> ExplainResult:
+    """Fit and store an n-gram explanation for every latent that has none from this explainer yet."""
+    t0 = time.perf_counter()
+    if split == "heldout":
+        raise ExplainerError("the n-gram explainer fits on train (or validation), never on heldout: "
+                             "held-out text is kept for final scores")
+    if latents is None:
+        latents = [r[0] for r in con.execute("SELECT latent FROM latents WHERE dict_id = ? ORDER BY latent",
+                                             [dict_id]).fetchall()]
+    done = {r[0] for r in con.execute(
+        "SELECT DISTINCT latent FROM explanations WHERE dict_id = ? AND explainer = 'ngram' AND template = ?",
+        [dict_id, FORMAT]).fetchall()}
+    todo = [int(x) for x in latents if x not in done]
+    params = {"max_patterns": max_patterns, "split": split}
+    thash = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    n_ok = n_failed = 0
+    for chunk in _chunks(todo, batch):
+        data = load_split(con, dict_id, split, chunk)
+        have = set(data.latents)
+        rows: dict[str, list[Any]] = {k: [] for k in ("latent", "text", "pattern", "status", "error")}
+        for latent in chunk:
+            ps = fit(data.latent(latent), data.vocab, max_patterns=max_patterns) if latent in have else PatternSet(())
+            ps.fit["split"] = split
+            text = ps.text()
+            rows["latent"].append(latent)
+            rows["text"].append(text)
+            rows["pattern"].append(json.dumps(ps.to_json()) if text else None)
+            rows["status"].append("ok" if text else "failed")
+            reason = "no examples" if latent not in have else "no activating tokens"
+            rows["error"].append(None if text else f"{reason} in the {split} split")
+            n_ok += text is not None
+            n_failed += text is None
+        n = len(chunk)
+        table = pa.table({
+            "dict_id": pa.array([dict_id] * n, pa.int32()), **{k: pa.array(v) for k, v in rows.items() if k != "latent"},
+            "latent": pa.array(rows["latent"], pa.int32()), "explainer": pa.array(["ngram"] * n),
+            "model": pa.array(["ngram"] * n), "template": pa.array([FORMAT] * n),
+            "template_hash": pa.array([thash] * n), "run_id": pa.array([run_id] * n, pa.int64()),
+            "cost": pa.array([0.0] * n), "created_at": pa.array([store.now()] * n, pa.timestamp("us")),
+        })
+        with store.transaction(con):
+            store.insert_arrow(con, "explanations", table)
+        if progress:
+            progress({"done": n_ok + n_failed, "total": len(todo)})
+    return ExplainResult(n_ok, n_failed, len(latents) - len(todo), time.perf_counter() - t0)
+
+
+def score_pattern_sets(con: duckdb.DuckDBPyConnection, dict_id: int, sets: Mapping[int, Sequence[PatternSet]],
+                       split: str = "validation", limits: Optional[Mapping[str, int]] = None) -> dict[int, list[SimScore]]:
+    """Score any pattern sets per latent on validation or heldout (the agent's selection step).
+
+    A latent without examples on the split gets no entry.
+    """
+    out: dict[int, list[SimScore]] = {}
+    latents = sorted(sets)
+    for chunk in _chunks(latents, 1024):
+        data = load_split(con, dict_id, split, chunk, kinds=SCORED_KINDS, limits=limits, scoring=True)
+        have = set(data.latents)
+        for latent in chunk:
+            if latent in have:
+                ex = data.latent(latent)
+                out[latent] = [score_examples(ps, ex, data.index) for ps in sets[latent]]
+    return out
+
+
+def score_all(con: duckdb.DuckDBPyConnection, dict_id: int, split: str = "heldout",
+              explanation_filter: Optional[str] = None, progress: Progress = None, *,
+              latents: Optional[Sequence[int]] = None, limits: Optional[Mapping[str, int]] = None,
+              run_id: Optional[int] = None) -> ScoreResult:
+    """Simulate every explanation that carries an n-gram pattern and store its score.
+
+    `limits` caps the snippets per kind ({"top": 5, ...}, lowest ranks first) so the
+    n-gram scores the same snippets as an LLM scorer with those settings; default all.
+    Explanations already scored by this scorer on this split are skipped.
+    """
+    t0 = time.perf_counter()
+    if split == "train":
+        raise ExplainerError("scorers read only validation or heldout examples, never train (pass --split heldout)")
+    extra = f"AND ({explanation_filter})" if explanation_filter else ""
+    lat_sql = "AND list_contains($latents, latent)" if latents is not None else ""
+    params: dict[str, Any] = {"d": dict_id, "s": split}
+    if latents is not None:
+        params["latents"] = [int(x) for x in latents]
+    try:
+        rows = con.execute(f"""
+            SELECT id, latent, pattern::VARCHAR, id IN (SELECT explanation_id FROM scores WHERE dict_id = $d
+                   AND scorer = 'simulation' AND mode = 'ngram' AND split = $s) AS done
+            FROM explanations WHERE dict_id = $d AND status = 'ok' AND pattern IS NOT NULL
+                 AND json_extract_string(pattern, '$.format') = '{FORMAT}' {lat_sql} {extra}
+            ORDER BY latent, id""", params).fetchall()
+    except duckdb.Error as e:
+        if not explanation_filter:
+            raise
+        raise ExplainerError(f"--explanations {explanation_filter!r} is not a valid SQL WHERE over explanations: "
+                             f"{str(e).splitlines()[0]}") from None
+    todo = [r for r in rows if not r[3]]
+    by_latent: dict[int, list[tuple[int, PatternSet]]] = {}
+    for eid, latent, pat, _ in todo:
+        by_latent.setdefault(latent, []).append((eid, PatternSet.from_json(pat)))
+    scored = failed = 0
+    total = 0.0
+    for chunk in _chunks(sorted(by_latent), 1024):
+        data = load_split(con, dict_id, split, chunk, kinds=SCORED_KINDS, limits=limits, scoring=True)
+        have = set(data.latents)
+        cols: dict[str, list[Any]] = {k: [] for k in ("explanation_id", "latent", "score", "details",
+                                                      "n_snippets", "status", "error")}
+        for latent in chunk:
+            ex = data.latent(latent) if latent in have else None
+            for eid, ps in by_latent[latent]:
+                s = score_examples(ps, ex, data.index) if ex is not None else None
+                cols["explanation_id"].append(eid)
+                cols["latent"].append(latent)
+                cols["score"].append(None if s is None else s.score)
+                cols["details"].append(None if s is None else json.dumps({**s.details(), "limits": limits or None}))
+                cols["n_snippets"].append(0 if s is None else s.n_snippets)
+                cols["status"].append("failed" if s is None else "ok")
+                cols["error"].append(f"latent {latent} has no {split} examples" if s is None else None)
+                if s is None:
+                    failed += 1
+                else:
+                    scored += 1
+                    total += s.score
+        n = len(cols["latent"])
+        table = pa.table({
+            "explanation_id": pa.array(cols["explanation_id"], pa.int64()),
+            "dict_id": pa.array([dict_id] * n, pa.int32()), "latent": pa.array(cols["latent"], pa.int32()),
+            "scorer": pa.array(["simulation"] * n), "mode": pa.array(["ngram"] * n), "split": pa.array([split] * n),
+            "score": pa.array(cols["score"], pa.float64()), "details": pa.array(cols["details"], pa.string()),
+            "n_snippets": pa.array(cols["n_snippets"], pa.int32()), "status": pa.array(cols["status"]),
+            "error": pa.array(cols["error"], pa.string()), "run_id": pa.array([run_id] * n, pa.int64()),
+            "cost": pa.array([0.0] * n), "created_at": pa.array([store.now()] * n, pa.timestamp("us")),
+        })
+        with store.transaction(con):
+            store.insert_arrow(con, "scores", table)
+        if progress:
+            progress({"done": scored + failed, "total": len(todo)})
+    return ScoreResult(scored, failed, len(rows) - len(todo), total / scored if scored else None,
+                       time.perf_counter() - t0)

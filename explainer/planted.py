@@ -1,0 +1,393 @@
+"""Planted-feature benchmark: a dictionary whose latents are known functions of the text.
+
+`PlantedModel` stands in for the subject model: it has the attributes the sampler reads
+(tokenizer, name, hook, layer, d_model, device, dtype, activations, token_strings) but needs
+only a tokenizer; its "residual stream" is the vector of planted feature values per token.
+An identity TopK dictionary (W_enc = W_dec = I) then turns feature i into latent i, so the
+ordinary sampler writes a DB in which every latent's true explanation is known, and the
+explain-and-score loop can be checked against that ground truth.
+
+TopKSAE requires k < d_sae, so the identity dictionary keeps k = n - 1 of n latents per
+token: exact as long as no token fires all n features, which the model checks per batch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from explainer.errors import ExplainerError
+from explainer.metrics import auroc
+
+Strings = np.ndarray  # [B, T] of str
+FeatureFn = Callable[[Strings], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    category: str  # token | bigram | next-token | graded | case | class | context
+    truth: str  # the correct explanation in words
+    fn: FeatureFn = field(repr=False)
+
+
+def _prev(s: Strings, k: int = 1) -> Strings:
+    out = np.full(s.shape, "", dtype=object)
+    out[:, k:] = s[:, :-k]
+    return out
+
+
+def per_string(f: Callable[[str], float]) -> FeatureFn:
+    """A feature of the token alone, computed once per distinct string in the batch."""
+
+    def fn(s: Strings) -> np.ndarray:
+        uniq, inv = np.unique(s.astype(str), return_inverse=True)
+        return np.array([f(u) for u in uniq], dtype=np.float32)[inv].reshape(s.shape)
+
+    return fn
+
+
+def token(tok: str, value: float = 1.0) -> FeatureFn:
+    return lambda s: np.where(s == tok, value, 0.0).astype(np.float32)
+
+
+def bigram(prev: str, tok: str, value: float = 1.0) -> FeatureFn:
+    return lambda s: np.where((_prev(s) == prev) & (s == tok), value, 0.0).astype(np.float32)
+
+
+def after(prev: str, value: float = 1.0) -> FeatureFn:
+    return lambda s: np.where(_prev(s) == prev, value, 0.0).astype(np.float32)
+
+
+def graded_bigram(prev: str, tok: str, low: float = 1.0, high: float = 3.0) -> FeatureFn:
+    return lambda s: np.where(s == tok, np.where(_prev(s) == prev, high, low), 0.0).astype(np.float32)
+
+
+def inside_quotes(quote: str = '"') -> FeatureFn:
+    """Tokens after an odd number of quote characters in the window, not themselves holding one."""
+
+    def fn(s: Strings) -> np.ndarray:
+        q = np.vectorize(lambda x: x.count(quote), otypes=[np.int64])(s) if s.size else np.zeros(s.shape, np.int64)
+        before = np.cumsum(q, axis=1) - q
+        return ((before % 2 == 1) & (q == 0)).astype(np.float32)
+
+    return fn
+
+
+def digit_value(x: str) -> float:
+    t = x.strip()
+    return 1.0 + int(t[-1]) / 9.0 if t.isdigit() and t.isascii() else 0.0
+
+
+def default_features() -> list[Feature]:
+    """Features for byte-level BPE tokenizers (SmolLM2, Gemma), on the builtin corpus."""
+    return [
+        Feature("the", "token", 'the token " the"', token(" the")),
+        Feature("king", "token", 'the token " king"', token(" king")),
+        Feature("love", "token", 'the token " love"', token(" love")),
+        Feature("question", "token", 'the token "?"', token("?")),
+        Feature("of_the", "bigram", '" the" right after " of"', bigram(" of", " the")),
+        Feature("comma_and", "bigram", '" and" right after ","', bigram(",", " and")),
+        Feature("after_my", "next-token", 'any token right after " my"', after(" my")),
+        Feature("line_start", "next-token", "the first token of a line (right after a newline)", after("\n")),
+        Feature("the_graded", "graded", '" the", three times stronger right after " of"', graded_bigram(" of", " the")),
+        Feature("the_any_case", "case", '"the" in any case, with or without a leading space',
+                per_string(lambda x: float(x.strip().lower() == "the"))),
+        Feature("digit", "class", "digits, stronger for larger digits", per_string(digit_value)),
+        Feature("capitalized", "class", "capitalised words (an upper-case letter, then lower case)",
+                per_string(lambda x: float(bool(re.fullmatch(r"[A-Z][a-z]+", x.strip()))))),
+        Feature("all_caps", "class", "all-capital words of two or more letters",
+                per_string(lambda x: float(bool(re.fullmatch(r"[A-Z]{2,}", x.strip()))))),
+        Feature("punctuation", "class", "punctuation-only tokens",
+                per_string(lambda x: float(bool(x.strip()) and all(c in string.punctuation for c in x.strip())))),
+        Feature("ing_suffix", "class", 'words ending in "ing"',
+                per_string(lambda x: float(x.strip().isalpha() and len(x.strip()) > 4 and x.strip().lower().endswith("ing")))),
+        Feature("in_quotes", "context", "tokens inside double quotes", inside_quotes('"')),
+    ]
+
+
+class PlantedModel:
+    """Drop-in for explainer.lm.SubjectModel in the sampler: activations = planted feature values."""
+
+    def __init__(self, tokenizer: Any, features: Sequence[Feature], name: str) -> None:
+        if len(features) < 2:
+            raise ExplainerError("the planted benchmark needs at least 2 features (the identity dictionary keeps k = n - 1)")
+        self.tokenizer = tokenizer
+        self.features = list(features)
+        self.name = name
+        self.layer = 0
+        self.n_layers = 1
+        self.hook = "planted"
+        self.d_model = len(features)
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self._strings: dict[int, str] = {}
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        out = []
+        for i in ids:
+            s = self._strings.get(int(i))
+            if s is None:
+                s = self._strings[int(i)] = self.tokenizer.decode([int(i)])
+            out.append(s)
+        return out
+
+    def activations(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 [B, T, n_features] for token ids [B, T]."""
+        arr = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)
+        s = np.array([self.token_strings(row) for row in arr.tolist()], dtype=object).reshape(arr.shape)
+        acts = np.stack([f.fn(s) for f in self.features], axis=-1).astype(np.float32)
+        if (acts > 0).all(axis=-1).any():
+            raise ExplainerError("every planted feature fires on one token, which the identity dictionary "
+                                 "(k = n - 1) cannot hold; add a feature that cannot fire together with the others")
+        return torch.from_numpy(acts)
+
+
+def save_identity_dictionary(folder: Path, model: PlantedModel) -> Path:
+    from explainer.sae import TopKSAE, save_dictionary
+
+    n = model.d_model
+    cfg = {"model_name": model.name, "hook_name": model.hook, "hook_layer": model.layer,
+           "planted_features": [f.name for f in model.features]}
+    sae = TopKSAE(n, n, n - 1, cfg=cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(n))
+        sae.W_dec.copy_(torch.eye(n))
+    return save_dictionary(sae, folder)
+
+
+def load_tokenizer(model_name: str) -> Any:
+    """The tokenizer of a model name as ModelSettings takes it (the weights are never loaded)."""
+    from transformers import AutoTokenizer
+
+    from explainer.lm import resolve
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve(model_name))
+    except OSError as e:
+        raise ExplainerError(f"cannot load the tokenizer of {model_name!r}: {str(e).splitlines()[0]}") from None
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+Progress = Optional[Callable[[dict[str, Any]], None]]
+GOOD = 0.7  # simulation score counted as "explained"
+
+
+@dataclass
+class LatentRow:
+    latent: int
+    feature: str
+    category: str
+    truth: str
+    frequency: Optional[float]
+    explanation: Optional[str]
+    score: Optional[float]  # n-gram simulation on heldout
+    precision: Optional[float]
+    recall: Optional[float]
+    train_score: Optional[float]
+    llm_explanation: Optional[str] = None  # only with --base-url
+    llm_simulation: Optional[float] = None  # the LLM simulator's score of llm_explanation (heldout)
+
+
+@dataclass
+class Separation:
+    """Does a scorer rank matched explanation/latent pairs above shuffled ones?"""
+
+    explainer: str
+    scorer: str
+    mode: str
+    n_matched: int
+    n_shuffled: int
+    matched_mean: Optional[float]
+    shuffled_mean: Optional[float]
+    auroc: Optional[float]
+
+
+@dataclass
+class PlantedResult:
+    db: str
+    dict_id: int
+    run_id: int
+    n_tokens: int
+    n_contexts: dict[str, int]
+    rows: list[LatentRow]
+    fraction_good: dict[str, float]  # "explainer/scorer(mode)" -> fraction of planted latents scoring >= 0.7
+    separation: list[Separation]
+    notes: list[str]
+    wall_s: float
+
+    def table(self) -> list[dict[str, Any]]:
+        return [asdict(r) for r in self.rows]
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"db": self.db, "tokens": self.n_tokens, "planted latents": len(self.rows)}
+        for ex, frac in self.fraction_good.items():
+            out[f"{ex}: fraction with simulation >= {GOOD}"] = round(frac, 4)
+        for s in self.separation:
+            out[f"{s.explainer}/{s.scorer}({s.mode}): matched vs shuffled AUROC"] = s.auroc
+        by_cat: dict[str, list[float]] = {}
+        for r in self.rows:
+            by_cat.setdefault(r.category, []).append(r.score if r.score is not None else 0.0)
+        for cat, vals in by_cat.items():
+            out[f"ngram mean score, {cat} latents"] = round(float(np.mean(vals)), 4)
+        out["notes"] = "; ".join(self.notes) if self.notes else None
+        out["seconds"] = round(self.wall_s, 1)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k not in ("rows", "separation")},
+                "rows": self.table(), "separation": [asdict(s) for s in self.separation]}
+
+
+def _separation(explainer: str, scorer: str, mode: str, matched: list[float], shuffled: list[float]) -> Separation:
+    labels = [1] * len(matched) + [0] * len(shuffled)
+    return Separation(explainer, scorer, mode, len(matched), len(shuffled),
+                      float(np.mean(matched)) if matched else None, float(np.mean(shuffled)) if shuffled else None,
+                      auroc(matched + shuffled, labels))
+
+
+def _stage(progress: Progress, name: str) -> Optional[Callable[[Any], None]]:
+    """Forward a stage's progress (a dict or a dataclass) tagged with the stage's name."""
+    if progress is None:
+        return None
+    return lambda info: progress({**(info if isinstance(info, dict) else asdict(info)), "stage": name})
+
+
+def _ngram_stage(con: Any, dict_id: int, n: int, progress: Progress) -> tuple[list[dict[str, Any]], Separation]:
+    from explainer import ngram
+
+    ngram.explain_all(con, dict_id, latents=list(range(n)), progress=_stage(progress, "n-gram explain"))
+    ngram.score_all(con, dict_id, "heldout", explanation_filter=f"explainer = 'ngram' AND template = '{ngram.FORMAT}'",
+                    latents=list(range(n)), progress=_stage(progress, "n-gram score"))
+    rows = con.execute(f"""
+        SELECT e.latent, e.text, e.pattern::VARCHAR, s.score, s.details::VARCHAR
+        FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.scorer = 'simulation'
+             AND s.mode = 'ngram' AND s.split = 'heldout' AND s.status = 'ok'
+        WHERE e.dict_id = ? AND e.explainer = 'ngram' AND e.template = '{ngram.FORMAT}'
+        ORDER BY e.latent, e.id, s.id""", [dict_id]).fetchall()
+    found: dict[int, dict[str, Any]] = {}
+    for latent, text, pattern, score, details in rows:
+        found.setdefault(latent, {"text": text, "pattern": pattern, "score": score, "details": details})
+    sets = {i: ngram.PatternSet.from_json(r["pattern"]) for i, r in found.items() if r["pattern"]}
+    # Every explanation against every other latent's held-out text: the n-gram costs nothing.
+    wrong = {i: [sets[j] for j in sorted(sets) if j != i] for i in range(n)}
+    shuffled = [s.score for per in ngram.score_pattern_sets(con, dict_id, wrong, "heldout").values() for s in per]
+    matched = [found[i]["score"] for i in sorted(found) if found[i]["score"] is not None]
+    # A latent the explainer could not explain is a matched pair scoring 0, not a missing one.
+    matched += [0.0] * (n - len(matched))
+    return [found.get(i, {}) for i in range(n)], _separation("ngram", "simulation", "ngram", matched, shuffled)
+
+
+def _llm_stage(con: Any, dict_id: int, n: int, settings: Any, base_url: str, progress: Progress,
+               rows: list[LatentRow]) -> tuple[dict[str, float], list[Separation], list[str]]:
+    """LLM explanations, then every LLM scorer on matched and shuffled explanation/latent pairs.
+
+    The LLM scorers judge both the LLM's explanations and the n-gram's (whose quality on
+    this benchmark is known), so a scorer can be checked apart from the explainer. Matched
+    pairs are scored by `score.run` (stored rows); shuffled ones, latent i against the next
+    explained latent's text (a derangement), by `score.evaluate` (cache and ledger, no row).
+    Fills each row's llm_explanation and llm_simulation.
+    """
+    from explainer import explain, ngram, score
+
+    s = settings.model_copy(deep=True)
+    s.llm.base_url = base_url
+    s.explain.explainer = "llm"
+    s.explain.latents = s.score.latents = f"0-{n - 1}"
+    s.score.split = "heldout"
+    s.score.explanations = f"explainer = 'llm' OR (explainer = 'ngram' AND template = '{ngram.FORMAT}')"
+    explain.run(con, s, dict_id, progress=_stage(progress, "LLM explain"))
+    score.run(con, s, dict_id, progress=_stage(progress, "LLM score"))
+    fractions: dict[str, float] = {}
+    seps: list[Separation] = []
+    notes: list[str] = []
+    for scorer in score.parse_scorers(s.score.scorers):
+        mode = score.mode_of(s.score, scorer)
+        for explainer in ("llm", "ngram"):
+            texts = dict(con.execute("""
+                SELECT latent, arg_max(text, id) FROM explanations WHERE dict_id = ? AND explainer = ?
+                  AND status = 'ok' AND latent < ? GROUP BY latent""", [dict_id, explainer, n]).fetchall())
+            got = dict(con.execute("""
+                SELECT e.latent, arg_max(sc.score, sc.id) FROM scores sc JOIN explanations e ON e.id = sc.explanation_id
+                WHERE sc.dict_id = ? AND e.explainer = ? AND sc.scorer = ? AND sc.mode IS NOT DISTINCT FROM ?
+                  AND sc.split = 'heldout' AND sc.status = 'ok' AND e.latent < ? GROUP BY e.latent""",
+                [dict_id, explainer, scorer, mode, n]).fetchall())
+            have = sorted(texts)
+            shuffled, failed = [], 0
+            for k, i in enumerate(have):
+                j = have[(k + 1) % len(have)]
+                if j == i:
+                    continue
+                try:
+                    shuffled.append(score.evaluate(con, s, dict_id, i, texts[j], scorer=scorer, split="heldout",
+                                                   stage="bench-planted").score)
+                except score.ScoreFailed:
+                    failed += 1
+            # An unexplained latent is a matched pair scoring 0; a failed score is left out and counted.
+            matched = [got[i] for i in have if i in got] + [0.0] * (n - len(have))
+            failed += sum(1 for i in have if i not in got)
+            if failed:
+                notes.append(f"{explainer}/{scorer}: {failed} scores failed and are left out")
+            seps.append(_separation(explainer, scorer, mode, matched, shuffled))
+            if scorer == "simulation":
+                fractions[f"{explainer}/{scorer}({mode})"] = float(np.mean([x >= GOOD for x in matched]))
+                if explainer == "llm":
+                    for r in rows:
+                        r.llm_explanation, r.llm_simulation = texts.get(r.latent), got.get(r.latent)
+    return fractions, seps, notes
+
+
+def run_planted(db_path: Path | str, settings: Any, base_url: Optional[str] = None, progress: Progress = None, *,
+                features: Optional[Sequence[Feature]] = None, tokenizer: Any = None) -> PlantedResult:
+    """Sample the planted dictionary over settings.corpus into db_path, explain, score, report.
+
+    Uses settings.model.name only for its tokenizer, settings.corpus and settings.sample
+    (tokens budget, examples per kind). Rerunning on the same file reuses what is there.
+    """
+    from explainer import sample, store
+
+    t0 = time.perf_counter()
+    features = list(features) if features is not None else default_features()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings.model.name)
+    model = PlantedModel(tokenizer, features, f"planted:{settings.model.name}")
+    db_path = Path(db_path)
+    sae_dir = save_identity_dictionary(db_path.with_name(db_path.name + ".planted-sae"), model)
+    con = store.connect(db_path)
+    try:
+        run_id = store.start_run(con, "bench-planted", settings.public_dict())
+        try:
+            res = sample.run(con, settings, sae_dir, lm=model, dict_name="planted", progress=_stage(progress, "sample"))
+            n = len(features)
+            found, sep = _ngram_stage(con, res.dict_id, n, progress)
+            freq = dict(con.execute("SELECT latent, frequency FROM latents WHERE dict_id = ?", [res.dict_id]).fetchall())
+            rows = []
+            for i, (f, r) in enumerate(zip(features, found)):
+                det = json.loads(r["details"]) if r.get("details") else {}
+                fit = json.loads(r["pattern"]).get("fit", {}) if r.get("pattern") else {}
+                rows.append(LatentRow(i, f.name, f.category, f.truth, freq.get(i), r.get("text"), r.get("score"),
+                                      det.get("precision"), det.get("recall"), fit.get("train_score")))
+            fractions = {"ngram/simulation(ngram)": float(np.mean([(r.score or 0.0) >= GOOD for r in rows]))}
+            seps, notes = [sep], []
+            if base_url:
+                llm_frac, llm_seps, llm_notes = _llm_stage(con, res.dict_id, n, settings, base_url, progress, rows)
+                fractions.update(llm_frac)
+                seps += llm_seps
+                notes += llm_notes
+            out = PlantedResult(str(db_path), res.dict_id, run_id, res.n_tokens, res.n_contexts, rows, fractions,
+                                seps, notes + list(res.warnings), time.perf_counter() - t0)
+            store.finish_run(con, run_id, "done", out.to_json())
+            return out
+        except BaseException as e:
+            store.finish_run(con, run_id, "failed", {"error": f"{type(e).__name__}: {e}"})
+            raise
+    finally:
+        con.close()

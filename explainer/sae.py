@@ -1,0 +1,361 @@
+"""TopK sparse autoencoder (Gao et al. 2024) and its on-disk formats.
+
+    z     = ReLU(TopK((x - b_dec) @ W_enc + b_enc))      b_dec doubles as b_pre
+    x_hat = z @ W_dec + b_dec
+
+Saved in the SAELens layout (cfg.json + sae_weights.safetensors + sparsity.safetensors) so other
+tools read our dictionaries; EleutherAI sparsify folders (cfg.json + sae.safetensors) load too.
+Training happens on activations scaled by s = sqrt(d_in) / mean ||x||; the saved weights have s
+folded in, so a loaded dictionary maps raw activations and its latents equal the trained ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from explainer.errors import ExplainerError
+from explainer.sparse_ops import Workspace, select_latents, sparse_decode, sparse_forward
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
+
+
+@dataclass
+class SAEOutput:
+    x_hat: Tensor  # [N, d_in]
+    values: Tensor  # [N, k] post-ReLU activations of the TopK latents
+    indices: Tensor  # [N, k]
+    aux_values: Tensor  # [N, k_aux] top dead latents (AuxK); [N, 0] when none are dead
+    aux_indices: Tensor
+    aux_x_hat: Optional[Tensor]  # their decoding without b_dec (predicts the residual); None when none
+    multi_x_hat: Optional[Tensor]  # reconstruction from the top multi_k latents (Multi-TopK)
+
+
+class TopKSAE(nn.Module):
+    """W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+
+    W_enc is stored transposed (latent-major) so the sparse backward reads contiguous encoder
+    rows; its shape and the saved layout are SAELens'.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, k: int, *, device: Any = None, cfg: Optional[dict] = None):
+        super().__init__()
+        if not 1 <= k < d_sae:
+            raise ExplainerError(f"k={k} must be at least 1 and below the number of latents ({d_sae}); lower --k")
+        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        self.W_enc = nn.Parameter(torch.zeros(d_sae, d_in, device=device).t())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device))
+        self.cfg: dict[str, Any] = dict(cfg or {})
+        self.workspace = Workspace()
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @torch.no_grad()
+    def init_tied(self, generator: Optional[torch.Generator] = None) -> None:
+        """Random unit-norm decoder rows, encoder = decoder transposed, zero biases."""
+        rows = torch.randn(self.d_sae, self.d_in, generator=generator).to(self.device)
+        self.W_dec.copy_(rows / rows.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec.t())
+        self.b_enc.zero_()
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(values [..., k], indices [..., k]) of the active latents of activations x [..., d_in]."""
+        flat = x.reshape(-1, self.d_in).to(self.W_dec.dtype)
+        _, values, indices, *_ = sparse_forward(flat, self.W_enc, self.b_enc, None, self.b_dec, self.k)
+        return values.view(*x.shape[:-1], self.k), indices.view(*x.shape[:-1], self.k)
+
+    def dense_latents(self, x: Tensor) -> Tensor:
+        """All latent activations [..., d_sae] (zeros outside the top k)."""
+        values, indices = self.encode(x)
+        dense = values.new_zeros(*values.shape[:-1], self.d_sae)
+        return dense.scatter_(-1, indices, values)
+
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Sparse decoder: only the k active rows of W_dec are read (and get gradient)."""
+        flat_v, flat_i = values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1])
+        out = sparse_decode(flat_v, flat_i, self.W_dec) + self.b_dec
+        return out.view(*values.shape[:-1], self.d_in)
+
+    def decode_dense(self, latents: Tensor) -> Tensor:
+        """Reference decoder: a dense [.., d_sae] x [d_sae, d_in] matmul."""
+        return latents @ self.W_dec + self.b_dec
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """x_hat for activations of any leading shape, in x's dtype (used to splice into the LM)."""
+        with torch.no_grad():
+            values, indices = self.encode(x)
+            return self.decode(values, indices).to(x.dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        dead: Optional[Tensor] = None,
+        k_aux: int = 0,
+        multi_k: int = 0,
+        dense: bool = False,
+        mm_dtype: Optional[torch.dtype] = None,
+    ) -> SAEOutput:
+        """Training forward on x [N, d_in]; `dead` holds the ids of latents AuxK may use."""
+        if dense:
+            return self._forward_dense(x, dead, k_aux, multi_k, mm_dtype)
+        x_hat, values, indices, aux, aux_values, aux_indices, multi, _, _ = sparse_forward(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
+            dead=dead, k_aux=k_aux, multi_k=multi_k, mm_dtype=mm_dtype, workspace=self.workspace,
+        )
+        return SAEOutput(x_hat, values, indices, aux_values, aux_indices,
+                         aux if aux.shape[1] else None, multi if multi.shape[1] else None)
+
+    def _forward_dense(self, x, dead, k_aux, multi_k, mm_dtype) -> SAEOutput:
+        dtype = mm_dtype or x.dtype
+        pre = torch.addmm(self.b_enc.to(dtype), (x - self.b_dec).to(dtype), self.W_enc.to(dtype)).to(x.dtype)
+        # Same selection as the sparse path (ties resolve alike); everything after it is plain autograd.
+        with torch.no_grad():
+            sets = [indices for _, indices in select_latents(pre, self.k, dead, k_aux, multi_k)]
+
+        def latents(indices: Tensor) -> tuple[Tensor, Tensor]:
+            values = F.relu(pre.gather(1, indices))
+            return values, torch.zeros_like(pre).scatter(1, indices, values)
+
+        values, z = latents(sets[0])
+        aux_values, z_aux = latents(sets[1])
+        aux = z_aux @ self.W_dec if sets[1].shape[1] else None
+        multi = self.decode_dense(latents(sets[2])[1]) if sets[2].shape[1] else None
+        return SAEOutput(self.decode_dense(z), values, sets[0], aux_values, sets[1], aux, multi)
+
+    # --- decoder geometry (called every step) ------------------------------------------------
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        norms = self.W_dec.norm(dim=1, keepdim=True)
+        self.W_dec.div_(norms.clamp_min_(torch.finfo(self.W_dec.dtype).eps))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Adam then cannot change a row's norm to first order; the norm is reset after the step."""
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        parallel = torch.linalg.vecdot(grad, self.W_dec, dim=1)
+        grad.addcmul_(parallel.unsqueeze(1), self.W_dec, value=-1.0)
+
+    @torch.no_grad()
+    def folded(self, scale: float) -> "TopKSAE":
+        """A copy that takes raw activations x where this one took x * scale; latents unchanged."""
+        out = TopKSAE(self.d_in, self.d_sae, self.k, device=self.device, cfg=self.cfg)
+        out.W_enc.copy_(self.W_enc * scale)
+        out.b_enc.copy_(self.b_enc)
+        out.W_dec.copy_(self.W_dec / scale)
+        out.b_dec.copy_(self.b_dec / scale)
+        return out
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def fingerprint(sae: TopKSAE) -> str:
+    """Hash of k and the weights: the DB never files two different dictionaries under one id."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"topk:{sae.d_in}:{sae.d_sae}:{sae.k}".encode())
+    for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = None, cfg: Optional[dict] = None) -> Path:
+    """Write `sae` in the SAELens layout; cfg.json is written last, so its presence means complete.
+
+    `sparsity` is the log10 firing frequency per latent (SAELens' sparsity.safetensors).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "W_enc": sae.W_enc.detach().float().contiguous().cpu(),
+        "b_enc": sae.b_enc.detach().float().cpu(),
+        "W_dec": sae.W_dec.detach().float().contiguous().cpu(),
+        "b_dec": sae.b_dec.detach().float().cpu(),
+    }
+    _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    if sparsity is not None:
+        log_freq = sparsity.detach().float().cpu().contiguous()
+        _atomic_write(folder / SPARSITY_FILE, lambda p: save_file({"sparsity": log_freq}, str(p)))
+    meta = {**sae.cfg, **(cfg or {})}
+    full = {
+        "architecture": "topk",
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        # Any input scaling is already folded into the weights, so readers must not rescale.
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **{key: meta.get(key) for key in ("model_name", "hook_name", "hook_layer", "context_size")},
+        "prepend_bos": True,
+        "metadata": {key: meta.get(key) for key in ("model_name", "hook_name", "hook_layer", "context_size")},
+    }
+    for key, value in meta.items():  # our own keys; never override the layout keys above
+        full.setdefault(key, value)
+    _atomic_write(folder / CFG_FILE, lambda p: p.write_text(json.dumps(full, indent=2) + "\n"))
+    return folder
+
+
+def _read_tensors(path: Path, wanted: dict[str, Optional[tuple[int, ...]]]) -> dict[str, Tensor]:
+    """Read the named tensors, checking presence, shape and finiteness; shape None = any."""
+    if not path.is_file():
+        raise ExplainerError(f"{path} is missing; the dictionary folder is incomplete (re-train or re-download it)")
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for name, shape in wanted.items():
+                if name not in keys:
+                    raise ExplainerError(
+                        f"{path} has no tensor {name!r} (it holds {', '.join(sorted(keys)) or 'nothing'}); "
+                        "it is not a TopK SAE in a supported format"
+                    )
+                out[name] = f.get_tensor(name)
+    except ExplainerError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise ExplainerError(f"{path} is not a readable safetensors file ({e}); re-train or re-download it") from None
+    for name, shape in wanted.items():
+        t = out[name]
+        if shape is not None and tuple(t.shape) != shape:
+            raise ExplainerError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, cfg.json implies {shape}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ExplainerError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is corrupt")
+    return out
+
+
+def _read_cfg(folder: Path) -> dict:
+    path = folder / CFG_FILE
+    if not path.is_file():
+        subs = sorted(p.name for p in folder.iterdir() if (p / CFG_FILE).is_file()) if folder.is_dir() else []
+        hint = f"; it has dictionaries in subfolders: {', '.join(subs)}" if subs else ""
+        raise ExplainerError(
+            f"{folder} is not a dictionary folder: no {CFG_FILE}{hint} "
+            "(expected SAELens cfg.json + sae_weights.safetensors or sparsify cfg.json + sae.safetensors)"
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExplainerError(f"{path} is not valid JSON ({e}); re-train or re-download the dictionary") from None
+    if not isinstance(cfg, dict):
+        raise ExplainerError(f"{path} must hold a JSON object")
+    return cfg
+
+
+def _int(cfg: dict, key: str, path: Path) -> int:
+    value = cfg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ExplainerError(f"{path}: {key!r} must be a positive integer, found {value!r}")
+    return value
+
+
+def load_dictionary(path: str | Path, device: Any = "cpu") -> TopKSAE:
+    """Load a TopK SAE from a SAELens-layout folder (ours) or an EleutherAI sparsify folder."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ExplainerError(f"dictionary folder {folder} does not exist (train one with `explainer train`)")
+    cfg = _read_cfg(folder)
+    cfg_path = folder / CFG_FILE
+    if (folder / WEIGHTS_FILE).is_file() or "d_sae" in cfg:
+        sae = _load_saelens(folder, cfg, cfg_path)
+    elif (folder / SPARSIFY_WEIGHTS_FILE).is_file() or "num_latents" in cfg or "expansion_factor" in cfg:
+        sae = _load_sparsify(folder, cfg, cfg_path)
+    else:
+        raise ExplainerError(f"{cfg_path}: neither a SAELens nor a sparsify config (no d_sae / num_latents key)")
+    sae.cfg.setdefault("path", str(folder))
+    return sae.to(device)
+
+
+def _load_saelens(folder: Path, cfg: dict, cfg_path: Path) -> TopKSAE:
+    arch = cfg.get("architecture", cfg.get("activation_fn_str"))
+    if arch != "topk":
+        raise ExplainerError(f"{cfg_path}: architecture {arch!r} is not supported; only TopK SAEs load here")
+    d_in, d_sae = _int(cfg, "d_in", cfg_path), _int(cfg, "d_sae", cfg_path)
+    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    k = _int({"k": k}, "k", cfg_path)
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise ExplainerError(
+            f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} needs a run-time scale this "
+            "loader does not apply; fold the scale into the weights and set it to 'none'"
+        )
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise ExplainerError(f"{cfg_path}: rescale_acts_by_decoder_norm=true is not supported")
+    t = _read_tensors(folder / WEIGHTS_FILE, {
+        "W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
+    })
+    b_enc = t["b_enc"].float()
+    if cfg.get("apply_b_dec_to_input", True) is False:
+        # Ours always subtracts b_dec before encoding; compensate in the encoder bias.
+        b_enc = b_enc + t["b_dec"].float() @ t["W_enc"].float()
+    return _build(d_in, d_sae, k, t["W_enc"].float(), b_enc, t["W_dec"], t["b_dec"], {**cfg, "format": "saelens"})
+
+
+def _load_sparsify(folder: Path, cfg: dict, cfg_path: Path) -> TopKSAE:
+    d_in = _int(cfg, "d_in", cfg_path)
+    d_sae = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 0)
+    d_sae = _int({"num_latents": d_sae}, "num_latents", cfg_path)
+    k = _int(cfg, "k", cfg_path)
+    if cfg.get("activation", "topk") != "topk":
+        raise ExplainerError(f"{cfg_path}: sparsify activation {cfg.get('activation')!r} is not supported (only topk)")
+    if cfg.get("transcode") or cfg.get("skip_connection"):
+        raise ExplainerError(f"{cfg_path}: sparsify transcoders and skip connections are not supported (SAEs only)")
+    t = _read_tensors(folder / SPARSIFY_WEIGHTS_FILE, {
+        "encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
+    })
+    meta = {"format": "sparsify", "sparsify_cfg": cfg}
+    return _build(d_in, d_sae, k, t["encoder.weight"].float().t(), t["encoder.bias"], t["W_dec"], t["b_dec"], meta)
+
+
+def _build(d_in, d_sae, k, W_enc, b_enc, W_dec, b_dec, cfg) -> TopKSAE:
+    if k >= d_sae:
+        raise ExplainerError(f"dictionary config says k={k} with only {d_sae} latents; the config is corrupt")
+    sae = TopKSAE(d_in, d_sae, k, cfg=cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.b_enc.copy_(b_enc)
+        sae.W_dec.copy_(W_dec)
+        sae.b_dec.copy_(b_dec)
+    return sae
+
+
+def read_sparsity(folder: str | Path) -> Optional[Tensor]:
+    """log10 firing frequency per latent from sparsity.safetensors, or None if the file is absent."""
+    path = Path(folder) / SPARSITY_FILE
+    if not path.is_file():
+        return None
+    return _read_tensors(path, {"sparsity": None})["sparsity"]
+
+
+def log10_frequency(fire_counts: Tensor, n_tokens: int) -> Tensor:
+    """SAELens' sparsity convention: log10(fraction of tokens a latent fired on + 1e-10)."""
+    return torch.log10(fire_counts.double() / max(n_tokens, 1) + 1e-10).float()

@@ -1,0 +1,451 @@
+"""The sampler's streaming state: per-latent counters, a top-k list and hash sketches.
+
+Per-latent tensors have one row per (split, latent), row = split * d_sae + latent, so each
+split keeps its own examples.
+
+- top: the n_top contexts with the highest max activation, keyed by a composite int64
+  (float32 bits of the max, then the inverted context id): ties break by context id and the
+  order is total, so the top-k of a union equals the top-k of the parts' top-ks, exactly.
+- reservoir: the n_reservoir activating contexts with the smallest hash h(latent, context),
+  a bottom-k sketch: a uniform sample of the activating contexts that does not depend on the
+  order or partition of the stream, so resume and shard merges are exact.
+- pool: per split the contexts with the smallest hash(context) and their sparse codes. The
+  first n_random are the random examples (shared by all latents); non-activating examples
+  are pool contexts where a latent is zero everywhere. One shared pool instead of a sketch
+  per latent: it costs nothing per latent while streaming and gives the hard-negative search
+  a few hundred candidates per latent.
+
+Slots are unordered while streaming (an entering example takes an evicted one's slot, so
+kept activations never move); sorted_state() orders them for the final tables.
+Memory: O(splits x latents x (n_top + n_reservoir) x ctx_len) + O(pool x ctx_len x k).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "validation", "heldout")
+S = len(SPLITS)
+FORMAT = 1
+# Sketch keys are below 2^62 (31-bit hash, 31-bit context id). Empty slots beat "no
+# candidate" markers, so a changed row never takes in a non-candidate.
+EMPTY = 1 << 62          # empty slot of a bottom-k sketch
+CAND_NONE = EMPTY + 1    # a context that is no candidate for this sketch
+NO_TOP = -1              # empty slot of a top-k list
+TOP_NONE = -2            # a context where the latent did not fire
+M31 = (1 << 31) - 1
+LOW32 = (1 << 32) - 1
+POOL_SALT = M31  # the "latent" whose hash orders the shared pool of contexts
+
+
+def hash31(a: Tensor, b: Tensor) -> Tensor:
+    """A 31-bit hash of (a, b), bijective in b for fixed a (no collisions among contexts).
+
+    Built from odd multipliers mod 2^31 and xor-shifts, all inside int64 without overflow,
+    so it is identical on every device and torch version.
+    """
+    x = ((a & M31) * 0x2545F491 + (b & M31) * 0x4F6CDD1D + 0x1B873593) & M31
+    for _ in range(2):
+        x = x ^ (x >> 15)
+        x = (x * 0x2C1B3C6D) & M31
+    return x ^ (x >> 16)
+
+
+def sketch_key(h: Tensor, cid: Tensor) -> Tensor:
+    return (h << 31) | cid
+
+
+def sketch_cid(key: Tensor) -> Tensor:
+    return key & M31
+
+
+def top_key(ctx_max: Tensor, cid: Tensor) -> Tensor:
+    """Order by max activation, then by smaller context id; non-firing contexts get TOP_NONE."""
+    bits = ctx_max.contiguous().view(torch.int32).to(torch.int64)
+    key = (bits << 32) | (LOW32 - cid)
+    return torch.where(ctx_max > 0, key, torch.full_like(key, TOP_NONE))
+
+
+def top_cid(key: Tensor) -> Tensor:
+    return LOW32 - (key & LOW32)
+
+
+def top_max(key: Tensor) -> Tensor:
+    return (key >> 32).to(torch.int32).view(torch.float32)
+
+
+@dataclass
+class SampleState:
+    meta: dict[str, Any]
+    n_tokens: Tensor      # [S] tokens seen per split
+    n_contexts: Tensor    # [S]
+    n_fired: Tensor       # [S*L] tokens with activation > 0
+    sum_act: Tensor       # [S*L] float64, over firing tokens
+    max_act: Tensor       # [S*L]
+    n_ctx_fired: Tensor   # [S*L] contexts with at least one firing token
+    top_key: Tensor       # [S*L, n_top]
+    top_acts: Tensor      # [S*L, n_top, T]
+    res_key: Tensor       # [S*L, R]
+    res_max: Tensor       # [S*L, R]
+    res_acts: Tensor      # [S*L, R, T]
+    pool_key: Tensor      # [S, Q]
+    pool_vals: Tensor     # [S, Q, T, k]
+    pool_idx: Tensor      # [S, Q, T, k] int32
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.meta["d_sae"])
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "meta"}
+
+    def to(self, device: torch.device | str) -> "SampleState":
+        return SampleState(meta=dict(self.meta), **{k: v.to(device) for k, v in self.tensors().items()})
+
+
+def new_state(*, d_sae: int, ctx_len: int, k: int, n_top: int, n_reservoir: int, n_pool: int,
+              acts_dtype: torch.dtype, device: torch.device | str, meta: dict[str, Any]) -> SampleState:
+    N, T = S * d_sae, ctx_len
+    i64 = dict(dtype=torch.int64, device=device)
+    return SampleState(
+        meta={**meta, "format": FORMAT, "d_sae": d_sae, "ctx_len": ctx_len, "k": k},
+        n_tokens=torch.zeros(S, **i64),
+        n_contexts=torch.zeros(S, **i64),
+        n_fired=torch.zeros(N, **i64),
+        sum_act=torch.zeros(N, dtype=torch.float64, device=device),
+        max_act=torch.zeros(N, dtype=torch.float32, device=device),
+        n_ctx_fired=torch.zeros(N, **i64),
+        top_key=torch.full((N, n_top), NO_TOP, **i64),
+        top_acts=torch.zeros(N, n_top, T, dtype=acts_dtype, device=device),
+        res_key=torch.full((N, n_reservoir), EMPTY, **i64),
+        res_max=torch.zeros(N, n_reservoir, dtype=torch.float32, device=device),
+        res_acts=torch.zeros(N, n_reservoir, T, dtype=acts_dtype, device=device),
+        pool_key=torch.full((S, n_pool), EMPTY, **i64),
+        pool_vals=torch.zeros(S, n_pool, T, k, dtype=torch.float32, device=device),
+        pool_idx=torch.zeros(S, n_pool, T, k, dtype=torch.int32, device=device),
+    )
+
+
+def _gather_slots(payload: Tensor, pos: Tensor) -> Tensor:
+    """payload [r, M, ...] indexed along dim 1 by pos [r, K]."""
+    idx = pos.view(*pos.shape, *([1] * (payload.dim() - 2))).expand(-1, -1, *payload.shape[2:])
+    return payload.gather(1, idx)
+
+
+def _insert(keys: Tensor, cand: Tensor, largest: bool) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """Keep the K best of slots [N, K] and candidates [N, B] in the slots, in place.
+
+    Returns (row, slot, candidate column) of each entering candidate, or None. Only rows
+    where some candidate beats the worst slot are touched.
+    """
+    K = keys.shape[1]
+    if K == 0 or cand.shape[1] == 0:
+        return None
+    worst = keys.amin(1, keepdim=True) if largest else keys.amax(1, keepdim=True)
+    rows = ((cand > worst) if largest else (cand < worst)).any(1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    both = torch.cat([keys[rows], cand[rows]], 1)
+    pos = both.topk(K, dim=1, largest=largest, sorted=False).indices
+    kept = torch.zeros(both.shape, dtype=torch.bool, device=both.device).scatter_(1, pos, True)
+    enter_r, enter_c = kept[:, K:].nonzero(as_tuple=True)
+    _, evict_s = (~kept[:, :K]).nonzero(as_tuple=True)
+    # Each row has as many entering candidates as evicted slots, and nonzero() lists both
+    # row by row, so the i-th entering candidate takes the i-th evicted slot.
+    row = rows[enter_r]
+    keys[row, evict_s] = cand[row, enter_c]
+    return row, evict_s, enter_c
+
+
+def _acts_of(vals: Tensor, idx: Tensor, ctx: Tensor, latent: Tensor, d_sae: int) -> Tensor:
+    """Per-token activations [E, T] of latent[e] in context ctx[e], from sparse codes [b, T, k].
+
+    Sorts the codes by (context, latent) and reads each pair's run of entries, so the cost
+    is O(b*T*k log + E*T) with no dense [b, T, d_sae] tensor.
+    """
+    b, T, k = vals.shape
+    keys = (torch.arange(b, device=idx.device).view(b, 1, 1) * d_sae + idx).reshape(-1)
+    keys, order = keys.sort()
+    q = ctx * d_sae + latent
+    lo = torch.searchsorted(keys, q)
+    count = torch.searchsorted(keys, q, right=True) - lo
+    pair = torch.repeat_interleave(torch.arange(len(q), device=q.device), count)
+    first = torch.repeat_interleave(lo - (count.cumsum(0) - count), count)
+    entry = order[first + torch.arange(len(pair), device=q.device)]
+    out = torch.zeros(len(q), T, dtype=vals.dtype, device=vals.device)
+    out[pair, (entry // k) % T] = vals.reshape(-1)[entry]
+    return out
+
+
+def update(state: SampleState, split: Tensor, cids: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
+    """Fold one batch in. split, cids [B]; vals, idx [B, T, k] (the SAE's sparse codes).
+
+    Works on the sparse codes only (never a dense [B, T, d_sae] tensor), so the cost grows
+    with B*T*k plus the examples that change. Returns the per-context max activation [B, L].
+    """
+    B, T, k = vals.shape
+    L = state.d_sae
+    dev = vals.device
+    ctx_max = torch.zeros(B, L, dtype=vals.dtype, device=dev)
+    ctx_max.scatter_reduce_(1, idx.reshape(B, T * k), vals.reshape(B, T * k), "amax")
+    fired = ctx_max > 0
+
+    firing = vals > 0
+    rows_tok = (split.view(B, 1, 1) * L + idx)[firing]
+    state.n_fired += torch.bincount(rows_tok, minlength=S * L)
+    state.sum_act += torch.bincount(rows_tok, weights=vals[firing].double(), minlength=S * L)
+    state.n_contexts += torch.bincount(split, minlength=S)
+    state.n_tokens += torch.bincount(split, minlength=S) * T
+
+    cid_col = cids.view(B, 1)
+    tkey = top_key(ctx_max, cid_col)
+    skey = sketch_key(hash31(torch.arange(L, device=dev).view(1, L), cid_col), cid_col)
+    res_cand = torch.where(fired, skey, torch.full_like(skey, CAND_NONE))
+    pkey = sketch_key(hash31(torch.tensor(POOL_SALT, device=dev), cids), cids)
+
+    for s in range(S):
+        m = (split == s).nonzero().squeeze(1)
+        if m.numel() == 0:
+            continue
+        rows = slice(s * L, (s + 1) * L)
+        vs, ix, cm = vals[m], idx[m], ctx_max[m]
+        state.n_ctx_fired[rows] += fired[m].sum(0)
+        state.max_act[rows] = torch.maximum(state.max_act[rows], cm.amax(0))
+        hit = _insert(state.top_key[rows], tkey[m].T, True)
+        if hit is not None:
+            lat, slot, col = hit
+            state.top_acts[rows][lat, slot] = _acts_of(vs, ix, col, lat, L).to(state.top_acts.dtype)
+        hit = _insert(state.res_key[rows], res_cand[m].T, False)
+        if hit is not None:
+            lat, slot, col = hit
+            state.res_max[rows][lat, slot] = cm[col, lat]
+            state.res_acts[rows][lat, slot] = _acts_of(vs, ix, col, lat, L).to(state.res_acts.dtype)
+        hit = _insert(state.pool_key[s:s + 1], pkey[m].view(1, -1), False)
+        if hit is not None:
+            _, slot, col = hit
+            state.pool_vals[s, slot] = vs[col]
+            state.pool_idx[s, slot] = ix[col].to(torch.int32)
+    return ctx_max
+
+
+_SLOTS = {"top_key": (True, ["top_acts"]), "res_key": (False, ["res_max", "res_acts"]),
+          "pool_key": (False, ["pool_vals", "pool_idx"])}
+
+
+def sorted_state(state: SampleState) -> SampleState:
+    """A copy with every slot list in key order (top: best first; sketches: smallest hash first)."""
+    out = dict(state.tensors())
+    for key, (largest, payloads) in _SLOTS.items():
+        out[key], pos = getattr(state, key).sort(dim=1, descending=largest)
+        for p in payloads:
+            out[p] = _gather_slots(getattr(state, p), pos)
+    return SampleState(meta=dict(state.meta), **out)
+
+
+# --- merge -----------------------------------------------------------------------------------
+
+_SHAPE_META = ("format", "d_sae", "ctx_len", "k", "config_key", "n_shards")
+
+
+def merge_states(a: SampleState, b: SampleState) -> SampleState:
+    """The state of a run over both parts' contexts (the parts must be disjoint, e.g. shards)."""
+    for key in _SHAPE_META:
+        if a.meta.get(key) != b.meta.get(key):
+            raise ValueError(f"cannot merge sampler states: {key} differs ({a.meta.get(key)} vs {b.meta.get(key)})")
+    overlap = set(a.meta["shards"]) & set(b.meta["shards"])
+    if overlap:
+        raise ValueError(f"cannot merge sampler states: both hold shard(s) {sorted(overlap)}")
+    meta = dict(a.meta, shards=sorted(set(a.meta["shards"]) | set(b.meta["shards"])),
+                complete=bool(a.meta.get("complete")) and bool(b.meta.get("complete")))
+    ta, tb = a.tensors(), b.tensors()
+    out = {name: ta[name] + tb[name] for name in ("n_tokens", "n_contexts", "n_fired", "sum_act", "n_ctx_fired")}
+    out["max_act"] = torch.maximum(a.max_act, b.max_act)
+    for key, (largest, payloads) in _SLOTS.items():
+        out[key], pos = torch.cat([ta[key], tb[key]], 1).topk(ta[key].shape[1], dim=1, largest=largest)
+        for p in payloads:
+            out[p] = _gather_slots(torch.cat([ta[p], tb[p]], 1), pos)
+    return SampleState(meta=meta, **out)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def save_state(state: SampleState, path: Path) -> None:
+    """Atomic: a reader sees the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"meta": state.meta, **{k: v.cpu() for k, v in state.tensors().items()}}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_state(path: Path, device: torch.device | str = "cpu") -> SampleState:
+    data = torch.load(path, map_location=device, weights_only=True)
+    meta = data.pop("meta")
+    return SampleState(meta=meta, **data)
+
+
+# --- finalize: the state -> rows of latents and examples ----------------------------------
+
+QUANTILE_LEVELS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+HARD_TOKENS = 3  # distinct top-example tokens a hard negative may share
+
+
+class TokenTable:
+    """Token ids of the sampled contexts, looked up by context id."""
+
+    def __init__(self, cids: Tensor, tokens: Tensor) -> None:
+        order = cids.argsort()
+        self.cids, self.tokens = cids[order], tokens[order].long()
+
+    def of(self, cids: Tensor) -> Tensor:
+        """Token ids [len(cids), T]."""
+        pos = torch.searchsorted(self.cids, cids).clamp(max=max(len(self.cids) - 1, 0))
+        if cids.numel() and not bool((self.cids[pos] == cids).all()):
+            raise KeyError("a kept context has no row in the contexts table")
+        return self.tokens[pos]
+
+
+def latent_rows(state: SampleState) -> dict[str, Any]:
+    """Per-latent statistics pooled over splits; NULL (None) where a latent never fired."""
+    L = state.d_sae
+    n_fired = state.n_fired.view(S, L).sum(0)
+    n_tokens = int(state.n_tokens.sum())
+    alive = n_fired > 0
+    mean = state.sum_act.view(S, L).sum(0) / n_fired.clamp(min=1)
+    max_act = state.max_act.view(S, L).amax(0)
+    # Each split's reservoir is a uniform sample of its firing contexts; weight its entries
+    # by firing contexts per kept entry so a small split does not skew the pooled quantiles.
+    keys = state.res_key.view(S, L, -1)
+    valid = keys < EMPTY
+    weight = state.n_ctx_fired.view(S, L, 1) / valid.sum(-1, keepdim=True).clamp(min=1) * valid
+    vals = torch.where(valid, state.res_max.view(S, L, -1), torch.inf).permute(1, 0, 2).reshape(L, -1)
+    weight = weight.permute(1, 0, 2).reshape(L, -1).double()
+    vals, order = vals.sort(1)
+    cum = weight.gather(1, order).cumsum(1)
+    levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64).view(1, -1) * cum[:, -1:]
+    at = torch.searchsorted(cum.contiguous(), levels.contiguous()).clamp(max=vals.shape[1] - 1)
+    quantiles = vals.gather(1, at)
+    has_q = valid.any(0).any(-1) if vals.shape[1] else torch.zeros(L, dtype=torch.bool)
+    return {
+        "latent": torch.arange(L, dtype=torch.int32).numpy(),
+        "frequency": (n_fired.double() / max(n_tokens, 1)).numpy(),
+        "n_fired": n_fired.numpy(),
+        "n_tokens": torch.full((L,), n_tokens, dtype=torch.int64).numpy(),
+        "n_contexts": state.n_ctx_fired.view(S, L).sum(0).numpy(),
+        "max_act": [float(m) if a else None for m, a in zip(max_act.tolist(), alive.tolist())],
+        "mean_act": [float(m) if a else None for m, a in zip(mean.tolist(), alive.tolist())],
+        "quantiles": [q if h else None for q, h in zip(quantiles.tolist(), has_q.tolist())],
+    }
+
+
+def _rows(lat: Tensor, rank: Tensor, cid: Tensor, max_act: Tensor, acts: Tensor, bin_: Tensor | None = None) -> dict[str, Any]:
+    return {"latent": lat.int(), "rank": rank.int(), "context_id": cid.long(), "max_act": max_act.float(),
+            "acts": acts.float(), "bin": bin_}
+
+
+def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_nonactivating: int,
+                 n_random: int, tokens: TokenTable) -> dict[str, dict[str, Any]]:
+    """Rows of each example kind for split index s (per-kind dicts of tensors); `state` is sorted_state()'s."""
+    L, T = state.d_sae, int(state.meta["ctx_len"])
+    sl = slice(s * L, (s + 1) * L)
+    out: dict[str, dict[str, Any]] = {}
+
+    tk = state.top_key[sl]
+    t_valid = tk >= 0
+    t_cid = top_cid(tk)
+    lat, rank = t_valid.nonzero(as_tuple=True)
+    out["top"] = _rows(lat, rank, t_cid[lat, rank], top_max(tk)[lat, rank], state.top_acts[sl][lat, rank])
+
+    # Quantile: equal-count bins over the reservoir minus the top examples, n_quantile
+    # evenly spaced order statistics (the reservoir is already a uniform sample).
+    rk = state.res_key[sl]
+    r_cid = sketch_cid(rk)
+    in_top = ((r_cid.unsqueeze(2) == t_cid.unsqueeze(1)) & t_valid.unsqueeze(1)).any(2)
+    elig = (rk < EMPTY) & ~in_top
+    m = elig.sum(1, keepdim=True)
+    order = torch.where(elig, state.res_max[sl], torch.inf).argsort(dim=1, stable=True)
+    j = torch.arange(n_quantile).view(1, -1)
+    pos = torch.where(m >= n_quantile, (2 * j + 1) * m // max(2 * n_quantile, 1), j)
+    ok = j < m
+    pick = order.gather(1, pos.clamp(max=max(rk.shape[1] - 1, 0))) if rk.shape[1] else pos
+    lat, rank = ok.nonzero(as_tuple=True)
+    slot = pick[lat, rank]
+    bins = (pos * n_bins // m.clamp(min=1))[lat, rank]
+    out["quantile"] = _rows(lat, rank, r_cid[lat, slot], state.res_max[sl][lat, slot],
+                            state.res_acts[sl][lat, slot], bins)
+
+    # Non-activating: pool contexts where the latent is zero everywhere, alternating hard
+    # ones (holding a token the top examples peak on, so scorers test specificity) and plain
+    # ones in the latent's own hash order.
+    n_h = min(HARD_TOKENS, tk.shape[1])
+    peak_tok = torch.full(tk.shape, -1, dtype=torch.int64)
+    if t_valid.any():
+        peak_pos = state.top_acts[sl][t_valid].float().argmax(-1, keepdim=True)
+        peak_tok[t_valid] = tokens.of(t_cid[t_valid]).gather(1, peak_pos).squeeze(1)
+    same = peak_tok.unsqueeze(2) == peak_tok.unsqueeze(1)
+    count = (same & t_valid.unsqueeze(1)).sum(2) * t_valid
+    first = ~(same & torch.ones(same.shape[1:], dtype=torch.bool).tril(-1)).any(2)
+    score = torch.where(t_valid & first, count * (tk.shape[1] + 1) - torch.arange(tk.shape[1]), -1)
+    best, j = score.topk(n_h, dim=1)
+    hard_tok = torch.where(best > 0, peak_tok.gather(1, j), -1)  # [L, n_h]
+    hard_cnt = torch.where(best > 0, count.gather(1, j), 0)
+
+    pk = state.pool_key[s]
+    nq = int((pk < EMPTY).sum())
+    q_cid = sketch_cid(pk[:nq])
+    q_vals, q_idx = state.pool_vals[s, :nq].reshape(nq, -1), state.pool_idx[s, :nq].reshape(nq, -1).long()
+    fired_q = torch.zeros(nq, L).scatter_add_(1, q_idx, (q_vals > 0).float()) > 0
+    q_tok = tokens.of(q_cid).sort(1).values  # [nq, T]
+    lats, ranks, cids = [], [], []
+    step = max(1, (1 << 20) // max(nq * max(n_h, 1), 1))
+    for lo in range(0, L, step):
+        ls = slice(lo, min(lo + step, L))
+        n_l = ls.stop - lo
+        want = hard_tok[ls].reshape(1, -1).expand(nq, -1).contiguous()
+        at = torch.searchsorted(q_tok, want).clamp(max=T - 1)
+        share = ((q_tok.gather(1, at) == want) & (want >= 0)).view(nq, n_l, n_h).permute(1, 0, 2)
+        hardness = (share * hard_cnt[ls].unsqueeze(1)).sum(2)  # [n_l, nq]
+        cand = ~fired_q[:, ls].T
+        h = hash31(torch.arange(lo, ls.stop).view(-1, 1), q_cid.view(1, -1))
+        hard, plain = cand & (hardness > 0), cand & (hardness == 0)
+        big = torch.iinfo(torch.int64).max
+        hard_rank = _ranks(torch.where(hard, -hardness * (M31 + 1) + h, big))
+        plain_rank = _ranks(torch.where(plain, h, big))
+        turn = torch.where(hard, 2 * hard_rank, torch.where(plain, 2 * plain_rank + 1, big))
+        kept, pick = turn.topk(min(n_nonactivating, nq), dim=1, largest=False)
+        lat, rank = (kept < big).nonzero(as_tuple=True)
+        lats.append(lat + lo)
+        ranks.append(rank)
+        cids.append(q_cid[pick[lat, rank]])
+    lat, rank, cid = (torch.cat(x) if x else torch.zeros(0, dtype=torch.long) for x in (lats, ranks, cids))
+    out["nonactivating"] = _rows(lat, rank, cid, torch.zeros(len(cid)), torch.zeros(len(cid), T))
+
+    nr = min(n_random, nq)
+    k = state.pool_vals.shape[-1]
+    dense = torch.zeros(nr * T, L)
+    dense.scatter_(1, state.pool_idx[s, :nr].reshape(-1, k).long(), state.pool_vals[s, :nr].reshape(-1, k))
+    acts = dense.view(nr, T, L).permute(2, 0, 1).reshape(L * nr, T)
+    out["random"] = _rows(torch.arange(L).repeat_interleave(nr), torch.arange(nr).repeat(L),
+                          q_cid[:nr].repeat(L), acts.amax(1) if nr else torch.zeros(0), acts)
+    return out
+
+
+def _ranks(keys: Tensor) -> Tensor:
+    """Position of each entry in its row's ascending order."""
+    out = torch.empty_like(keys)
+    order = keys.argsort(dim=1)
+    return out.scatter_(1, order, torch.arange(keys.shape[1]).expand_as(keys).contiguous())

@@ -1,0 +1,422 @@
+"""`explainer score`: how well each explanation predicts its latent on text the explainer never saw.
+
+One `scores` row per (explanation, scorer, mode, split): status ok with a score, or failed
+with the reason and a NULL score. Scorers:
+- simulation (Bills et al. 2023; simulate.py): Pearson r of simulated vs true activations
+  over held-out top + quantile + random snippets.
+- detection (Paulo et al. 2024; judge.py): snippets half on which the latent fires and half
+  on which it is 0; the model says which the explanation applies to. Score: balanced accuracy.
+- fuzzing (judge.py): firing snippets with highlighted tokens, about half of them moved to
+  random non-firing tokens. The model says whether the highlights match. Score: accuracy.
+
+Only `heldout` or `validation` text is read: the split is checked here and again in the SQL
+of `load_snippets`, so a train-split context cannot reach a prompt. The stage is resumable:
+a combination already scored ok with the same simulator model, template and setup (snippet
+counts, per_call, seed, temperature) is skipped, a failed
+one is retried (its failure row replaced in the same transaction), and answers already paid
+for come back from the response cache. `evaluate` scores one explanation on one split and
+returns every snippet's predictions (the agent uses it on `validation`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import duckdb
+
+from explainer import prompts, store
+from explainer.errors import ExplainerError
+from explainer.llm import LLMClient, resolve_endpoint
+from explainer.judge import detection_items, fuzzing_items, judge
+from explainer.settings import ScoreSettings, Settings
+from explainer.simulate import KINDS, Outcome, ScoreFailed, Snippet, Spend, check_template, simulate, unique
+
+SCORERS = ("simulation", "detection", "fuzzing")
+SCORE_SPLITS = ("heldout", "validation")
+CHUNK = 256  # latents whose snippets are read in one query
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+def parse_scorers(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in SCORERS]
+    if bad or not names:
+        raise ExplainerError(f"--scorer {text!r}: unknown scorer {bad[0] if bad else '(none)'}; "
+                             f"use a comma list of {', '.join(SCORERS)}")
+    return list(dict.fromkeys(names))
+
+
+def check_split(split: str) -> None:
+    if split not in SCORE_SPLITS:
+        raise ExplainerError(f"split {split!r} cannot be scored: scorers read heldout or validation only "
+                             "(train is what the explainer saw)")
+
+
+def setup_of(settings: Settings, scorer: str) -> dict[str, Any]:
+    """What, besides model and template, changes a score: a rerun with another setup is a new row."""
+    s = settings.score
+    setup: dict[str, Any] = {k: getattr(s, k) for k in ("n_top", "n_quantile", "n_random", "n_nonactivating", "seed")}
+    setup["temperature"] = settings.llm.temperature
+    if scorer != "simulation" or s.mode == "json":
+        setup["per_call"] = s.per_call
+    else:
+        setup.update(top_logprobs=s.top_logprobs, logprobs_api=s.logprobs_api)
+    return setup
+
+
+def _setup_hash(setup: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def mode_of(s: ScoreSettings, scorer: str) -> str:
+    # Detection and fuzzing always answer in JSON; only the simulator has a logprobs mode.
+    return s.mode if scorer == "simulation" else "json"
+
+
+def load_template(s: ScoreSettings, scorer: str) -> prompts.Template:
+    """The scorer's template, checked for its placeholders before any call."""
+    if scorer == "simulation":
+        tpl = prompts.load(s.simulation_template if s.mode == "json" else s.logprobs_template)
+        check_template(tpl, s.mode)
+        return tpl
+    tpl = prompts.load(s.detection_template if scorer == "detection" else s.fuzzing_template)
+    tpl.require(("explanation", "snippets"))
+    tpl.render(explanation="", snippets="", n_snippets=0)
+    return tpl
+
+
+def load_snippets(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int], split: str,
+                  s: ScoreSettings) -> dict[int, list[Snippet]]:
+    """Each latent's top, quantile (spread over bins), random and non-activating snippets of `split`."""
+    check_split(split)
+    rows = con.execute(
+        """
+        WITH e AS (
+            SELECT e.latent, e.kind, e.rank, e.bin, e.max_act, e.acts, e.context_id, c.tokens,
+                   row_number() OVER (PARTITION BY e.latent, e.kind, e.bin ORDER BY e.rank) AS in_bin
+            FROM examples e
+            JOIN contexts c ON c.dict_id = e.dict_id AND c.context_id = e.context_id
+            WHERE e.dict_id = $dict AND list_contains($latents, e.latent)
+              AND $split IN ('heldout', 'validation')  -- never train: that text was shown to the explainer
+              AND e.split = $split AND c.split = $split
+              AND len(e.acts) = len(c.tokens)
+        )
+        SELECT latent, kind, rank, max_act, acts, context_id, tokens FROM e
+        QUALIFY row_number() OVER (PARTITION BY latent, kind ORDER BY in_bin, bin DESC NULLS LAST, rank)
+                <= CASE kind WHEN 'top' THEN $top WHEN 'quantile' THEN $quantile
+                             WHEN 'random' THEN $random WHEN 'nonactivating' THEN $non ELSE 0 END
+        ORDER BY latent, kind, rank
+        """,
+        {"dict": dict_id, "latents": list(latents), "split": split, "top": s.n_top, "quantile": s.n_quantile,
+         "random": s.n_random, "non": s.n_nonactivating},
+    ).fetchall()
+    out: dict[int, list[Snippet]] = {lat: [] for lat in latents}
+    for latent, kind, rank, max_act, acts, cid, tokens in rows:
+        out[latent].append(Snippet(cid, kind, rank, float(max_act), list(tokens), [float(a) for a in acts]))
+    for snips in out.values():
+        snips.sort(key=lambda x: (KINDS.index(x.kind) if x.kind in KINDS else 9, x.rank))
+    return out
+
+
+def select_explanations(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int],
+                        where: Optional[str]) -> list[tuple[int, int, str]]:
+    """(id, latent, text) of the ok explanations of `latents`, filtered by a user's SQL WHERE."""
+    sql = ("SELECT id, latent, text FROM explanations WHERE dict_id = ? AND status = 'ok' "
+           "AND text IS NOT NULL AND list_contains(?, latent)")
+    if where and where.strip():
+        sql += f" AND ({where})"
+    try:
+        rows = con.execute(sql + " ORDER BY latent, id", [dict_id, list(latents)]).fetchall()
+    except duckdb.Error as e:
+        raise ExplainerError(f"--explanations {where!r} is not a valid SQL WHERE over the explanations table: "
+                             f"{str(e).splitlines()[0]}") from None
+    if not rows:
+        extra = f" matching --explanations {where!r}" if where else ""
+        raise ExplainerError(f"no ok explanation of the selected latents{extra}; run `explainer explain` first "
+                             "or widen --latents / --explanations")
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def score_explanation(llm: LLMClient, s: ScoreSettings, scorer: str, tpl: prompts.Template, latent: int,
+                            explanation: str, snippets: Sequence[Snippet]) -> Outcome:
+    """One explanation, one scorer, on the given snippets. Raises ScoreFailed (reason + spend)."""
+    spend = Spend()
+    try:
+        if scorer == "simulation":
+            sim = unique([x for x in snippets if x.kind in ("top", "quantile", "random")])
+            return await simulate(llm, s, tpl, explanation, sim, latent, spend)
+        items = (detection_items if scorer == "detection" else fuzzing_items)(snippets, latent, s.seed)
+        return await judge(llm, s, scorer, tpl, explanation, items, latent, spend)
+    except ScoreFailed as e:
+        e.spend = spend
+        raise
+
+
+def evaluate(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latent: int, explanation: str, *,
+             scorer: str = "simulation", split: str = "validation", stage: str = "score") -> Outcome:
+    """Score one explanation text on `split` without writing a score row (calls go to the
+    cache and ledger). `Outcome.results` holds each snippet's tokens, true activations and
+    predictions, to find false positives and negatives. Raises ScoreFailed."""
+    s = settings.score
+    check_split(split)
+    tpl = load_template(s, scorer)
+    snippets = load_snippets(con, dict_id, [latent], split, s)[latent]
+
+    async def go() -> Outcome:
+        async with LLMClient(settings.llm, con, stage=stage, dict_id=dict_id) as llm:
+            return await score_explanation(llm, s, scorer, tpl, latent, explanation, snippets)
+
+    return asyncio.run(go())
+
+
+def snippet_records(outcome: Outcome) -> list[dict[str, Any]]:
+    """Per-snippet answers for the details JSON (true activations stay in `examples`)."""
+    out = []
+    for r in outcome.results:
+        rec: dict[str, Any] = {"context_id": r.snippet.context_id, "kind": r.snippet.kind}
+        if r.predicted is not None:
+            rec["pred"] = [round(p, 3) if outcome.mode == "logprobs" else int(p) for p in r.predicted]
+        if r.label is not None:
+            rec["label"], rec["answer"] = r.label, r.answer
+        if r.highlights is not None:
+            rec["highlights"] = r.highlights
+        out.append(rec)
+    return out
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+@dataclass
+class ScorerStats:
+    ok: int = 0
+    failed: int = 0
+    score_sum: float = 0.0
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latents: set[int] = field(default_factory=set)
+
+    def per_latent(self, n: int) -> Optional[float]:
+        return n / len(self.latents) if self.latents else None
+
+
+@dataclass
+class ScoreResult:
+    run_id: int
+    dict_id: int
+    model: str
+    split: str
+    mode: str
+    scorers: list[str]
+    requested: int
+    skipped: int
+    ok: int = 0
+    failed: int = 0
+    calls: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0  # spent by this run (cache hits cost nothing)
+    completion_tokens: int = 0
+    cost: float = 0.0
+    wall_s: float = 0.0
+    per_scorer: dict[str, ScorerStats] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Mean score per scorer, calls and prompt tokens per latent, failures, wall time."""
+        out: dict[str, Any] = {"run": self.run_id, "simulator model": self.model, "split": self.split,
+                               "scores written": self.ok, "failed": self.failed, "skipped (already scored)": self.skipped}
+        for name, st in self.per_scorer.items():
+            label = f"{name} ({self.mode})" if name == "simulation" else name
+            out[f"{label}: mean score"] = st.score_sum / st.ok if st.ok else None
+            out[f"{label}: scored / failed"] = f"{st.ok} / {st.failed}"
+            out[f"{label}: calls per latent"] = st.per_latent(st.calls)
+            out[f"{label}: prompt tokens per latent"] = st.per_latent(st.prompt_tokens)
+        out.update({"calls": self.calls, "cache hits": self.cache_hits, "prompt tokens spent": self.prompt_tokens,
+                    "completion tokens spent": self.completion_tokens, "cost": self.cost,
+                    "wall s": round(self.wall_s, 2)})
+        if self.errors:
+            out["failures"] = "; ".join(f"{k} ({v})" for k, v in self.errors.items())
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k != "per_scorer"}
+        data["per_scorer"] = {k: {**{f: getattr(v, f) for f in ("ok", "failed", "score_sum", "calls",
+                                                                   "prompt_tokens", "completion_tokens")},
+                                  "latents": len(v.latents)} for k, v in self.per_scorer.items()}
+        return data
+
+
+@dataclass
+class _Job:
+    explanation_id: int
+    latent: int
+    text: str
+    scorer: str
+    retry_failed: bool
+
+
+def _scored(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, model: str) -> dict[tuple, set[str]]:
+    rows = con.execute(
+        """SELECT explanation_id, scorer, mode, details->>'template_hash', details->>'setup_hash', status
+           FROM scores WHERE dict_id = ? AND split = ? AND details->>'model' = ?""",
+        [dict_id, split, model],
+    ).fetchall()
+    out: dict[tuple, set[str]] = {}
+    for eid, scorer, mode, thash, shash, status in rows:
+        out.setdefault((eid, scorer, mode, thash, shash), set()).add(status)
+    return out
+
+
+def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
+        progress: Optional[Callable[[dict[str, Any]], None]] = None) -> ScoreResult:
+    """Score the ok explanations of `settings.score.latents` with each scorer in `settings.score.scorers`."""
+    s = settings.score
+    scorers = parse_scorers(s.scorers)
+    check_split(s.split)
+    resolve_endpoint(settings.llm)  # a missing key fails before anything is written
+    templates = {name: load_template(s, name) for name in scorers}
+    setups = {name: setup_of(settings, name) for name in scorers}
+    latents = store.select_latents(con, dict_id, s.latents)
+    explanations = select_explanations(con, dict_id, latents, s.explanations)
+    model = settings.llm.model
+    done = _scored(con, dict_id, s.split, model)
+    jobs: list[_Job] = []
+    for eid, latent, text in explanations:
+        for name in scorers:
+            key = (eid, name, mode_of(s, name), templates[name].sha256, _setup_hash(setups[name]))
+            status = done.get(key, set())
+            if "ok" not in status:
+                jobs.append(_Job(eid, latent, text, name, "failed" in status))
+    run_id = store.start_run(con, "score", settings.public_dict())
+    result = ScoreResult(run_id, dict_id, model, s.split, s.mode, scorers, requested=len(explanations) * len(scorers),
+                         skipped=len(explanations) * len(scorers) - len(jobs),
+                         per_scorer={name: ScorerStats() for name in scorers})
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(_score_all(con, settings, dict_id, templates, setups, jobs, result, progress, t0))
+    except BaseException:
+        result.wall_s = time.perf_counter() - t0
+        store.finish_run(con, run_id, "failed", result.as_dict())
+        raise
+    result.wall_s = time.perf_counter() - t0
+    store.finish_run(con, run_id, "done", result.as_dict())
+    return result
+
+
+async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
+                     templates: dict[str, prompts.Template], setups: dict[str, dict[str, Any]], jobs: list[_Job],
+                     result: ScoreResult,
+                     progress: Optional[Callable[[dict[str, Any]], None]], t0: float) -> None:
+    s = settings.score
+    model = settings.llm.model
+    pending = deque(jobs)
+    left: dict[int, int] = {}
+    for job in jobs:
+        left[job.latent] = left.get(job.latent, 0) + 1
+    loaded: dict[int, list[Snippet]] = {}
+    last_report = [0.0]
+
+    def next_job() -> Optional[tuple[_Job, list[Snippet]]]:
+        if not pending:
+            return None
+        job = pending.popleft()
+        if job.latent not in loaded:
+            chunk = list(dict.fromkeys([job.latent] + [j.latent for j in pending if j.latent not in loaded]))[:CHUNK]
+            loaded.update(load_snippets(con, dict_id, chunk, s.split, s))
+        snippets = loaded[job.latent]
+        left[job.latent] -= 1
+        if left[job.latent] == 0:
+            del loaded[job.latent]  # jobs come sorted by latent: hold only the latents in progress
+        return job, snippets
+
+    def report(force: bool = False) -> None:
+        now = time.perf_counter()
+        if progress is None or (not force and now - last_report[0] < 0.1):
+            return
+        last_report[0] = now
+        done = result.ok + result.failed
+        progress({"done": done, "total": len(jobs), "ok": result.ok, "failed": result.failed,
+                  "calls": llm.calls, "prompt_tokens": llm.prompt_tokens, "cost": llm.cost})
+
+    async def score_one(job: _Job, snippets: list[Snippet]) -> None:
+        tpl = templates[job.scorer]
+        mode = mode_of(s, job.scorer)
+        setup = setups[job.scorer]
+        details: dict[str, Any] = {"model": model, "template": tpl.name, "template_hash": tpl.sha256,
+                                   "setup": setup, "setup_hash": _setup_hash(setup)}
+        try:
+            outcome = await score_explanation(llm, s, job.scorer, tpl, job.latent, job.text, snippets)
+            spend, score, status, error = outcome.spend, outcome.score, "ok", None
+            details.update(outcome.details)
+            details["snippets"] = snippet_records(outcome)
+            n = len(outcome.results)
+        except ScoreFailed as e:
+            spend, score, status, error, n = e.spend, None, "failed", e.reason, None
+        details.update(calls=spend.calls, failed_calls=spend.failed_calls, cache_hits=spend.cache_hits)
+        if job.retry_failed:
+            llm.writer.execute(
+                """DELETE FROM scores WHERE explanation_id = ? AND scorer = ? AND mode = ? AND split = ?
+                   AND status = 'failed' AND details->>'model' = ? AND details->>'template_hash' = ?
+                   AND details->>'setup_hash' = ?""",
+                [job.explanation_id, job.scorer, mode, s.split, model, tpl.sha256, details["setup_hash"]],
+            )
+        llm.writer.add("scores", {
+            "explanation_id": job.explanation_id, "dict_id": dict_id, "latent": job.latent, "scorer": job.scorer,
+            "mode": mode, "split": s.split, "score": score, "details": json.dumps(details), "n_snippets": n,
+            "status": status, "error": error, "run_id": result.run_id, "prompt_tokens": spend.prompt_tokens,
+            "completion_tokens": spend.completion_tokens, "cost": spend.cost, "created_at": store.now(),
+        })
+        st = result.per_scorer[job.scorer]
+        st.calls += spend.calls
+        st.prompt_tokens += spend.prompt_tokens or 0
+        st.completion_tokens += spend.completion_tokens or 0
+        st.latents.add(job.latent)
+        if status == "ok":
+            result.ok += 1
+            st.ok += 1
+            st.score_sum += float(score)  # type: ignore[arg-type]
+        else:
+            result.failed += 1
+            st.failed += 1
+            kind = _reason_kind(error)
+            result.errors[kind] = result.errors.get(kind, 0) + 1
+            llm.check_reachable()
+        report()
+
+    async def worker() -> None:
+        while (item := next_job()) is not None:
+            await score_one(*item)
+
+    async with LLMClient(settings.llm, con, stage="score", run_id=result.run_id, dict_id=dict_id) as llm:
+        try:
+            workers = [asyncio.create_task(worker()) for _ in range(min(settings.llm.concurrency, max(1, len(jobs))))]
+            try:
+                await asyncio.gather(*workers)
+            except BaseException:
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                raise
+            llm.check_reachable(final=True)
+        finally:
+            result.calls, result.cache_hits = llm.calls, llm.cache_hits
+            result.prompt_tokens, result.completion_tokens, result.cost = llm.prompt_tokens, llm.completion_tokens, llm.cost
+            report(force=True)
+
+
+def _reason_kind(error: Optional[str]) -> str:
+    """A failure reason without its details, for the summary."""
+    text = error or "unknown"
+    m = re.search(r"HTTP \d{3}|not JSON|cannot reach|no answer from|answer rejected|unusable 200|"
+                  r"fires on none|needs both kinds|needs snippets|no snippets", text)
+    return m.group(0) if m else text[:60]

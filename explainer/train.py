@@ -1,0 +1,395 @@
+"""`explainer train`: a TopK SAE trained on the fly on a subject model's residual stream.
+
+The recipe of Gao et al. 2024: inputs scaled to mean norm sqrt(d_in), b_pre initialised at the
+geometric median, tied encoder/decoder init, unit-norm decoder rows with the parallel gradient
+component removed, Adam (eps 6.25e-10, lr ~ 1/sqrt(latents)), AuxK on dead latents, optional
+Multi-TopK. `Trainer` is the SAE step alone (tested and benchmarked on synthetic tensors);
+`run` streams activations from the LM into it, checkpoints, evaluates and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from explainer.errors import ExplainerError
+from explainer.sae import TopKSAE, log10_frequency, save_dictionary
+from explainer.settings import Settings, TrainSettings
+
+Progress = Callable[[dict[str, Any]], None]
+CHECKPOINT = Path("checkpoint") / "state.pt"
+METRICS = "metrics.json"
+
+
+def default_lr(n_latents: int) -> float:
+    """Gao et al.'s scaling: 2e-4 at 16k latents, shrinking with the square root of the width."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows."""
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        moved = (new - y).norm()
+        y = new
+        if moved <= tol * max(float(y.norm()), 1e-12):
+            break
+    return y.float()
+
+
+def _adam(params: Any, lr: float, eps: float) -> torch.optim.Optimizer:
+    try:
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)  # one kernel over all params
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr, eps=eps)
+
+
+class Trainer:
+    """One optimizer step per call on a batch of already scaled activations [N, d_in].
+
+    Knows nothing of the LM. For data parallelism, wrap `all_reduce` (identity here) around
+    torch.distributed's: it sums the gradients and the fired-latent counts over ranks, so every
+    rank applies the same update and agrees on which latents are dead; rank 0 alone writes files.
+    """
+
+    def __init__(self, sae: TopKSAE, settings: TrainSettings, all_reduce: Optional[Callable[[Tensor], Tensor]] = None):
+        self.sae = sae
+        self.settings = settings
+        self.k_aux = settings.k_aux or max(1, sae.d_in // 2)
+        self.multi_k = min(4 * sae.k, sae.d_sae) if settings.multi_topk else 0
+        self.mm_dtype = torch.bfloat16 if settings.autocast == "bfloat16" else None
+        self.dense = settings.decoder == "dense"
+        self.lr = settings.lr or default_lr(sae.d_sae)
+        self.opt = _adam(sae.parameters(), self.lr, settings.adam_eps)
+        self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
+        self.fire_counts = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
+        self.steps = 0
+        self.tokens = 0
+        self.all_reduce = all_reduce or (lambda t: t)
+
+    def dead_mask(self) -> Tensor:
+        return self.since_fired >= self.settings.dead_tokens
+
+    def step(self, x: Tensor) -> dict[str, float]:
+        sae, s = self.sae, self.settings
+        dead = self.dead_mask().nonzero().flatten() if s.auxk_coef > 0 else None
+        out = sae(x, dead=dead, k_aux=self.k_aux, multi_k=self.multi_k, dense=self.dense, mm_dtype=self.mm_dtype)
+        total_var = (x - x.mean(0)).pow(2).sum()
+        fvu = (out.x_hat - x).pow(2).sum() / total_var
+        loss = fvu
+        if out.multi_x_hat is not None:
+            loss = loss + (out.multi_x_hat - x).pow(2).sum() / total_var / 8
+        auxk = torch.zeros((), device=x.device)
+        if out.aux_x_hat is not None:
+            # Dead latents learn to predict what the live ones missed; normalised by that residual's variance.
+            resid = (x - out.x_hat).detach()
+            auxk = (out.aux_x_hat - resid).pow(2).sum() / (resid - resid.mean(0)).pow(2).sum()
+            auxk = torch.nan_to_num(auxk, nan=0.0, posinf=0.0)
+            loss = loss + s.auxk_coef * auxk
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in sae.parameters():
+            if p.grad is not None:
+                p.grad = self.all_reduce(p.grad)
+        sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+        with torch.no_grad():
+            fired = torch.bincount(out.indices[out.values > 0], minlength=sae.d_sae)
+            fired = self.all_reduce(fired)
+            self.since_fired += x.shape[0]
+            self.since_fired[fired > 0] = 0
+            self.fire_counts += fired
+        self.steps += 1
+        self.tokens += x.shape[0]
+        loss_v, fvu_v, aux_v, dead_v = torch.stack(
+            [loss.detach(), fvu.detach(), auxk.detach(), self.dead_mask().float().mean()]
+        ).tolist()
+        return {"loss": loss_v, "fvu": fvu_v, "auxk": aux_v, "dead": dead_v}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
+            "since_fired": self.since_fired, "fire_counts": self.fire_counts,
+            "steps": self.steps, "tokens": self.tokens,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.since_fired.copy_(state["since_fired"])
+        self.fire_counts.copy_(state["fire_counts"])
+        self.steps, self.tokens = int(state["steps"]), int(state["tokens"])
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+class ContextStream:
+    """Train-split contexts in corpus order, epoch after epoch, resumable at (epoch, next_id)."""
+
+    def __init__(self, settings: Settings, tokenizer: Any, documents: list, epoch: int = 0, next_id: int = 0):
+        self.settings, self.tokenizer, self.documents = settings, tokenizer, documents
+        self.epoch, self.next_id = epoch, next_id
+        self._it: Optional[Iterator] = None
+
+    def _open(self) -> Iterator:
+        from explainer.corpus import iter_contexts
+
+        return iter_contexts(self.settings.corpus, self.tokenizer, splits=("train",), start=self.next_id,
+                             documents=self.documents)
+
+    def take(self, n: int) -> Tensor:
+        rows: list[list[int]] = []
+        while len(rows) < n:
+            if self._it is None:
+                self._it = self._open()
+            ctx = next(self._it, None)
+            if ctx is None:
+                if self.next_id == 0:  # a whole pass from the first context found nothing
+                    raise ExplainerError(
+                        f"corpus {self.settings.corpus.source!r} yields no train-split context of "
+                        f"{self.settings.corpus.ctx_len} tokens; pass a larger --corpus or a smaller --ctx-len"
+                    )
+                self.epoch, self.next_id, self._it = self.epoch + 1, 0, None
+                continue
+            rows.append(ctx.token_ids)
+            self.next_id = ctx.context_id + 1
+        return torch.tensor(rows, dtype=torch.long)
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "next_id": self.next_id}
+
+
+def _activations(lm: Any, ids: Tensor, batch_size: int) -> Tensor:
+    parts = [lm.activations(ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
+    return torch.cat(parts).reshape(-1, lm.d_model)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    metrics: dict[str, Any]
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    resumed: bool
+
+
+def _run_identity(settings: Settings) -> dict[str, Any]:
+    """Settings a resumed run must share with the checkpoint (token count and eval may change)."""
+    train = settings.train.model_dump(mode="json")
+    for key in ("out", "tokens", "eval_tokens", "ce_tokens", "checkpoint_every"):
+        train.pop(key)
+    model = settings.model.model_dump(mode="json")
+    model.pop("batch_size")
+    model.pop("device")
+    return {"model": model, "corpus": settings.corpus.model_dump(mode="json"), "train": train}
+
+
+def _check_out(out: Path, resume: bool) -> Optional[dict[str, Any]]:
+    """The checkpoint to resume from, None for a fresh run; refuse to overwrite another run."""
+    ckpt = out / CHECKPOINT
+    if ckpt.is_file():
+        if not resume:
+            state = "a finished" if (out / METRICS).is_file() else "an unfinished"
+            raise ExplainerError(f"{out} already holds {state} training run; pass --resume to continue it or choose another --out")
+        try:
+            return torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a truncated or garbled pickle
+            raise ExplainerError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); delete {ckpt.parent} to start over") from None
+    if out.exists() and not out.is_dir():
+        raise ExplainerError(f"--out {out} is a file; choose a folder path for the dictionary")
+    if out.is_dir() and any(out.iterdir()):
+        what = "a dictionary" if (out / "cfg.json").exists() else "other files"
+        raise ExplainerError(f"{out} already holds {what} but no resumable run; choose another --out")
+    return None
+
+
+def _save_checkpoint(out: Path, trainer: Trainer, identity: dict, scale: float, position: dict, meta: dict) -> None:
+    path = out / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "version": 1, "identity": json.dumps(identity, sort_keys=True), "trainer": trainer.state_dict(),
+        "scale": scale, "position": position, "meta": json.dumps(meta), "rng": torch.get_rng_state(),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = False) -> TrainResult:
+    """Train, evaluate and save a dictionary to settings.train.out; resumable with resume=True."""
+    ts, report = settings.train, progress or (lambda _info: None)
+    if ts.k >= ts.n_latents:
+        raise ExplainerError(f"k={ts.k} must be below the number of latents ({ts.n_latents}); lower --k or raise --n-latents")
+    out = Path(ts.out)
+    state = _check_out(out, resume)
+    identity = _run_identity(settings)
+    ctx_len = settings.corpus.ctx_len
+    ctx_per_step = max(1, round(ts.batch_tokens / ctx_len))
+    step_tokens = ctx_per_step * ctx_len
+    total_steps = max(1, ts.tokens // step_tokens)
+    if state is not None:
+        if state.get("identity") != json.dumps(identity, sort_keys=True):
+            old = json.loads(state.get("identity") or "{}")
+            diff = [f"{sec}.{key}: {old.get(sec, {}).get(key)!r} -> {val!r}" for sec, fields in identity.items()
+                    for key, val in fields.items() if old.get(sec, {}).get(key) != val]
+            raise ExplainerError(f"{out} holds a run with other settings ({'; '.join(diff) or 'unknown'}); "
+                                 "resume with the same settings or choose another --out")
+        done = int(state["trainer"]["steps"])
+        if done >= total_steps and (out / METRICS).is_file():
+            metrics = json.loads((out / METRICS).read_text())
+            return TrainResult(out, metrics, done, done * step_tokens, 0.0, float(metrics.get("tokens_per_s", 0.0)), True)
+
+    from explainer.corpus import load_documents
+    from explainer.lm import load_model
+
+    report({"stage": "loading model"})
+    lm = load_model(settings.model)
+    documents = load_documents(settings.corpus)
+    meta = {"model_name": settings.model.name, "hook_name": lm.hook, "hook_layer": settings.model.layer,
+            "context_size": ctx_len}
+
+    if state is None:
+        report({"stage": "b_pre init"})
+        sample_stream = ContextStream(settings, lm.tokenizer, documents)
+        ids = sample_stream.take(math.ceil(ts.median_samples / ctx_len))
+        sample = _activations(lm, ids, settings.model.batch_size)[: ts.median_samples]
+        scale = math.sqrt(lm.d_model) / float(sample.norm(dim=1).mean().clamp_min(1e-12))
+        sae = TopKSAE(lm.d_model, ts.n_latents, ts.k, device=lm.device, cfg=meta)
+        sae.init_tied(torch.Generator().manual_seed(ts.seed))
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(sample * scale))
+        trainer = Trainer(sae, ts)
+        position = {"epoch": 0, "next_id": 0}
+        _save_checkpoint(out, trainer, identity, scale, position, meta)
+    else:
+        sae = TopKSAE(lm.d_model, ts.n_latents, ts.k, device=lm.device, cfg=meta)
+        trainer = Trainer(sae, ts)
+        trainer.load_state_dict(state["trainer"])
+        scale, position = float(state["scale"]), dict(state["position"])
+        torch.set_rng_state(state["rng"])
+
+    stream = ContextStream(settings, lm.tokenizer, documents, **position)
+    spb = ts.shuffle_steps
+    started, tokens_before, stats = time.perf_counter(), trainer.tokens, {}
+    while trainer.steps < total_steps:
+        block = trainer.steps // spb
+        block_start = stream.position
+        acts = _activations(lm, stream.take(ctx_per_step * spb), settings.model.batch_size) * scale
+        perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed((ts.seed % 2**31) * 2**32 + block))
+        acts = acts[perm.to(acts.device)]
+        for j in range(trainer.steps - block * spb, spb):
+            if trainer.steps >= total_steps:
+                break
+            stats = trainer.step(acts[j * step_tokens : (j + 1) * step_tokens])
+            if trainer.steps % ts.checkpoint_every == 0 or trainer.steps == total_steps:
+                # Mid-block checkpoints point at the block's start: resuming recomputes the block and skips ahead.
+                pos = stream.position if j == spb - 1 else block_start
+                _save_checkpoint(out, trainer, identity, scale, pos, meta)
+            elapsed = time.perf_counter() - started
+            report({"stage": "train", "tokens": trainer.tokens, "total": total_steps * step_tokens, **stats,
+                    "tok_s": (trainer.tokens - tokens_before) / max(elapsed, 1e-9)})
+    seconds = time.perf_counter() - started
+    tok_s = (trainer.tokens - tokens_before) / max(seconds, 1e-9)
+
+    raw = sae.folded(scale)
+    report({"stage": "eval"})
+    metrics, eval_counts, eval_tokens = evaluate(lm, raw, settings, documents)
+    metrics.update({
+        "dead_fraction": float(trainer.dead_mask().float().mean()), "train_tokens": trainer.tokens,
+        "steps": trainer.steps, "final_train_fvu": stats.get("fvu"), "train_seconds": round(seconds, 3),
+        "tokens_per_s": round(tok_s, 1), "activation_scale": scale, "lr": trainer.lr,
+    })
+    counts, n = (eval_counts, eval_tokens) if eval_tokens else (trainer.fire_counts, trainer.tokens)
+    cfg = {"activation_scale_folded": scale, "trained_tokens": trainer.tokens, "corpus": settings.corpus.source,
+           "sparsity_source": "heldout" if eval_tokens else "train", "seed": ts.seed}
+    save_dictionary(raw, out, sparsity=log10_frequency(counts.cpu(), n), cfg=cfg)
+    _write_json(out / METRICS, metrics)
+    return TrainResult(out, metrics, trainer.steps, trainer.tokens, seconds, tok_s, state is not None)
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(lm: Any, sae: TopKSAE, settings: Settings, documents: list) -> tuple[dict[str, Any], Tensor, int]:
+    """FVU, L0 and firing on held-out tokens; CE increase of splicing x_hat vs zero-ablating the layer.
+
+    Returns (metrics, per-latent fire counts, tokens evaluated).
+    """
+    from explainer.corpus import iter_contexts
+
+    ts, ctx_len, bs = settings.train, settings.corpus.ctx_len, settings.model.batch_size
+    counts = torch.zeros(sae.d_sae, dtype=torch.long)
+    n_ctx = math.ceil(ts.eval_tokens / ctx_len)
+    if n_ctx == 0:
+        return {}, counts, 0
+    split, rows = "heldout", []
+    for split in ("heldout", "validation"):
+        rows = []
+        for ctx in iter_contexts(settings.corpus, lm.tokenizer, splits=(split,), documents=documents):
+            rows.append(ctx.token_ids)
+            if len(rows) >= n_ctx:
+                break
+        if rows:
+            break
+    if not rows:
+        return {"eval_split": None}, counts, 0
+    ids = torch.tensor(rows, dtype=torch.long)
+    sse, sq, n, l0 = 0.0, 0.0, 0, 0.0
+    total = torch.zeros(sae.d_in, dtype=torch.float64)
+    for i in range(0, len(ids), bs):
+        x = lm.activations(ids[i : i + bs]).reshape(-1, sae.d_in).to(sae.device)
+        values, indices = sae.encode(x)
+        x_hat = sae.decode(values, indices)
+        sse += float((x_hat - x).double().pow(2).sum())
+        sq += float(x.double().pow(2).sum())
+        total += x.double().sum(0).cpu()
+        n += x.shape[0]
+        active = values > 0
+        l0 += float(active.sum())
+        counts += torch.bincount(indices[active].cpu(), minlength=sae.d_sae)
+    variance = sq - float(total.pow(2).sum()) / n
+    metrics: dict[str, Any] = {
+        "eval_split": split, "eval_tokens": n, "fvu": sse / variance if variance > 0 else float("nan"),
+        "l0": l0 / n, "never_fired_eval_fraction": float((counts == 0).float().mean()),
+    }
+    n_ce = min(len(ids), math.ceil(ts.ce_tokens / ctx_len))
+    if n_ce:
+        ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+        splices = {"clean": None, "spliced": sae.reconstruct, "zero": torch.zeros_like}
+        for i in range(0, n_ce, bs):
+            batch = ids[i : min(i + bs, n_ce)]
+            for key, fn in splices.items():
+                ce[key] += lm.ce_loss(batch, splice=fn) * len(batch) / n_ce
+        inc, zero_inc = ce["spliced"] - ce["clean"], ce["zero"] - ce["clean"]
+        metrics.update({
+            "ce_tokens": n_ce * ctx_len, "ce_clean": ce["clean"], "ce_spliced": ce["spliced"],
+            "ce_zero_ablation": ce["zero"], "ce_increase": inc, "ce_increase_zero_ablation": zero_inc,
+            "ce_recovered": 1 - inc / zero_inc if zero_inc > 0 else None,
+        })
+    return metrics, counts, n

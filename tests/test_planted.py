@@ -1,0 +1,139 @@
+"""The planted benchmark through the real sampler: exact ground truth, recovery, stored results, rerun."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from explainer import store
+from explainer.errors import ExplainerError
+from explainer.planted import (
+    Feature, PlantedModel, after, bigram, digit_value, inside_quotes, per_string, run_planted, token,
+)
+from explainer.settings import Settings
+from tests.openai_server import llm_server  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_lm: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_lm)
+
+
+# The tiny tokenizer decodes a word alone without a leading space, hence "king", not " king".
+FEATURES = [
+    Feature("king", "token", 'the token "king"', token("king")),
+    Feature("in_paris", "bigram", '"Paris" right after "in"', bigram("in", "Paris")),
+    Feature("after_in", "next-token", 'any token after "in"', after("in")),
+    Feature("digit", "class", "numbers", per_string(digit_value)),
+    Feature("quoted", "context", "words inside double quotes", inside_quotes('"')),
+]
+
+
+def settings(corpus: Path) -> Settings:
+    return Settings(
+        corpus={"source": str(corpus), "ctx_len": 16, "validation_fraction": 0.2, "heldout_fraction": 0.2},
+        sample={"tokens": 20_000, "n_top": 10, "n_quantile": 5, "n_reservoir": 10, "n_nonactivating": 10,
+                "n_random": 5},
+    )
+
+
+def test_planted_benchmark_recovers_token_and_bigram(tokenizer, tiny_corpus: Path, db_path: Path) -> None:
+    res = run_planted(db_path, settings(tiny_corpus), features=FEATURES, tokenizer=tokenizer)
+    rows = {r.feature: r for r in res.rows}
+    assert rows["king"].explanation == 'fires on "king" (strong)'
+    assert rows["king"].score >= 0.9
+    assert rows["in_paris"].explanation == 'fires on "Paris" after "in" (strong)'
+    assert rows["in_paris"].score >= 0.9
+    assert rows["after_in"].score >= 0.9
+    (sep,) = res.separation
+    assert (sep.explainer, sep.scorer, sep.n_matched, sep.n_shuffled) == ("ngram", "simulation", 5, 20)
+    assert sep.matched_mean > sep.shuffled_mean
+    assert 0.0 <= res.fraction_good["ngram/simulation(ngram)"] <= 1.0
+    summary = res.summary()
+    assert summary["ngram mean score, token latents"] == pytest.approx(rows["king"].score, abs=1e-4)
+
+    with store.connect(db_path) as con:
+        stage, status, result = con.execute(
+            "SELECT stage, status, result FROM runs WHERE id = ?", [res.run_id]).fetchall()[0]
+        assert (stage, status) == ("bench-planted", "done")
+        assert json.loads(result)["rows"][0]["feature"] == "king"
+        # The identity dictionary is exact: stored activations equal the planted feature values.
+        model = PlantedModel(tokenizer, FEATURES, "x")
+        got = con.execute("""SELECT e.latent, e.acts, c.token_ids FROM examples e JOIN contexts c
+                             USING (dict_id, context_id) WHERE e.kind = 'top' AND e.rank < 3""").fetchall()
+        assert got
+        for latent, acts, ids in got:
+            want = model.activations(torch.tensor([ids]))[0, :, latent].numpy()
+            np.testing.assert_allclose(np.asarray(acts, np.float32), want, rtol=1e-3)
+        n_expl = con.execute("SELECT count(*) FROM explanations").fetchall()[0][0]
+        n_scores = con.execute("SELECT count(*) FROM scores").fetchall()[0][0]
+
+    again = run_planted(db_path, settings(tiny_corpus), features=FEATURES, tokenizer=tokenizer)
+    assert [r.score for r in again.rows] == [r.score for r in res.rows]
+    assert again.run_id != res.run_id
+    with store.connect(db_path) as con:
+        assert con.execute("SELECT count(*) FROM explanations").fetchall()[0][0] == n_expl
+        assert con.execute("SELECT count(*) FROM scores").fetchall()[0][0] == n_scores
+
+
+def test_planted_model_shapes_and_exclusivity_check(tokenizer) -> None:
+    model = PlantedModel(tokenizer, FEATURES, "planted:tiny")
+    ids = torch.tensor([tokenizer('in Paris " king " 7', add_special_tokens=False)["input_ids"]])
+    acts = model.activations(ids)
+    assert acts.shape == (1, 6, 5) and acts.dtype == torch.float32
+    assert acts[0, :, 0].tolist() == [0, 0, 0, 1, 0, 0]  # king
+    assert acts[0, :, 1].tolist() == [0, 1, 0, 0, 0, 0]  # Paris after in
+    assert acts[0, :, 4].tolist() == [0, 0, 0, 1, 0, 0]  # inside the quotes
+    assert acts[0, 5, 3] == pytest.approx(1 + 7 / 9)  # digit, graded by value
+    clash = PlantedModel(tokenizer, [Feature("a", "token", "", token("king")), Feature("b", "token", "", token("king"))], "x")
+    with pytest.raises(ExplainerError, match="k = n - 1"):
+        clash.activations(ids)
+    with pytest.raises(ExplainerError, match="at least 2"):
+        PlantedModel(tokenizer, FEATURES[:1], "x")
+
+
+SIM_LINE = re.compile(r"^Snippet (\d+) \((\d+) tokens\): (\[.*\])$", re.M)
+
+
+def keyword_llm(req) -> str:
+    """A scripted model: explains with the most often marked token, simulates by matching that word."""
+    text = req.prompt_text()
+    if "You simulate" in text:
+        m = re.search(r'^Explanation of the latent: .*?"(.+?)"', text, re.M)
+        word = m.group(1).strip() if m else None
+        return json.dumps({g.group(1): [9 if t.strip() == word else 0 for t in json.loads(g.group(3))]
+                           for g in SIM_LINE.finditer(text)})
+    marked = Counter(w.strip() for w in re.findall(r"<<(.*?)>>", text))
+    return f'the word "{marked.most_common(1)[0][0]}"' if marked else "nothing"
+
+
+def test_llm_path_explains_and_checks_llm_scorers(tokenizer, tiny_corpus: Path, db_path: Path, llm_server) -> None:
+    llm_server.responder = keyword_llm
+    s = settings(tiny_corpus)
+    s.llm.model = "test-model"
+    s.llm.backoff = 0.001
+    steps: list[dict] = []
+    res = run_planted(db_path, s, base_url=llm_server.url, progress=steps.append,
+                      features=FEATURES, tokenizer=tokenizer)
+    assert {"sample", "n-gram explain", "n-gram score", "LLM explain", "LLM score"} <= {x["stage"] for x in steps}
+    with store.connect(db_path) as con:
+        llm_text = dict(con.execute("SELECT latent, text FROM explanations WHERE explainer = 'llm'").fetchall())
+    assert llm_text[0] == 'the word "king"' and llm_text[1] == 'the word "Paris"'
+    seps = {(x.explainer, x.scorer, x.mode): x for x in res.separation}
+    assert set(seps) == {("ngram", "simulation", "ngram"), ("llm", "simulation", "json"), ("ngram", "simulation", "json")}
+    llm_sim = seps[("llm", "simulation", "json")]
+    assert (llm_sim.mode, llm_sim.n_matched, llm_sim.n_shuffled) == ("json", 5, 5)
+    assert llm_sim.matched_mean > llm_sim.shuffled_mean
+    # The keyword simulator reproduces a token latent exactly from "the word king".
+    assert res.fraction_good["llm/simulation(json)"] >= 0.2
+    # It also reads the n-gram's text ('fires on "king" (strong)'): the scorer is checked apart from the explainer.
+    assert seps[("ngram", "simulation", "json")].auroc is not None
+    assert res.rows[0].llm_explanation == 'the word "king"' and res.rows[0].llm_simulation == pytest.approx(1.0)

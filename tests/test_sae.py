@@ -1,0 +1,222 @@
+"""TopK SAE core: sparse kernels against dense references, file formats, bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from explainer.errors import ExplainerError
+from explainer.sae import TopKSAE, fingerprint, load_dictionary, log10_frequency, read_sparsity, save_dictionary
+from explainer.sparse_ops import topk_rows
+
+
+def make_sae(d_in: int = 16, d_sae: int = 256, k: int = 4, seed: int = 0) -> TopKSAE:
+    sae = TopKSAE(d_in, d_sae, k)
+    sae.init_tied(torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # non-trivial biases so every term of the gradient is exercised
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(d_in, generator=g))
+    return sae
+
+
+@pytest.mark.parametrize("shape,k", [((64, 1024), 8), ((33, 4096), 32), ((7, 300), 5), ((16, 64), 60)])
+def test_topk_rows_is_exact(shape: tuple[int, int], k: int) -> None:
+    pre = torch.randn(*shape, generator=torch.Generator().manual_seed(k))
+    values, indices = topk_rows(pre, k)
+    ref_values, _ = pre.topk(k, dim=1)
+    assert torch.equal(values.sort(dim=1).values, ref_values.sort(dim=1).values)
+    assert torch.equal(pre.gather(1, indices), values)
+    assert all(len(set(row.tolist())) == k for row in indices)
+
+
+@pytest.mark.parametrize("mm_dtype", [None, torch.bfloat16])
+def test_sparse_and_dense_paths_agree_in_outputs_and_gradients(mm_dtype) -> None:
+    sae = make_sae()
+    x = torch.randn(96, 16, generator=torch.Generator().manual_seed(3)) * 3
+    dead = torch.arange(0, 256, 3)
+
+    def run(dense: bool):
+        sae.zero_grad(set_to_none=True)
+        out = sae(x, dead=dead, k_aux=8, multi_k=16, dense=dense, mm_dtype=mm_dtype)
+        resid = (x - out.x_hat).detach()
+        loss = (out.x_hat - x).pow(2).sum() + (out.multi_x_hat - x).pow(2).sum() / 8
+        loss = loss + (out.aux_x_hat - resid).pow(2).sum() / 32
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+        return out, grads
+
+    sparse, sparse_grads = run(False)
+    dense, dense_grads = run(True)
+    # bf16: the dense reference also runs its backward matmuls in bf16, the sparse backward in fp32
+    rel = 1e-5 if mm_dtype is None else 2e-2
+    assert torch.allclose(sparse.x_hat, dense.x_hat, atol=1e-4)
+    assert torch.allclose(sparse.multi_x_hat, dense.multi_x_hat, atol=1e-4)
+    assert torch.allclose(sparse.aux_x_hat, dense.aux_x_hat, atol=1e-4)
+    assert torch.equal(sparse.indices.sort(1).values, dense.indices.sort(1).values)
+    for name, grad in sparse_grads.items():
+        scale = dense_grads[name].abs().max()
+        assert scale > 0, name
+        assert torch.allclose(grad, dense_grads[name], atol=rel * scale), name
+    # AuxK really reaches dead latents only
+    assert set(sparse.aux_indices.flatten().tolist()) <= set(dead.tolist())
+
+
+def test_encode_decode_shapes_and_dense_latents() -> None:
+    sae = make_sae()
+    x = torch.randn(2, 5, 16)
+    values, indices = sae.encode(x)
+    assert values.shape == indices.shape == (2, 5, 4)
+    assert (values >= 0).all()
+    z = sae.dense_latents(x)
+    assert z.shape == (2, 5, 256) and ((z > 0).sum(-1) <= 4).all()
+    assert torch.allclose(sae.decode(values, indices), sae.decode_dense(z), atol=1e-5)
+    assert sae.reconstruct(x).shape == x.shape
+
+
+def test_decoder_geometry_helpers() -> None:
+    sae = make_sae()
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.set_decoder_norm_to_unit_norm()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(256), atol=1e-6)
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_gradient_parallel_to_decoder_directions()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+
+
+def test_k_must_be_below_latents() -> None:
+    with pytest.raises(ExplainerError, match="k=8"):
+        TopKSAE(4, 8, 8)
+
+
+def test_save_load_roundtrip_with_folded_scale(tmp_path: Path) -> None:
+    trained, scale = make_sae(), 0.37
+    raw = trained.folded(scale)
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(9)) * 20
+    v_train, i_train = trained.encode(x * scale)
+    v_raw, i_raw = raw.encode(x)
+    assert torch.equal(i_train, i_raw) and torch.allclose(v_train, v_raw, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(raw.reconstruct(x), trained.reconstruct(x * scale) / scale, rtol=1e-4, atol=1e-3)
+
+    counts = torch.randint(0, 100, (256,))
+    save_dictionary(raw, tmp_path / "d", sparsity=log10_frequency(counts, 1000),
+                    cfg={"model_name": "m", "hook_name": "layers.1", "activation_scale_folded": scale})
+    cfg = json.loads((tmp_path / "d" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (16, 256, 4)
+    assert cfg["normalize_activations"] == "none" and cfg["activation_scale_folded"] == scale
+    assert cfg["hook_name"] == "layers.1" and cfg["metadata"]["model_name"] == "m"
+    loaded = load_dictionary(tmp_path / "d")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(loaded, name), getattr(raw, name)), name
+    v_loaded, i_loaded = loaded.encode(x)
+    assert torch.equal(v_loaded, v_raw) and torch.equal(i_loaded, i_raw)
+    assert fingerprint(loaded) == fingerprint(raw) != fingerprint(trained)
+    sparsity = read_sparsity(tmp_path / "d")
+    assert sparsity.shape == (256,) and torch.allclose(sparsity, torch.log10(counts / 1000 + 1e-10))
+
+
+def write_sparsify_folder(folder: Path, sae: TopKSAE) -> None:
+    """A folder laid out as EleutherAI sparsify's SparseCoder.save_to_disk writes it."""
+    folder.mkdir(parents=True)
+    save_file({
+        "encoder.weight": sae.W_enc.detach().t().contiguous(), "encoder.bias": sae.b_enc.detach().clone(),
+        "W_dec": sae.W_dec.detach().clone(), "b_dec": sae.b_dec.detach().clone(),
+    }, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({
+        "activation": "topk", "expansion_factor": 32, "normalize_decoder": True, "num_latents": sae.d_sae,
+        "k": sae.k, "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": sae.d_in,
+    }))
+
+
+def test_load_sparsify_folder(tmp_path: Path) -> None:
+    sae = make_sae()
+    write_sparsify_folder(tmp_path / "layers.3", sae)
+    with pytest.raises(ExplainerError, match="layers.3"):  # the parent folder points at its subfolders
+        load_dictionary(tmp_path)
+    loaded = load_dictionary(tmp_path / "layers.3")
+    assert loaded.cfg["format"] == "sparsify" and (loaded.d_in, loaded.d_sae, loaded.k) == (16, 256, 4)
+    x = torch.randn(30, 16)
+    # sparsify's definition: top-k of ReLU(encoder(x - b_dec))
+    pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    ref = torch.zeros_like(pre).scatter(1, pre.topk(4, dim=1).indices, pre.topk(4, dim=1).values)
+    assert torch.allclose(loaded.dense_latents(x), ref.detach(), atol=1e-5)
+
+
+def test_load_folder_written_by_sparsify_itself(tmp_path: Path) -> None:
+    sparsify = pytest.importorskip("sparsify")
+    coder = sparsify.SparseCoder(16, sparsify.SparseCoderConfig(num_latents=128, k=8))
+    with torch.no_grad():
+        coder.encoder.bias.normal_()
+    coder.save_to_disk(tmp_path / "sc")
+    loaded = load_dictionary(tmp_path / "sc")
+    x = torch.randn(20, 16)
+    ref = coder.encode(x)
+    values, indices = loaded.encode(x)
+    assert torch.allclose(values.sort(1).values, ref.top_acts.sort(1).values, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(loaded.decode(values, indices), coder.decode(ref.top_acts, ref.top_indices), atol=1e-4)
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    return save_dictionary(make_sae(), tmp_path / "d")
+
+
+def test_truncated_weights_file_is_a_clear_error(saved: Path) -> None:
+    path = saved / "sae_weights.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ExplainerError, match="sae_weights.safetensors"):
+        load_dictionary(saved)
+
+
+def test_garbage_weights_file_is_a_clear_error(saved: Path) -> None:
+    (saved / "sae_weights.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ExplainerError, match="not a readable safetensors"):
+        load_dictionary(saved)
+
+
+def test_missing_tensor_is_named(saved: Path) -> None:
+    save_file({"W_enc": torch.zeros(16, 256), "b_enc": torch.zeros(256), "b_dec": torch.zeros(16)},
+              str(saved / "sae_weights.safetensors"))
+    with pytest.raises(ExplainerError, match="'W_dec'"):
+        load_dictionary(saved)
+
+
+def test_wrong_shape_is_named(saved: Path) -> None:
+    cfg = json.loads((saved / "cfg.json").read_text())
+    (saved / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 128}))
+    with pytest.raises(ExplainerError, match="shape"):
+        load_dictionary(saved)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda p: p.write_text("{not json"), "not valid JSON"),
+    (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "architecture": "jumprelu"})), "jumprelu"),
+    (lambda p: p.unlink(), "no cfg.json"),
+])
+def test_bad_config_is_a_clear_error(saved: Path, mutate, message: str) -> None:
+    mutate(saved / "cfg.json")
+    with pytest.raises(ExplainerError, match=message):
+        load_dictionary(saved)
+
+
+def test_missing_folder_and_nan_weights(saved: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExplainerError, match="does not exist"):
+        load_dictionary(tmp_path / "nope")
+    save_file({"W_enc": torch.full((16, 256), float("nan")), "b_enc": torch.zeros(256),
+               "W_dec": torch.zeros(256, 16), "b_dec": torch.zeros(16)}, str(saved / "sae_weights.safetensors"))
+    with pytest.raises(ExplainerError, match="NaN"):
+        load_dictionary(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_rows_is_exact_in_both_layouts(dtype) -> None:
+    pre = torch.randn(40, 8192, generator=torch.Generator().manual_seed(2)).to(dtype)
+    values, indices = topk_rows(pre, 16)
+    assert torch.equal(values.sort(dim=1).values, pre.topk(16, dim=1).values.sort(dim=1).values)
+    assert torch.equal(pre.gather(1, indices), values)
