@@ -121,10 +121,36 @@ def cmd_explain(args: argparse.Namespace) -> int:
     s = settings_from(args)
     with store.connect(s.db) as con:
         dict_id = store.dictionary_id(con, args.dict)
+        if s.explain.explainer == "ngram":
+            from explainer import ngram
+
+            latents = store.select_latents(con, dict_id, s.explain.latents)
+            with ui.progress_bar("n-gram explain", enabled=not args.json) as bar:
+                ngram.explain_all(con, dict_id, latents, progress=bar)
+            # The n-gram explanation carries its own simulator, so score it on heldout at once.
+            with ui.progress_bar("n-gram score", enabled=not args.json) as bar:
+                ngram.score_all(con, dict_id, "heldout", progress=bar, latents=latents)
+            summary = query_ngram_summary(con, dict_id, latents)
+            ui.emit_mapping(summary, as_json=args.json, title="n-gram explanations")
+            return 0
         with ui.progress_bar("explain", enabled=not args.json) as bar:
             res = explain.run(con, s, dict_id, progress=bar)
     ui.emit_mapping(as_dict(res), as_json=args.json, title="explain")
     return 0
+
+
+def query_ngram_summary(con: Any, dict_id: int, latents: list[int]) -> dict[str, Any]:
+    row = con.execute(
+        """SELECT count(DISTINCT e.latent) FILTER (WHERE e.status = 'ok'),
+                  count(DISTINCT e.latent) FILTER (WHERE e.status = 'failed'),
+                  quantile_cont(s.score, [0.25, 0.5, 0.75])
+           FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok' AND s.split = 'heldout'
+           WHERE e.dict_id = ? AND e.explainer = 'ngram' AND list_contains(?, e.latent)""",
+        [dict_id, latents],
+    ).fetchone()
+    q = row[2] or [None, None, None]
+    return {"latents explained": row[0], "latents failed (never fired in train)": row[1],
+            "heldout simulation score q25": q[0], "median": q[1], "q75": q[2]}
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -136,6 +162,61 @@ def cmd_score(args: argparse.Namespace) -> int:
         with ui.progress_bar("score", enabled=not args.json) as bar:
             res = score.run(con, s, dict_id, progress=bar)
     ui.emit_mapping(as_dict(res), as_json=args.json, title="score")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from explainer import pipeline, serve, ui
+
+    s = settings_from(args)
+    use_llm = bool(s.llm.base_url) or args.local
+    if args.local:
+        server = serve.local_server(args.serve_model)
+    else:
+        server = nullcontext(None)
+    with server as local_url:
+        if local_url:
+            ui.err_console.print(f"[yellow]warning:[/yellow] {serve.WARNING}")
+            s.llm.base_url = local_url
+            s.llm.model = args.serve_model
+            # A 135M model on 2 cores: few requests at once, generous timeout.
+            s.llm.concurrency = min(s.llm.concurrency, 2)
+            s.llm.timeout = max(s.llm.timeout, 300.0)
+        if not use_llm and not args.json:
+            ui.err_console.print("[dim]no --base-url / OPENAI_BASE_URL: explaining with the offline n-gram baseline only "
+                                 "(add --base-url URL --llm-model NAME, or --local, for LLM labels)[/dim]")
+        res = pipeline.run(s, llm=use_llm, llm_latents=args.llm_latents,
+                           bars=lambda name: ui.progress_bar(name, enabled=not args.json))
+    if args.json:
+        ui.emit_mapping(res.summary(), as_json=True)
+        return 0
+    ui.emit(res.stages, as_json=False, title="stages")
+    ui.emit(res.labels, as_json=False, title="labels: best explanation per latent (held-out simulation score)")
+    db = s.db
+    ui.console.print(
+        "next:\n"
+        f"  explainer show --db {db} {res.labels[0]['latent'] if res.labels else 0}\n"
+        f"  explainer sql --db {db} \"SELECT latent, explanation, simulation, ngram_simulation FROM labels ORDER BY simulation DESC LIMIT 20\"\n"
+        f"  explainer search --db {db} \"newline\"\n"
+        f"  explainer browse --db {db} --out runs/site   # then open runs/site/index.html"
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from explainer import planted, ui
+
+    s = settings_from(args)
+    db = args.db or Path("runs/planted.duckdb")
+    with ui.progress_bar("planted benchmark", enabled=not args.json) as bar:
+        res = planted.run_planted(db, s, base_url=s.llm.base_url, progress=bar)
+    if args.json:
+        ui.emit_mapping(res.to_json(), as_json=True)
+    else:
+        ui.emit(res.table(), as_json=False, title=f"planted-feature benchmark ({db})")
+        ui.emit_mapping(res.summary(), as_json=False, title="summary")
     return 0
 
 
@@ -232,10 +313,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]]] = {
+    "run": (cmd_run, "train -> sample -> explain -> score on the defaults, skipping finished stages",
+            ("model", "corpus", "train", "sample", "llm", "explain", "score")),
     "train": (cmd_train, "train a TopK sparse autoencoder on a model's residual stream", ("model", "corpus", "train")),
     "sample": (cmd_sample, "store top, quantile, non-activating and random examples per latent in DuckDB", ("model", "corpus", "sample")),
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain")),
     "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing", ("llm", "score")),
+    "bench": (cmd_bench, "planted-feature benchmark: known latents through sample, explain and score", ("corpus", "sample", "llm", "score")),
     "sql": (cmd_sql, "run SQL against the results database", ()),
     "search": (cmd_search, "rank explanations by relevance to a text query (BM25)", ()),
     "show": (cmd_show, "one latent: its explanations, scores and highlighted examples", ()),
@@ -282,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
         if verb in ("browse", "export"):
             p.add_argument("--out", type=Path, required=True, help="output folder")
+        if verb == "run":
+            p.add_argument("--local", action="store_true",
+                           help="start the packaged llama.cpp endpoint (extra `local`) and use it for LLM labels (poor quality)")
+            p.add_argument("--serve-model", default="smollm2", help="model for --local (default: smollm2)")
+            p.add_argument("--llm-latents", type=int, default=32,
+                           help="how many of the most frequent latents get LLM explanations and scores (default: 32)")
+        if verb == "bench":
+            p.add_argument("which", choices=["planted"], help="benchmark to run")
         if verb == "sql":
             p.add_argument("query", help="a SQL statement, e.g. \"SELECT * FROM latents LIMIT 5\"")
             p.add_argument("--csv", action="store_true", help="print CSV")

@@ -1,0 +1,119 @@
+"""`explainer run`: train -> sample -> explain -> score on one settings object, skipping done stages.
+
+Each stage is already resumable on its own (train checkpoints, sample state files, explain
+and score skip what the DB holds), so a rerun after an interruption continues where it
+stopped. The n-gram baseline explains and scores every latent offline; the LLM explainer and
+simulator run on a chosen set of latents when an endpoint is given (or --local).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Optional
+
+from explainer import store
+from explainer.errors import ExplainerError
+from explainer.settings import Settings
+
+# A factory of per-stage progress callbacks: stage name -> context manager yielding a callback.
+BarFactory = Callable[[str], ContextManager[Callable[[Any], None]]]
+
+
+def _no_bar(_name: str) -> ContextManager[Callable[[Any], None]]:
+    return nullcontext(lambda _info: None)
+
+
+@dataclass
+class PipelineResult:
+    db: Path
+    dict_id: int
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    labels: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"db": str(self.db), "stages": self.stages, "labels": self.labels}
+
+
+def _trained(out: Path) -> bool:
+    return (out / "cfg.json").is_file() and (out / "sae_weights.safetensors").is_file() and (out / "metrics.json").is_file()
+
+
+def llm_latent_selector(con: Any, dict_id: int, n: int) -> str:
+    """The n most frequently firing latents as an explicit list (a stable, reproducible choice)."""
+    rows = con.execute(
+        "SELECT latent FROM latents WHERE dict_id = ? AND n_fired > 0 ORDER BY frequency DESC, latent LIMIT ?",
+        [dict_id, n],
+    ).fetchall()
+    if not rows:
+        raise ExplainerError("no latent fired during sampling, so there is nothing to explain (train longer or check --layer)")
+    return ",".join(str(r[0]) for r in rows)
+
+
+def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactory = _no_bar,
+        lm: Any = None) -> PipelineResult:
+    from explainer import explain, ngram, sample, score, train
+
+    stages: list[dict[str, Any]] = []
+
+    t0 = time.perf_counter()
+    out = settings.train.out
+    if _trained(out):
+        metrics = json.loads((out / "metrics.json").read_text())
+        stages.append({"stage": "train", "status": "already done", "wall_s": 0.0,
+                       "detail": f"FVU {metrics.get('fvu', float('nan')):.3f}, dead {metrics.get('dead_fraction', float('nan')):.3f}"})
+    else:
+        resume = (out / "checkpoint").exists()
+        with bars("train") as bar:
+            res = train.run(settings, progress=bar, resume=resume)
+        m = res.metrics
+        stages.append({"stage": "train", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
+                       "detail": f"FVU {m.get('fvu', float('nan')):.3f}, L0 {m.get('l0', float('nan')):.1f}, "
+                                 f"dead {m.get('dead_fraction', float('nan')):.3f}, "
+                                 f"CE +{m.get('ce_increase', float('nan')):.3f} (zero-abl. +{m.get('ce_increase_zero_ablation', float('nan')):.2f})"})
+
+    with store.connect(settings.db) as con:
+        run_id = store.start_run(con, "run", settings.public_dict())
+        t0 = time.perf_counter()
+        with bars("sample") as bar:
+            sres = sample.run(con, settings, out, lm=lm, progress=bar)
+        stages.append({"stage": "sample", "status": "already done" if sres.already_complete else "done",
+                       "wall_s": round(time.perf_counter() - t0, 1),
+                       "detail": f"{sum(sres.n_contexts.values())} contexts, {sres.dead_latents} dead latents"})
+        dict_id = sres.dict_id
+
+        t0 = time.perf_counter()
+        with bars("n-gram explain") as bar:
+            ngram.explain_all(con, dict_id, progress=bar, run_id=run_id)
+        with bars("n-gram score") as bar:
+            ngram.score_all(con, dict_id, "heldout", progress=bar, run_id=run_id)
+        n_ok = con.execute("SELECT count(*) FROM explanations WHERE dict_id = ? AND explainer = 'ngram' AND status = 'ok'",
+                           [dict_id]).fetchone()[0]
+        stages.append({"stage": "n-gram", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
+                       "detail": f"{n_ok} latents explained and scored on heldout"})
+
+        if llm:
+            selector = llm_latent_selector(con, dict_id, llm_latents)
+            s = settings.model_copy(deep=True)
+            s.explain.latents = selector
+            s.score.latents = selector
+            s.score.explanations = "explainer = 'llm'"
+            t0 = time.perf_counter()
+            with bars("LLM explain") as bar:
+                eres = explain.run(con, s, dict_id, progress=bar)
+            with bars("LLM score") as bar:
+                scres = score.run(con, s, dict_id, progress=bar)
+            stages.append({"stage": "LLM", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
+                           "detail": f"{eres.ok} explained, {eres.failed} failed, {eres.skipped} already done; "
+                                     f"{scres.ok} scores, {scres.failed} failed; {eres.calls + scres.calls} calls "
+                                     f"({eres.cache_hits + scres.cache_hits} from cache)"})
+        store.finish_run(con, run_id, "done", {"stages": stages})
+        labels = [dict(zip([d[0] for d in cur.description], r)) for cur in [con.execute(
+            """SELECT latent, explanation, explainer, round(simulation, 3) AS simulation,
+                      round(ngram_simulation, 3) AS ngram, round(frequency, 5) AS frequency
+               FROM labels WHERE dict_id = ? AND explanation IS NOT NULL
+               ORDER BY simulation DESC NULLS LAST, latent LIMIT 15""", [dict_id])] for r in cur.fetchall()]
+    return PipelineResult(settings.db, dict_id, stages, labels)
