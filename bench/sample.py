@@ -1,12 +1,12 @@
 """Sampler throughput vs the bare LM forward on the same contexts (target: >= 80%).
 
-    python bench/sample.py [--tokens 100000] [--sae runs/sae] [--d-sae 4096 --k 32] [--dtype float32]
+    python bench/sample.py [--tokens 65536] [--sae runs/sae] [--d-sae 4096 --k 32] [--dtype float32]
 
-The bare forward runs lm.activations (stopped at the hooked layer) over the same contexts in
-the same batches; it runs before and after the sampler and the mean is the reference, since
-this machine is shared and noisy. The sampler figure is `sample.run` end to end on a fresh
-DB (corpus loading, SAE encode, bookkeeping, checkpoints, finalize); the loop-only figure
-leaves out corpus loading and the final write.
+This machine is shared and its load swings by 5x within a minute, so the two are measured
+interleaved: after each sampler batch the progress callback runs the bare forward
+(lm.activations, stopped at the hooked layer) on the same contexts, timed apart. The
+sampler's time per batch is the time between callbacks minus that bare forward. The
+end-to-end figure adds the sampler's fixed costs (corpus load, split plan, final write).
 """
 
 from __future__ import annotations
@@ -34,19 +34,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bare_forward(lm, settings: Settings, docs) -> tuple[float, int]:
-    T = settings.corpus.ctx_len
-    limit = math.ceil(settings.sample.tokens / T)
-    ctxs = []
+def first_contexts(lm, settings: Settings, docs) -> list:
+    limit = math.ceil(settings.sample.tokens / settings.corpus.ctx_len)
+    out = []
     for c in iter_contexts(settings.corpus, lm.tokenizer, splits=sample.SPLITS, documents=docs):
         if c.context_id >= limit:
             break
-        ctxs.append(c)
-    bs = settings.model.batch_size
-    t0 = time.perf_counter()
-    for i in range(0, len(ctxs), bs):
-        lm.activations(torch.tensor([c.token_ids for c in ctxs[i:i + bs]]))
-    return time.perf_counter() - t0, len(ctxs) * T
+        out.append(c)
+    return out
 
 
 def main() -> None:
@@ -85,23 +80,38 @@ def main() -> None:
     print(f"model {args.model} layer {args.layer} {args.dtype}, batch {args.batch_size}, {what}, "
           f"{torch.get_num_threads()} threads; corpus load {load_s:.1f} s")
 
-    bare1, n_tok = bare_forward(lm, settings, docs)
-    print(f"bare forward (1):   {n_tok / bare1:8.0f} tok/s  ({n_tok:,} tokens, {bare1:.1f} s)")
+    ctxs = first_contexts(lm, settings, docs)
+    T, bs = settings.corpus.ctx_len, args.batch_size
+    lm.activations(torch.tensor([c.token_ids for c in ctxs[:bs]]))  # warm up
+    timing = {"bare": [], "tokens": [], "sampler": 0.0, "last": None}
+
+    def interleave(info: dict) -> None:
+        now = time.perf_counter()
+        if timing["last"] is not None:
+            timing["sampler"] += now - timing["last"]
+        done = info["tokens"] // T
+        batch = ctxs[done - bs:done]
+        t = time.perf_counter()
+        lm.activations(torch.tensor([c.token_ids for c in batch]))
+        timing["bare"].append(time.perf_counter() - t)
+        timing["tokens"].append(len(batch) * T)
+        timing["last"] = time.perf_counter()
+
     rss_before = peak_rss_mb()
     con = store.connect(settings.db)
     t = time.perf_counter()
-    res = sample.run(con, settings, sae_path, lm=lm)
-    wall = time.perf_counter() - t
+    res = sample.run(con, settings, sae_path, lm=lm, progress=interleave)
+    wall = time.perf_counter() - t - sum(timing["bare"])
     con.close()
     rss_after = peak_rss_mb()
-    bare2, _ = bare_forward(lm, settings, docs)
-    print(f"bare forward (2):   {n_tok / bare2:8.0f} tok/s")
-    bare = n_tok / ((bare1 + bare2) / 2)
+    # The first batch has no interval before it: compare the batches both sides timed.
+    bare = sum(timing["tokens"][1:]) / sum(timing["bare"][1:])
+    loop = sum(timing["tokens"][1:]) / timing["sampler"]
     end_to_end = res.n_tokens / wall
-    print(f"sampler end to end: {end_to_end:8.0f} tok/s  ({wall:.1f} s, incl. corpus load, finalize)")
-    print(f"sampler loop only:  {res.tokens_per_s:8.0f} tok/s")
-    print(f"ratio end to end / bare: {end_to_end / bare:.1%}   loop only / bare: {res.tokens_per_s / bare:.1%}   "
-          "(target >= 80%)")
+    print(f"bare forward:       {bare:8.0f} tok/s  ({sum(timing['tokens']):,} tokens, {sum(timing['bare']):.1f} s)")
+    print(f"sampler loop:       {loop:8.0f} tok/s  (LM + SAE encode + bookkeeping + checkpoints)")
+    print(f"sampler end to end: {end_to_end:8.0f} tok/s  ({wall:.1f} s: adds corpus load, split plan, final write)")
+    print(f"ratio loop / bare: {loop / bare:.1%}   end to end / bare: {end_to_end / bare:.1%}   (target >= 80%)")
     print(f"peak RSS: {rss_before:.0f} MB before sampling, {rss_after:.0f} MB after; "
           f"DB {res.db_bytes / 2**20:.1f} MB; dead latents {res.dead_latents}, median frequency {res.median_frequency:.2e}")
 

@@ -121,6 +121,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     s = settings_from(args)
     with store.connect(s.db) as con:
         dict_id = store.dictionary_id(con, args.dict)
+        if args.agent:
+            return _explain_agent(args, s, con, dict_id)
         if s.explain.explainer == "ngram":
             from explainer import ngram
 
@@ -136,6 +138,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         with ui.progress_bar("explain", enabled=not args.json) as bar:
             res = explain.run(con, s, dict_id, progress=bar)
     ui.emit_mapping(as_dict(res), as_json=args.json, title="explain")
+    return 0
+
+
+def _explain_agent(args: argparse.Namespace, s: Settings, con: Any, dict_id: int) -> int:
+    """--agent: candidates, validation choice, refinement, heldout score (explainer/agent.py)."""
+    from explainer import agent, ui
+
+    with ui.progress_bar("agent", enabled=not args.json) as bar:
+        res = agent.run(con, s, dict_id, progress=bar)
+    ui.emit_mapping(res.summary(), as_json=args.json, title="explanation agent (chosen on validation, scored on heldout)")
     return 0
 
 
@@ -317,7 +329,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
             ("model", "corpus", "train", "sample", "llm", "explain", "score")),
     "train": (cmd_train, "train a TopK sparse autoencoder on a model's residual stream", ("model", "corpus", "train")),
     "sample": (cmd_sample, "store top, quantile, non-activating and random examples per latent in DuckDB", ("model", "corpus", "sample")),
-    "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain")),
+    "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain", "agent")),
     "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing", ("llm", "score")),
     "bench": (cmd_bench, "planted-feature benchmark: known latents through sample, explain and score", ("corpus", "sample", "llm", "score")),
     "sql": (cmd_sql, "run SQL against the results database", ()),
@@ -352,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "sample":
             p.add_argument("--sae", default=None, help="dictionary folder (ours, SAELens or sparsify); default: train.out")
             p.add_argument("--dict-name", default=None, help="name of the dictionary in the DB (default: from its folder)")
+        if verb == "explain":
+            p.add_argument("--agent", action="store_true",
+                           help="propose candidates, pick the best on validation, refine it from its mistakes, "
+                                "score the choice on heldout (agent settings; simulator: --set score.FIELD=...)")
         if verb in ("explain", "score", "search", "show", "browse"):
             p.add_argument("--dict", default=None, help="dictionary name or id when the DB holds several")
         if verb == "search":

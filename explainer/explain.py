@@ -10,6 +10,7 @@ answers already paid for come back from the response cache.
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,7 @@ class ExplainResult:
     cost: float = 0.0
     wall_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)  # failure reason -> latents
+    batch: Optional[dict[str, Any]] = None  # what --batch did (batch.BatchOutcome.as_dict())
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,7 +196,11 @@ def _explained(con: duckdb.DuckDBPyConnection, dict_id: int, model: str, templat
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
         progress: Optional[Callable[[ExplainProgress], None]] = None) -> ExplainResult:
-    """Explain the latents chosen by `settings.explain.latents`; returns counts, tokens and cost."""
+    """Explain the latents chosen by `settings.explain.latents`; returns counts, tokens and cost.
+
+    With `settings.llm.batch` the calls first go through the Batch API (explainer/batch.py;
+    `progress` then also receives `batch.BatchProgress`); with `batch_wait` off the run may end
+    after submitting, writing no explanation (`result.batch["ready"]` is False)."""
     s = settings.explain
     if s.explainer != "llm":
         raise ExplainerError(f"explain.explainer = {s.explainer!r} is not the LLM explainer; use explainer = 'llm'")
@@ -210,8 +216,25 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     result = ExplainResult(run_id, dict_id, model, tpl.name, tpl.sha256, requested=len(latents),
                            skipped=len(latents) - len(todo))
     t0 = time.perf_counter()
+
+    def stage_pass(make_client: Callable[..., LLMClient], res: ExplainResult, prog: Any) -> None:
+        asyncio.run(_explain_all(con, settings, dict_id, tpl, todo, res, prog, t0, make_client))
+
     try:
-        asyncio.run(_explain_all(con, settings, dict_id, tpl, todo, result, progress, t0))
+        outcome = None
+        make_client: Optional[Callable[..., LLMClient]] = LLMClient
+        if settings.llm.batch and todo:
+            from explainer import batch
+
+            # The collect pass runs on a copy: its deferred calls are not failures of this run.
+            outcome = batch.prepare(con, settings.llm, "explain", lambda mk: stage_pass(mk, copy.deepcopy(result), None),
+                                    run_id=run_id, dict_id=dict_id, progress=progress)
+            result.batch = outcome.as_dict()
+            make_client = outcome.client  # None: still running (--no-batch-wait); a rerun collects it
+        if make_client is not None:
+            stage_pass(make_client, result, progress)
+        if outcome is not None:
+            outcome.add_spend_to(result)
     except BaseException:
         result.wall_s = time.perf_counter() - t0
         store.finish_run(con, run_id, "failed", result.as_dict())
@@ -234,7 +257,8 @@ def _prepare(con: duckdb.DuckDBPyConnection, dict_id: int, chunk: list[int], s: 
 
 async def _explain_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, tpl: prompts.Template,
                        todo: list[int], result: ExplainResult,
-                       progress: Optional[Callable[[ExplainProgress], None]], t0: float) -> None:
+                       progress: Optional[Callable[[ExplainProgress], None]], t0: float,
+                       make_client: Callable[..., LLMClient] = LLMClient) -> None:
     s = settings.explain
     model = settings.llm.model
     retry_failed = _explained(con, dict_id, model, tpl.sha256, "failed")
@@ -302,7 +326,7 @@ async def _explain_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_
         while (item := await queue.get()) is not None:
             await explain_one(*item)
 
-    async with LLMClient(settings.llm, con, stage="explain", run_id=result.run_id, dict_id=dict_id) as llm:
+    async with make_client(settings.llm, con, stage="explain", run_id=result.run_id, dict_id=dict_id) as llm:
         try:
             tasks = [asyncio.create_task(produce())] + [asyncio.create_task(worker()) for _ in range(n_workers)]
             try:

@@ -274,6 +274,7 @@ def score_all(con: duckdb.DuckDBPyConnection, dict_id: int, split: str = "heldou
             SELECT id, latent, pattern::VARCHAR, id IN (SELECT explanation_id FROM scores WHERE dict_id = $d
                    AND scorer = 'simulation' AND mode = 'ngram' AND split = $s) AS done
             FROM explanations WHERE dict_id = $d AND status = 'ok' AND pattern IS NOT NULL
+                 AND (explainer <> 'agent' OR chosen)  -- an agent's unchosen steps: see score.select_explanations
                  AND json_extract_string(pattern, '$.format') = '{FORMAT}' {lat_sql} {extra}
             ORDER BY latent, id""", params).fetchall()
     except duckdb.Error as e:

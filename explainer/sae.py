@@ -114,20 +114,31 @@ class TopKSAE(nn.Module):
         multi_k: int = 0,
         dense: bool = False,
         mm_dtype: Optional[torch.dtype] = None,
+        project_decoder_grad: bool = False,
     ) -> SAEOutput:
-        """Training forward on x [N, d_in]; `dead` holds the ids of latents AuxK may use."""
+        """Training forward on x [N, d_in]; `dead` holds the ids of latents AuxK may use.
+
+        project_decoder_grad (sparse path only): W_dec's gradient arrives already without its
+        components along the rows, as remove_gradient_parallel_to_decoder_directions leaves it.
+        """
         if dense:
             return self._forward_dense(x, dead, k_aux, multi_k, mm_dtype)
         x_hat, values, indices, aux, aux_values, aux_indices, multi, _, _ = sparse_forward(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
             dead=dead, k_aux=k_aux, multi_k=multi_k, mm_dtype=mm_dtype, workspace=self.workspace,
+            unit_decoder=project_decoder_grad,
         )
         return SAEOutput(x_hat, values, indices, aux_values, aux_indices,
                          aux if aux.shape[1] else None, multi if multi.shape[1] else None)
 
     def _forward_dense(self, x, dead, k_aux, multi_k, mm_dtype) -> SAEOutput:
-        dtype = mm_dtype or x.dtype
-        pre = torch.addmm(self.b_enc.to(dtype), (x - self.b_dec).to(dtype), self.W_enc.to(dtype)).to(x.dtype)
+        dtype, centered = mm_dtype or x.dtype, x - self.b_dec
+        if dtype == x.dtype:
+            pre = torch.addmm(self.b_enc, centered, self.W_enc)
+        else:  # the sparse path's low-precision layout (bias as an extra input column), through autograd
+            inputs = torch.cat([centered, torch.ones_like(centered[:, :1])], dim=1).to(dtype)
+            weight = torch.cat([self.W_enc.t(), self.b_enc[:, None]], dim=1).to(dtype)
+            pre = (inputs @ weight.t()).to(x.dtype)
         # Same selection as the sparse path (ties resolve alike); everything after it is plain autograd.
         with torch.no_grad():
             sets = [indices for _, indices in select_latents(pre, self.k, dead, k_aux, multi_k)]

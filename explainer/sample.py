@@ -9,6 +9,7 @@ with the same tables as an uninterrupted one. At the end one transaction writes 
 and examples tables and marks the run done; rerunning with the same settings is a no-op.
 
 Shards (`--shard i/N`) each keep their final state file; `merge` combines them exactly.
+sampler_state.py holds the streaming state, sampler_select.py turns it into table rows.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,9 +30,9 @@ import torch
 from explainer import store
 from explainer.corpus import Context, iter_contexts, load_documents
 from explainer.errors import ExplainerError
+from explainer.sampler_select import write_results
 from explainer.sampler_state import (
-    SPLITS, SampleState, TokenTable, example_rows, latent_rows, load_state, merge_states, new_state,
-    save_state, sorted_state, update,
+    M31, SPLITS, SampleState, load_state, merge_states, new_state, one_thread, save_state, update,
 )
 from explainer.settings import SampleSettings, Settings
 
@@ -169,72 +169,11 @@ def _count_contexts(con: duckdb.DuckDBPyConnection, dict_id: int, below: int, sh
                        [dict_id, below, shard[1], shard[0]]).fetchone()[0]
 
 
-# --- finalize ------------------------------------------------------------------------------
-
-
-def _token_table(con: duckdb.DuckDBPyConnection, dict_id: int, ctx_len: int) -> TokenTable:
-    t = con.sql("SELECT context_id, token_ids FROM contexts WHERE dict_id = ?", params=[dict_id]).to_arrow_table()
-    cids = torch.from_numpy(t.column("context_id").to_numpy().copy())
-    flat = t.column("token_ids").combine_chunks().flatten().to_numpy().astype("int64")
-    return TokenTable(cids, torch.from_numpy(flat).view(-1, ctx_len))
-
-
-def _examples_table(dict_id: int, split: str, kind: str, rows: dict[str, Any]) -> pa.Table:
-    n, T = rows["acts"].shape
-    offsets = pa.array(range(0, n * T + 1, T), pa.int32())
-    return pa.table({
-        "dict_id": pa.array([dict_id] * n, pa.int32()),
-        "latent": rows["latent"].numpy(),
-        "split": pa.array([split] * n, pa.string()),
-        "kind": pa.array([kind] * n, pa.string()),
-        "rank": rows["rank"].numpy(),
-        "context_id": rows["context_id"].numpy(),
-        "max_act": rows["max_act"].numpy(),
-        "acts": pa.ListArray.from_arrays(offsets, pa.array(rows["acts"].reshape(-1).numpy())),
-        "bin": pa.array(rows["bin"].int().numpy(), pa.int32()) if rows["bin"] is not None else pa.nulls(n, pa.int32()),
-    })
-
-
-def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleState, ss: SampleSettings) -> dict[str, Any]:
-    """Replace this dictionary's latents and examples from a final state (inside the caller's transaction)."""
-    state = sorted_state(state.to("cpu"))
-    con.execute("DELETE FROM examples WHERE dict_id = ?", [dict_id])
-    con.execute("DELETE FROM latents WHERE dict_id = ?", [dict_id])
-    lat = latent_rows(state)
-    store.insert_arrow(con, "latents", pa.table({
-        "dict_id": pa.array([dict_id] * len(lat["latent"]), pa.int32()),
-        **{k: v for k, v in lat.items() if k != "quantiles"},
-        "quantiles": pa.array(lat["quantiles"], pa.list_(pa.float32())),
-    }))
-    tokens = _token_table(con, dict_id, int(state.meta["ctx_len"]))
-    for s, split in enumerate(SPLITS):
-        kinds = example_rows(state, s, n_quantile=ss.n_quantile, n_bins=ss.n_quantile_bins,
-                             n_nonactivating=ss.n_nonactivating, n_random=ss.n_random, tokens=tokens)
-        for kind, rows in kinds.items():
-            if len(rows["latent"]):
-                store.insert_arrow(con, "examples", _examples_table(dict_id, split, kind, rows))
-    freq = torch.from_numpy(lat["frequency"])
-    return {"dead_latents": int((freq == 0).sum()), "median_frequency": float(freq.median())}
-
-
 def _summary_counts(state: SampleState) -> dict[str, int]:
     return {split: int(n) for split, n in zip(SPLITS, state.n_contexts.tolist())}
 
 
 # --- run -------------------------------------------------------------------------------------
-
-
-def _update_single_threaded(state: SampleState, *args: torch.Tensor) -> torch.Tensor:
-    """The bookkeeping is many small ops: on CPU, OpenMP fork/join costs more than it saves,
-    and on a busy machine a 2-thread reduction over [4096, 20] took 20x the 1-thread time."""
-    if args[0].device.type != "cpu" or torch.get_num_threads() == 1:
-        return update(state, *args)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return update(state, *args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _plan(settings: Settings, tokenizer: Any, docs: list, limit: int, ss: SampleSettings) -> tuple[dict[str, int], list[str]]:
@@ -266,18 +205,58 @@ def _plan(settings: Settings, tokenizer: Any, docs: list, limit: int, ss: Sample
     return counts, notes
 
 
+def _previous(con: duckdb.DuckDBPyConnection, dict_id: int, name: str, key: str, shard: str,
+              resume: bool) -> Optional[dict]:
+    """The result of a finished identical run (a no-op), or None; refuses to mix settings."""
+    done = _done_runs(con, dict_id)
+    if not resume:
+        with store.transaction(con):
+            con.execute("UPDATE runs SET status = 'replaced' WHERE list_contains(?, id)", [[rid for rid, _ in done]])
+            con.execute("DELETE FROM examples WHERE dict_id = ?", [dict_id])
+            con.execute("DELETE FROM latents WHERE dict_id = ?", [dict_id])
+        return None
+    same = [res for _, res in done if res.get("config_key") == key and res.get("shard") in (shard, "merged")]
+    if same:
+        return same[-1]
+    if any(res.get("config_key") != key for _, res in done):
+        raise ExplainerError(
+            f"dictionary {name!r} was already sampled into this DB with other settings; pass --restart to replace "
+            "its samples, or use another --db"
+        )
+    return None
+
+
+def _saved_state(con: duckdb.DuckDBPyConnection, path: Optional[Path], dict_id: int, name: str, key: str,
+                 shard: tuple[int, int], resume: bool, device: torch.device) -> Optional[SampleState]:
+    """The checkpoint to continue from, if any, after deleting contexts rows written past it."""
+    state = None
+    if path is not None and path.exists() and resume:
+        state = load_state(path, device)
+        if state.meta.get("config_key") != key:
+            raise ExplainerError(
+                f"an unfinished sample run of dictionary {name!r} used other settings (state {path}); rerun with "
+                "the same settings to continue it, or pass --restart to start over"
+            )
+        if _count_contexts(con, dict_id, state.meta["next_context"], shard) != int(state.n_contexts.sum()):
+            state = None  # the DB lost rows the state counts (e.g. the DB file was replaced): start over
+    # Rows past the checkpoint were committed after it, by the run that was killed.
+    _delete_contexts(con, dict_id, state.meta["next_context"] if state is not None else 0, shard)
+    return state
+
+
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str, *, lm: Any = None,
         dict_name: Optional[str] = None, resume: bool = True, progress: Optional[Progress] = None) -> SampleResult:
     """Sample this dictionary's examples into the DB; resumes a killed run, no-op when done.
 
-    resume=False discards this dictionary's earlier samples (and any unfinished state) first.
+    resume=False (--restart) discards this dictionary's earlier samples and any checkpoint.
     """
     from explainer.lm import load_model
     from explainer.sae import fingerprint, load_dictionary
 
     t0 = time.perf_counter()
-    ss = settings.sample
+    ss, T = settings.sample, settings.corpus.ctx_len
     shard = parse_shard(ss.shard)
+    shard_text = f"{shard[0]}/{shard[1]}"
     if ss.n_reservoir < ss.n_quantile:
         raise ExplainerError(f"sample.n_reservoir={ss.n_reservoir} is below n_quantile={ss.n_quantile}; raise it")
     sae_path = Path(sae_path)
@@ -291,60 +270,31 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
         con, name=name, path=str(sae_path.resolve()), model=lm.name, hook=lm.hook, d_in=sae.d_in,
         d_sae=sae.d_sae, k=sae.k, fingerprint=fp, config=sae.cfg)
     key, cfg = _config(settings, lm, fp)
-    shard_text = f"{shard[0]}/{shard[1]}"
+
+    prev = _previous(con, dict_id, name, key, shard_text, resume)
+    if prev is not None:
+        return SampleResult(dict_id, name, shard_text, prev["complete"], True, prev["n_contexts"], prev["n_tokens"],
+                            prev.get("dead_latents"), prev.get("median_frequency"), _db_bytes(con), 0.0,
+                            time.perf_counter() - t0, prev.get("state_path"), warnings)
     db_file = _db_file(con)
     spath = state_path(db_file, fp, shard) if db_file is not None else None
-
-    done = _done_runs(con, dict_id)
-    same = [res for _, res in done if res.get("config_key") == key and res.get("shard") in (shard_text, "merged")]
-    other = [rid for rid, res in done if res.get("config_key") != key]
-    if resume and same:
-        res = same[-1]
-        return SampleResult(dict_id, name, shard_text, res["complete"], True, res["n_contexts"], res["n_tokens"],
-                            res.get("dead_latents"), res.get("median_frequency"), _db_bytes(con), 0.0,
-                            time.perf_counter() - t0, res.get("state_path"), warnings)
-    if resume and other:
-        raise ExplainerError(
-            f"dictionary {name!r} was already sampled into this DB with other settings; pass --restart to replace "
-            "its samples, or use another --db"
-        )
-    state = None
-    if spath is not None and spath.exists():
-        state = load_state(spath, lm.device)
-        if state.meta.get("config_key") != key and resume:
-            raise ExplainerError(
-                f"an unfinished sample run of dictionary {name!r} used other settings (state {spath}); rerun with "
-                "the same settings to continue it, or pass --restart to start over"
-            )
-        if not resume or state.meta.get("config_key") != key:
-            state = None
-    if not resume:
-        with store.transaction(con):
-            con.execute("UPDATE runs SET status = 'replaced' WHERE list_contains(?, id)", [[rid for rid, _ in done]])
-            con.execute("DELETE FROM examples WHERE dict_id = ?", [dict_id])
-            con.execute("DELETE FROM latents WHERE dict_id = ?", [dict_id])
-    # Rows the saved state does not cover were written after it (or by a discarded run).
-    if state is not None and _count_contexts(con, dict_id, state.meta["next_context"], shard) != int(state.n_contexts.sum()):
-        state = None  # the DB lost rows the state counts (e.g. the DB file was replaced): start over
-    start = state.meta["next_context"] if state is not None else 0
-    _delete_contexts(con, dict_id, start, shard)
-
-    T = settings.corpus.ctx_len
+    state = _saved_state(con, spath, dict_id, name, key, shard, resume, lm.device)
     limit = math.ceil(ss.tokens / T)
+    if limit > M31:  # context ids share an int64 with a 31-bit hash in the sketches
+        raise ExplainerError(f"sample.tokens={ss.tokens:,} is over 2^31 contexts of {T} tokens; lower --tokens")
     docs = load_documents(settings.corpus)
     counts, notes = _plan(settings, lm.tokenizer, docs, limit, ss)
     warnings += notes
-    n_total = len(range(shard[0], min(limit, sum(counts.values())), shard[1]))
+    total = len(range(shard[0], min(limit, sum(counts.values())), shard[1])) * T
     if state is None:
         state = new_state(d_sae=sae.d_sae, ctx_len=T, k=sae.k, n_top=ss.n_top, n_reservoir=ss.n_reservoir,
-                          n_pool=max(ss.nonactivating_pool, ss.n_random),
-                          acts_dtype=getattr(torch, ss.acts_dtype), device=lm.device,
-                          meta={"config_key": key, "config": cfg, "n_shards": shard[1], "shards": [shard[0]],
-                                "next_context": 0, "complete": False, "fingerprint": fp})
-
+                          n_pool=max(ss.nonactivating_pool, ss.n_random), acts_dtype=getattr(torch, ss.acts_dtype),
+                          device=lm.device, meta={"config_key": key, "config": cfg, "n_shards": shard[1],
+                                                  "shards": [shard[0]], "next_context": 0, "complete": False})
     run_id = store.start_run(con, "sample", settings.public_dict())
     pending = _Pending(dict_id, lm.token_strings)
     split_index = {s: i for i, s in enumerate(SPLITS)}
+    start = state.meta["next_context"]
     done_before = int(state.n_contexts.sum())
     t_loop = time.perf_counter()
 
@@ -355,20 +305,21 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
             save_state(state, spath)
 
     def process(batch: list[Context]) -> None:
-        ids = torch.tensor([c.token_ids for c in batch], dtype=torch.long)
-        acts = lm.activations(ids)
+        acts = lm.activations(torch.tensor([c.token_ids for c in batch], dtype=torch.long))
         vals, idx = sae.encode(acts)
-        dev = vals.device
-        split = torch.tensor([split_index[c.split] for c in batch], device=dev)
-        cids = torch.tensor([c.context_id for c in batch], device=dev)
-        ctx_max = _update_single_threaded(state, split, cids, vals.float(), idx.long())
-        if ss.acts_dtype == "float16" and float(ctx_max.max()) > FLOAT16_MAX:
-            raise ExplainerError(
-                f"latent activations reach {float(ctx_max.max()):.4g}, beyond float16; "
-                "rerun with --acts-dtype float32 --restart"
-            )
+        split = torch.tensor([split_index[c.split] for c in batch], device=vals.device)
+        cids = torch.tensor([c.context_id for c in batch], device=vals.device)
+        with one_thread(vals.device):
+            peak = float(update(state, split, cids, vals.float(), idx.long()).max())
+        if ss.acts_dtype == "float16" and peak > FLOAT16_MAX:
+            raise ExplainerError(f"latent activations reach {peak:.4g}, beyond float16; "
+                                 "rerun with --acts-dtype float32 --restart")
         state.meta["next_context"] = batch[-1].context_id + 1
         pending.rows.extend(batch)
+        if progress is not None:
+            done = int(state.n_contexts.sum()) - done_before
+            progress({"tokens": (done + done_before) * T, "total": total,
+                      "tok_s": round(done * T / max(time.perf_counter() - t_loop, 1e-9))})
 
     try:
         with torch.inference_mode():
@@ -378,26 +329,18 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
                 if c.context_id >= limit:
                     break
                 batch.append(c)
-                if len(batch) < settings.model.batch_size:
-                    continue
-                process(batch)
-                batch = []
-                n_batches += 1
-                if n_batches % ss.checkpoint_every == 0:
-                    checkpoint()
-                if progress is not None:
-                    done_ctx = int(state.n_contexts.sum())
-                    elapsed = time.perf_counter() - t_loop
-                    progress({"tokens": done_ctx * T, "total": n_total * T,
-                              "tok_s": round((done_ctx - done_before) * T / max(elapsed, 1e-9))})
+                if len(batch) == settings.model.batch_size:
+                    process(batch)
+                    batch = []
+                    n_batches += 1
+                    if n_batches % ss.checkpoint_every == 0:
+                        checkpoint()
             if batch:
                 process(batch)
             state.meta["complete"] = True
-            loop_s = time.perf_counter() - t_loop
-            new_tokens = (int(state.n_contexts.sum()) - done_before) * T
             result = {"dict_id": dict_id, "dict_name": name, "config_key": key, "shard": shard_text,
                       "n_contexts": _summary_counts(state), "n_tokens": int(state.n_tokens.sum()),
-                      "tokens_per_s": new_tokens / max(loop_s, 1e-9)}
+                      "tokens_per_s": (int(state.n_contexts.sum()) - done_before) * T / (time.perf_counter() - t_loop)}
             if shard[1] == 1:
                 with store.transaction(con):
                     pending.write(con)
@@ -405,7 +348,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
                     store.finish_run(con, run_id, "done", result)
                 if spath is not None and spath.exists():
                     spath.unlink()
-            else:
+            else:  # a lone shard: `merge` writes latents and examples from all shards' states
                 checkpoint()
                 result.update(complete=False, state_path=str(spath), dead_latents=None, median_frequency=None)
                 store.finish_run(con, run_id, "done", result)
@@ -416,9 +359,8 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
             pass
         raise
     return SampleResult(dict_id, name, shard_text, result["complete"], False, result["n_contexts"],
-                        result["n_tokens"], result.get("dead_latents"), result.get("median_frequency"),
-                        _db_bytes(con), result["tokens_per_s"], time.perf_counter() - t0,
-                        result.get("state_path"), warnings)
+                        result["n_tokens"], result["dead_latents"], result["median_frequency"], _db_bytes(con),
+                        result["tokens_per_s"], time.perf_counter() - t0, result.get("state_path"), warnings)
 
 
 # --- merge -----------------------------------------------------------------------------------
@@ -445,10 +387,11 @@ def merge(con: duckdb.DuckDBPyConnection, shard_dbs: Sequence[Path | str], *,
             finished = [res for _, res in _done_runs(src, row[0]) if res.get("state_path")]
             if not finished:
                 raise ExplainerError(f"shard DB {path} has no finished shard run of {row[1]!r}; run its `sample --shard` first")
-            res = finished[-1]
-            if not Path(res["state_path"]).exists():
-                raise ExplainerError(f"shard state {res['state_path']} of {path} is missing; rerun that shard")
-            states.append(load_state(Path(res["state_path"])))
+            # Found beside the shard's DB, wherever the shard ran: shard folders may have moved.
+            spath = state_path(path, row[8], parse_shard(finished[-1]["shard"]))
+            if not spath.exists():
+                raise ExplainerError(f"shard state {spath} of {path} is missing; copy it along with the DB or rerun that shard")
+            states.append(load_state(spath))
             sources.append((path, row[0]))
         finally:
             src.close()
@@ -464,23 +407,27 @@ def merge(con: duckdb.DuckDBPyConnection, shard_dbs: Sequence[Path | str], *,
     if merged.meta["shards"] != list(range(n)):
         missing = sorted(set(range(n)) - set(merged.meta["shards"]))
         raise ExplainerError(f"shards {missing} of {n} are missing; pass every shard's DB")
-    _, name, path, model, hook, d_in, d_sae, k, fp, config = dict_row
-    dict_id = store.register_dictionary(con, name=name, path=path, model=model, hook=hook, d_in=d_in, d_sae=d_sae,
-                                        k=k, fingerprint=fp, config=json.loads(config) if config else {})
+    _, name, dict_path, model, hook, d_in, d_sae, k, fp, config = dict_row
+    dict_id = store.register_dictionary(con, name=name, path=dict_path, model=model, hook=hook, d_in=d_in,
+                                        d_sae=d_sae, k=k, fingerprint=fp, config=json.loads(config) if config else {})
     run_id = store.start_run(con, "sample", {"merge": [str(p) for p, _ in sources]})
     result = {"dict_id": dict_id, "dict_name": name, "config_key": merged.meta["config_key"], "shard": "merged",
               "n_contexts": _summary_counts(merged), "n_tokens": int(merged.n_tokens.sum()), "tokens_per_s": 0.0}
-    with store.transaction(con):
-        con.execute("DELETE FROM contexts WHERE dict_id = ?", [dict_id])
-        for i, (path, src_id) in enumerate(sources):
-            quoted = str(path).replace("'", "''")
-            con.execute(f"ATTACH '{quoted}' AS shard{i} (READ_ONLY)")
-            con.execute(f"INSERT INTO contexts SELECT ? AS dict_id, context_id, doc_id, split, token_ids, tokens "
-                        f"FROM shard{i}.contexts WHERE dict_id = ?", [dict_id, src_id])
-            con.execute(f"DETACH shard{i}")
-        ss = SampleSettings.model_validate(merged.meta["config"]["sample"])
-        result.update(write_results(con, dict_id, merged, ss), complete=True)
-        store.finish_run(con, run_id, "done", result)
+    try:
+        with store.transaction(con):
+            con.execute("DELETE FROM contexts WHERE dict_id = ?", [dict_id])
+            for i, (path, src_id) in enumerate(sources):
+                quoted = str(path).replace("'", "''")
+                con.execute(f"ATTACH '{quoted}' AS shard{i} (READ_ONLY)")
+                con.execute(f"INSERT INTO contexts SELECT ? AS dict_id, context_id, doc_id, split, token_ids, tokens "
+                            f"FROM shard{i}.contexts WHERE dict_id = ?", [dict_id, src_id])
+                con.execute(f"DETACH shard{i}")
+            ss = SampleSettings.model_validate(merged.meta["config"]["sample"])
+            result.update(write_results(con, dict_id, merged, ss), complete=True)
+            store.finish_run(con, run_id, "done", result)
+    except BaseException as e:
+        store.finish_run(con, run_id, "failed", {"error": f"{type(e).__name__}: {e}"})
+        raise
     return SampleResult(dict_id, name, "merged", True, False, result["n_contexts"], result["n_tokens"],
                         result["dead_latents"], result["median_frequency"], _db_bytes(con), 0.0,
                         time.perf_counter() - t0, None, [])

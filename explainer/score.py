@@ -21,6 +21,8 @@ returns every snippet's predictions (the agent uses it on `validation`).
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -130,8 +132,10 @@ def load_snippets(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequenc
 def select_explanations(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int],
                         where: Optional[str]) -> list[tuple[int, int, str]]:
     """(id, latent, text) of the ok explanations of `latents`, filtered by a user's SQL WHERE."""
+    # An agent's unchosen candidates and refinements are steps of a selection made on validation;
+    # scoring them on heldout would let heldout pick among them (the labels view takes the best).
     sql = ("SELECT id, latent, text FROM explanations WHERE dict_id = ? AND status = 'ok' "
-           "AND text IS NOT NULL AND list_contains(?, latent)")
+           "AND text IS NOT NULL AND list_contains(?, latent) AND (explainer <> 'agent' OR chosen)")
     if where and where.strip():
         sql += f" AND ({where})"
     try:
@@ -230,6 +234,7 @@ class ScoreResult:
     wall_s: float = 0.0
     per_scorer: dict[str, ScorerStats] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    batch: Optional[dict[str, Any]] = None  # what --batch did (batch.BatchOutcome.as_dict())
 
     def summary(self) -> dict[str, Any]:
         """Mean score per scorer, calls and prompt tokens per latent, failures, wall time."""
@@ -246,6 +251,9 @@ class ScoreResult:
                     "wall s": round(self.wall_s, 2)})
         if self.errors:
             out["failures"] = "; ".join(f"{k} ({v})" for k, v in self.errors.items())
+        if self.batch is not None:
+            out.update({f"batch {k}": v for k, v in self.batch.items()
+                        if k in ("status", "batch_ids", "requests", "answered", "errored", "cost", "next")})
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -279,7 +287,11 @@ def _scored(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, model: str
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
         progress: Optional[Callable[[dict[str, Any]], None]] = None) -> ScoreResult:
-    """Score the ok explanations of `settings.score.latents` with each scorer in `settings.score.scorers`."""
+    """Score the ok explanations of `settings.score.latents` with each scorer in `settings.score.scorers`.
+
+    With `settings.llm.batch` the calls first go through the Batch API (explainer/batch.py;
+    `progress` then also receives its status as a dict); with `batch_wait` off the run may end
+    after submitting, writing no score (`result.batch["ready"]` is False)."""
     s = settings.score
     scorers = parse_scorers(s.scorers)
     check_split(s.split)
@@ -302,8 +314,26 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
                          skipped=len(explanations) * len(scorers) - len(jobs),
                          per_scorer={name: ScorerStats() for name in scorers})
     t0 = time.perf_counter()
+
+    def stage_pass(make_client: Callable[..., LLMClient], res: ScoreResult, prog: Any) -> None:
+        asyncio.run(_score_all(con, settings, dict_id, templates, setups, jobs, res, prog, t0, make_client))
+
     try:
-        asyncio.run(_score_all(con, settings, dict_id, templates, setups, jobs, result, progress, t0))
+        outcome = None
+        make_client: Optional[Callable[..., LLMClient]] = LLMClient
+        if settings.llm.batch and jobs:
+            from explainer import batch
+
+            # The collect pass runs on a copy: its deferred calls are not failures of this run.
+            outcome = batch.prepare(con, settings.llm, "score", lambda mk: stage_pass(mk, copy.deepcopy(result), None),
+                                    run_id=run_id, dict_id=dict_id,
+                                    progress=(lambda p: progress(dataclasses.asdict(p))) if progress else None)
+            result.batch = outcome.as_dict()
+            make_client = outcome.client  # None: still running (--no-batch-wait); a rerun collects it
+        if make_client is not None:
+            stage_pass(make_client, result, progress)
+        if outcome is not None:
+            outcome.add_spend_to(result)
     except BaseException:
         result.wall_s = time.perf_counter() - t0
         store.finish_run(con, run_id, "failed", result.as_dict())
@@ -316,7 +346,8 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
 async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
                      templates: dict[str, prompts.Template], setups: dict[str, dict[str, Any]], jobs: list[_Job],
                      result: ScoreResult,
-                     progress: Optional[Callable[[dict[str, Any]], None]], t0: float) -> None:
+                     progress: Optional[Callable[[dict[str, Any]], None]], t0: float,
+                     make_client: Callable[..., LLMClient] = LLMClient) -> None:
     s = settings.score
     model = settings.llm.model
     pending = deque(jobs)
@@ -397,7 +428,7 @@ async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id
         while (item := next_job()) is not None:
             await score_one(*item)
 
-    async with LLMClient(settings.llm, con, stage="score", run_id=result.run_id, dict_id=dict_id) as llm:
+    async with make_client(settings.llm, con, stage="score", run_id=result.run_id, dict_id=dict_id) as llm:
         try:
             workers = [asyncio.create_task(worker()) for _ in range(min(settings.llm.concurrency, max(1, len(jobs))))]
             try:

@@ -115,7 +115,7 @@ class SampleSettings(Section):
         "float16", description="dtype of the per-token activations held for kept examples while sampling (memory)"
     )
     tokens: int = Field(300_000, ge=1, description="corpus tokens to run through model + dictionary")
-    checkpoint_every: int = Field(64, ge=1, description="batches between resumable checkpoints")
+    checkpoint_every: int = Field(256, ge=1, description="batches between resumable checkpoints (a kill loses at most this many)")
     shard: str = Field("0/1", description="process shard i of N (i/N) of the contexts; merge shards with `explainer merge`")
     force_layer: bool = Field(
         False, description="sample even though the dictionary's config names another layer than --layer"
@@ -147,6 +147,18 @@ class LLMSettings(Section):
     cache: bool = Field(True, description="answer repeated calls from the llm_cache table instead of the endpoint")
     price_in: float = Field(0.0, ge=0, description="USD per million prompt tokens, for the cost ledger")
     price_out: float = Field(0.0, ge=0, description="USD per million completion tokens, for the cost ledger")
+    batch: bool = Field(
+        False,
+        description="explain/score: send the stage's uncached requests as one OpenAI Batch API job (half price, "
+        "answers within 24 h), then write results from the cache; a rerun resumes the recorded batch",
+    )
+    batch_wait: bool = Field(
+        True, description="with --batch: poll until the batch ends; --no-batch-wait returns after submitting (rerun to collect)"
+    )
+    batch_poll: float = Field(30.0, gt=0, description="with --batch: seconds between status checks of a running batch")
+    batch_price_factor: float = Field(
+        0.5, ge=0, description="with --batch: fraction of price_in/price_out a batch request costs (OpenAI: 0.5)"
+    )
 
 
 class ExplainSettings(Section):
@@ -199,6 +211,35 @@ class ScoreSettings(Section):
     fuzzing_template: str = Field("fuzzing", description="fuzzing prompt: a name in prompts/ or a .txt path")
 
 
+class AgentSettings(Section):
+    """`explainer explain --agent`: propose k candidates, pick on validation, refine, report heldout."""
+
+    explainer: Optional[Literal["llm", "ngram"]] = Field(
+        None, description="llm asks the endpoint; ngram chooses among fitted pattern sets offline; none follows explain.explainer"
+    )
+    candidates: int = Field(4, ge=1, description="candidate explanations per latent (best-of-k), each scored on validation")
+    templates: Optional[str] = Field(
+        None, description="comma list of explainer templates the candidates cycle through; none uses explain.template"
+    )
+    temperature: float = Field(
+        0.7, ge=0,
+        description="sampling temperature of the candidates after the first per template (which uses llm.temperature)",
+    )
+    max_rounds: int = Field(2, ge=0, description="refinement rounds at most (0: best-of-k only)")
+    min_improvement: float = Field(
+        0.01, ge=0, description="stop refining when a round raises the validation score by less than this"
+    )
+    refine_template: str = Field("refine", description="refinement prompt: a name in prompts/ or a .txt path")
+    n_false_positives: int = Field(5, ge=0, description="worst false positives (validation) shown to the refine step")
+    n_false_negatives: int = Field(5, ge=0, description="worst false negatives (validation) shown to the refine step")
+    max_prompt_tokens: Optional[int] = Field(
+        None, ge=1, description="per latent: stop proposing and refining once the loop's calls used this many prompt tokens"
+    )
+    max_cost: Optional[float] = Field(
+        None, ge=0, description="per latent: stop proposing and refining once the loop's calls cost this much (USD)"
+    )
+
+
 class Settings(Section):
     db: Path = Field(Path("runs/explainer.duckdb"), description="DuckDB file holding every result")
     model: ModelSettings = Field(default_factory=ModelSettings)
@@ -208,6 +249,7 @@ class Settings(Section):
     llm: LLMSettings = Field(default_factory=LLMSettings)
     explain: ExplainSettings = Field(default_factory=ExplainSettings)
     score: ScoreSettings = Field(default_factory=ScoreSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
 
     def public_dict(self) -> dict[str, Any]:
         """Settings as JSON-able data with the API key left out, for storing with a run."""

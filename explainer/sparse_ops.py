@@ -1,8 +1,8 @@
-"""The two hot kernels of a TopK SAE step, written so nothing dense in d_sae is built in backward.
+"""The hot path of a TopK SAE step, written so nothing dense in d_sae is built in backward.
 
 A TopK step is dominated by one dense matmul, `(x - b_dec) @ W_enc` ([N, d_in] x [d_in, d_sae]).
 Everything after it touches only the k selected latents per token, so:
-  * `topk_rows` finds an exact row-wise top-k in two cheap stages instead of one full sort pass;
+  * `topk_rows` finds the row-wise top-k in two cheap stages instead of one full sort pass;
   * `sparse_forward` is one autograd Function for encoder, TopK, AuxK, Multi-TopK and decoder whose
     backward builds every gradient from the selected (token, latent) pairs alone: no [N, d_sae]
     gradient matrix, no second dense matmul, one sort of the pairs shared by W_enc and W_dec.
@@ -12,6 +12,7 @@ Everything after it touches only the k selected latents per token, so:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -29,55 +30,70 @@ def _block_size(d_sae: int, k: int, target_blocks: int) -> Optional[int]:
     return block
 
 
-def topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-k of each row of a 2-D tensor (unsorted), faster than torch.topk on CPU.
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
-    Split a row into blocks; the k largest entries all lie in the k blocks with the largest
-    maxima (a block holding one of them has a maximum at least the k-th value, and at most k
-    blocks can), so a top-k over block maxima leaves k * block candidates for a second top-k.
-    fp32 uses contiguous blocks (cheap candidate gather); bf16 uses strided blocks (column j,
-    j + n_blocks, ...), whose maxima reduce element-wise, because a bf16 max over short
-    contiguous runs is slow on CPU. Ties may resolve to other indices than torch.topk's.
+
+def topk_rows(pre: Tensor, k: int, *, strided: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+    """Top-k of each row of a 2-D float tensor (unsorted), faster than torch.topk on CPU.
+
+    Exact for the non-negative entries, which are all a ReLU keeps: on CPU the floats are
+    compared as integers of the same bits (an IEEE float >= 0 orders like its bit pattern, and
+    integer max/top-k vectorise where bf16 ones do not), so negative entries, which all compare
+    below every non-negative one, fill leftover slots in no particular order.
+
+    Two stages: split a row into blocks; the k largest entries all lie in the k blocks with the
+    largest maxima (a block holding one of them has a maximum at least the k-th value, and at
+    most k blocks can), so a top-k over block maxima leaves k * block candidates for a second
+    top-k. Blocks are contiguous runs, or with `strided` every n_blocks-th column, whose maxima
+    reduce element-wise (faster for 16-bit types). Ties may resolve to other indices than
+    torch.topk's.
     """
     n, d_sae = pre.shape
-    strided = pre.dtype != torch.float32
-    block = _block_size(d_sae, k, 32 if strided else 16) if pre.device.type == "cpu" else None
-    if block is None:
+    if pre.device.type != "cpu" or pre.dtype not in _BITS:
         return pre.topk(k, dim=1, sorted=False)
+    keys = pre.view(_BITS[pre.dtype])
+    if strided is None:
+        strided = pre.element_size() < 4
+    block = _block_size(d_sae, k, 32 if strided else 16)
+    if block is None:
+        values, indices = keys.topk(k, dim=1, sorted=False)
+        return values.view(pre.dtype), indices
     n_blocks = d_sae // block
     if strided:
-        blocks = pre.view(n, block, n_blocks)
+        blocks = keys.view(n, block, n_blocks)
         _, best = blocks.amax(dim=1).topk(k, dim=1, sorted=False)
         candidates = blocks.gather(2, best.unsqueeze(1).expand(n, block, k)).view(n, block * k)
         values, where = candidates.topk(k, dim=1, sorted=False)
-        return values, torch.div(where, k, rounding_mode="floor") * n_blocks + best.gather(1, where % k)
-    blocks = pre.view(n, n_blocks, block)
+        indices = torch.div(where, k, rounding_mode="floor") * n_blocks + best.gather(1, where % k)
+        return values.view(pre.dtype), indices
+    blocks = keys.view(n, n_blocks, block)
     _, best = blocks.amax(dim=2).topk(k, dim=1, sorted=False)
     rows = (torch.arange(n, device=pre.device).unsqueeze(1) * n_blocks + best).flatten()
-    candidates = pre.view(n * n_blocks, block).index_select(0, rows).view(n, k * block)
+    candidates = keys.view(n * n_blocks, block).index_select(0, rows).view(n, k * block)
     values, where = candidates.topk(k, dim=1, sorted=False)
-    return values, best.gather(1, where // block) * block + where % block
+    return values.view(pre.dtype), best.gather(1, where // block) * block + where % block
 
 
 class Workspace:
-    """Keeps the [N, d_sae] pre-activation buffer alive between steps.
+    """Keeps the step's large scratch tensors (pre-activations: 256 MB at 4k x 16k) between steps.
 
-    Allocating 256 MB afresh every step costs page faults comparable to the top-k itself; the
-    buffer never escapes a step (only values and indices are returned), so reusing it is safe.
+    Allocating them afresh every step costs page faults comparable to the top-k itself; none of
+    them escapes a step (only values and indices are returned), so reusing them is safe.
     """
 
     def __init__(self) -> None:
-        self._buf: Optional[Tensor] = None
+        self._bufs: dict[str, Tensor] = {}
 
-    def get(self, n: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        buf = self._buf
-        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < n * d:
-            buf = self._buf = None  # free the old one before allocating its successor
-            buf = self._buf = torch.empty(n * d, dtype=dtype, device=device)
-        return buf[: n * d].view(n, d)
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        size = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < size:
+            self._bufs.pop(name, None)  # free the old one before allocating its successor
+            buf = self._bufs[name] = torch.empty(size, dtype=dtype, device=device)
+        return buf[:size].view(shape)
 
     def clear(self) -> None:
-        self._buf = None
+        self._bufs.clear()
 
 
 def encoder_rows(W_enc: Tensor) -> Tensor:
@@ -108,6 +124,23 @@ def select_latents(pre: Tensor, k: int, dead: Optional[Tensor], k_aux: int, mult
     return [main, aux, multi]
 
 
+def _encoder_matmul(centered: Tensor, W_enc: Tensor, b_enc: Tensor, dtype: torch.dtype, ws: Workspace) -> Tensor:
+    """(x - b_dec) @ W_enc + b_enc in `dtype`, into a reused buffer."""
+    (n, d_in), d_sae = centered.shape, W_enc.shape[1]
+    pre = ws.get("pre", (n, d_sae), dtype, centered.device)
+    if dtype == W_enc.dtype:
+        return torch.addmm(b_enc, centered, W_enc, out=pre)
+    # Low precision: the cast copies W_enc anyway, so append b_enc as an extra input column
+    # (and a column of ones to x) and let the matmul add it, instead of a broadcast pass over pre.
+    weight = ws.get("weight", (d_sae, d_in + 1), dtype, centered.device)
+    weight[:, :d_in].copy_(encoder_rows(W_enc))
+    weight[:, d_in].copy_(b_enc)
+    inputs = ws.get("inputs", (n, d_in + 1), dtype, centered.device)
+    inputs[:, :d_in].copy_(centered)
+    inputs[:, d_in].fill_(1.0)
+    return torch.mm(inputs, weight.t(), out=pre)
+
+
 def _psw_grad(grad_out: Tensor, W_dec: Tensor, indices: Tensor) -> Tensor:
     """d(sum_j v[:, j] * W_dec[indices[:, j]]) / dv = <W_dec[indices[t, j]], grad_out[t]>, per (t, j)."""
     n, width = indices.shape
@@ -123,8 +156,8 @@ def _psw_grad(grad_out: Tensor, W_dec: Tensor, indices: Tensor) -> Tensor:
         return torch.autograd.grad(out, weights, grad_out)[0]
 
 
-def _empty(n: int, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    return torch.empty(n, 0, dtype=dtype or like.dtype, device=like.device)
+def _empty(n: int, like: Tensor) -> Tensor:
+    return torch.empty(n, 0, dtype=like.dtype, device=like.device)
 
 
 class _SparseSAE(torch.autograd.Function):
@@ -136,49 +169,56 @@ class _SparseSAE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, multi_k, mm_dtype, workspace):  # type: ignore[override]
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, multi_k, mm_dtype, workspace, unit_decoder):  # type: ignore[override]
         ctx.set_materialize_grads(False)
+        ctx.unit_decoder = unit_decoder
+        # Under bf16 autocast the weight-gradient reductions also run in bf16 (as AMP's backward
+        # matmuls would), which on CPU is also ~3x faster for these gathers than fp32.
+        ctx.grad_dtype = mm_dtype if mm_dtype is not None and mm_dtype != x.dtype else None
         centered = x - b_dec
-        n, d_sae = x.shape[0], W_enc.shape[1]
-        dtype = mm_dtype or x.dtype
-        pre = workspace.get(n, d_sae, dtype, x.device) if workspace is not None else None
+        pre = _encoder_matmul(centered, W_enc, b_enc, mm_dtype or x.dtype, workspace or Workspace())
         # ReLU is applied to the winners only: ReLU(TopK(.)) has the same non-zeros as TopK(ReLU(.))
         # and skips a full pass over [N, d_sae].
-        pre = torch.addmm(b_enc.to(dtype), centered.to(dtype), W_enc.to(dtype), out=pre)
+        n, d_sae = pre.shape
+        # The decoder's gathers follow the same precision as the weight-gradient reductions.
+        W_gather = W_dec.to(ctx.grad_dtype) if W_dec is not None and ctx.grad_dtype else W_dec
         outs, saved = [], []
         for s, (values, indices) in enumerate(select_latents(pre, k, dead, k_aux, multi_k)):
             values = values.to(x.dtype).clamp(min=0)
             if W_dec is None or indices.shape[1] == 0:
                 decoded = _empty(n, x)
             else:
-                decoded = F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values.to(W_dec.dtype))
-                if s != 1:
-                    decoded = decoded + b_dec
+                decoded = F.embedding_bag(indices, W_gather, mode="sum", per_sample_weights=values.to(W_gather.dtype))
+                decoded = decoded.to(x.dtype) + b_dec if s != 1 else decoded.to(x.dtype)
             outs += [decoded, values, indices]
             saved += [values, indices]
             ctx.mark_non_differentiable(indices)
-        ctx.save_for_backward(centered, W_enc, W_dec, *saved)
+        ctx.save_for_backward(centered, W_enc, W_dec, W_gather, *saved)
         ctx.d_sae = d_sae
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        centered, W_enc, W_dec, *saved = ctx.saved_tensors
+        centered, W_enc, W_dec, W_gather, *saved = ctx.saved_tensors
         n, d_in = centered.shape
         sets = []  # (values, indices, grad of decoded, set id)
-        grad_pre_parts = []
+        grad_pre_parts, along_parts = [], []
         for s in range(3):
             values, indices = saved[2 * s], saved[2 * s + 1]
             g_dec, g_val = grads[3 * s], grads[3 * s + 1]
             if indices.shape[1] == 0 or (g_dec is None and g_val is None):
                 continue
             g = g_val.clone() if g_val is not None else torch.zeros_like(values)
+            along = torch.zeros_like(values)
             if g_dec is not None:
-                g += _psw_grad(g_dec, W_dec, indices)
+                dots = _psw_grad(g_dec.to(W_gather.dtype), W_gather, indices).to(values.dtype)
+                g += dots
+                along = values * dots  # this pair's share of <grad W_dec[latent], W_dec[latent]>
             grad_pre_parts.append(g * (values > 0))  # ReLU's gradient
+            along_parts.append(along)
             sets.append((values, indices, g_dec, s))
         if not sets:
-            return (None,) * 11
+            return (None,) * 12
         indices = torch.cat([st[1] for st in sets], dim=1)
         grad_pre = torch.cat(grad_pre_parts, dim=1).to(centered.dtype)
         width = indices.shape[1]
@@ -188,25 +228,31 @@ class _SparseSAE(torch.autograd.Function):
         offsets = torch.zeros(ctx.d_sae, dtype=torch.long, device=flat.device)
         torch.cumsum(torch.bincount(flat, minlength=ctx.d_sae)[:-1], dim=0, out=offsets[1:])
 
-        def rows(table: Tensor, bag_tokens: Tensor, weights: Tensor) -> Tensor:
-            return F.embedding_bag(bag_tokens, table, offsets, mode="sum", per_sample_weights=weights.reshape(-1)[order])
+        def rows(table: Tensor, bag_tokens: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
+            low = ctx.grad_dtype or dtype
+            out = F.embedding_bag(bag_tokens, table.to(low), offsets, mode="sum",
+                                  per_sample_weights=weights.reshape(-1)[order].to(low))
+            return out.to(dtype)
 
         need_x, need_wenc, need_benc, need_wdec, need_bdec = ctx.needs_input_grad[:5]
         grad_x = grad_wenc = grad_benc = grad_wdec = grad_bdec = None
-        if need_x or need_bdec:
-            grad_centered = F.embedding_bag(indices, encoder_rows(W_enc), mode="sum", per_sample_weights=grad_pre)
-            grad_x = grad_centered if need_x else None
-            if need_bdec:
-                grad_bdec = -grad_centered.sum(0)
-                for _, _, g_dec, s in sets:
-                    if g_dec is not None and s != 1:
-                        grad_bdec = grad_bdec + g_dec.sum(0)
-        if need_wenc:
-            # A transposed view matching W_enc's storage, so autograd keeps it without a copy.
-            grad_wenc = rows(centered, tokens, grad_pre).t()
-        if need_benc:
+        if need_x:
+            grad_x = F.embedding_bag(indices, encoder_rows(W_enc), mode="sum", per_sample_weights=grad_pre)
+        if need_benc or need_bdec:
             grad_benc = torch.zeros(ctx.d_sae, dtype=grad_pre.dtype, device=grad_pre.device)
             grad_benc.index_add_(0, flat, grad_pre.reshape(-1))
+        if need_bdec:
+            # Through x - b_dec: -sum_t grad_centered[t] = -grad_b_enc @ W_enc^T, one pass over W_enc
+            # instead of gathering k encoder rows per token.
+            grad_bdec = -(W_enc @ grad_benc)
+            for _, _, g_dec, s in sets:
+                if g_dec is not None and s != 1:
+                    grad_bdec = grad_bdec + g_dec.sum(0)
+        if not need_benc:
+            grad_benc = None
+        if need_wenc:
+            # A transposed view matching W_enc's storage, so autograd keeps it without a copy.
+            grad_wenc = rows(centered, tokens, grad_pre, W_enc.dtype).t()
         if need_wdec and any(st[2] is not None for st in sets):
             # One table holding each set's output gradient; a pair reads the block of its own set.
             tables, weights, block_of_column = [], [], []
@@ -216,8 +262,15 @@ class _SparseSAE(torch.autograd.Function):
                 block_of_column += [block] * values.shape[1]
             column_block = torch.tensor(block_of_column, device=flat.device)
             table_rows = tokens + n * column_block[order % width]
-            grad_wdec = rows(torch.cat(tables).to(W_dec.dtype), table_rows, torch.cat(weights, dim=1).to(W_dec.dtype))
-        return grad_x, grad_wenc, grad_benc, grad_wdec, grad_bdec, None, None, None, None, None, None
+            grad_wdec = rows(torch.cat(tables), table_rows, torch.cat(weights, dim=1), W_dec.dtype)
+            if ctx.unit_decoder:
+                # Drop each row's component along itself (rows are unit norm), as
+                # TopKSAE.remove_gradient_parallel_to_decoder_directions would, but from the
+                # per-pair dot products already at hand instead of a pass over [d_sae, d_in].
+                along = torch.zeros(ctx.d_sae, dtype=grad_wdec.dtype, device=grad_wdec.device)
+                along.index_add_(0, flat, torch.cat(along_parts, dim=1).reshape(-1).to(grad_wdec.dtype))
+                grad_wdec.addcmul_(along.unsqueeze(1), W_dec, value=-1.0)
+        return grad_x, grad_wenc, grad_benc, grad_wdec, grad_bdec, None, None, None, None, None, None, None
 
 
 def sparse_forward(
@@ -233,6 +286,7 @@ def sparse_forward(
     multi_k: int = 0,
     mm_dtype: Optional[torch.dtype] = None,
     workspace: Optional[Workspace] = None,
+    unit_decoder: bool = False,
 ) -> tuple[Tensor, ...]:
     """ReLU(TopK((x - b_dec) @ W_enc + b_enc)) and its decoding, with a sparse backward.
 
@@ -240,8 +294,9 @@ def sparse_forward(
     multi_indices): the AuxK set is the top k_aux among the `dead` latent ids, decoded without b_dec;
     Multi-TopK decodes the top multi_k. Unrequested parts are [N, 0]; with W_dec None nothing is
     decoded (encoding only). `mm_dtype` runs only the encoder matmul in that dtype (bf16 autocast).
+    With `unit_decoder`, W_dec's gradient comes back without its components along the (unit) rows.
     """
-    return _SparseSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, multi_k, mm_dtype, workspace)
+    return _SparseSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, multi_k, mm_dtype, workspace, unit_decoder)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:

@@ -209,7 +209,38 @@ def m002_views(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_core, m002_views]
+def m003_llm_batches(con: duckdb.DuckDBPyConnection) -> None:
+    """Batch API jobs (`--batch`, explainer/batch.py), and the batch behind each ledger row."""
+    con.execute(
+        """
+        CREATE TABLE llm_batches (
+            batch_id VARCHAR PRIMARY KEY,  -- the endpoint's id; a rerun polls it instead of creating another
+            stage VARCHAR NOT NULL,        -- explain | score
+            endpoint VARCHAR NOT NULL,     -- /v1/chat/completions | /v1/completions
+            base_url VARCHAR NOT NULL,
+            model VARCHAR,
+            dict_id INTEGER,
+            run_id BIGINT,                 -- the run that created it
+            input_file_id VARCHAR NOT NULL,
+            output_file_id VARCHAR,
+            error_file_id VARCHAR,
+            status VARCHAR NOT NULL,       -- the endpoint's last status: validating, in_progress, finalizing,
+                                           -- completed, failed, expired, cancelling, cancelled; or lost
+            n_requests INTEGER NOT NULL,
+            n_completed INTEGER,
+            n_failed INTEGER,
+            ingested_lines BIGINT NOT NULL DEFAULT 0,  -- result lines already in llm_cache/llm_calls
+            errors JSON,                   -- why the whole batch failed
+            created_at TIMESTAMP NOT NULL,
+            completed_at TIMESTAMP,        -- when the endpoint reported a final status
+            ingested_at TIMESTAMP          -- NULL while the batch is open
+        );
+        ALTER TABLE llm_calls ADD COLUMN batch_id VARCHAR;  -- set on rows ingested from a batch
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_core, m002_views, m003_llm_batches]
 
 
 def now() -> datetime:

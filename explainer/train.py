@@ -48,6 +48,11 @@ def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
     return y.float()
 
 
+def _sum_sq(a: Tensor, b: Tensor) -> Tensor:
+    """sum((a - b)^2) in one fused pass."""
+    return torch.nn.functional.mse_loss(a, b.expand_as(a), reduction="sum")
+
+
 def _adam(params: Any, lr: float, eps: float) -> torch.optim.Optimizer:
     try:
         return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)  # one kernel over all params
@@ -71,7 +76,10 @@ class Trainer:
         self.mm_dtype = torch.bfloat16 if settings.autocast == "bfloat16" else None
         self.dense = settings.decoder == "dense"
         self.lr = settings.lr or default_lr(sae.d_sae)
-        self.opt = _adam(sae.parameters(), self.lr, settings.adam_eps)
+        # Adam sees W_enc through its latent-major view, which is contiguous (W_enc is stored
+        # transposed): the fused kernel would otherwise copy it out and back every step.
+        self._enc_rows = torch.nn.Parameter(sae.W_enc.detach().t())
+        self.opt = _adam([self._enc_rows, sae.b_enc, sae.W_dec, sae.b_dec], self.lr, settings.adam_eps)
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
         self.fire_counts = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device)
         self.steps = 0
@@ -84,25 +92,30 @@ class Trainer:
     def step(self, x: Tensor) -> dict[str, float]:
         sae, s = self.sae, self.settings
         dead = self.dead_mask().nonzero().flatten() if s.auxk_coef > 0 else None
-        out = sae(x, dead=dead, k_aux=self.k_aux, multi_k=self.multi_k, dense=self.dense, mm_dtype=self.mm_dtype)
-        total_var = (x - x.mean(0)).pow(2).sum()
-        fvu = (out.x_hat - x).pow(2).sum() / total_var
+        out = sae(x, dead=dead, k_aux=self.k_aux, multi_k=self.multi_k, dense=self.dense, mm_dtype=self.mm_dtype,
+                  project_decoder_grad=not self.dense)
+        total_var = _sum_sq(x, x.mean(0))
+        fvu = _sum_sq(out.x_hat, x) / total_var
         loss = fvu
         if out.multi_x_hat is not None:
-            loss = loss + (out.multi_x_hat - x).pow(2).sum() / total_var / 8
+            loss = loss + _sum_sq(out.multi_x_hat, x) / total_var / 8
         auxk = torch.zeros((), device=x.device)
         if out.aux_x_hat is not None:
             # Dead latents learn to predict what the live ones missed; normalised by that residual's variance.
             resid = (x - out.x_hat).detach()
-            auxk = (out.aux_x_hat - resid).pow(2).sum() / (resid - resid.mean(0)).pow(2).sum()
+            auxk = _sum_sq(out.aux_x_hat, resid) / _sum_sq(resid, resid.mean(0))
             auxk = torch.nan_to_num(auxk, nan=0.0, posinf=0.0)
             loss = loss + s.auxk_coef * auxk
         self.opt.zero_grad(set_to_none=True)
+        sae.zero_grad(set_to_none=True)
         loss.backward()
         for p in sae.parameters():
             if p.grad is not None:
                 p.grad = self.all_reduce(p.grad)
-        sae.remove_gradient_parallel_to_decoder_directions()
+        if self.dense:  # the sparse backward already did this
+            sae.remove_gradient_parallel_to_decoder_directions()
+        if sae.W_enc.grad is not None:
+            self._enc_rows.grad = sae.W_enc.grad.t().contiguous()  # a view, unless the dense path ran
         self.opt.step()
         sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
@@ -298,17 +311,17 @@ def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = 
     started, tokens_before, stats = time.perf_counter(), trainer.tokens, {}
     while trainer.steps < total_steps:
         block = trainer.steps // spb
+        # The last block is cut to the steps left, so no activations are computed in vain.
+        block_steps = min(spb, total_steps - block * spb)
         block_start = stream.position
-        acts = _activations(lm, stream.take(ctx_per_step * spb), settings.model.batch_size) * scale
+        acts = _activations(lm, stream.take(ctx_per_step * block_steps), settings.model.batch_size) * scale
         perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed((ts.seed % 2**31) * 2**32 + block))
         acts = acts[perm.to(acts.device)]
-        for j in range(trainer.steps - block * spb, spb):
-            if trainer.steps >= total_steps:
-                break
+        for j in range(trainer.steps - block * spb, block_steps):
             stats = trainer.step(acts[j * step_tokens : (j + 1) * step_tokens])
             if trainer.steps % ts.checkpoint_every == 0 or trainer.steps == total_steps:
                 # Mid-block checkpoints point at the block's start: resuming recomputes the block and skips ahead.
-                pos = stream.position if j == spb - 1 else block_start
+                pos = stream.position if trainer.steps % spb == 0 else block_start
                 _save_checkpoint(out, trainer, identity, scale, pos, meta)
             elapsed = time.perf_counter() - started
             report({"stage": "train", "tokens": trainer.tokens, "total": total_steps * step_tokens, **stats,

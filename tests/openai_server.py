@@ -9,6 +9,11 @@ ledger are exercised over a socket, never through a mock. A reply comes from the
         ... LLMSettings(base_url=srv.url) ...
         assert len(srv.requests) == 2
 
+It also serves `/v1/files` and `/v1/batches` (the Batch API): an uploaded JSONL is answered
+line by line through the same queue and responder when a batch reaches `completed`; each
+status check moves a batch one step along `batch_statuses`. Lines served in a batch are
+recorded in `batch_requests`, never in `requests`.
+
 `python tests/openai_server.py --latency 0.2` serves from a separate process (the bench
 uses it so the server's threads do not compete with the client for the GIL).
 """
@@ -16,6 +21,8 @@ uses it so the server's threads do not compete with the client for the GIL).
 from __future__ import annotations
 
 import argparse
+import email.parser
+import email.policy
 import itertools
 import json
 import socket
@@ -121,6 +128,14 @@ class ScriptedServer:
         self.in_flight = 0
         self.max_in_flight = 0  # most completion requests handled at once (checks the client's bound)
         self._queue: deque[Union[Reply, str]] = deque()
+        # Batch API state: uploaded files, batch objects, and the statuses a batch walks through
+        # (one step per retrieve; the last is final: completed, expired, cancelled or failed).
+        self.files: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_statuses: tuple[str, ...] = ("validating", "in_progress", "finalizing", "completed")
+        self.batch_requests: list[Request] = []
+        self.batch_api = True  # False: /files and /batches answer 404, as vLLM and llama.cpp servers do
+        self.batch_api_errors = 0  # this many next /files or /batches requests answer 503 (retry tests)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
@@ -139,9 +154,9 @@ class ScriptedServer:
     def chat_requests(self) -> list[Request]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
 
-    def _next_reply(self, req: Request) -> Reply:
+    def _next_reply(self, req: Request, batch: bool = False) -> Reply:
         with self._lock:
-            self.requests.append(req)
+            (self.batch_requests if batch else self.requests).append(req)
             reply = self._queue.popleft() if self._queue else None
         if reply is None:
             reply = self.responder(req)
@@ -233,6 +248,93 @@ class ScriptedServer:
         return body
 
 
+    # --- Batch API ----------------------------------------------------------------------
+    def add_file(self, data: bytes, purpose: str, filename: str) -> dict[str, Any]:
+        with self._lock:
+            fid = f"file-{next(self._ids)}"
+            obj = {"id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                   "filename": filename, "purpose": purpose, "status": "processed"}
+            self.files[fid] = {"object": obj, "data": data}
+        return obj
+
+    def create_batch(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        fid = body.get("input_file_id")
+        if fid not in self.files:
+            return 400, {"error": {"message": f"no file {fid}", "type": "invalid_request_error"}}
+        if body.get("endpoint") not in ("/v1/chat/completions", "/v1/completions"):
+            return 400, {"error": {"message": f"endpoint {body.get('endpoint')} not supported", "type": "invalid_request_error"}}
+        n = len(self.files[fid]["data"].splitlines())
+        with self._lock:
+            bid = f"batch_{next(self._ids)}"
+            batch = {"id": bid, "object": "batch", "endpoint": body["endpoint"], "errors": None, "input_file_id": fid,
+                     "completion_window": body.get("completion_window", "24h"), "status": self.batch_statuses[0],
+                     "output_file_id": None, "error_file_id": None, "created_at": int(time.time()),
+                     "request_counts": {"total": n, "completed": 0, "failed": 0}, "metadata": body.get("metadata"),
+                     "_step": 0}
+            self.batches[bid] = batch
+        if batch["status"] in ("completed", "expired", "cancelled", "failed"):
+            self._finish_batch(batch)
+        return 200, self._public(batch)
+
+    def retrieve_batch(self, bid: str) -> Optional[dict[str, Any]]:
+        batch = self.batches.get(bid)
+        if batch is None:
+            return None
+        if batch["status"] not in ("completed", "expired", "cancelled", "failed"):
+            batch["_step"] = min(batch["_step"] + 1, len(self.batch_statuses) - 1)
+            batch["status"] = self.batch_statuses[batch["_step"]]
+            if batch["status"] in ("completed", "expired", "cancelled", "failed"):
+                self._finish_batch(batch)
+        return self._public(batch)
+
+    @staticmethod
+    def _public(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+    def _finish_batch(self, batch: dict[str, Any]) -> None:
+        """Answer every line (completed) or none (expired/cancelled: each line an error; failed: no files)."""
+        status = batch["status"]
+        if status == "failed":
+            batch["errors"] = {"object": "list", "data": [{"code": "scripted_failure", "message": "the batch failed",
+                                                           "param": None, "line": None}]}
+            return
+        out, err = [], []
+        for raw in self.files[batch["input_file_id"]]["data"].splitlines():
+            line = json.loads(raw)
+            rid = f"batch_req_{next(self._ids)}"
+            if status != "completed":
+                err.append({"id": rid, "custom_id": line["custom_id"], "response": None,
+                            "error": {"code": f"batch_{status}", "message": f"the batch was {status} before this request ran"}})
+                continue
+            req = Request(line["url"], line["body"], {})
+            reply = self._next_reply(req, batch=True)
+            code, body = self._line_response(req, reply)
+            record = {"id": rid, "custom_id": line["custom_id"], "error": None,
+                      "response": {"status_code": code, "request_id": f"req_{rid}", "body": body}}
+            if reply.kind in ("hang", "reset"):
+                record["response"] = None
+                record["error"] = {"code": "server_error", "message": "the request could not be processed"}
+            (out if code == 200 and record["error"] is None else err).append(record)
+        for name, records in (("output_file_id", out), ("error_file_id", err)):
+            if records:
+                data = "".join(json.dumps(r) + "\n" for r in records).encode()
+                batch[name] = self.add_file(data, "batch_output", f"{batch['id']}_{name}.jsonl")["id"]
+        batch["request_counts"] = {"total": len(out) + len(err), "completed": len(out), "failed": len(err)}
+
+    def _line_response(self, req: Request, reply: Reply) -> tuple[int, Any]:
+        if reply.kind in ("status", "raw"):
+            try:
+                return reply.status, json.loads(reply.body)
+            except ValueError:
+                return reply.status, reply.body.decode(errors="replace")
+        if reply.kind == "error200":
+            return 200, {"error": {"message": reply.text, "code": 503}}
+        if reply.kind in ("hang", "reset"):
+            return 500, None
+        make = self.chat_body if req.path.endswith("/chat/completions") else self.completion_body
+        return 200, make(req, reply)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -264,13 +366,63 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _batch_fault(self, srv: ScriptedServer) -> bool:
+        """Answer 503 while `batch_api_errors` lasts."""
+        with srv._lock:
+            if srv.batch_api_errors <= 0:
+                return False
+            srv.batch_api_errors -= 1
+        self._send(503, b'{"error": {"message": "scripted outage"}}')
+        return True
+
     def do_GET(self) -> None:
         srv: ScriptedServer = self.server.scripted  # type: ignore[attr-defined]
-        if self.path.rstrip("/").endswith("/models"):
+        path = self.path.split("?")[0].rstrip("/")
+        parts = path.split("/")
+        if ("/batches/" in path or "/files/" in path) and srv.batch_api and self._batch_fault(srv):
+            return
+        if path.endswith("/models"):
             data = {"object": "list", "data": [{"id": srv.model, "object": "model", "created": 0, "owned_by": "tests"}]}
             self._send(200, json.dumps(data).encode())
+        elif srv.batch_api and len(parts) >= 2 and parts[-2] == "batches":
+            with srv._lock:
+                srv.requests.append(Request(self.path, None, {k.lower(): v for k, v in self.headers.items()}))
+            batch = srv.retrieve_batch(parts[-1])
+            if batch is None:
+                self._send(404, json.dumps({"error": {"message": f"no batch {parts[-1]}"}}).encode())
+            else:
+                self._send(200, json.dumps(batch).encode())
+        elif srv.batch_api and len(parts) >= 3 and parts[-3] == "files" and parts[-1] == "content":
+            with srv._lock:
+                srv.requests.append(Request(self.path, None, {k.lower(): v for k, v in self.headers.items()}))
+            f = srv.files.get(parts[-2])
+            if f is None:
+                self._send(404, json.dumps({"error": {"message": f"no file {parts[-2]}"}}).encode())
+            else:
+                self._send(200, f["data"], {"Content-Type": "application/octet-stream"})
         else:
             self._send(404, b'{"error": {"message": "not found"}}')
+
+    def _batch_api(self, srv: ScriptedServer, req: Request, raw: bytes, path: str) -> bool:
+        """POST /files (multipart upload) and /batches; False for any other path."""
+        if not srv.batch_api or not (path.endswith("/files") or path.endswith("/batches")):
+            return False
+        if self._batch_fault(srv):
+            return True
+        if path.endswith("/files"):
+            form = _multipart(self.headers.get("Content-Type", ""), raw)
+            if "file" not in form:
+                self._send(400, b'{"error": {"message": "no file part"}}')
+            else:
+                data, filename = form["file"]
+                obj = srv.add_file(data, form.get("purpose", (b"", ""))[0].decode(), filename or "upload.jsonl")
+                self._send(200, json.dumps(obj).encode())
+            return True
+        if path.endswith("/batches") and isinstance(req.body, dict):
+            status, obj = srv.create_batch(req.body)
+            self._send(status, json.dumps(obj).encode())
+            return True
+        return False
 
     def do_POST(self) -> None:
         srv: ScriptedServer = self.server.scripted  # type: ignore[attr-defined]
@@ -284,7 +436,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not (path.endswith("/chat/completions") or path.endswith("/completions")):
             with srv._lock:
                 srv.requests.append(req)
-            self._send(404, b'{"error": {"message": "unknown path"}}')
+            if not self._batch_api(srv, req, raw, path):
+                self._send(404, b'{"error": {"message": "unknown path"}}')
             return
         reply = srv._next_reply(req)
         with srv._lock:
@@ -318,6 +471,20 @@ class _Handler(BaseHTTPRequestHandler):
             return
         make = srv.chat_body if path.endswith("/chat/completions") else srv.completion_body
         self._send(200, json.dumps(make(req, reply)).encode(), reply.headers)
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[bytes, Optional[str]]]:
+    """Form fields of a multipart/form-data body: name -> (bytes, filename)."""
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    out: dict[str, tuple[bytes, Optional[str]]] = {}
+    if not msg.is_multipart():
+        return out
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            out[str(name)] = (part.get_payload(decode=True) or b"", part.get_filename())
+    return out
 
 
 @pytest.fixture

@@ -265,3 +265,24 @@ def test_bad_dictionaries_are_refused(env: dict[str, Any], tmp_path: Path) -> No
                            env["sae"], lm=env["lm"])
     finally:
         con.close()
+
+
+@pytest.mark.parametrize("sizes", [dict(n_top=0), dict(n_quantile=0, n_reservoir=0),
+                                   dict(n_nonactivating=0, n_random=0, nonactivating_pool=0)])
+def test_zero_sized_kinds_and_an_unused_split(env: dict[str, Any], tmp_path: Path, sizes: dict) -> None:
+    s = env["settings"].model_copy(deep=True)
+    s.db = tmp_path / "zero.duckdb"
+    s.sample = s.sample.model_copy(update={**sizes, "acts_dtype": "float16"})
+    s.corpus.validation_fraction = 0.0
+    con = store.connect(s.db)
+    try:
+        res = sample_mod.run(con, s, env["sae"], lm=env["lm"])
+        kinds = dict(con.execute("SELECT kind, count(*) FROM examples GROUP BY kind").fetchall())
+        splits = {r[0] for r in con.execute("SELECT DISTINCT split FROM examples").fetchall()}
+    finally:
+        con.close()
+    assert res.complete and res.n_contexts["validation"] == 0 and splits == {"train", "heldout"}
+    zero = {"top" if "n_top" in sizes else "quantile" if "n_quantile" in sizes else "nonactivating"}
+    if "n_random" in sizes:
+        zero.add("random")
+    assert set(kinds) == {"top", "quantile", "nonactivating", "random"} - zero

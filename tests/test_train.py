@@ -47,7 +47,8 @@ def test_geometric_median_resists_outliers() -> None:
     assert (x.mean(0) - median).norm() > 100
 
 
-def test_trainer_recovers_known_directions() -> None:
+@pytest.mark.parametrize("autocast", ["none", "bfloat16"])
+def test_trainer_recovers_known_directions(autocast: str) -> None:
     dirs, batch = synthetic()
     sample = batch(2048)
     scale = 32**0.5 / float(sample.norm(dim=1).mean())
@@ -55,7 +56,7 @@ def test_trainer_recovers_known_directions() -> None:
     sae.init_tied(torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample * scale))
-    trainer = Trainer(sae, TrainSettings(n_latents=256, k=4, lr=1e-2, dead_tokens=2000))
+    trainer = Trainer(sae, TrainSettings(n_latents=256, k=4, lr=1e-2, dead_tokens=2000, autocast=autocast))
     data = [batch(512) * scale for _ in range(50)]
     for i in range(300):
         stats = trainer.step(data[i % 50])
@@ -87,7 +88,7 @@ def test_sparse_and_dense_trainers_take_the_same_steps() -> None:
 
 def settings_for(tiny_lm: Path, tiny_corpus: Path, out: Path, **train) -> Settings:
     defaults = dict(out=out, n_latents=64, k=4, tokens=2048, batch_tokens=128, eval_tokens=256, ce_tokens=64,
-                    checkpoint_every=4, shuffle_steps=3, median_samples=256, dead_tokens=256)
+                    checkpoint_every=3, shuffle_steps=4, median_samples=256, dead_tokens=256)
     return Settings(
         model=ModelSettings(name=str(tiny_lm), layer=1, device="cpu", batch_size=4),
         corpus=CorpusSettings(source=str(tiny_corpus), ctx_len=16),
@@ -132,7 +133,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_lm: Path, tiny_corpus:
         if info.get("stage") == "train" and info["tokens"] == 7 * 128:
             raise Interrupt
 
-    with pytest.raises(Interrupt):  # the last checkpoint is step 4, in the middle of a shuffle block
+    with pytest.raises(Interrupt):  # the last checkpoint is step 6, in the middle of a shuffle block
         run(settings_for(tiny_lm, tiny_corpus, tmp_path / "cut"), progress=stop_at_step_7)
     assert not (tmp_path / "cut" / "metrics.json").exists()
     with pytest.raises(ExplainerError, match="unfinished"):
@@ -144,7 +145,8 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_lm: Path, tiny_corpus:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
     assert resumed.metrics["fvu"] == pytest.approx(full.metrics["fvu"], abs=1e-6)
 
-    # Asking a finished run for more tokens continues it, as if it had been asked for them at first.
+    # Asking a finished run for more tokens continues it as if it had been asked for them at first
+    # (exactly so when it ended on a shuffle-block boundary, as here: 16 steps, blocks of 4).
     longer = run(settings_for(tiny_lm, tiny_corpus, tmp_path / "long", tokens=3072))
     extended = run(settings_for(tiny_lm, tiny_corpus, tmp_path / "full", tokens=3072), resume=True)
     assert extended.steps == longer.steps == 24

@@ -1,0 +1,126 @@
+"""The Batch API on the wire for `--batch`: files and batches calls with retries, and result lines."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional, TypeVar
+
+import openai
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+
+from explainer.errors import ExplainerError
+from explainer.llm import reply_from, resolve_endpoint
+from explainer.settings import LLMSettings
+
+T = TypeVar("T")
+UPLOAD_TIMEOUT = 600.0  # an input file may be 190 MB
+
+
+class _Transient(Exception):
+    pass
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class BatchApi:
+    """files/batches calls with the LLM layer's retry settings; refusals become user errors."""
+
+    def __init__(self, settings: LLMSettings):
+        self.settings = settings
+        self.base_url, self._key = resolve_endpoint(settings)
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=self._key, max_retries=0,
+                                    timeout=max(settings.timeout, UPLOAD_TIMEOUT))
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if len(self._key) > 8 else text
+
+    def call(self, what: str, fn: Callable[..., T], *args: Any, idempotent: bool = True, **kw: Any) -> T:
+        """`fn(*args, **kw)`, retried on 408/409/429/5xx and, when `idempotent`, on timeouts and
+        lost connections (a create that may have gone through is not repeated: it would bill twice)."""
+        s = self.settings
+
+        def once() -> T:
+            try:
+                return fn(*args, **kw)
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                if idempotent:
+                    raise _Transient(f"cannot reach {self.base_url}: {short(e)}") from None
+                raise ExplainerError(
+                    f"{what} at {self.base_url} got no answer ({short(e)}); it may have gone through: "
+                    "check the endpoint's batch list before rerunning"
+                ) from None
+            except openai.APIStatusError as e:
+                msg = self._redact(f"HTTP {e.status_code}: {short(_message(e))}")
+                if e.status_code in (408, 409, 429) or e.status_code >= 500:
+                    raise _Transient(msg) from None
+                raise Refused(e.status_code, msg) from None
+
+        def wait(rs: Any) -> float:
+            return min(s.backoff_max, s.backoff * 2 ** (rs.attempt_number - 1))
+
+        try:
+            for attempt in Retrying(stop=stop_after_attempt(s.max_attempts), wait=wait,
+                                    retry=retry_if_exception_type(_Transient), reraise=True):
+                with attempt:
+                    return once()
+        except _Transient as e:
+            raise ExplainerError(f"{what} failed at {self.base_url} after {s.max_attempts} attempts ({e}); "
+                                 "rerun the same command later (submitted batches are resumed)") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def checked(self, what: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """`call`, with a refusal turned into a message naming the fix."""
+        try:
+            return self.call(what, fn, *args, **kw)
+        except Refused as e:
+            hint = ("the endpoint has no Batch API (vLLM, llama.cpp and Ollama servers serve none): run without --batch"
+                    if e.status == 404 else "check OPENAI_API_KEY, --base-url and --model, or run without --batch")
+            raise ExplainerError(f"{what} refused by {self.base_url} ({e.message}); {hint}") from None
+
+
+def read_line(raw: bytes, endpoint: str) -> tuple[Optional[str], Optional[dict[str, Any]], Optional[str]]:
+    """(custom_id, usable response body or None, error reason or None) of one result line."""
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None, None, None
+    if not isinstance(rec, dict) or not isinstance(rec.get("custom_id"), str):
+        return None, None, None
+    key = rec["custom_id"]
+    err = rec.get("error")
+    if err:
+        if isinstance(err, dict):
+            return key, None, f"{err.get('code') or 'error'}: {short(err.get('message') or '')}"
+        return key, None, short(err)
+    resp = rec.get("response") if isinstance(rec.get("response"), dict) else {}
+    code, body = resp.get("status_code"), resp.get("body")
+    if code == 200 and isinstance(body, dict):
+        try:
+            reply_from(endpoint, body)
+        except ValueError as e:
+            return key, None, f"unusable answer: {short(e)}"
+        return key, body, None
+    msg = body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        msg = inner.get("message", inner) if isinstance(inner, dict) else inner
+    return key, None, f"HTTP {code}: {short(msg)}"
+
+
+def short(e: Any, n: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _message(e: openai.APIStatusError) -> str:
+    body = e.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return e.message
