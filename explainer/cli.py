@@ -110,7 +110,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sae_path = Path(args.sae) if args.sae else s.train.out
     with store.connect(s.db) as con:
         with ui.progress_bar("sample", enabled=not args.json) as bar:
-            res = sample.run(con, s, sae_path, dict_name=args.dict_name, progress=bar)
+            res = sample.run(con, s, sae_path, dict_name=args.dict_name, resume=not args.restart, progress=bar)
     ui.emit_mapping(as_dict(res), as_json=args.json, title=f"samples written to {s.db}")
     return 0
 
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "sample":
             p.add_argument("--sae", default=None, help="dictionary folder (ours, SAELens or sparsify); default: train.out")
             p.add_argument("--dict-name", default=None, help="name of the dictionary in the DB (default: from its folder)")
+            p.add_argument("--restart", action="store_true",
+                           help="discard this dictionary's earlier samples and any unfinished run's checkpoint, start over")
         if verb == "explain":
             p.add_argument("--agent", action="store_true",
                            help="propose candidates, pick the best on validation, refine it from its mistakes, "

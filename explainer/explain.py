@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import duckdb
-from pydantic import BaseModel, ValidationInfo, field_validator
+from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
 from explainer import prompts, store
 from explainer.errors import ExplainerError
@@ -123,7 +123,12 @@ def parse_explanation(reply: Reply, max_chars: int = 300) -> str:
     """The cleaned explanation, or ValueError (the LLM layer then asks again)."""
     if reply.finish_reason == "length":
         raise ValueError("answer cut off at max_tokens")
-    return ExplanationAnswer.model_validate({"text": reply.text}, context={"max_chars": max_chars}).text
+    if reply.text is None:
+        raise ValueError("answer has no text")
+    try:
+        return ExplanationAnswer.model_validate({"text": reply.text}, context={"max_chars": max_chars}).text
+    except ValidationError as e:  # its str() is several lines of pydantic detail; the reason is stored
+        raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 # --- reading examples ------------------------------------------------------------------

@@ -509,7 +509,8 @@ class LLMClient:
             except openai.APITimeoutError:
                 raise _Retryable(f"no answer from {url} within {self.settings.timeout:g}s", connection=True) from None
             except openai.APIConnectionError as e:
-                cause = f": {_short(e.__cause__)}" if e.__cause__ is not None else ""
+                # A reset's cause (ReadError) has an empty message: name its type instead.
+                cause = f": {_short(e.__cause__) or type(e.__cause__).__name__}" if e.__cause__ is not None else ""
                 raise _Retryable(f"cannot reach {url}{cause}", connection=True) from None
             except openai.APIStatusError as e:
                 self.responses += 1

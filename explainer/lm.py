@@ -214,6 +214,7 @@ def load_model(settings: ModelSettings) -> SubjectModel:
     device = pick_device(settings.device)
     dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our own bars own the terminal
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -210,10 +210,6 @@ def _previous(con: duckdb.DuckDBPyConnection, dict_id: int, name: str, key: str,
     """The result of a finished identical run (a no-op), or None; refuses to mix settings."""
     done = _done_runs(con, dict_id)
     if not resume:
-        with store.transaction(con):
-            con.execute("UPDATE runs SET status = 'replaced' WHERE list_contains(?, id)", [[rid for rid, _ in done]])
-            con.execute("DELETE FROM examples WHERE dict_id = ?", [dict_id])
-            con.execute("DELETE FROM latents WHERE dict_id = ?", [dict_id])
         return None
     same = [res for _, res in done if res.get("config_key") == key and res.get("shard") in (shard, "merged")]
     if same:
@@ -228,8 +224,17 @@ def _previous(con: duckdb.DuckDBPyConnection, dict_id: int, name: str, key: str,
 
 def _saved_state(con: duckdb.DuckDBPyConnection, path: Optional[Path], dict_id: int, name: str, key: str,
                  shard: tuple[int, int], resume: bool, device: torch.device) -> Optional[SampleState]:
-    """The checkpoint to continue from, if any, after deleting contexts rows written past it."""
+    """The checkpoint to continue from, if any, after deleting contexts rows written past it.
+
+    Without resume, first retires this dictionary's earlier samples (--restart).
+    """
     state = None
+    if not resume:
+        with store.transaction(con):
+            con.execute("UPDATE runs SET status = 'replaced' WHERE list_contains(?, id)",
+                        [[rid for rid, _ in _done_runs(con, dict_id)]])
+            con.execute("DELETE FROM examples WHERE dict_id = ?", [dict_id])
+            con.execute("DELETE FROM latents WHERE dict_id = ?", [dict_id])
     if path is not None and path.exists() and resume:
         state = load_state(path, device)
         if state.meta.get("config_key") != key:
@@ -276,15 +281,15 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
         return SampleResult(dict_id, name, shard_text, prev["complete"], True, prev["n_contexts"], prev["n_tokens"],
                             prev.get("dead_latents"), prev.get("median_frequency"), _db_bytes(con), 0.0,
                             time.perf_counter() - t0, prev.get("state_path"), warnings)
-    db_file = _db_file(con)
-    spath = state_path(db_file, fp, shard) if db_file is not None else None
-    state = _saved_state(con, spath, dict_id, name, key, shard, resume, lm.device)
     limit = math.ceil(ss.tokens / T)
     if limit > M31:  # context ids share an int64 with a 31-bit hash in the sketches
         raise ExplainerError(f"sample.tokens={ss.tokens:,} is over 2^31 contexts of {T} tokens; lower --tokens")
     docs = load_documents(settings.corpus)
-    counts, notes = _plan(settings, lm.tokenizer, docs, limit, ss)
+    counts, notes = _plan(settings, lm.tokenizer, docs, limit, ss)  # bad input fails before any delete
     warnings += notes
+    db_file = _db_file(con)
+    spath = state_path(db_file, fp, shard) if db_file is not None else None
+    state = _saved_state(con, spath, dict_id, name, key, shard, resume, lm.device)
     total = len(range(shard[0], min(limit, sum(counts.values())), shard[1])) * T
     if state is None:
         state = new_state(d_sae=sae.d_sae, ctx_len=T, k=sae.k, n_top=ss.n_top, n_reservoir=ss.n_reservoir,

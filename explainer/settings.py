@@ -282,11 +282,26 @@ def parse_assignment(text: str) -> dict[str, Any]:
     return out
 
 
+def _valid_keys(loc: tuple) -> list[str]:
+    """Field names allowed where an unknown key was found, so the error can suggest them."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
 def one_line(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"])
-        parts.append(f"{where}: {e['msg']}")
+        if e["type"] == "extra_forbidden":
+            keys = _valid_keys(tuple(e["loc"]))
+            parts.append(f"{where}: unknown setting" + (f" (valid here: {', '.join(keys)})" if keys else ""))
+        else:
+            parts.append(f"{where}: {e['msg']}")
     return "; ".join(parts)
 
 

@@ -6,10 +6,14 @@ with save_pretrained and loaded through the same from_pretrained path users take
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# Set before any fixture imports transformers: huggingface_hub reads it at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 WORDS = (
     "the a king queen lord lady sword crown castle river night day love war peace "

@@ -173,6 +173,21 @@ def test_rerun_is_a_noop_and_changed_settings_need_restart(env: dict[str, Any], 
             sample_mod.run(con, changed, env["sae"], lm=env["lm"])
     finally:
         con.close()
+    # --restart replaces the samples (on a copy: the module's DB stays the reference).
+    copy = tmp_path / "copy.duckdb"
+    for suffix in ("", ".wal"):  # a DB file goes together with its WAL
+        src = Path(str(env["settings"].db) + suffix)
+        if src.exists():
+            Path(str(copy) + suffix).write_bytes(src.read_bytes())
+    con = store.connect(copy)
+    try:
+        res = sample_mod.run(con, changed.model_copy(update={"db": copy}), env["sae"], lm=env["lm"], resume=False)
+        top_ranks = con.execute("SELECT max(rank) FROM examples WHERE kind = 'top'").fetchone()[0]
+        statuses = con.execute("SELECT status FROM runs ORDER BY id").fetchall()
+    finally:
+        con.close()
+    assert res.complete and not res.already_complete and top_ranks == 2
+    assert [r[0] for r in statuses] == ["replaced", "done"]
 
 
 def test_resume_after_interruption_gives_identical_tables(env: dict[str, Any], tmp_path: Path,
