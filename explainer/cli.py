@@ -99,7 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     s = settings_from(args)
     with ui.progress_bar("train", enabled=not args.json) as bar:
         res = train.run(s, progress=bar, resume=args.resume)
-    ui.emit_mapping(as_dict(res), as_json=args.json, title=f"dictionary saved to {res.out}")
+    flat = {"out": str(res.out), "steps": res.steps, "tokens": res.tokens,
+            "tokens_per_s": round(res.tokens_per_s, 1), **res.metrics}
+    ui.emit_mapping(flat, as_json=args.json, title=f"dictionary saved to {res.out}")
     return 0
 
 

@@ -61,7 +61,7 @@ class TrainSettings(Section):
     out: Path = Field(Path("runs/sae"), description="folder for the trained dictionary (SAELens layout)")
     n_latents: int = Field(4096, ge=2, description="dictionary width (number of latents)")
     k: int = Field(32, ge=1, description="active latents per token (TopK)")
-    tokens: int = Field(600_000, ge=1, description="training tokens to stream from the subject model")
+    tokens: int = Field(400_000, ge=1, description="training tokens to stream from the subject model (sized so `explainer run` takes ~10 min on 2 CPU cores)")
     batch_tokens: int = Field(
         4096, ge=1, description="tokens per optimizer step (rounded to whole contexts of ctx_len tokens)"
     )
@@ -114,7 +114,7 @@ class SampleSettings(Section):
     acts_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of the per-token activations held for kept examples while sampling (memory)"
     )
-    tokens: int = Field(300_000, ge=1, description="corpus tokens to run through model + dictionary")
+    tokens: int = Field(200_000, ge=1, description="corpus tokens (all splits) to run through model + dictionary")
     checkpoint_every: int = Field(256, ge=1, description="batches between resumable checkpoints (a kill loses at most this many)")
     shard: str = Field("0/1", description="process shard i of N (i/N) of the contexts; merge shards with `explainer merge`")
     force_layer: bool = Field(
