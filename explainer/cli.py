@@ -117,6 +117,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from explainer import sample, store, ui
+
+    s = settings_from(args)
+    with store.connect(s.db) as con:
+        res = sample.merge(con, [Path(p) for p in args.shards], dict_name=args.dict_name)
+    ui.emit_mapping(as_dict(res), as_json=args.json, title=f"shards merged into {s.db}")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from explainer import explain, store, ui
 
@@ -331,6 +341,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
             ("model", "corpus", "train", "sample", "llm", "explain", "score")),
     "train": (cmd_train, "train a TopK sparse autoencoder on a model's residual stream", ("model", "corpus", "train")),
     "sample": (cmd_sample, "store top, quantile, non-activating and random examples per latent in DuckDB", ("model", "corpus", "sample")),
+    "merge": (cmd_merge, "combine `sample --shard i/N` databases into one (exact: top-k, sketches and counts merge)", ()),
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain", "agent")),
     "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing", ("llm", "score")),
     "bench": (cmd_bench, "planted-feature benchmark: known latents through sample, explain and score", ("corpus", "sample", "llm", "score")),
@@ -381,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("latent", type=int, help="latent index")
             p.add_argument("--split", default="train,heldout", help="splits to show examples from (default: train,heldout)")
             p.add_argument("-n", type=int, default=5, help="examples per kind (default: 5)")
+        if verb == "merge":
+            p.add_argument("shards", nargs="+", help="the shard DuckDB files written by `sample --shard i/N --db ...`")
+            p.add_argument("--dict-name", default=None, help="name of the dictionary in the merged DB")
         if verb == "serve":
             p.add_argument("--serve-model", default="smollm2", help="smollm2, gemma3-270m or a .gguf path (default: smollm2)")
             p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")

@@ -23,6 +23,7 @@ Memory: O(splits x latents x (n_top + n_reservoir) x ctx_len) + O(pool x ctx_len
 from __future__ import annotations
 
 import os
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
+
+from explainer.errors import ExplainerError
 
 SPLITS = ("train", "validation", "heldout")
 S = len(SPLITS)
@@ -308,6 +311,13 @@ def save_state(state: SampleState, path: Path) -> None:
 
 
 def load_state(path: Path, device: torch.device | str = "cpu") -> SampleState:
-    data = torch.load(path, map_location=device, weights_only=True)
-    meta = data.pop("meta")
-    return SampleState(meta=meta, **data)
+    try:
+        data = torch.load(path, map_location=device, weights_only=True)
+        meta = data.pop("meta")
+        return SampleState(meta=meta, **data)
+    except (RuntimeError, EOFError, OSError, KeyError, TypeError, AttributeError, pickle.UnpicklingError) as e:
+        # A truncated or foreign file (a full disk, a bad copy): say which file and how to get past it.
+        raise ExplainerError(
+            f"sampler state {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "delete it to resample from the last committed rows, or pass --restart"
+        ) from None

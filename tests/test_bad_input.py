@@ -271,9 +271,6 @@ def test_truncated_training_checkpoint_on_resume(tiny_lm: Path, tiny_corpus: Pat
     fails(train_args(tiny_lm, tiny_corpus, out, "--resume"), capsys, str(out))
 
 
-@pytest.mark.xfail(strict=True, reason="sample._saved_state calls sampler_state.load_state, whose torch.load error "
-                   "(RuntimeError: PytorchStreamReader failed reading zip archive) is not turned into an ExplainerError "
-                   "naming the state file and the fix (delete it or pass --restart); sample.py is not this test's to edit")
 def test_truncated_sampler_checkpoint_on_resume(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """The sampler's state file beside the DB, truncated (a disk that filled up, a bad copy)."""

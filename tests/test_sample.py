@@ -301,3 +301,22 @@ def test_zero_sized_kinds_and_an_unused_split(env: dict[str, Any], tmp_path: Pat
     if "n_random" in sizes:
         zero.add("random")
     assert set(kinds) == {"top", "quantile", "nonactivating", "random"} - zero
+
+
+def test_merge_verb_combines_shard_databases(env: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from explainer.cli import main
+
+    shard_dbs = []
+    for i in range(2):
+        s = env["settings"].model_copy(deep=True)
+        s.db, s.sample.shard = tmp_path / f"shard{i}.duckdb", f"{i}/2"
+        con = store.connect(s.db)
+        sample_mod.run(con, s, env["sae"], lm=env["lm"])
+        con.close()
+        shard_dbs.append(str(s.db))
+    assert main(["merge", "--db", str(tmp_path / "merged.duckdb"), "--json", *shard_dbs]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["complete"] and out["n_contexts"] == env["result"].n_contexts
+    assert tables(tmp_path / "merged.duckdb")["contexts"] == tables(env["settings"].db)["contexts"]
