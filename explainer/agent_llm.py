@@ -22,7 +22,7 @@ from explainer.agent import AgentResult, LatentReport, Node, Progress, ScoreRow,
     agent_latents, queue_rows, search, show_misses
 from explainer.errors import ExplainerError
 from explainer.explain import load_train_examples, parse_explanation, prompt_values
-from explainer.llm import Answer, CallFailed, LLMClient, resolve_endpoint
+from explainer.llm import Answer, CallFailed, LLMClient, gather_or_cancel, resolve_endpoint
 from explainer.settings import Settings
 from explainer.simulate import Outcome, ScoreFailed, Snippet, Spend
 
@@ -73,15 +73,9 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latent
     run_id = store.start_run(con, "agent", settings.public_dict())
     result = AgentResult(run_id, dict_id, "llm", model, requested=len(latents), skipped=len(latents) - len(todo))
     t0 = time.perf_counter()
-    try:
+    with store.recorded_run(con, run_id, result, t0):
         asyncio.run(_llm_all(con, settings, dict_id, templates, refine_tpl, sim_tpl, todo, leftovers, result,
                              progress))
-    except BaseException:
-        result.wall_s = time.perf_counter() - t0
-        store.finish_run(con, run_id, "failed", result.as_dict())
-        raise
-    result.wall_s = time.perf_counter() - t0
-    store.finish_run(con, run_id, "done", result.as_dict())
     return result
 
 
@@ -117,14 +111,7 @@ async def _llm_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: 
             LLMClient(s.llm, con, stage="agent-heldout", run_id=result.run_id, dict_id=dict_id) as final:
         ctx = _LLMContext(s, con, dict_id, templates, refine_tpl, sim_tpl, llm, final)
         try:
-            tasks = [asyncio.create_task(worker(ctx)) for _ in range(min(s.llm.concurrency, max(1, len(todo))))]
-            try:
-                await asyncio.gather(*tasks)
-            except BaseException:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+            await gather_or_cancel([worker(ctx) for _ in range(min(s.llm.concurrency, max(1, len(todo))))])
         finally:
             # The final score's calls and spend go to its own ledger stage; both count here.
             result.calls = llm.calls + final.calls

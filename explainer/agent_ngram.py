@@ -188,7 +188,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latent
     run_id = store.start_run(con, "agent", settings.public_dict())
     result = AgentResult(run_id, dict_id, "ngram", MODEL, requested=len(latents), skipped=len(latents) - len(todo))
     t0 = time.perf_counter()
-    try:
+    with store.recorded_run(con, run_id, result, t0):
         writer = Writer(con)
         for i in range(0, len(todo), CHUNK):
             asyncio.run(_chunk(con, a, dict_id, todo[i: i + CHUNK], leftovers, result, writer))
@@ -196,10 +196,4 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latent
             if progress is not None:
                 progress({"done": result.chosen + result.failed, "total": len(todo), "chosen": result.chosen,
                           "failed": result.failed})
-    except BaseException:
-        result.wall_s = time.perf_counter() - t0
-        store.finish_run(con, run_id, "failed", result.as_dict())
-        raise
-    result.wall_s = time.perf_counter() - t0
-    store.finish_run(con, run_id, "done", result.as_dict())
     return result

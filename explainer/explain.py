@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
 from explainer import prompts, store
 from explainer.errors import ExplainerError
-from explainer.llm import CallFailed, LLMClient, Reply, resolve_endpoint
+from explainer.llm import CallFailed, LLMClient, Reply, gather_or_cancel, resolve_endpoint
 from explainer.settings import ExplainSettings, Settings
 
 REQUIRED_PLACEHOLDERS = ("top_examples",)
@@ -225,7 +225,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     def stage_pass(make_client: Callable[..., LLMClient], res: ExplainResult, prog: Any) -> None:
         asyncio.run(_explain_all(con, settings, dict_id, tpl, todo, res, prog, t0, make_client))
 
-    try:
+    with store.recorded_run(con, run_id, result, t0):
         outcome = None
         make_client: Optional[Callable[..., LLMClient]] = LLMClient
         if settings.llm.batch and todo:
@@ -240,12 +240,6 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
             stage_pass(make_client, result, progress)
         if outcome is not None:
             outcome.add_spend_to(result)
-    except BaseException:
-        result.wall_s = time.perf_counter() - t0
-        store.finish_run(con, run_id, "failed", result.as_dict())
-        raise
-    result.wall_s = time.perf_counter() - t0
-    store.finish_run(con, run_id, "done", result.as_dict())
     return result
 
 
@@ -333,14 +327,7 @@ async def _explain_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_
 
     async with make_client(settings.llm, con, stage="explain", run_id=result.run_id, dict_id=dict_id) as llm:
         try:
-            tasks = [asyncio.create_task(produce())] + [asyncio.create_task(worker()) for _ in range(n_workers)]
-            try:
-                await asyncio.gather(*tasks)
-            except BaseException:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+            await gather_or_cancel([produce()] + [worker() for _ in range(n_workers)])
             llm.check_reachable(final=True)
         finally:
             result.calls, result.cache_hits = llm.calls, llm.cache_hits

@@ -309,6 +309,18 @@ def _add(a: Optional[int], b: Optional[int]) -> Optional[int]:
 # --- the client -------------------------------------------------------------------------
 
 
+async def gather_or_cancel(coros: list[Any]) -> None:
+    """Run coroutines as tasks together; if one fails, cancel the rest before re-raising."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 class LLMClient:
     """Use as `async with LLMClient(settings, con, stage="explain", run_id=...) as llm:`."""
 

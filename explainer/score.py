@@ -35,7 +35,7 @@ import duckdb
 
 from explainer import prompts, store
 from explainer.errors import ExplainerError
-from explainer.llm import LLMClient, resolve_endpoint
+from explainer.llm import LLMClient, gather_or_cancel, resolve_endpoint
 from explainer.judge import detection_items, fuzzing_items, judge
 from explainer.settings import ScoreSettings, Settings
 from explainer.simulate import KINDS, Outcome, ScoreFailed, Snippet, Spend, check_template, simulate, unique
@@ -318,7 +318,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     def stage_pass(make_client: Callable[..., LLMClient], res: ScoreResult, prog: Any) -> None:
         asyncio.run(_score_all(con, settings, dict_id, templates, setups, jobs, res, prog, t0, make_client))
 
-    try:
+    with store.recorded_run(con, run_id, result, t0):
         outcome = None
         make_client: Optional[Callable[..., LLMClient]] = LLMClient
         if settings.llm.batch and jobs:
@@ -334,12 +334,6 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
             stage_pass(make_client, result, progress)
         if outcome is not None:
             outcome.add_spend_to(result)
-    except BaseException:
-        result.wall_s = time.perf_counter() - t0
-        store.finish_run(con, run_id, "failed", result.as_dict())
-        raise
-    result.wall_s = time.perf_counter() - t0
-    store.finish_run(con, run_id, "done", result.as_dict())
     return result
 
 
@@ -430,14 +424,7 @@ async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id
 
     async with make_client(settings.llm, con, stage="score", run_id=result.run_id, dict_id=dict_id) as llm:
         try:
-            workers = [asyncio.create_task(worker()) for _ in range(min(settings.llm.concurrency, max(1, len(jobs))))]
-            try:
-                await asyncio.gather(*workers)
-            except BaseException:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-                raise
+            await gather_or_cancel([worker() for _ in range(min(settings.llm.concurrency, max(1, len(jobs))))])
             llm.check_reachable(final=True)
         finally:
             result.calls, result.cache_hits = llm.calls, llm.cache_hits

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -321,6 +322,19 @@ def start_run(con: duckdb.DuckDBPyConnection, stage: str, settings: dict[str, An
         "INSERT INTO runs (stage, settings, status, started_at) VALUES (?, ?, 'running', ?) RETURNING id",
         [stage, json.dumps(settings), now()],
     ).fetchone()[0]
+
+
+@contextmanager
+def recorded_run(con: duckdb.DuckDBPyConnection, run_id: int, result: Any, t0: float) -> Iterator[None]:
+    """Finish the run row as done or failed with the result's wall time, however the body ends."""
+    try:
+        yield
+    except BaseException:
+        result.wall_s = time.perf_counter() - t0
+        finish_run(con, run_id, "failed", result.as_dict())
+        raise
+    result.wall_s = time.perf_counter() - t0
+    finish_run(con, run_id, "done", result.as_dict())
 
 
 def finish_run(con: duckdb.DuckDBPyConnection, run_id: int, status: str, result: Optional[dict] = None) -> None:
