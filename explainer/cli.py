@@ -251,6 +251,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     db = args.db or load_settings(args.config, {}).db
     with store.connect(db, read_only=True) as con:
+        if args.query is None:
+            return _sql_prompt(con, args)
         try:
             cur = con.execute(args.query)
         except duckdb.Error as e:
@@ -259,6 +261,38 @@ def cmd_sql(args: argparse.Namespace) -> int:
             return 0
         cols = [d[0] for d in cur.description]
         rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+    _print_rows(rows, cols, args)
+    return 0
+
+
+def _sql_prompt(con: Any, args: argparse.Namespace) -> int:
+    """A small read-eval-print loop: one statement per line; an error is shown, not fatal."""
+    import duckdb
+
+    from explainer import ui
+
+    ui.err_console.print("[dim]SQL on the results DB (read-only). Tables: labels, explanation_scores, costs, latents, "
+                         "examples, contexts, explanations, scores, llm_calls. Empty line or Ctrl-D quits.[/dim]")
+    while True:
+        try:
+            line = input("sql> ").strip()
+        except EOFError:
+            return 0
+        if not line or line in ("quit", "exit", ".quit"):
+            return 0
+        try:
+            cur = con.execute(line)
+        except duckdb.Error as e:
+            ui.err_console.print(f"error: {str(e).splitlines()[0]}")
+            continue
+        if cur.description is not None:
+            cols = [d[0] for d in cur.description]
+            _print_rows([dict(zip(cols, r)) for r in cur.fetchall()], cols, args)
+
+
+def _print_rows(rows: list[dict[str, Any]], cols: list[str], args: argparse.Namespace) -> None:
+    from explainer import ui
+
     if args.csv:
         import csv
 
@@ -267,7 +301,6 @@ def cmd_sql(args: argparse.Namespace) -> int:
         w.writerows(rows)
     else:
         ui.emit(rows, as_json=args.json)
-    return 0
 
 
 def _db(args: argparse.Namespace) -> Path:
@@ -409,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "bench":
             p.add_argument("which", choices=["planted"], help="benchmark to run")
         if verb == "sql":
-            p.add_argument("query", help="a SQL statement, e.g. \"SELECT * FROM latents LIMIT 5\"")
+            p.add_argument("query", nargs="?", default=None,
+                           help="a SQL statement, e.g. \"SELECT * FROM labels LIMIT 5\"; omit it for an interactive prompt")
             p.add_argument("--csv", action="store_true", help="print CSV")
     return parser
 

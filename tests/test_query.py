@@ -92,3 +92,14 @@ def test_db_locked_by_another_process_is_a_clear_error(filled_db: Path, capsys: 
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_sql_without_a_query_is_an_interactive_prompt(filled_db: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("SELECT latent FROM labels ORDER BY latent\nSELEC oops\nSELECT 41 + 1 AS answer\n"))
+    assert main(["sql", "--db", str(filled_db), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert '"answer": 42' in out and '"latent": 2' in out
+    assert "error:" in err and "Traceback" not in err
