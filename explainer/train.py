@@ -68,7 +68,8 @@ class Trainer:
     rank applies the same update and agrees on which latents are dead; rank 0 alone writes files.
     """
 
-    def __init__(self, sae: TopKSAE, settings: TrainSettings, all_reduce: Optional[Callable[[Tensor], Tensor]] = None):
+    def __init__(self, sae: TopKSAE, settings: TrainSettings, all_reduce: Optional[Callable[[Tensor], Tensor]] = None,
+                 rank: int = 0, world: int = 1):
         self.sae = sae
         self.settings = settings
         self.k_aux = settings.k_aux or max(1, sae.d_in // 2)
@@ -85,16 +86,22 @@ class Trainer:
         self.steps = 0
         self.tokens = 0
         self.all_reduce = all_reduce or (lambda t: t)
+        self.rank, self.world = rank, world
 
     def dead_mask(self) -> Tensor:
         return self.since_fired >= self.settings.dead_tokens
 
     def step(self, x: Tensor) -> dict[str, float]:
+        """x is the global batch; with world > 1 this rank encodes only its rows of it."""
         sae, s = self.sae, self.settings
         dead = self.dead_mask().nonzero().flatten() if s.auxk_coef > 0 else None
+        n_global = x.shape[0]
+        # The global variance normalises every rank's share, so summed gradients equal one process's.
+        total_var = _sum_sq(x, x.mean(0))
+        if self.world > 1:
+            x = x[self.rank :: self.world]
         out = sae(x, dead=dead, k_aux=self.k_aux, multi_k=self.multi_k, dense=self.dense, mm_dtype=self.mm_dtype,
                   project_decoder_grad=not self.dense)
-        total_var = _sum_sq(x, x.mean(0))
         fvu = _sum_sq(out.x_hat, x) / total_var
         loss = fvu
         if out.multi_x_hat is not None:
@@ -103,7 +110,12 @@ class Trainer:
         if out.aux_x_hat is not None:
             # Dead latents learn to predict what the live ones missed; normalised by that residual's variance.
             resid = (x - out.x_hat).detach()
-            auxk = _sum_sq(out.aux_x_hat, resid) / _sum_sq(resid, resid.mean(0))
+            if self.world > 1:
+                sums = self.all_reduce(torch.cat([resid.sum(0), (resid * resid).sum().view(1)]))
+                resid_var = sums[-1] - (sums[:-1] * sums[:-1]).sum() / n_global
+            else:
+                resid_var = _sum_sq(resid, resid.mean(0))
+            auxk = _sum_sq(out.aux_x_hat, resid) / resid_var
             auxk = torch.nan_to_num(auxk, nan=0.0, posinf=0.0)
             loss = loss + s.auxk_coef * auxk
         self.opt.zero_grad(set_to_none=True)
@@ -121,14 +133,16 @@ class Trainer:
         with torch.no_grad():
             fired = torch.bincount(out.indices[out.values > 0], minlength=sae.d_sae)
             fired = self.all_reduce(fired)
-            self.since_fired += x.shape[0]
+            self.since_fired += n_global
             self.since_fired[fired > 0] = 0
             self.fire_counts += fired
         self.steps += 1
-        self.tokens += x.shape[0]
-        loss_v, fvu_v, aux_v, dead_v = torch.stack(
-            [loss.detach(), fvu.detach(), auxk.detach(), self.dead_mask().float().mean()]
-        ).tolist()
+        self.tokens += n_global
+        parts = torch.stack([loss.detach(), fvu.detach(), auxk.detach()])
+        if self.world > 1:
+            parts = self.all_reduce(parts)  # each rank holds its share of the global sums
+        loss_v, fvu_v, aux_v = parts.tolist()
+        dead_v = float(self.dead_mask().float().mean())
         return {"loss": loss_v, "fvu": fvu_v, "auxk": aux_v, "dead": dead_v}
 
     def state_dict(self) -> dict[str, Any]:
@@ -258,8 +272,17 @@ def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = 
     ts, report = settings.train, progress or (lambda _info: None)
     if ts.k >= ts.n_latents:
         raise ExplainerError(f"k={ts.k} must be below the number of latents ({ts.n_latents}); lower --k or raise --n-latents")
+    from explainer.distributed import setup
+
     out = Path(ts.out)
+    dist, device = setup(settings.model.device)
+    if dist.active:
+        settings = settings.model_copy(deep=True)
+        settings.model.device = device
+        if not dist.main:
+            report = lambda _info: None  # noqa: E731  one progress bar, rank 0's
     state = _check_out(out, resume)
+    dist.barrier()  # every rank has looked at --out before rank 0 writes into it
     identity = _run_identity(settings)
     ctx_len = settings.corpus.ctx_len
     ctx_per_step = max(1, round(ts.batch_tokens / ctx_len))
@@ -296,12 +319,13 @@ def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = 
         sae.init_tied(torch.Generator().manual_seed(ts.seed))
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(sample * scale))
-        trainer = Trainer(sae, ts)
+        trainer = Trainer(sae, ts, all_reduce=dist.all_reduce, rank=dist.rank, world=dist.world)
         position = {"epoch": 0, "next_id": 0}
-        _save_checkpoint(out, trainer, identity, scale, position, meta)
+        if dist.main:
+            _save_checkpoint(out, trainer, identity, scale, position, meta)
     else:
         sae = TopKSAE(lm.d_model, ts.n_latents, ts.k, device=lm.device, cfg=meta)
-        trainer = Trainer(sae, ts)
+        trainer = Trainer(sae, ts, all_reduce=dist.all_reduce, rank=dist.rank, world=dist.world)
         trainer.load_state_dict(state["trainer"])
         scale, position = float(state["scale"]), dict(state["position"])
         torch.set_rng_state(state["rng"])
@@ -314,12 +338,17 @@ def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = 
         # The last block is cut to the steps left, so no activations are computed in vain.
         block_steps = min(spb, total_steps - block * spb)
         block_start = stream.position
-        acts = _activations(lm, stream.take(ctx_per_step * block_steps), settings.model.batch_size) * scale
+        ids = stream.take(ctx_per_step * block_steps)
+        if dist.active:
+            mine = _activations(lm, dist.shard(ids), settings.model.batch_size).reshape(-1, ctx_len, lm.d_model)
+            acts = dist.gather_rows(mine, len(ids)).reshape(-1, lm.d_model) * scale
+        else:
+            acts = _activations(lm, ids, settings.model.batch_size) * scale
         perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed((ts.seed % 2**31) * 2**32 + block))
         acts = acts[perm.to(acts.device)]
         for j in range(trainer.steps - block * spb, block_steps):
             stats = trainer.step(acts[j * step_tokens : (j + 1) * step_tokens])
-            if trainer.steps % ts.checkpoint_every == 0 or trainer.steps == total_steps:
+            if dist.main and (trainer.steps % ts.checkpoint_every == 0 or trainer.steps == total_steps):
                 # Mid-block checkpoints point at the block's start: resuming recomputes the block and skips ahead.
                 pos = stream.position if trainer.steps % spb == 0 else block_start
                 _save_checkpoint(out, trainer, identity, scale, pos, meta)
@@ -329,19 +358,24 @@ def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = 
     seconds = time.perf_counter() - started
     tok_s = (trainer.tokens - tokens_before) / max(seconds, 1e-9)
 
+    if not dist.main:
+        dist.barrier()  # rank 0 evaluates and writes; the others wait for it
+        metrics = {"rank": dist.rank, "tokens_per_s": round(tok_s, 1)}
+        return TrainResult(out, metrics, trainer.steps, trainer.tokens, seconds, tok_s, state is not None)
     raw = sae.folded(scale)
     report({"stage": "eval"})
     metrics, eval_counts, eval_tokens = evaluate(lm, raw, settings, documents)
     metrics.update({
         "dead_fraction": float(trainer.dead_mask().float().mean()), "train_tokens": trainer.tokens,
         "steps": trainer.steps, "final_train_fvu": stats.get("fvu"), "train_seconds": round(seconds, 3),
-        "tokens_per_s": round(tok_s, 1), "activation_scale": scale, "lr": trainer.lr,
+        "tokens_per_s": round(tok_s, 1), "activation_scale": scale, "lr": trainer.lr, "world_size": dist.world,
     })
     counts, n = (eval_counts, eval_tokens) if eval_tokens else (trainer.fire_counts, trainer.tokens)
     cfg = {"activation_scale_folded": scale, "trained_tokens": trainer.tokens, "corpus": settings.corpus.source,
            "sparsity_source": "heldout" if eval_tokens else "train", "seed": ts.seed}
     save_dictionary(raw, out, sparsity=log10_frequency(counts.cpu(), n), cfg=cfg)
     _write_json(out / METRICS, metrics)
+    dist.barrier()
     return TrainResult(out, metrics, trainer.steps, trainer.tokens, seconds, tok_s, state is not None)
 
 
