@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
 from explainer import prompts, store
 from explainer.errors import ExplainerError
-from explainer.llm import CallFailed, LLMClient, Reply, gather_or_cancel, resolve_endpoint
+from explainer.llm import CallFailed, LLMClient, Reply, gather_or_cancel, reason_kind, resolve_endpoint
 from explainer.settings import ExplainSettings, Settings
 
 REQUIRED_PLACEHOLDERS = ("top_examples",)
@@ -330,13 +330,9 @@ async def _explain_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_
             await gather_or_cancel([produce()] + [worker() for _ in range(n_workers)])
             llm.check_reachable(final=True)
         finally:
-            result.calls, result.cache_hits = llm.calls, llm.cache_hits
-            result.prompt_tokens, result.completion_tokens, result.cost = llm.prompt_tokens, llm.completion_tokens, llm.cost
+            llm.spend_into(result)
             report(force=True)
 
 
 def _reason_kind(error: Optional[str]) -> str:
-    """A failure reason without its details, for the summary (e.g. 'answered HTTP 500')."""
-    text = error or "unknown"
-    m = re.search(r"HTTP \d{3}|not JSON|cannot reach|no answer from|answer rejected|unusable 200|no train-split", text)
-    return m.group(0) if m else text[:60]
+    return reason_kind(error, 'no train-split')

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import ipaddress
 import json
+import re
 import random
 import time
 from dataclasses import dataclass
@@ -309,6 +310,16 @@ def _add(a: Optional[int], b: Optional[int]) -> Optional[int]:
 # --- the client -------------------------------------------------------------------------
 
 
+_REASON_KINDS = r"HTTP \d{3}|not JSON|cannot reach|no answer from|answer rejected|unusable 200"
+
+
+def reason_kind(error: Optional[str], extra: str = "") -> str:
+    """A failure reason without its details, for summaries (e.g. 'HTTP 500'); `extra` adds stage patterns."""
+    text = error or "unknown"
+    m = re.search(_REASON_KINDS + (f"|{extra}" if extra else ""), text)
+    return m.group(0) if m else text[:60]
+
+
 async def gather_or_cancel(coros: list[Any]) -> None:
     """Run coroutines as tasks together; if one fails, cancel the rest before re-raising."""
     tasks = [asyncio.create_task(c) for c in coros]
@@ -341,6 +352,11 @@ class LLMClient:
         self._client: Optional[openai.AsyncOpenAI] = None
         self._sem: Optional[asyncio.Semaphore] = None
         self._flusher: Optional[asyncio.Task[None]] = None
+
+    def spend_into(self, result: Any) -> None:
+        """Copy this client's call and spend totals onto a stage result."""
+        result.calls, result.cache_hits = self.calls, self.cache_hits
+        result.prompt_tokens, result.completion_tokens, result.cost = self.prompt_tokens, self.completion_tokens, self.cost
 
     async def __aenter__(self) -> "LLMClient":
         n = self.settings.concurrency

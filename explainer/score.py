@@ -35,7 +35,7 @@ import duckdb
 
 from explainer import prompts, store
 from explainer.errors import ExplainerError
-from explainer.llm import LLMClient, gather_or_cancel, resolve_endpoint
+from explainer.llm import LLMClient, gather_or_cancel, reason_kind, resolve_endpoint
 from explainer.judge import detection_items, fuzzing_items, judge
 from explainer.settings import ScoreSettings, Settings
 from explainer.simulate import KINDS, Outcome, ScoreFailed, Snippet, Spend, check_template, simulate, unique
@@ -427,14 +427,9 @@ async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id
             await gather_or_cancel([worker() for _ in range(min(settings.llm.concurrency, max(1, len(jobs))))])
             llm.check_reachable(final=True)
         finally:
-            result.calls, result.cache_hits = llm.calls, llm.cache_hits
-            result.prompt_tokens, result.completion_tokens, result.cost = llm.prompt_tokens, llm.completion_tokens, llm.cost
+            llm.spend_into(result)
             report(force=True)
 
 
 def _reason_kind(error: Optional[str]) -> str:
-    """A failure reason without its details, for the summary."""
-    text = error or "unknown"
-    m = re.search(r"HTTP \d{3}|not JSON|cannot reach|no answer from|answer rejected|unusable 200|"
-                  r"fires on none|needs both kinds|needs snippets|no snippets", text)
-    return m.group(0) if m else text[:60]
+    return reason_kind(error, 'fires on none|needs both kinds|needs snippets|no snippets')
