@@ -1,4 +1,4 @@
-"""DuckDB bytes per example row and per context, for the DB-size arithmetic in docs/scaling.md.
+"""DuckDB (and Parquet) bytes per example row and per context, for the DB-size arithmetic in docs/scaling.md.
 
     python bench/db_size.py [--latents 2000] [--contexts 100000]
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -88,6 +89,11 @@ def main() -> None:
     ctx = context_rows(args.contexts, rng)
     b = size_of("contexts", ctx)
     print(f"contexts: {args.contexts:,} rows of 64 tokens: {b / 1e6:.1f} MB = {b / args.contexts:.0f} B/context")
+    with tempfile.TemporaryDirectory() as tmp:  # as `sample --parquet` writes them (zstd, no dict_id column)
+        path = os.path.join(tmp, "part.parquet")
+        pq.write_table(ctx.drop_columns(["dict_id"]), path, compression="zstd")
+        b = os.path.getsize(path)
+    print(f"contexts as Parquet: {b / 1e6:.1f} MB = {b / args.contexts:.0f} B/context")
 
 
 if __name__ == "__main__":

@@ -374,7 +374,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
             ("model", "corpus", "train", "sample", "llm", "explain", "score")),
     "train": (cmd_train, "train a TopK sparse autoencoder on a model's residual stream", ("model", "corpus", "train")),
     "sample": (cmd_sample, "store top, quantile, non-activating and random examples per latent in DuckDB", ("model", "corpus", "sample")),
-    "merge": (cmd_merge, "combine `sample --shard i/N` databases into one (exact: top-k, sketches and counts merge)", ()),
+    "merge": (cmd_merge, "combine `sample --shard i/N` outputs (shard DBs or a --parquet folder) into one DB, exactly", ()),
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain", "agent")),
     "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing", ("llm", "score")),
     "bench": (cmd_bench, "planted-feature benchmark: known latents through sample, explain and score", ("corpus", "sample", "llm", "score")),
@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", default="train,heldout", help="splits to show examples from (default: train,heldout)")
             p.add_argument("-n", type=int, default=5, help="examples per kind (default: 5)")
         if verb == "merge":
-            p.add_argument("shards", nargs="+", help="the shard DuckDB files written by `sample --shard i/N --db ...`")
+            p.add_argument("shards", nargs="+", help="shard DuckDB files written by `sample --shard i/N --db ...`, or the folder of `sample --parquet DIR`")
             p.add_argument("--dict-name", default=None, help="name of the dictionary in the merged DB")
         if verb == "serve":
             p.add_argument("--serve-model", default="smollm2", help="smollm2, gemma3-270m or a .gguf path (default: smollm2)")

@@ -30,6 +30,10 @@ import torch
 from explainer import store
 from explainer.corpus import Context, iter_contexts, load_documents
 from explainer.errors import ExplainerError
+from explainer.sample_parquet import (
+    DICT_FIELDS, DbContexts, ParquetContexts, copy_used_contexts, is_parquet_folder, parquet_relation, pending_table,
+    read_dictionary, sink, state_files,
+)
 from explainer.sampler_select import write_results
 from explainer.sampler_state import (
     M31, SPLITS, SampleState, load_state, merge_states, new_state, one_thread, save_state, update,
@@ -119,7 +123,7 @@ def _config(settings: Settings, lm: Any, fingerprint: str) -> tuple[str, dict[st
     cfg = {
         "fingerprint": fingerprint, "model": lm.name, "layer": lm.layer, "dtype": str(lm.dtype),
         "corpus": settings.corpus.model_dump(mode="json"),
-        "sample": settings.sample.model_dump(mode="json", exclude={"checkpoint_every", "shard", "force_layer"}),
+        "sample": settings.sample.model_dump(mode="json", exclude={"checkpoint_every", "shard", "force_layer", "parquet"}),
     }
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16], cfg
 
@@ -138,35 +142,16 @@ def _done_runs(con: duckdb.DuckDBPyConnection, dict_id: int) -> list[tuple[int, 
 
 
 class _Pending:
-    """Contexts rows waiting for the next commit."""
+    """Contexts rows waiting for the next checkpoint, and where they go (DB table or Parquet)."""
 
-    def __init__(self, dict_id: int, token_strings: Callable[[list[int]], list[str]]) -> None:
-        self.dict_id, self.token_strings = dict_id, token_strings
+    def __init__(self, contexts: DbContexts | ParquetContexts, token_strings: Callable[[list[int]], list[str]]) -> None:
+        self.contexts, self.token_strings = contexts, token_strings
         self.rows: list[Context] = []
 
-    def write(self, con: duckdb.DuckDBPyConnection) -> None:
-        if not self.rows:
-            return
-        table = pa.table({
-            "dict_id": pa.array([self.dict_id] * len(self.rows), pa.int32()),
-            "context_id": pa.array([c.context_id for c in self.rows], pa.int64()),
-            "doc_id": [c.doc_id for c in self.rows],
-            "split": [c.split for c in self.rows],
-            "token_ids": pa.array([c.token_ids for c in self.rows], pa.list_(pa.int32())),
-            "tokens": pa.array([self.token_strings(c.token_ids) for c in self.rows], pa.list_(pa.string())),
-        })
-        store.insert_arrow(con, "contexts", table)
+    def write(self) -> None:
+        if self.rows:
+            self.contexts.write(pending_table(self.rows, self.token_strings))
         self.rows = []
-
-
-def _delete_contexts(con: duckdb.DuckDBPyConnection, dict_id: int, start: int, shard: tuple[int, int]) -> None:
-    con.execute("DELETE FROM contexts WHERE dict_id = ? AND context_id >= ? AND context_id % ? = ?",
-                [dict_id, start, shard[1], shard[0]])
-
-
-def _count_contexts(con: duckdb.DuckDBPyConnection, dict_id: int, below: int, shard: tuple[int, int]) -> int:
-    return con.execute("SELECT count(*) FROM contexts WHERE dict_id = ? AND context_id < ? AND context_id % ? = ?",
-                       [dict_id, below, shard[1], shard[0]]).fetchone()[0]
 
 
 def _summary_counts(state: SampleState) -> dict[str, int]:
@@ -223,7 +208,7 @@ def _previous(con: duckdb.DuckDBPyConnection, dict_id: int, name: str, key: str,
 
 
 def _saved_state(con: duckdb.DuckDBPyConnection, path: Optional[Path], dict_id: int, name: str, key: str,
-                 shard: tuple[int, int], resume: bool, device: torch.device) -> Optional[SampleState]:
+                 contexts: DbContexts | ParquetContexts, resume: bool, device: torch.device) -> Optional[SampleState]:
     """The checkpoint to continue from, if any, after deleting contexts rows written past it.
 
     Without resume, first retires this dictionary's earlier samples (--restart).
@@ -242,10 +227,10 @@ def _saved_state(con: duckdb.DuckDBPyConnection, path: Optional[Path], dict_id: 
                 f"an unfinished sample run of dictionary {name!r} used other settings (state {path}); rerun with "
                 "the same settings to continue it, or pass --restart to start over"
             )
-        if _count_contexts(con, dict_id, state.meta["next_context"], shard) != int(state.n_contexts.sum()):
+        if contexts.count_below(state.meta["next_context"]) != int(state.n_contexts.sum()):
             state = None  # the DB lost rows the state counts (e.g. the DB file was replaced): start over
     # Rows past the checkpoint were committed after it, by the run that was killed.
-    _delete_contexts(con, dict_id, state.meta["next_context"] if state is not None else 0, shard)
+    contexts.delete_from(state.meta["next_context"] if state is not None else 0)
     return state
 
 
@@ -288,8 +273,13 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     counts, notes = _plan(settings, lm.tokenizer, docs, limit, ss)  # bad input fails before any delete
     warnings += notes
     db_file = _db_file(con)
-    spath = state_path(db_file, fp, shard) if db_file is not None else None
-    state = _saved_state(con, spath, dict_id, name, key, shard, resume, lm.device)
+    dict_row = con.execute(f"SELECT {', '.join(DICT_FIELDS)} FROM dictionaries WHERE id = ?", [dict_id]).fetchone()
+    contexts = sink(con, dict_id, shard, ss.parquet, dict(zip(DICT_FIELDS, dict_row)))
+    if isinstance(contexts, ParquetContexts):
+        spath: Optional[Path] = contexts.state_path
+    else:
+        spath = state_path(db_file, fp, shard) if db_file is not None else None
+    state = _saved_state(con, spath, dict_id, name, key, contexts, resume, lm.device)
     total = len(range(shard[0], min(limit, sum(counts.values())), shard[1])) * T
     if state is None:
         state = new_state(d_sae=sae.d_sae, ctx_len=T, k=sae.k, n_top=ss.n_top, n_reservoir=ss.n_reservoir,
@@ -297,7 +287,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
                           device=lm.device, meta={"config_key": key, "config": cfg, "n_shards": shard[1],
                                                   "shards": [shard[0]], "next_context": 0, "complete": False})
     run_id = store.start_run(con, "sample", settings.public_dict())
-    pending = _Pending(dict_id, lm.token_strings)
+    pending = _Pending(contexts, lm.token_strings)
     split_index = {s: i for i, s in enumerate(SPLITS)}
     start = state.meta["next_context"]
     done_before = int(state.n_contexts.sum())
@@ -305,7 +295,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
 
     def checkpoint() -> None:
         with store.transaction(con):
-            pending.write(con)
+            pending.write()
         if spath is not None:  # after the commit: see the module docstring
             save_state(state, spath)
 
@@ -348,14 +338,16 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
                       "tokens_per_s": (int(state.n_contexts.sum()) - done_before) * T / (time.perf_counter() - t_loop)}
             if shard[1] == 1:
                 with store.transaction(con):
-                    pending.write(con)
-                    result.update(write_results(con, dict_id, state, ss), complete=True)
+                    pending.write()
+                    result.update(write_results(con, dict_id, state, ss, [contexts.relation()]), complete=True)
+                    contexts.finish()
                     store.finish_run(con, run_id, "done", result)
                 if spath is not None and spath.exists():
                     spath.unlink()
             else:  # a lone shard: `merge` writes latents and examples from all shards' states
                 checkpoint()
-                result.update(complete=False, state_path=str(spath), dead_latents=None, median_frequency=None)
+                result.update(complete=False, state_path=str(spath), dead_latents=None, median_frequency=None,
+                              parquet=str(Path(ss.parquet).resolve()) if ss.parquet else None)
                 store.finish_run(con, run_id, "done", result)
     except BaseException as e:
         try:
@@ -371,37 +363,67 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
 # --- merge -----------------------------------------------------------------------------------
 
 
-def merge(con: duckdb.DuckDBPyConnection, shard_dbs: Sequence[Path | str], *,
+def _shard_db(path: Path, dict_name: Optional[str]) -> tuple[dict[str, Any], SampleState]:
+    """The dictionary row and final state of a shard DB."""
+    src = store.connect(path, read_only=True)
+    try:
+        rows = src.execute(f"SELECT id, {', '.join(DICT_FIELDS)} FROM dictionaries"
+                           + (" WHERE name = ?" if dict_name else ""), [dict_name] if dict_name else []).fetchall()
+        if len(rows) != 1:
+            raise ExplainerError(f"shard DB {path} holds {len(rows)} matching dictionaries; choose one with --dict-name")
+        src_id, row = rows[0][0], dict(zip(DICT_FIELDS, rows[0][1:]))
+        finished = [res for _, res in _done_runs(src, src_id) if res.get("state_path")]
+    finally:
+        src.close()
+    if not finished:
+        raise ExplainerError(f"shard DB {path} has no finished shard run of {row['name']!r}; run its `sample --shard` first")
+    if finished[-1].get("parquet"):
+        folder = finished[-1]["parquet"]
+        raise ExplainerError(f"shard DB {path} wrote its contexts to the Parquet folder {folder}; merge that folder")
+    # Found beside the shard's DB, wherever the shard ran: shard folders may have moved.
+    spath = state_path(path, row["fingerprint"], parse_shard(finished[-1]["shard"]))
+    if not spath.exists():
+        raise ExplainerError(f"shard state {spath} of {path} is missing; copy it along with the DB or rerun that shard")
+    return row, load_state(spath)
+
+
+def merge(con: duckdb.DuckDBPyConnection, shard_outputs: Sequence[Path | str], *,
           dict_name: Optional[str] = None) -> SampleResult:
-    """Combine the finished shard runs in `shard_dbs` (one DB file each) into this DB, exactly."""
+    """Combine finished shard runs into this DB, exactly.
+
+    Each of `shard_outputs` is a shard's DB file (contexts rows and state beside it) or a
+    `sample --parquet` folder (every shard's state and Parquet contexts in one place). From
+    Parquet only the contexts the examples use are copied in; the rest stay queryable in place.
+    """
     t0 = time.perf_counter()
     states: list[SampleState] = []
-    dict_row = None
-    sources = []
-    for path in map(Path, shard_dbs):
-        src = store.connect(path, read_only=True)
-        try:
-            rows = src.execute("SELECT id, name, path, model, hook, d_in, d_sae, k, fingerprint, config FROM dictionaries"
-                               + (" WHERE name = ?" if dict_name else ""), [dict_name] if dict_name else []).fetchall()
-            if len(rows) != 1:
-                raise ExplainerError(f"shard DB {path} holds {len(rows)} matching dictionaries; choose one with --dict-name")
-            row = rows[0]
-            if dict_row is not None and row[8] != dict_row[8]:
-                raise ExplainerError(f"shard DB {path} holds another dictionary than {shard_dbs[0]}; merge shards of one run")
-            dict_row = row
-            finished = [res for _, res in _done_runs(src, row[0]) if res.get("state_path")]
-            if not finished:
-                raise ExplainerError(f"shard DB {path} has no finished shard run of {row[1]!r}; run its `sample --shard` first")
-            # Found beside the shard's DB, wherever the shard ran: shard folders may have moved.
-            spath = state_path(path, row[8], parse_shard(finished[-1]["shard"]))
-            if not spath.exists():
-                raise ExplainerError(f"shard state {spath} of {path} is missing; copy it along with the DB or rerun that shard")
-            states.append(load_state(spath))
-            sources.append((path, row[0]))
-        finally:
-            src.close()
-    if not states:
-        raise ExplainerError("merge needs at least one shard DB")
+    dict_row: Optional[dict[str, Any]] = None
+    dbs: list[Path] = []
+    folders: list[Path] = []
+    for path in map(Path, shard_outputs):
+        if is_parquet_folder(path):
+            row = read_dictionary(path)
+            found = [load_state(p) for p in state_files(path)]
+            if not found:
+                raise ExplainerError(f"{path} holds no shard state; run `sample --parquet {path}` to the end first")
+            unfinished = [p.name for p, st in zip(state_files(path), found) if not st.meta.get("complete")]
+            if unfinished:
+                raise ExplainerError(f"{path}: shards {unfinished} are unfinished; rerun them (they resume) and merge again")
+            states += found
+            folders.append(path)
+        elif not path.exists():
+            raise ExplainerError(f"shard output {path} does not exist; pass shard DB files or a `sample --parquet` folder")
+        elif path.is_dir():
+            raise ExplainerError(f"{path} is a folder without dictionary.json: not a `sample --parquet` output")
+        else:
+            row, st = _shard_db(path, dict_name)
+            states.append(st)
+            dbs.append(path)
+        if dict_row is not None and row["fingerprint"] != dict_row["fingerprint"]:
+            raise ExplainerError(f"{path} holds another dictionary than {shard_outputs[0]}; merge shards of one run")
+        dict_row = row
+    if not states or dict_row is None:
+        raise ExplainerError("merge needs at least one shard DB or Parquet folder")
     merged = states[0]
     try:
         for st in states[1:]:
@@ -411,28 +433,34 @@ def merge(con: duckdb.DuckDBPyConnection, shard_dbs: Sequence[Path | str], *,
     n = int(merged.meta["n_shards"])
     if merged.meta["shards"] != list(range(n)):
         missing = sorted(set(range(n)) - set(merged.meta["shards"]))
-        raise ExplainerError(f"shards {missing} of {n} are missing; pass every shard's DB")
-    _, name, dict_path, model, hook, d_in, d_sae, k, fp, config = dict_row
-    dict_id = store.register_dictionary(con, name=name, path=dict_path, model=model, hook=hook, d_in=d_in,
-                                        d_sae=d_sae, k=k, fingerprint=fp, config=json.loads(config) if config else {})
-    run_id = store.start_run(con, "sample", {"merge": [str(p) for p, _ in sources]})
-    result = {"dict_id": dict_id, "dict_name": name, "config_key": merged.meta["config_key"], "shard": "merged",
-              "n_contexts": _summary_counts(merged), "n_tokens": int(merged.n_tokens.sum()), "tokens_per_s": 0.0}
+        raise ExplainerError(f"shards {missing} of {n} are missing; pass every shard's output")
+    config = dict_row["config"]
+    dict_id = store.register_dictionary(con, **{**dict_row, "config": json.loads(config) if isinstance(config, str)
+                                                else (config or {})})
+    run_id = store.start_run(con, "sample", {"merge": [str(p) for p in shard_outputs]})
+    result = {"dict_id": dict_id, "dict_name": dict_row["name"], "config_key": merged.meta["config_key"],
+              "shard": "merged", "n_contexts": _summary_counts(merged), "n_tokens": int(merged.n_tokens.sum()),
+              "tokens_per_s": 0.0, "parquet": [str(f.resolve()) for f in folders]}
     try:
         with store.transaction(con):
             con.execute("DELETE FROM contexts WHERE dict_id = ?", [dict_id])
-            for i, (path, src_id) in enumerate(sources):
+            for i, path in enumerate(dbs):
                 quoted = str(path).replace("'", "''")
-                con.execute(f"ATTACH '{quoted}' AS shard{i} (READ_ONLY)")
+                src_id = con.execute(f"ATTACH '{quoted}' AS shard{i} (READ_ONLY); "
+                                     f"SELECT id FROM shard{i}.dictionaries WHERE fingerprint = ?",
+                                     [dict_row["fingerprint"]]).fetchone()[0]
                 con.execute(f"INSERT INTO contexts SELECT ? AS dict_id, context_id, doc_id, split, token_ids, tokens "
                             f"FROM shard{i}.contexts WHERE dict_id = ?", [dict_id, src_id])
                 con.execute(f"DETACH shard{i}")
+            relations = [f"(SELECT * FROM contexts WHERE dict_id = {int(dict_id)})"]
+            relations += [parquet_relation(f) for f in folders]
             ss = SampleSettings.model_validate(merged.meta["config"]["sample"])
-            result.update(write_results(con, dict_id, merged, ss), complete=True)
+            result.update(write_results(con, dict_id, merged, ss, relations), complete=True)
+            copy_used_contexts(con, dict_id, relations[1:])  # from Parquet, only what examples use
             store.finish_run(con, run_id, "done", result)
     except BaseException as e:
         store.finish_run(con, run_id, "failed", {"error": f"{type(e).__name__}: {e}"})
         raise
-    return SampleResult(dict_id, name, "merged", True, False, result["n_contexts"], result["n_tokens"],
+    return SampleResult(dict_id, dict_row["name"], "merged", True, False, result["n_contexts"], result["n_tokens"],
                         result["dead_latents"], result["median_frequency"], _db_bytes(con), 0.0,
                         time.perf_counter() - t0, None, [])

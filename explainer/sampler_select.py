@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor
@@ -181,8 +182,22 @@ def _ranks(keys: Tensor) -> Tensor:
 # --- DB rows -------------------------------------------------------------------------------
 
 
-def _token_table(con: duckdb.DuckDBPyConnection, dict_id: int, ctx_len: int) -> TokenTable:
-    t = con.sql("SELECT context_id, token_ids FROM contexts WHERE dict_id = ?", params=[dict_id]).to_arrow_table()
+def kept_ids(state: SampleState) -> np.ndarray:
+    """Context ids whose tokens building examples looks up: top examples and the shared pool."""
+    tk, pk = state.top_key.cpu(), state.pool_key.cpu()
+    ids = torch.cat([top_cid(tk[tk >= 0]), sketch_cid(pk[pk < EMPTY])])
+    return ids.unique().numpy()
+
+
+def token_table(con: duckdb.DuckDBPyConnection, relations: list[str], ids: np.ndarray, ctx_len: int) -> TokenTable:
+    """Token ids of the contexts `ids`, read from the given relations (DB table or Parquet)."""
+    con.register("_kept_ids", pa.table({"context_id": pa.array(ids, pa.int64())}))
+    try:
+        union = " UNION ALL ".join(f"SELECT context_id, token_ids FROM {r}" for r in relations)
+        t = con.sql(f"SELECT u.context_id, u.token_ids FROM ({union}) u "
+                    "SEMI JOIN _kept_ids k USING (context_id)").to_arrow_table()
+    finally:
+        con.unregister("_kept_ids")
     cids = torch.from_numpy(t.column("context_id").to_numpy().copy())
     flat = t.column("token_ids").combine_chunks().flatten().to_numpy().astype("int64")
     return TokenTable(cids, torch.from_numpy(flat).view(-1, ctx_len))
@@ -204,14 +219,17 @@ def _examples_table(dict_id: int, split: str, kind: str, rows: dict[str, Any]) -
     })
 
 
-def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleState, ss: SampleSettings) -> dict[str, Any]:
+def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleState, ss: SampleSettings,
+                  relations: list[str]) -> dict[str, Any]:
     """Replace this dictionary's latents and examples from a final state (inside the caller's transaction).
+
+    `relations` (SQL: the DB's contexts rows, or Parquet files) hold the contexts the state counted.
 
     Sorts the state's slots in place (on CPU): the state is spent afterwards.
     """
     con.execute("DELETE FROM examples WHERE dict_id = ?", [dict_id])
     con.execute("DELETE FROM latents WHERE dict_id = ?", [dict_id])
-    tokens = _token_table(con, dict_id, int(state.meta["ctx_len"]))
+    tokens = token_table(con, relations, kept_ids(state), int(state.meta["ctx_len"]))
     cpu = torch.device("cpu")
     with one_thread(cpu):
         state = state.to(cpu)

@@ -117,6 +117,11 @@ class SampleSettings(Section):
     tokens: int = Field(200_000, ge=1, description="corpus tokens (all splits) to run through model + dictionary")
     checkpoint_every: int = Field(256, ge=1, description="batches between resumable checkpoints (a kill loses at most this many)")
     shard: str = Field("0/1", description="process shard i of N (i/N) of the contexts; merge shards with `explainer merge`")
+    parquet: str = Field(
+        "", description="folder to write the sampled contexts to as Parquet (one file per checkpoint) instead of DB "
+        "rows, for very large runs; the DB then keeps only the contexts examples use, DuckDB reads the rest in place "
+        "with read_parquet('DIR/contexts/*/*.parquet'); shards share one folder and `explainer merge DIR` combines them",
+    )
     force_layer: bool = Field(
         False, description="sample even though the dictionary's config names another layer than --layer"
     )
