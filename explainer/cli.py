@@ -118,11 +118,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from explainer import sample, store, ui
+    from explainer import sample_merge, store, ui
 
     s = settings_from(args)
     with store.connect(s.db) as con:
-        res = sample.merge(con, [Path(p) for p in args.shards], dict_name=args.dict_name)
+        res = sample_merge.merge(con, [Path(p) for p in args.shards], dict_name=args.dict_name)
     ui.emit_mapping(as_dict(res), as_json=args.json, title=f"shards merged into {s.db}")
     return 0
 
@@ -247,7 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from explainer import store, ui
+    from explainer import store
 
     db = args.db or load_settings(args.config, {}).db
     with store.connect(db, read_only=True) as con:

@@ -19,20 +19,15 @@ there is one retry policy and one place that writes `llm_cache` and `llm_calls`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import ipaddress
 import json
 import re
 import random
 import time
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
-from urllib.parse import urlparse
+from typing import Any, Callable, Iterable, Optional
 
 import duckdb
 import openai
-import pyarrow as pa
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from explainer import store

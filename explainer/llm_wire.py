@@ -6,31 +6,21 @@ Split from llm.py so the client module holds only the retry loop and the call bo
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
 import json
-import re
-import random
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
+from typing import Any, Generic, Iterable, Optional, TypeVar
 from urllib.parse import urlparse
 
 import duckdb
-import openai
 import pyarrow as pa
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from explainer import store
 from explainer.errors import ExplainerError
 from explainer.settings import LLMSettings
-
-try:  # openai >= 3 ships httpx2; older releases use httpx
-    import httpx2 as _httpx
-except ImportError:  # pragma: no cover
-    import httpx as _httpx  # type: ignore[no-redef]
 
 T = TypeVar("T")
 

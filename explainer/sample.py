@@ -8,7 +8,8 @@ which a resume deletes before it continues from the state's position, so a resum
 with the same tables as an uninterrupted one. At the end one transaction writes the latents
 and examples tables and marks the run done; rerunning with the same settings is a no-op.
 
-Shards (`--shard i/N`) each keep their final state file; `merge` combines them exactly.
+Shards (`--shard i/N`) each keep their final state file; sample_merge.py combines them exactly.
+Where contexts rows go (DB table or `--parquet` files) is sample_parquet.py's.
 sampler_state.py holds the streaming state, sampler_select.py turns it into table rows.
 """
 
@@ -21,22 +22,18 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import duckdb
-import pyarrow as pa
 import torch
 
 from explainer import store
 from explainer.corpus import Context, iter_contexts, load_documents
 from explainer.errors import ExplainerError
-from explainer.sample_parquet import (
-    DICT_FIELDS, DbContexts, ParquetContexts, copy_used_contexts, is_parquet_folder, parquet_relation, pending_table,
-    read_dictionary, sink, state_files,
-)
+from explainer.sample_parquet import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sampler_select import write_results
 from explainer.sampler_state import (
-    M31, SPLITS, SampleState, load_state, merge_states, new_state, one_thread, save_state, update,
+    M31, SPLITS, SampleState, load_state, new_state, one_thread, save_state, update,
 )
 from explainer.settings import SampleSettings, Settings
 
@@ -77,7 +74,7 @@ def _db_file(con: duckdb.DuckDBPyConnection) -> Optional[Path]:
     return Path(row[0]) if row and row[0] and row[0] != ":memory:" else None
 
 
-def _db_bytes(con: duckdb.DuckDBPyConnection) -> int:
+def db_bytes(con: duckdb.DuckDBPyConnection) -> int:
     path = _db_file(con)
     if path is None:
         return 0
@@ -128,7 +125,7 @@ def _config(settings: Settings, lm: Any, fingerprint: str) -> tuple[str, dict[st
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16], cfg
 
 
-def _done_runs(con: duckdb.DuckDBPyConnection, dict_id: int) -> list[tuple[int, dict]]:
+def done_runs(con: duckdb.DuckDBPyConnection, dict_id: int) -> list[tuple[int, dict]]:
     rows = con.execute("SELECT id, result FROM runs WHERE stage = 'sample' AND status = 'done' ORDER BY id").fetchall()
     out = []
     for rid, result in rows:
@@ -154,7 +151,7 @@ class _Pending:
         self.rows = []
 
 
-def _summary_counts(state: SampleState) -> dict[str, int]:
+def summary_counts(state: SampleState) -> dict[str, int]:
     return {split: int(n) for split, n in zip(SPLITS, state.n_contexts.tolist())}
 
 
@@ -193,7 +190,7 @@ def _plan(settings: Settings, tokenizer: Any, docs: list, limit: int, ss: Sample
 def _previous(con: duckdb.DuckDBPyConnection, dict_id: int, name: str, key: str, shard: str,
               resume: bool) -> Optional[dict]:
     """The result of a finished identical run (a no-op), or None; refuses to mix settings."""
-    done = _done_runs(con, dict_id)
+    done = done_runs(con, dict_id)
     if not resume:
         return None
     same = [res for _, res in done if res.get("config_key") == key and res.get("shard") in (shard, "merged")]
@@ -217,7 +214,7 @@ def _saved_state(con: duckdb.DuckDBPyConnection, path: Optional[Path], dict_id: 
     if not resume:
         with store.transaction(con):
             con.execute("UPDATE runs SET status = 'replaced' WHERE list_contains(?, id)",
-                        [[rid for rid, _ in _done_runs(con, dict_id)]])
+                        [[rid for rid, _ in done_runs(con, dict_id)]])
             con.execute("DELETE FROM examples WHERE dict_id = ?", [dict_id])
             con.execute("DELETE FROM latents WHERE dict_id = ?", [dict_id])
     if path is not None and path.exists() and resume:
@@ -264,7 +261,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     prev = _previous(con, dict_id, name, key, shard_text, resume)
     if prev is not None:
         return SampleResult(dict_id, name, shard_text, prev["complete"], True, prev["n_contexts"], prev["n_tokens"],
-                            prev.get("dead_latents"), prev.get("median_frequency"), _db_bytes(con), 0.0,
+                            prev.get("dead_latents"), prev.get("median_frequency"), db_bytes(con), 0.0,
                             time.perf_counter() - t0, prev.get("state_path"), warnings)
     limit = math.ceil(ss.tokens / T)
     if limit > M31:  # context ids share an int64 with a 31-bit hash in the sketches
@@ -334,7 +331,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
                 process(batch)
             state.meta["complete"] = True
             result = {"dict_id": dict_id, "dict_name": name, "config_key": key, "shard": shard_text,
-                      "n_contexts": _summary_counts(state), "n_tokens": int(state.n_tokens.sum()),
+                      "n_contexts": summary_counts(state), "n_tokens": int(state.n_tokens.sum()),
                       "tokens_per_s": (int(state.n_contexts.sum()) - done_before) * T / (time.perf_counter() - t_loop)}
             if shard[1] == 1:
                 with store.transaction(con):
@@ -356,111 +353,5 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
             pass
         raise
     return SampleResult(dict_id, name, shard_text, result["complete"], False, result["n_contexts"],
-                        result["n_tokens"], result["dead_latents"], result["median_frequency"], _db_bytes(con),
+                        result["n_tokens"], result["dead_latents"], result["median_frequency"], db_bytes(con),
                         result["tokens_per_s"], time.perf_counter() - t0, result.get("state_path"), warnings)
-
-
-# --- merge -----------------------------------------------------------------------------------
-
-
-def _shard_db(path: Path, dict_name: Optional[str]) -> tuple[dict[str, Any], SampleState]:
-    """The dictionary row and final state of a shard DB."""
-    src = store.connect(path, read_only=True)
-    try:
-        rows = src.execute(f"SELECT id, {', '.join(DICT_FIELDS)} FROM dictionaries"
-                           + (" WHERE name = ?" if dict_name else ""), [dict_name] if dict_name else []).fetchall()
-        if len(rows) != 1:
-            raise ExplainerError(f"shard DB {path} holds {len(rows)} matching dictionaries; choose one with --dict-name")
-        src_id, row = rows[0][0], dict(zip(DICT_FIELDS, rows[0][1:]))
-        finished = [res for _, res in _done_runs(src, src_id) if res.get("state_path")]
-    finally:
-        src.close()
-    if not finished:
-        raise ExplainerError(f"shard DB {path} has no finished shard run of {row['name']!r}; run its `sample --shard` first")
-    if finished[-1].get("parquet"):
-        folder = finished[-1]["parquet"]
-        raise ExplainerError(f"shard DB {path} wrote its contexts to the Parquet folder {folder}; merge that folder")
-    # Found beside the shard's DB, wherever the shard ran: shard folders may have moved.
-    spath = state_path(path, row["fingerprint"], parse_shard(finished[-1]["shard"]))
-    if not spath.exists():
-        raise ExplainerError(f"shard state {spath} of {path} is missing; copy it along with the DB or rerun that shard")
-    return row, load_state(spath)
-
-
-def merge(con: duckdb.DuckDBPyConnection, shard_outputs: Sequence[Path | str], *,
-          dict_name: Optional[str] = None) -> SampleResult:
-    """Combine finished shard runs into this DB, exactly.
-
-    Each of `shard_outputs` is a shard's DB file (contexts rows and state beside it) or a
-    `sample --parquet` folder (every shard's state and Parquet contexts in one place). From
-    Parquet only the contexts the examples use are copied in; the rest stay queryable in place.
-    """
-    t0 = time.perf_counter()
-    states: list[SampleState] = []
-    dict_row: Optional[dict[str, Any]] = None
-    dbs: list[Path] = []
-    folders: list[Path] = []
-    for path in map(Path, shard_outputs):
-        if is_parquet_folder(path):
-            row = read_dictionary(path)
-            found = [load_state(p) for p in state_files(path)]
-            if not found:
-                raise ExplainerError(f"{path} holds no shard state; run `sample --parquet {path}` to the end first")
-            unfinished = [p.name for p, st in zip(state_files(path), found) if not st.meta.get("complete")]
-            if unfinished:
-                raise ExplainerError(f"{path}: shards {unfinished} are unfinished; rerun them (they resume) and merge again")
-            states += found
-            folders.append(path)
-        elif not path.exists():
-            raise ExplainerError(f"shard output {path} does not exist; pass shard DB files or a `sample --parquet` folder")
-        elif path.is_dir():
-            raise ExplainerError(f"{path} is a folder without dictionary.json: not a `sample --parquet` output")
-        else:
-            row, st = _shard_db(path, dict_name)
-            states.append(st)
-            dbs.append(path)
-        if dict_row is not None and row["fingerprint"] != dict_row["fingerprint"]:
-            raise ExplainerError(f"{path} holds another dictionary than {shard_outputs[0]}; merge shards of one run")
-        dict_row = row
-    if not states or dict_row is None:
-        raise ExplainerError("merge needs at least one shard DB or Parquet folder")
-    merged = states[0]
-    try:
-        for st in states[1:]:
-            merged = merge_states(merged, st)
-    except ValueError as e:
-        raise ExplainerError(f"{e}; merge shards of one run") from None
-    n = int(merged.meta["n_shards"])
-    if merged.meta["shards"] != list(range(n)):
-        missing = sorted(set(range(n)) - set(merged.meta["shards"]))
-        raise ExplainerError(f"shards {missing} of {n} are missing; pass every shard's output")
-    config = dict_row["config"]
-    dict_id = store.register_dictionary(con, **{**dict_row, "config": json.loads(config) if isinstance(config, str)
-                                                else (config or {})})
-    run_id = store.start_run(con, "sample", {"merge": [str(p) for p in shard_outputs]})
-    result = {"dict_id": dict_id, "dict_name": dict_row["name"], "config_key": merged.meta["config_key"],
-              "shard": "merged", "n_contexts": _summary_counts(merged), "n_tokens": int(merged.n_tokens.sum()),
-              "tokens_per_s": 0.0, "parquet": [str(f.resolve()) for f in folders]}
-    try:
-        with store.transaction(con):
-            con.execute("DELETE FROM contexts WHERE dict_id = ?", [dict_id])
-            for i, path in enumerate(dbs):
-                quoted = str(path).replace("'", "''")
-                src_id = con.execute(f"ATTACH '{quoted}' AS shard{i} (READ_ONLY); "
-                                     f"SELECT id FROM shard{i}.dictionaries WHERE fingerprint = ?",
-                                     [dict_row["fingerprint"]]).fetchone()[0]
-                con.execute(f"INSERT INTO contexts SELECT ? AS dict_id, context_id, doc_id, split, token_ids, tokens "
-                            f"FROM shard{i}.contexts WHERE dict_id = ?", [dict_id, src_id])
-                con.execute(f"DETACH shard{i}")
-            relations = [f"(SELECT * FROM contexts WHERE dict_id = {int(dict_id)})"]
-            relations += [parquet_relation(f) for f in folders]
-            ss = SampleSettings.model_validate(merged.meta["config"]["sample"])
-            result.update(write_results(con, dict_id, merged, ss, relations), complete=True)
-            copy_used_contexts(con, dict_id, relations[1:])  # from Parquet, only what examples use
-            store.finish_run(con, run_id, "done", result)
-    except BaseException as e:
-        store.finish_run(con, run_id, "failed", {"error": f"{type(e).__name__}: {e}"})
-        raise
-    return SampleResult(dict_id, dict_row["name"], "merged", True, False, result["n_contexts"], result["n_tokens"],
-                        result["dead_latents"], result["median_frequency"], _db_bytes(con), 0.0,
-                        time.perf_counter() - t0, None, [])

@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import re
 import time
 from collections import deque
 from dataclasses import dataclass, field

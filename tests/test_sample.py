@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from explainer import sample as sample_mod
+from explainer import sample_merge
 from explainer import store
 from explainer.corpus import iter_contexts
 from explainer.errors import ExplainerError
@@ -244,8 +245,8 @@ def test_two_shards_merged_equal_a_single_run(env: dict[str, Any], tmp_path: Pat
         shard_dbs.append(s.db)
     con = store.connect(tmp_path / "merged.duckdb")
     with pytest.raises(ExplainerError, match=r"shards \[1\] of 2 are missing"):
-        sample_mod.merge(con, shard_dbs[:1])
-    res = sample_mod.merge(con, shard_dbs)
+        sample_merge.merge(con, shard_dbs[:1])
+    res = sample_merge.merge(con, shard_dbs)
     con.close()
     assert res.complete and res.n_contexts == env["result"].n_contexts
     merged, single = tables(tmp_path / "merged.duckdb"), tables(env["settings"].db)

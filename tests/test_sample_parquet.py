@@ -10,6 +10,7 @@ import duckdb
 import pytest
 
 from explainer import sample as sample_mod
+from explainer import sample_merge
 from explainer import store
 from explainer.errors import ExplainerError
 from tests.test_sample import env, make_sae, tables  # noqa: F401  (env is a fixture)
@@ -61,7 +62,7 @@ def test_parquet_shards_survive_kills_and_merge_to_a_single_run(env: dict[str, A
 
     con = store.connect(tmp_path / "merged.duckdb")
     with pytest.raises(ExplainerError, match="unfinished"):
-        sample_mod.merge(con, [folder])
+        sample_merge.merge(con, [folder])
     con.close()
     for i in range(2):
         res = run_shard(env, tmp_path / f"s{i}.duckdb", folder, f"{i}/2")
@@ -75,8 +76,8 @@ def test_parquet_shards_survive_kills_and_merge_to_a_single_run(env: dict[str, A
 
     con = store.connect(tmp_path / "merged.duckdb")
     with pytest.raises(ExplainerError, match="merge that folder"):
-        sample_mod.merge(con, [tmp_path / "s0.duckdb"])
-    res = sample_mod.merge(con, [folder])
+        sample_merge.merge(con, [tmp_path / "s0.duckdb"])
+    res = sample_merge.merge(con, [folder])
     used = {r[0] for r in con.execute("SELECT DISTINCT context_id FROM examples").fetchall()}
     # The rest stay in Parquet and DuckDB reads them in place, from the same DB connection.
     in_place = con.execute(f"SELECT count(*) FROM read_parquet('{folder}/contexts/*/*.parquet')").fetchone()[0]
