@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import duckdb
 import pytest
@@ -191,6 +191,21 @@ def test_rerun_is_a_noop_and_changed_settings_need_restart(env: dict[str, Any], 
     assert [r[0] for r in statuses] == ["replaced", "done"]
 
 
+def die_at_second_save(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any, Path], None]:
+    """Make the sampler die right before its second state save (after that checkpoint's rows are
+    written); returns the real save_state for putting back."""
+    real_save, saves = sample_mod.save_state, {"n": 0}
+
+    def save_then_die(state: Any, path: Path) -> None:
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise KeyboardInterrupt
+        real_save(state, path)
+
+    monkeypatch.setattr(sample_mod, "save_state", save_then_die)
+    return real_save
+
+
 def test_resume_after_interruption_gives_identical_tables(env: dict[str, Any], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     settings = env["settings"].model_copy(update={"db": tmp_path / "resumed.duckdb"})
@@ -208,15 +223,7 @@ def test_resume_after_interruption_gives_identical_tables(env: dict[str, Any], t
     con.close()
     # Second attempt dies between a commit and the state file write (the window that leaves
     # rows the state does not cover).
-    real_save, saves = sample_mod.save_state, {"n": 0}
-
-    def save_then_die(state: Any, path: Path) -> None:
-        saves["n"] += 1
-        if saves["n"] == 2:
-            raise KeyboardInterrupt
-        real_save(state, path)
-
-    monkeypatch.setattr(sample_mod, "save_state", save_then_die)
+    real_save = die_at_second_save(monkeypatch)
     con = store.connect(settings.db)
     with pytest.raises(KeyboardInterrupt):
         sample_mod.run(con, settings, env["sae"], lm=env["lm"])

@@ -13,7 +13,7 @@ from explainer import sample as sample_mod
 from explainer import sample_merge
 from explainer import store
 from explainer.errors import ExplainerError
-from tests.test_sample import env, make_sae, tables  # noqa: F401  (env is a fixture)
+from tests.test_sample import die_at_second_save, env, make_sae, tables  # noqa: F401  (env is a fixture)
 
 
 def examples_and_latents(db: Path) -> dict[str, list[tuple]]:
@@ -45,15 +45,7 @@ def test_parquet_shards_survive_kills_and_merge_to_a_single_run(env: dict[str, A
     folder = tmp_path / "parts"
     # Shard 1 dies between writing a Parquet part and saving the state that counts it:
     # the resume must drop that part and redo its contexts, not count them twice.
-    real_save, saves = sample_mod.save_state, {"n": 0}
-
-    def save_then_die(state: Any, path: Path) -> None:
-        saves["n"] += 1
-        if saves["n"] == 2:
-            raise KeyboardInterrupt
-        real_save(state, path)
-
-    monkeypatch.setattr(sample_mod, "save_state", save_then_die)
+    real_save = die_at_second_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_shard(env, tmp_path / "s1.duckdb", folder, "1/2")
     monkeypatch.setattr(sample_mod, "save_state", real_save)
