@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from explainer import score, store  # noqa: E402
 from explainer.settings import LLMSettings, ScoreSettings, Settings  # noqa: E402
-from tests.openai_server import Reply, Request, ScriptedServer  # noqa: E402
+from tests.openai_server import Reply, Request, ScriptedServer, echo_reply  # noqa: E402
 
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
          "an they you were her she there one all we their been has would when if so no out what up said about "
@@ -75,8 +75,15 @@ JUDGE = re.compile(r"^Snippet (\d+): ", re.M)
 def responder(lo: float, hi: float):
     rng = random.Random(1)
 
+    def slot(toks: list[str], i: int) -> dict[str, float]:
+        if toks[i] == "unknown" and toks[i - 1] == "\t":
+            return {"0": math.log(0.7), "3": math.log(0.2), "9": math.log(0.1)}
+        return {toks[i]: -0.1}
+
     def answer(req: Request) -> Reply:
         delay = rng.uniform(lo, hi)
+        if req.body.get("echo"):
+            return echo_reply(req, slot, delay=delay)
         if "prompt" in req.body or req.body.get("logprobs"):
             return Reply(kind="text", text="3", top_logprobs=[{"0": math.log(0.7), "3": math.log(0.2), "9": math.log(0.1)}],
                          delay=delay)
@@ -121,13 +128,14 @@ def main() -> None:
     tok = load_tokenizer()
     k = args.per_kind
     configs = [("simulation", "json", args.latents), ("detection", "json", args.latents),
-               ("fuzzing", "json", args.latents), ("simulation", "logprobs", args.logprobs_latents)]
+               ("fuzzing", "json", args.latents), ("simulation", "all_at_once", args.latents),
+               ("simulation", "logprobs", args.logprobs_latents)]
     print(f"# per latent: {k} top + {k} quantile + {k} random + {k} non-activating held-out snippets of "
           f"{args.ctx_len} tokens; {args.per_call} snippets per call; latency {args.latency[0]}-{args.latency[1]} s; "
           f"concurrency {args.concurrency}")
     print(f"# prompt tokens: server = whitespace words; bpe = "
           f"{'SmolLM2 tokenizer over the request texts' if tok else 'n/a (SmolLM2 not cached)'}")
-    header = f"{'scorer':<22}{'latents':>8}{'snippets':>9}{'calls/lat':>10}{'prompt tok/lat (server)':>25}" \
+    header = f"{'scorer':<26}{'latents':>8}{'snippets':>9}{'calls/lat':>10}{'prompt tok/lat (server)':>25}" \
              f"{'(bpe)':>9}{'compl tok/lat':>14}{'wall s/lat':>11}{'failed':>7}"
     print(header)
     for scorer, mode, n in configs:
@@ -149,7 +157,7 @@ def main() -> None:
             con.close()
             bpe = sum(bpe_tokens(tok, r) for r in srv.requests) / n if tok else float("nan")
             label = f"{scorer} ({mode})" if scorer == "simulation" else scorer
-            print(f"{label:<22}{n:>8}{(n_snip or 0):>9.0f}{res.calls / n:>10.1f}{res.prompt_tokens / n:>25,.0f}"
+            print(f"{label:<26}{n:>8}{(n_snip or 0):>9.0f}{res.calls / n:>10.1f}{res.prompt_tokens / n:>25,.0f}"
                   f"{bpe:>9,.0f}{res.completion_tokens / n:>14,.0f}{wall / n:>11.2f}{res.failed:>7}")
     print("# reference: delphi defaults, detection + fuzzing: ~41 calls and ~40,000 prompt tokens per latent")
     print("# reference: SAEBench autointerp: 2 calls per latent (one generation, one scoring)")

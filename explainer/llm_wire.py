@@ -37,12 +37,18 @@ UNREACHABLE_AFTER = 3
 
 @dataclass
 class Reply:
-    """What one completion said: the text and, when asked for, each generated token's alternatives."""
+    """What one completion said: the text and, when asked for, each generated token's alternatives.
+
+    With `echo` on /v1/completions the logprobs cover the prompt's tokens too: then `tokens` and
+    `text_offset` (the character where each token starts) line up with `top_logprobs`.
+    """
 
     text: Optional[str]
     finish_reason: Optional[str]
-    top_logprobs: Optional[list[dict[str, float]]]  # one {token: logprob} per generated token
+    top_logprobs: Optional[list[dict[str, float]]]  # one {token: logprob} per generated (or echoed) token
     body: dict[str, Any]
+    tokens: Optional[list[str]] = None
+    text_offset: Optional[list[int]] = None
 
 
 @dataclass
@@ -147,6 +153,8 @@ def reply_from(endpoint: str, body: dict[str, Any]) -> Reply:
     choice = choices[0]
     logprobs = choice.get("logprobs") or None
     top: Optional[list[dict[str, float]]] = None
+    tokens: Optional[list[str]] = None
+    offset: Optional[list[int]] = None
     if endpoint == "chat":
         message = choice.get("message")
         if not isinstance(message, dict):
@@ -160,11 +168,18 @@ def reply_from(endpoint: str, body: dict[str, Any]) -> Reply:
                    for tok in logprobs["content"]]
         elif logprobs and isinstance(logprobs.get("top_logprobs"), list):
             top = [{k: float(v) for k, v in (d or {}).items()} for d in logprobs["top_logprobs"]]
+            if isinstance(logprobs.get("tokens"), list):
+                tokens = [str(t) for t in logprobs["tokens"]]
+                offsets = logprobs.get("text_offset")
+                offset = [int(o) for o in offsets] if isinstance(offsets, list) else None
+                if len(tokens) != len(top) or (offset is not None and len(offset) != len(top)):
+                    raise ValueError("logprobs tokens, text_offset and top_logprobs differ in length")
     except (AttributeError, KeyError, TypeError, ValueError):
         raise ValueError("malformed logprobs") from None
     if text is not None and not isinstance(text, str):
         raise ValueError("content is not a string")
-    return Reply(text=text, finish_reason=choice.get("finish_reason"), top_logprobs=top, body=body)
+    return Reply(text=text, finish_reason=choice.get("finish_reason"), top_logprobs=top, body=body,
+                 tokens=tokens, text_offset=offset)
 
 
 # --- buffered writes --------------------------------------------------------------------

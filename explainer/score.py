@@ -69,8 +69,10 @@ def setup_of(settings: Settings, scorer: str) -> dict[str, Any]:
     setup["temperature"] = settings.llm.temperature
     if scorer != "simulation" or s.mode == "json":
         setup["per_call"] = s.per_call
-    else:
+    elif s.mode == "logprobs":
         setup.update(top_logprobs=s.top_logprobs, logprobs_api=s.logprobs_api)
+    else:
+        setup["top_logprobs"] = s.top_logprobs
     return setup
 
 
@@ -86,7 +88,8 @@ def mode_of(s: ScoreSettings, scorer: str) -> str:
 def load_template(s: ScoreSettings, scorer: str) -> prompts.Template:
     """The scorer's template, checked for its placeholders before any call."""
     if scorer == "simulation":
-        tpl = prompts.load(s.simulation_template if s.mode == "json" else s.logprobs_template)
+        tpl = prompts.load({"json": s.simulation_template, "logprobs": s.logprobs_template,
+                            "all_at_once": s.all_at_once_template}[s.mode])
         check_template(tpl, s.mode)
         return tpl
     tpl = prompts.load(s.detection_template if scorer == "detection" else s.fuzzing_template)
@@ -187,7 +190,7 @@ def snippet_records(outcome: Outcome) -> list[dict[str, Any]]:
     for r in outcome.results:
         rec: dict[str, Any] = {"context_id": r.snippet.context_id, "kind": r.snippet.kind}
         if r.predicted is not None:
-            rec["pred"] = [round(p, 3) if outcome.mode == "logprobs" else int(p) for p in r.predicted]
+            rec["pred"] = [int(p) if outcome.mode == "json" else round(p, 3) for p in r.predicted]
         if r.label is not None:
             rec["label"], rec["answer"] = r.label, r.answer
         if r.highlights is not None:
@@ -294,6 +297,9 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     s = settings.score
     scorers = parse_scorers(s.scorers)
     check_split(s.split)
+    if settings.llm.batch and s.mode == "all_at_once" and "simulation" in scorers:
+        raise ExplainerError("--mode all_at_once reads echoed prompt logprobs, which the Batch API does not return; "
+                             "run it without --batch (against vLLM or llama.cpp), or use --mode json with --batch")
     resolve_endpoint(settings.llm)  # a missing key fails before anything is written
     templates = {name: load_template(s, name) for name in scorers}
     setups = {name: setup_of(settings, name) for name in scorers}

@@ -178,11 +178,13 @@ class ExplainSettings(Section):
 
 class ScoreSettings(Section):
     scorers: str = Field("simulation", description="comma list of scorers: simulation, detection, fuzzing")
-    mode: Literal["json", "logprobs"] = Field(
+    mode: Literal["json", "logprobs", "all_at_once"] = Field(
         "json",
         description=(
-            "simulation mode: json (a chat model writes per-token predictions for several snippets per call) or "
-            "logprobs (expected digit from top_logprobs; one call per token, ~100x the calls of json)"
+            "simulation mode: json (a chat model writes per-token predictions for several snippets per call), "
+            "logprobs (expected digit from top_logprobs; one call per token, ~100x the calls of json) or "
+            "all_at_once (expected digit at a slot after every token, read from the echoed prompt's logprobs on "
+            "/v1/completions; one call per snippet; vLLM, llama.cpp)"
         ),
     )
     latents: str = Field("all", description="which latents: all, 3, 0-99, 1,5,9, or a SQL WHERE over latents")
@@ -198,7 +200,7 @@ class ScoreSettings(Section):
     n_nonactivating: int = Field(5, ge=0, description="non-activating examples per latent (detection negatives)")
     per_call: int = Field(5, ge=1, description="snippets per call in json simulation, detection and fuzzing")
     top_logprobs: int = Field(
-        10, ge=1, le=20, description="alternatives per generated token in logprobs mode (OpenAI completions allow 5)"
+        10, ge=1, le=20, description="alternatives per token in logprobs and all_at_once modes (OpenAI completions allow 5)"
     )
     logprobs_api: Literal["completions", "chat"] = Field(
         "completions",
@@ -211,6 +213,9 @@ class ScoreSettings(Section):
     simulation_template: str = Field("simulate", description="json-mode simulator prompt: a name in prompts/ or a .txt path")
     logprobs_template: str = Field(
         "simulate_logprobs", description="logprobs-mode simulator prompt (must end with 'Activation:')"
+    )
+    all_at_once_template: str = Field(
+        "simulate_all_at_once", description="all_at_once-mode simulator prompt (placeholders {explanation}, {rows})"
     )
     detection_template: str = Field("detection", description="detection prompt: a name in prompts/ or a .txt path")
     fuzzing_template: str = Field("fuzzing", description="fuzzing prompt: a name in prompts/ or a .txt path")

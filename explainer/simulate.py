@@ -7,6 +7,8 @@ Two ways to ask, both through the one LLM client (retries, cache, ledger):
   present, no others, exactly one integer 0-9 per token. A wrong answer is rejected; the LLM
   layer asks again (cache bypassed) up to `max_attempts`, then the call fails. A failed call
   makes the whole score a recorded failure: a malformed answer never becomes a number.
+- `all_at_once`: one call per snippet, read from the echoed prompt's logprobs at a slot
+  after every token (simulate_echo.py; vLLM and llama.cpp serve it, OpenAI's chat models do not).
 - `logprobs`: one call per token with `max_tokens=1`, the prompt ending exactly
   "Activation: " (with the space, or digits get ~0 probability). The prediction is the
   expected digit under the generated token's `top_logprobs`. Echoed prompt logprobs are not
@@ -268,6 +270,11 @@ def check_template(tpl: prompts.Template, mode: str) -> None:
     if mode == "json":
         tpl.require(("explanation", "snippets"))
         tpl.render(explanation="", snippets="", n_snippets=0)
+    elif mode == "all_at_once":
+        from explainer.simulate_echo import render
+
+        tpl.require(("explanation", "rows"))
+        render(tpl, "", ["a"])
     else:
         tpl.require(("explanation", "text", "token"))
         snip = Snippet(0, "top", 0, 1.0, ["a"], [1.0])
@@ -300,6 +307,11 @@ async def simulate(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template, expl
     details: dict[str, Any] = {}
     if s.mode == "json":
         preds = await _simulate_json(llm, s, tpl, explanation, snippets, latent, spend)
+    elif s.mode == "all_at_once":
+        from explainer.simulate_echo import simulate_all_at_once
+
+        preds, mass = await simulate_all_at_once(llm, s, tpl, explanation, snippets, latent, spend)
+        details["digit_mass"] = round(mass, 4)
     else:
         preds, mass = await _simulate_logprobs(llm, s, tpl, explanation, snippets, latent, spend)
         details["digit_mass"] = round(mass, 4)

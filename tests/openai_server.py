@@ -25,6 +25,7 @@ import email.parser
 import email.policy
 import itertools
 import json
+import re
 import socket
 import struct
 import sys
@@ -106,6 +107,30 @@ class Request:
 
 
 Responder = Callable[[Request], Union[Reply, str]]
+
+ECHO_TOKEN = re.compile(r"\t|\n| ?[^\s]+| ")
+
+
+def echo_reply(req: Request, guess: Callable[[list[str], int], dict[str, float]], *, shift: int = 0,
+               pattern: "re.Pattern[str]" = ECHO_TOKEN, delay: float = 0.0) -> Reply:
+    """A /v1/completions answer with `echo`: the prompt split by `pattern` into tokens with their
+    offsets, `guess(tokens, i)` as the alternatives at position i, one generated token "0".
+    `shift=1` reports every position's alternatives one position early, as llama.cpp does
+    for models without BOS. Usage counts the echoed tokens."""
+    prompt = req.body["prompt"]
+    found = [(m.group(), m.start()) for m in pattern.finditer(prompt)]
+    toks = [t for t, _ in found]
+    tops: list[Optional[dict[str, float]]] = [None] + [guess(toks, i) for i in range(1, len(toks))]
+    if shift:
+        tops = [None] + tops[1 + shift :] + [None] * shift
+    logprobs = {"tokens": toks + ["0"], "text_offset": [o for _, o in found] + [len(prompt)],
+                "token_logprobs": [None] + [-0.1] * len(toks), "top_logprobs": tops + [{"0": -0.1}]}
+    body = {"id": "cmpl-echo", "object": "text_completion", "created": int(time.time()), "model": req.body.get("model"),
+            "choices": [{"index": 0, "text": prompt + "0", "logprobs": logprobs, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": len(toks), "completion_tokens": 1, "total_tokens": len(toks) + 1}}
+    reply = Reply.raw(json.dumps(body))
+    reply.delay = delay
+    return reply
 
 
 def default_responder(req: Request) -> Reply:

@@ -50,8 +50,8 @@ def settings_for(srv: ScriptedServer) -> LLMSettings:
                        max_attempts=3, concurrency=4)
 
 
-def run_sim(con, srv: ScriptedServer, s: ScoreSettings, snippets=SNIPPETS, explanation="city names"):
-    tpl = prompts.load(s.simulation_template if s.mode == "json" else s.logprobs_template)
+def run_sim(con, srv: ScriptedServer, s: ScoreSettings, snippets=SNIPPETS, explanation="city names", tpl_name=None):
+    tpl = prompts.load(tpl_name or (s.simulation_template if s.mode == "json" else s.logprobs_template))
 
     async def go():
         async with LLMClient(settings_for(srv), con, stage="score", dict_id=1) as llm:
