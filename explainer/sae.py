@@ -290,9 +290,49 @@ def _int(cfg: dict, key: str, path: Path) -> int:
     return value
 
 
+def hub_id(path: str | Path) -> Optional[tuple[str, str]]:
+    """(repo id, folder inside it) when `path` names no local folder but reads as owner/repo[/folder]."""
+    text = str(path)
+    if Path(text).expanduser().exists() or text.startswith(("/", ".", "~")) or "\\" in text:
+        return None
+    parts = text.strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def resolve_dictionary(path: str | Path) -> Path:
+    """The local folder of a dictionary: `path` itself, or a Hugging Face hub folder fetched into
+    the hub cache, e.g. EleutherAI/sae-pythia-70m-32k/layers.3 (sparsify) or a SAELens release
+    repo and folder. Offline (HF_HUB_OFFLINE=1) only the cache is read."""
+    hub = hub_id(path)
+    if hub is None:
+        return Path(path).expanduser()
+    repo, sub = hub
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        root = snapshot_download(repo, allow_patterns=[f"{sub}/*"] if sub else None)
+    except LocalEntryNotFoundError:
+        raise ExplainerError(
+            f"dictionary folder {path} does not exist (train one with `explainer train`), and the hub repository "
+            f"{repo} is not in the Hugging Face cache (offline, or the hub is unreachable)"
+        ) from None
+    except (RepositoryNotFoundError, HFValidationError) as e:
+        raise ExplainerError(f"dictionary folder {path} does not exist (train one with `explainer train`), "
+                             f"and there is no hub repository {repo} ({type(e).__name__})") from None
+    folder = Path(root) / sub
+    if not (folder / CFG_FILE).is_file():
+        raise ExplainerError(f"dictionary {path}: hub repository {repo} has no {sub or '.'}/{CFG_FILE}; "
+                             "name the folder holding the dictionary, e.g. owner/repo/layers.6")
+    return folder
+
+
 def load_dictionary(path: str | Path, device: Any = "cpu") -> TopKSAE:
-    """Load a TopK SAE from a SAELens-layout folder (ours) or an EleutherAI sparsify folder."""
-    folder = Path(path).expanduser()
+    """Load a TopK SAE from a SAELens-layout folder (ours) or an EleutherAI sparsify folder,
+    local or on the Hugging Face hub (owner/repo/folder)."""
+    folder = resolve_dictionary(path)
     if not folder.exists():
         raise ExplainerError(f"dictionary folder {folder} does not exist (train one with `explainer train`)")
     cfg = _read_cfg(folder)

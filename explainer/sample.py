@@ -238,7 +238,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     resume=False (--restart) discards this dictionary's earlier samples and any checkpoint.
     """
     from explainer.lm import load_model
-    from explainer.sae import fingerprint, load_dictionary
+    from explainer.sae import fingerprint, hub_id, load_dictionary, resolve_dictionary
 
     t0 = time.perf_counter()
     ss, T = settings.sample, settings.corpus.ctx_len
@@ -246,15 +246,16 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     shard_text = f"{shard[0]}/{shard[1]}"
     if ss.n_reservoir < ss.n_quantile:
         raise ExplainerError(f"sample.n_reservoir={ss.n_reservoir} is below n_quantile={ss.n_quantile}; raise it")
-    sae_path = Path(sae_path)
+    hub = hub_id(sae_path)
+    sae_path = resolve_dictionary(sae_path)
     sae = load_dictionary(sae_path)
     lm = lm if lm is not None else load_model(settings.model)
     warnings = check_dictionary(sae, lm, ss)
     sae = sae.to(lm.device).eval()
     fp = fingerprint(sae)
-    name = dict_name or sae_path.resolve().name
+    name = dict_name or ("/".join(hub).strip("/") if hub else sae_path.resolve().name)
     dict_id = store.register_dictionary(
-        con, name=name, path=str(sae_path.resolve()), model=lm.name, hook=lm.hook, d_in=sae.d_in,
+        con, name=name, path="/".join(hub).strip("/") if hub else str(sae_path.resolve()), model=lm.name, hook=lm.hook, d_in=sae.d_in,
         d_sae=sae.d_sae, k=sae.k, fingerprint=fp, config=sae.cfg)
     key, cfg = _config(settings, lm, fp)
 

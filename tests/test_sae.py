@@ -233,3 +233,29 @@ def test_missing_folder_and_nan_weights(saved: Path, tmp_path: Path) -> None:
                "W_dec": torch.zeros(256, 16), "b_dec": torch.zeros(16)}, str(saved / "sae_weights.safetensors"))
     with pytest.raises(ExplainerError, match="NaN"):
         load_dictionary(saved)
+
+
+def test_hub_ids_resolve_through_the_hugging_face_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """owner/repo/folder is read from the hub cache (offline here), in the hub's own cache layout."""
+    import huggingface_hub.constants as hf
+
+    from explainer.sae import hub_id, resolve_dictionary
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
+    repo = cache / "models--someone--sae-tiny"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    sae = make_sae()
+    write_sparsify_folder(repo / "snapshots" / rev / "layers.3", sae)
+
+    assert hub_id("someone/sae-tiny/layers.3") == ("someone/sae-tiny", "layers.3")
+    assert hub_id(tmp_path) is None and hub_id("./a/b") is None and hub_id("single") is None
+    assert resolve_dictionary("someone/sae-tiny/layers.3") == repo / "snapshots" / rev / "layers.3"
+    loaded = load_dictionary("someone/sae-tiny/layers.3")
+    assert loaded.cfg["format"] == "sparsify" and loaded.d_sae == 256
+    with pytest.raises(ExplainerError, match="has no layers.9/cfg.json"):
+        load_dictionary("someone/sae-tiny/layers.9")
+    with pytest.raises(ExplainerError, match="does not exist .*not in the Hugging Face cache"):
+        load_dictionary("nobody/nothing/layers.3")

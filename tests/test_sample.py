@@ -328,3 +328,22 @@ def test_merge_verb_combines_shard_databases(env: dict[str, Any], tmp_path: Path
     out = json.loads(capsys.readouterr().out)
     assert out["complete"] and out["n_contexts"] == env["result"].n_contexts
     assert tables(tmp_path / "merged.duckdb")["contexts"] == tables(env["settings"].db)["contexts"]
+
+
+def test_a_hub_dictionary_is_named_by_its_id(env: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    rev = "f" * 40
+    repo = tmp_path / "hub" / "models--lab--saes"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    make_sae(repo / "snapshots" / rev / "layers.1")
+    s = env["settings"].model_copy(update={"db": tmp_path / "hub.duckdb"})
+    con = store.connect(s.db)
+    try:
+        res = sample_mod.run(con, s, "lab/saes/layers.1", lm=env["lm"])
+        row = con.execute("SELECT name, path FROM dictionaries").fetchone()
+    finally:
+        con.close()
+    assert res.complete and row == ("lab/saes/layers.1", "lab/saes/layers.1")
