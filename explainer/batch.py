@@ -92,10 +92,12 @@ class BatchOutcome:
     cost: float = 0.0  # at batch_price_factor
     client: Optional[ClientFactory] = field(default=None, repr=False)  # for the stage's final pass
 
+    hint: str = ""  # what to do before the rerun, when it is more than waiting
+
     def as_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "client"}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("client", "hint")}
         if not self.ready:
-            data["next"] = "rerun the same command to collect the results (the batch is resumed, not resent)"
+            data["next"] = self.hint or "rerun the same command to collect the results (the batch is resumed, not resent)"
         return data
 
     def add_spend_to(self, result: Any) -> None:
@@ -148,16 +150,20 @@ class _Batches:
                 new = [r["batch_id"] for r in open_rows if r["batch_id"] not in self.out.batch_ids]
                 self.out.resumed += len(new)  # the ones created now are listed already
                 self.out.batch_ids += new
-                if self._poll(open_rows, wait=self.settings.batch_wait):
+                # A folder batch is answered by an engine the user starts: one check, never a wait.
+                wait = self.settings.batch_wait and not self.settings.batch_dir
+                if self._poll(open_rows, wait=wait):
                     self.out.status = "submitted" if submitted else "running"
+                    self._hint([r["batch_id"] for r in open_rows])
                     return self.out
                 continue
             todo = [k for k in self.spool.pending if k not in self.settled]
             if todo and not submitted:
                 self._submit(todo)
                 submitted = True
-                if not self.settings.batch_wait:
+                if not self.settings.batch_wait or self.settings.batch_dir:
                     self.out.status = "submitted"
+                    self._hint(sorted(self.created))
                     return self.out
                 continue
             break
@@ -168,8 +174,15 @@ class _Batches:
             )
         self.out.status = "done" if (self.out.batch_ids or self.spool.pending) else "nothing to send"
         self.out.ready = True
-        self.out.client = functools.partial(Finisher, failed=self._unanswered(), discounted=self._discounted())
+        self.out.client = functools.partial(Finisher, failed=self._unanswered(), discounted=self._discounted(),
+                                            live=not self.settings.batch_dir)
         return self.out
+
+    def _hint(self, batch_ids: list[str]) -> None:
+        if self.settings.batch_dir:  # nobody answers a folder batch unless told how
+            from explainer.batch_files import instructions
+
+            self.out.hint = instructions(self.api.client.folder, batch_ids, self.settings.model)
 
     # --- DB ----------------------------------------------------------------------------------
     def _open(self) -> list[dict[str, Any]]:

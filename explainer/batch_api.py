@@ -32,6 +32,13 @@ class BatchApi:
 
     def __init__(self, settings: LLMSettings):
         self.settings = settings
+        self.client: Any
+        if settings.batch_dir:  # an offline engine answers through a folder (batch_files.py)
+            from explainer.batch_files import FolderClient
+
+            self.client = FolderClient(settings.batch_dir)
+            self.base_url, self._key = self.client.base_url, ""
+            return
         self.base_url, self._key = resolve_endpoint(settings)
         self.client = openai.OpenAI(base_url=self.base_url, api_key=self._key, max_retries=0,
                                     timeout=max(settings.timeout, UPLOAD_TIMEOUT))

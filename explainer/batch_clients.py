@@ -119,7 +119,10 @@ class Finisher(LLMClient):
 
     def __init__(self, settings: LLMSettings, con: duckdb.DuckDBPyConnection, *, stage: str,
                  run_id: Optional[int] = None, dict_id: Optional[int] = None,
-                 failed: dict[str, str], discounted: set[str]):
+                 failed: dict[str, str], discounted: set[str], live: bool = True):
+        if not live:
+            # A folder batch has no endpoint to ask again: a rejected answer fails at its first reading.
+            settings = settings.model_copy(update={"max_attempts": 1})
         super().__init__(settings, con, stage=stage, run_id=run_id, dict_id=dict_id)
         self.batch_failed = failed
         self.discounted = discounted

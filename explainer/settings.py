@@ -161,6 +161,10 @@ class LLMSettings(Section):
         True, description="with --batch: poll until the batch ends; --no-batch-wait returns after submitting (rerun to collect)"
     )
     batch_poll: float = Field(30.0, gt=0, description="with --batch: seconds between status checks of a running batch")
+    batch_dir: str = Field(
+        "", description="with --batch: exchange the batch files through this folder instead of the Batch API, for "
+        "offline engines such as `vllm run-batch` (writes DIR/<batch>.input.jsonl, reads DIR/<batch>.output.jsonl)",
+    )
     batch_price_factor: float = Field(
         0.5, ge=0, description="with --batch: fraction of price_in/price_out a batch request costs (OpenAI: 0.5)"
     )

@@ -351,3 +351,66 @@ def test_score_batch_writes_what_online_writes(tmp_path, llm_server, mode):
     assert any(isinstance(p, dict) and p.get("stage") == "batch completed" for p in seen)
     assert res.cost == pytest.approx(online.cost / 2)
     assert res.summary()["batch status"] == "done"
+
+
+# --- a folder instead of the Batch API (vllm run-batch) ----------------------------------------
+
+
+def run_engine(folder: Path, answer: Any, skip_last: bool = False) -> int:
+    """What `vllm run-batch -i IN -o OUT` does: one output line per input line, by custom_id."""
+    from tests.openai_server import Request
+
+    n = 0
+    for inp in sorted(folder.glob("*.input.jsonl")):
+        out = []
+        reqs = [json.loads(x) for x in inp.read_text().splitlines() if x.strip()]
+        for rec in reqs[:-1] if skip_last else reqs:
+            text = answer(Request(rec["url"], rec["body"], {}))
+            body = {"id": "chatcmpl-x", "object": "chat.completion", "created": 0, "model": rec["body"]["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": 8, "total_tokens": 108}}
+            out.append(json.dumps({"id": f"r{n}", "custom_id": rec["custom_id"], "error": None,
+                                   "response": {"status_code": 200, "request_id": f"r{n}", "body": body}}))
+            n += 1
+        inp.with_name(inp.name.replace(".input.", ".output.")).write_text("\n".join(out) + "\n")
+    return n
+
+
+def test_batch_dir_hands_the_requests_to_an_offline_engine(dbs, tmp_path):
+    online_db, db = dbs
+    folder = tmp_path / "batches"
+    # No endpoint at all: a remote default URL and no key are fine, nothing is ever called.
+    settings = batched("https://api.openai.com/v1", batch_dir=str(folder))
+    first = explain_run(db, settings)
+    assert first.batch["status"] == "submitted" and not first.batch["ready"]
+    (inp,) = folder.glob("*.input.jsonl")
+    assert "vllm run-batch -i " + str(inp) in first.batch["next"] and explanations(db) == []
+    lines = [json.loads(x) for x in inp.read_text().splitlines()]
+    assert len(lines) == 2 and all(x["url"] == "/v1/chat/completions" for x in lines)
+
+    # The engine has written part of its output: still running, nothing written, nothing resent.
+    run_engine(folder, answer_by_content, skip_last=True)
+    second = explain_run(db, settings)
+    assert second.batch["status"] == "running" and explanations(db) == [] and len(list(folder.glob("*.input.jsonl"))) == 1
+
+    assert run_engine(folder, answer_by_content) == 2
+    third = explain_run(db, settings)
+    assert third.batch["status"] == "done" and third.batch["answered"] == 2 and third.ok == 2
+    assert explanations(db) == [(0, "ok", "second-person pronouns"), (1, "ok", "code tokens"), (2, "failed", None)]
+    (row,) = query(db, "SELECT * FROM llm_batches")
+    assert row["base_url"] == f"file://{folder.resolve()}" and row["status"] == "completed" and row["ingested_at"]
+
+
+def test_batch_dir_rejected_answer_fails_without_a_live_call(dbs, tmp_path):
+    _, db = dbs
+    folder = tmp_path / "batches"
+    settings = batched("https://api.openai.com/v1", batch_dir=str(folder))
+    explain_run(db, settings)
+    run_engine(folder, lambda req: "")  # an empty answer: the parser rejects it
+    res = explain_run(db, settings)
+    assert res.ok == 0 and res.failed == 3
+    assert all(r[1] == "failed" for r in explanations(db))
+    # The final pass read each answer once and recorded the rejection; it asked nobody again.
+    rest = query(db, "SELECT * FROM llm_calls WHERE batch_id IS NULL")
+    assert len(rest) == 2 and all(r["attempts"] == 1 and r["error"].startswith("cached answer rejected") for r in rest)

@@ -36,6 +36,14 @@ def test_every_setting_has_a_description() -> None:
 def test_example_config_loads_and_matches_the_defaults() -> None:
     example = load_settings(ROOT / "data" / "explainer.example.toml")
     assert example.public_dict() == Settings().public_dict()
+    # Every setting is listed, with its description as the comment above it (written or commented out).
+    text = (ROOT / "data" / "explainer.example.toml").read_text()
+    for name, field in Settings.model_fields.items():
+        cls = field.annotation
+        for sub, f in getattr(cls, "model_fields", {}).items():
+            if sub == "api_key":
+                continue
+            assert re.search(rf"^# {re.escape(f.description)}\n#? ?{sub} =", text, re.M), f"{name}.{sub}"
 
 
 def test_readme_commands_match_ci() -> None:
