@@ -281,7 +281,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     total = len(range(shard[0], min(limit, sum(counts.values())), shard[1])) * T
     if state is None:
         state = new_state(d_sae=sae.d_sae, ctx_len=T, k=sae.k, n_top=ss.n_top, n_reservoir=ss.n_reservoir,
-                          n_pool=max(ss.nonactivating_pool, ss.n_random), acts_dtype=getattr(torch, ss.acts_dtype),
+                          n_pool=max(ss.nonactivating_pool, ss.n_random), n_zero=ss.n_nonactivating, acts_dtype=getattr(torch, ss.acts_dtype),
                           device=lm.device, meta={"config_key": key, "config": cfg, "n_shards": shard[1],
                                                   "shards": [shard[0]], "next_context": 0, "complete": False})
     run_id = store.start_run(con, "sample", settings.public_dict())

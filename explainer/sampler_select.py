@@ -161,6 +161,7 @@ def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_
         ranks.append(rank)
         cids.append(q_cid[pick[lat, rank]])
     lat, rank, cid = (torch.cat(x) if x else torch.zeros(0, dtype=torch.long) for x in (lats, ranks, cids))
+    lat, rank, cid = _top_up(state.zero_key[sl], lat, rank, cid, n_nonactivating)
     out["nonactivating"] = _rows(lat, rank, cid, torch.zeros(len(cid)), torch.zeros(len(cid), T))
 
     nr = min(n_random, nq)
@@ -170,6 +171,25 @@ def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_
     out["random"] = _rows(torch.arange(L).repeat_interleave(nr), torch.arange(nr).repeat(L),
                           q_cid[:nr].repeat(L), acts.amax(1) if nr else torch.zeros(0), acts)
     return out
+
+
+def _top_up(zero_key: Tensor, lat: Tensor, rank: Tensor, cid: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Fill each latent's non-activating examples from the pool up to n with its zero sketch
+    (contexts where it never fired, in hash order), skipping contexts it already has. Only
+    latents that fire almost everywhere come up short in the pool."""
+    L = zero_key.shape[0]
+    count = torch.bincount(lat, minlength=L)
+    if n == 0 or zero_key.shape[1] == 0 or bool((count >= n).all()):
+        return lat, rank, cid
+    short = (count < n).nonzero().squeeze(1)
+    have = torch.full((L, n), -1, dtype=torch.long)
+    have[lat, rank.long()] = cid
+    zk = zero_key[short]
+    z_cid = sketch_cid(zk)
+    ok = (zk < EMPTY) & ~(z_cid.unsqueeze(2) == have[short].unsqueeze(1)).any(2)
+    new_rank = count[short].unsqueeze(1) + ok.cumsum(1) - 1
+    r, j = (ok & (new_rank < n)).nonzero(as_tuple=True)
+    return (torch.cat([lat, short[r]]), torch.cat([rank.long(), new_rank[r, j]]), torch.cat([cid, z_cid[r, j]]))
 
 
 def _ranks(keys: Tensor) -> Tensor:

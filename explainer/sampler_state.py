@@ -14,6 +14,10 @@ split keeps its own examples.
   are pool contexts where a latent is zero everywhere. One shared pool instead of a sketch
   per latent: it costs nothing per latent while streaming and gives the hard-negative search
   a few hundred candidates per latent.
+- zero: per latent the n_nonactivating contexts with the smallest hash among those where it
+  never fired, a bottom-k sketch like the reservoir's. Only latents that fire almost
+  everywhere need it (the pool then holds too few zero contexts for them); it tops up their
+  non-activating examples.
 
 Slots are unordered while streaming (an entering example takes an evicted one's slot, so
 kept activations never move); sort_slots() orders them for the final tables.
@@ -36,7 +40,7 @@ from explainer.errors import ExplainerError
 
 SPLITS = ("train", "validation", "heldout")
 S = len(SPLITS)
-FORMAT = 1
+FORMAT = 2  # 2: the zero sketch
 # Sketch keys are below 2^62 (31-bit hash, 31-bit context id). Empty slots beat "no
 # candidate" markers, so a changed row never takes in a non-candidate.
 EMPTY = 1 << 62          # empty slot of a bottom-k sketch
@@ -101,6 +105,7 @@ class SampleState:
     pool_key: Tensor      # [S, Q]
     pool_vals: Tensor     # [S, Q, T, k]
     pool_idx: Tensor      # [S, Q, T, k] int32
+    zero_key: Tensor      # [S*L, Z] contexts where the latent never fired, bottom-k by hash
 
     @property
     def d_sae(self) -> int:
@@ -113,7 +118,7 @@ class SampleState:
         return SampleState(meta=dict(self.meta), **{k: v.to(device) for k, v in self.tensors().items()})
 
 
-def new_state(*, d_sae: int, ctx_len: int, k: int, n_top: int, n_reservoir: int, n_pool: int,
+def new_state(*, d_sae: int, ctx_len: int, k: int, n_top: int, n_reservoir: int, n_pool: int, n_zero: int,
               acts_dtype: torch.dtype, device: torch.device | str, meta: dict[str, Any]) -> SampleState:
     N, T = S * d_sae, ctx_len
     i64 = dict(dtype=torch.int64, device=device)
@@ -133,6 +138,7 @@ def new_state(*, d_sae: int, ctx_len: int, k: int, n_top: int, n_reservoir: int,
         pool_key=torch.full((S, n_pool), EMPTY, **i64),
         pool_vals=torch.zeros(S, n_pool, T, k, dtype=torch.float32, device=device),
         pool_idx=torch.zeros(S, n_pool, T, k, dtype=torch.int32, device=device),
+        zero_key=torch.full((N, n_zero), EMPTY, **i64),
     )
 
 
@@ -211,6 +217,7 @@ def update(state: SampleState, split: Tensor, cids: Tensor, vals: Tensor, idx: T
     tkey = top_key(ctx_max, cid_col)
     skey = sketch_key(hash31(torch.arange(L, device=dev).view(1, L), cid_col), cid_col)
     res_cand = torch.where(fired, skey, torch.full_like(skey, CAND_NONE))
+    zero_cand = torch.where(fired, torch.full_like(skey, CAND_NONE), skey)
     pkey = sketch_key(hash31(torch.tensor(POOL_SALT, device=dev), cids), cids)
 
     for s in range(S):
@@ -230,6 +237,7 @@ def update(state: SampleState, split: Tensor, cids: Tensor, vals: Tensor, idx: T
             lat, slot, col = hit
             state.res_max[rows][lat, slot] = cm[col, lat]
             state.res_acts[rows][lat, slot] = _acts_of(vs, ix, col, lat, L).to(state.res_acts.dtype)
+        _insert(state.zero_key[rows], zero_cand[m].T, False)
         hit = _insert(state.pool_key[s:s + 1], pkey[m].view(1, -1), False)
         if hit is not None:
             _, slot, col = hit
@@ -239,7 +247,7 @@ def update(state: SampleState, split: Tensor, cids: Tensor, vals: Tensor, idx: T
 
 
 _SLOTS = {"top_key": (True, ["top_acts"]), "res_key": (False, ["res_max", "res_acts"]),
-          "pool_key": (False, ["pool_vals", "pool_idx"])}
+          "pool_key": (False, ["pool_vals", "pool_idx"]), "zero_key": (False, [])}
 
 
 def sort_slots(state: SampleState) -> None:
@@ -314,6 +322,9 @@ def load_state(path: Path, device: torch.device | str = "cpu") -> SampleState:
     try:
         data = torch.load(path, map_location=device, weights_only=True)
         meta = data.pop("meta")
+        if meta.get("format") != FORMAT:
+            raise ExplainerError(f"sampler state {path} was written by another version of explainer (format "
+                                 f"{meta.get('format')}, this one reads {FORMAT}); pass --restart to sample afresh")
         return SampleState(meta=meta, **data)
     except (RuntimeError, EOFError, OSError, KeyError, TypeError, AttributeError, pickle.UnpicklingError) as e:
         # A truncated or foreign file (a full disk, a bad copy): say which file and how to get past it.

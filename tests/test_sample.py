@@ -102,7 +102,7 @@ def test_examples_match_a_brute_force_pass(env: dict[str, Any]) -> None:
     # The shared pool: the 20 contexts of each split with the smallest context hash.
     h = hash31(torch.tensor(POOL_SALT), torch.arange(len(ctxs)))
     pool = {s: sorted((i for i, c in enumerate(ctxs) if c.split == s), key=lambda i: int(h[i]))[:20] for s in SPLITS}
-    checked_top = hard_checked = 0
+    checked_top = hard_checked = topped_up = 0
     for latent in range(acts.shape[2]):
         for split in SPLITS:
             in_split = [i for i, c in enumerate(ctxs) if c.split == split]
@@ -126,9 +126,18 @@ def test_examples_match_a_brute_force_pass(env: dict[str, Any]) -> None:
                 assert torch.allclose(torch.tensor(a), acts[cid, :, latent], atol=1e-5)
             non = ex.get((latent, split, "nonactivating"), [])
             silent = [i for i in pool[split] if ctx_max[i, latent] == 0]
-            assert len(non) == min(4, len(silent))
+            from_pool = [r for r in non if r[1] in silent]
+            assert len(from_pool) == min(4, len(silent))
+            # Short of pool contexts, a latent tops up from all its zero contexts of the split,
+            # in the order of its own hash (the zero sketch), after its pool ones.
+            zero = sorted((i for i in in_split if ctx_max[i, latent] == 0),
+                          key=lambda i: int(hash31(torch.tensor(latent), torch.tensor(i))))
+            extra = [i for i in zero if i not in {r[1] for r in from_pool}][: 4 - len(from_pool)]
+            assert [r[1] for r in non] == [r[1] for r in from_pool] + extra
+            assert [r[0] for r in non] == list(range(len(non)))
+            topped_up += bool(extra)
             for _, cid, mx, a, _ in non:
-                assert cid in silent and mx == 0.0 and not any(a)
+                assert ctx_max[cid, latent] == 0 and mx == 0.0 and not any(a)
             # Rank 0 is a hard negative: it holds a token the top examples peak on, if any can.
             peaks: dict[int, list[int]] = {}
             for j, (_, cid, _, a, _) in enumerate(top):
@@ -141,7 +150,7 @@ def test_examples_match_a_brute_force_pass(env: dict[str, Any]) -> None:
             assert [r[1] for r in rnd] == pool[split][:3]
             for _, cid, mx, a, _ in rnd:
                 assert torch.allclose(torch.tensor(a), acts[cid, :, latent], atol=1e-5)
-    assert checked_top > 100 and hard_checked > 20
+    assert checked_top > 100 and hard_checked > 20 and topped_up > 5
     # The random contexts are shared by all latents of a split.
     for split in SPLITS:
         sets = {tuple(r[1] for r in ex[(lat, split, "random")]) for lat in range(acts.shape[2])}
