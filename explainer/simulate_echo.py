@@ -105,8 +105,17 @@ def alignment(reply: Reply, base_url: str) -> tuple[int, int]:
 
 
 async def _probe(llm: LLMClient, top_logprobs: int) -> None:
-    answer = await llm.complete(PROBE, parse=lambda r: alignment(r, llm.base_url), echo=True,
-                                logprobs=top_logprobs, max_tokens=1, temperature=0)
+    try:
+        answer = await llm.complete(PROBE, parse=lambda r: alignment(r, llm.base_url), echo=True,
+                                    logprobs=top_logprobs, max_tokens=1, temperature=0)
+    except CallFailed as e:
+        if e.connection:
+            raise  # the endpoint is down: each latent's score fails and a rerun tries again
+        # A refusal (e.g. 404: a chat-only API) repeats for every latent: say it once.
+        raise ExplainerError(
+            f"the endpoint {llm.base_url} refused an echo+logprobs request on /v1/completions ({e.reason}); "
+            "--mode all_at_once needs that (vLLM; llama.cpp with logits_all); use --mode json"
+        ) from None
     aligned, shifted = answer.value
     if shifted > aligned:
         raise ExplainerError(

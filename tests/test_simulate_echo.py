@@ -85,6 +85,9 @@ def test_no_echo_and_merged_slots(con, llm_server) -> None:
     llm_server.responder = lambda req: Reply.logprobs([{"0": -0.1}])  # logprobs of the generated token only
     with pytest.raises(ExplainerError, match="did not echo the prompt's logprobs"):
         run_sim(con, llm_server, ScoreSettings(mode="all_at_once"), tpl_name="simulate_all_at_once")
+    llm_server.responder = lambda req: Reply.http(404, message="no such route")  # a chat-only API
+    with pytest.raises(ExplainerError, match="refused an echo\\+logprobs request"):
+        run_sim(con, llm_server, ScoreSettings(mode="all_at_once"), tpl_name="simulate_all_at_once")
     llm_server.responder = echo_responder(merge_slots=True)
     out = run_sim(con, llm_server, ScoreSettings(mode="all_at_once"), tpl_name="simulate_all_at_once",
                   snippets=SNIPPETS[:1])
