@@ -14,20 +14,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from explainer.errors import ExplainerError
+from explainer.sae_files import (  # noqa: F401  (hub_id, resolve_dictionary: used through this module)
+    CFG_FILE, GEMMA_SCOPE_FILE, hub_id, positive_int, read_cfg, read_tensors, resolve_dictionary,
+)
 from explainer.sparse_ops import Workspace, select_latents, sparse_decode, sparse_forward
 
-CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
@@ -44,18 +46,32 @@ class SAEOutput:
     multi_x_hat: Optional[Tensor]  # reconstruction from the top multi_k latents (Multi-TopK)
 
 
+ACTIVATIONS = ("topk", "relu", "jumprelu")
+SAELENS_ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
+
+
 class TopKSAE(nn.Module):
     """W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
 
     W_enc is stored transposed (latent-major) so the sparse backward reads contiguous encoder
     rows; its shape and the saved layout are SAELens'.
+
+    Trained here: TopK. Loaded for sampling only: ReLU ("standard") and JumpReLU dictionaries
+    (SAELens, Gemma Scope), whose number of active latents varies by token; for those `k` is
+    how many active latents per token the sparse codes keep, and encode() refuses a token with
+    more, so the codes are never silently truncated.
     """
 
-    def __init__(self, d_in: int, d_sae: int, k: int, *, device: Any = None, cfg: Optional[dict] = None):
+    def __init__(self, d_in: int, d_sae: int, k: int, *, device: Any = None, cfg: Optional[dict] = None,
+                 activation: str = "topk"):
         super().__init__()
-        if not 1 <= k < d_sae:
+        if activation not in ACTIVATIONS:
+            raise ExplainerError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        if not 1 <= k < d_sae and not (activation != "topk" and k == d_sae):
             raise ExplainerError(f"k={k} must be at least 1 and below the number of latents ({d_sae}); lower --k")
-        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        self.d_in, self.d_sae, self.k, self.activation = d_in, d_sae, k, activation
+        # JumpReLU's per-latent threshold; a buffer, since these dictionaries are never trained here.
+        self.register_buffer("threshold", torch.zeros(d_sae, device=device) if activation == "jumprelu" else None)
         self.W_enc = nn.Parameter(torch.zeros(d_sae, d_in, device=device).t())
         self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, device=device))
@@ -80,8 +96,25 @@ class TopKSAE(nn.Module):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values [..., k], indices [..., k]) of the active latents of activations x [..., d_in]."""
         flat = x.reshape(-1, self.d_in).to(self.W_dec.dtype)
-        _, values, indices, *_ = sparse_forward(flat, self.W_enc, self.b_enc, None, self.b_dec, self.k)
+        if self.activation == "topk":
+            _, values, indices, *_ = sparse_forward(flat, self.W_enc, self.b_enc, None, self.b_dec, self.k)
+        else:
+            values, indices = self._encode_thresholded(flat)
         return values.view(*x.shape[:-1], self.k), indices.view(*x.shape[:-1], self.k)
+
+    def _encode_thresholded(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        pre = torch.addmm(self.b_enc, flat - self.b_dec, self.W_enc)
+        z = F.relu(pre)
+        if self.activation == "jumprelu":
+            z = z * (pre > self.threshold)
+        active = int((z > 0).sum(1).max()) if z.numel() else 0
+        if active > self.k:
+            raise ExplainerError(
+                f"{active} latents of this {self.activation} dictionary are active on one token, more than the "
+                f"{self.k} kept per token; raise --max-active to at least {active} (and pass --restart)"
+            )
+        # Unsorted, like the TopK path; slots past a token's active latents hold zeros.
+        return z.topk(self.k, dim=1, sorted=False)
 
     def dense_latents(self, x: Tensor) -> Tensor:
         """All latent activations [..., d_sae] (zeros outside the top k)."""
@@ -121,6 +154,8 @@ class TopKSAE(nn.Module):
         project_decoder_grad (sparse path only): W_dec's gradient arrives already without its
         components along the rows, as remove_gradient_parallel_to_decoder_directions leaves it.
         """
+        if self.activation != "topk":
+            raise ExplainerError(f"training supports TopK dictionaries only; this one is {self.activation}")
         if dense:
             return self._forward_dense(x, dead, k_aux, multi_k, mm_dtype)
         x_hat, values, indices, aux, aux_values, aux_indices, multi, _, _ = sparse_forward(
@@ -186,8 +221,13 @@ class TopKSAE(nn.Module):
 def fingerprint(sae: TopKSAE) -> str:
     """Hash of k and the weights: the DB never files two different dictionaries under one id."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"topk:{sae.d_in}:{sae.d_sae}:{sae.k}".encode())
-    for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+    tensors = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    if sae.activation == "topk":
+        h.update(f"topk:{sae.d_in}:{sae.d_sae}:{sae.k}".encode())
+    else:  # k is only how many codes per token are kept, not part of the dictionary
+        h.update(f"{sae.activation}:{sae.d_in}:{sae.d_sae}".encode())
+        tensors += [sae.threshold] if sae.threshold is not None else []
+    for t in tensors:
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -210,6 +250,7 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
         "b_enc": sae.b_enc.detach().float().cpu(),
         "W_dec": sae.W_dec.detach().float().contiguous().cpu(),
         "b_dec": sae.b_dec.detach().float().cpu(),
+        **({"threshold": sae.threshold.detach().float().cpu()} if sae.threshold is not None else {}),
     }
     _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
     if sparsity is not None:
@@ -217,10 +258,10 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
         _atomic_write(folder / SPARSITY_FILE, lambda p: save_file({"sparsity": log_freq}, str(p)))
     meta = {**sae.cfg, **(cfg or {})}
     full = {
-        "architecture": "topk",
+        "architecture": SAELENS_ARCH[sae.activation],
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
-        "k": sae.k,
+        **({"k": sae.k} if sae.activation == "topk" else {}),
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
@@ -237,108 +278,19 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
     return folder
 
 
-def _read_tensors(path: Path, wanted: dict[str, Optional[tuple[int, ...]]]) -> dict[str, Tensor]:
-    """Read the named tensors, checking presence, shape and finiteness; shape None = any."""
-    if not path.is_file():
-        raise ExplainerError(f"{path} is missing; the dictionary folder is incomplete (re-train or re-download it)")
-    out = {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            for name, shape in wanted.items():
-                if name not in keys:
-                    raise ExplainerError(
-                        f"{path} has no tensor {name!r} (it holds {', '.join(sorted(keys)) or 'nothing'}); "
-                        "it is not a TopK SAE in a supported format"
-                    )
-                out[name] = f.get_tensor(name)
-    except ExplainerError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-        raise ExplainerError(f"{path} is not a readable safetensors file ({e}); re-train or re-download it") from None
-    for name, shape in wanted.items():
-        t = out[name]
-        if shape is not None and tuple(t.shape) != shape:
-            raise ExplainerError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, cfg.json implies {shape}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ExplainerError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is corrupt")
-    return out
-
-
-def _read_cfg(folder: Path) -> dict:
-    path = folder / CFG_FILE
-    if not path.is_file():
-        subs = sorted(p.name for p in folder.iterdir() if (p / CFG_FILE).is_file()) if folder.is_dir() else []
-        hint = f"; it has dictionaries in subfolders: {', '.join(subs)}" if subs else ""
-        raise ExplainerError(
-            f"{folder} is not a dictionary folder: no {CFG_FILE}{hint} "
-            "(expected SAELens cfg.json + sae_weights.safetensors or sparsify cfg.json + sae.safetensors)"
-        )
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExplainerError(f"{path} is not valid JSON ({e}); re-train or re-download the dictionary") from None
-    if not isinstance(cfg, dict):
-        raise ExplainerError(f"{path} must hold a JSON object")
-    return cfg
-
-
-def _int(cfg: dict, key: str, path: Path) -> int:
-    value = cfg.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ExplainerError(f"{path}: {key!r} must be a positive integer, found {value!r}")
-    return value
-
-
-def hub_id(path: str | Path) -> Optional[tuple[str, str]]:
-    """(repo id, folder inside it) when `path` names no local folder but reads as owner/repo[/folder]."""
-    text = str(path)
-    if Path(text).expanduser().exists() or text.startswith(("/", ".", "~")) or "\\" in text:
-        return None
-    parts = text.strip("/").split("/")
-    if len(parts) < 2 or not all(parts):
-        return None
-    return "/".join(parts[:2]), "/".join(parts[2:])
-
-
-def resolve_dictionary(path: str | Path) -> Path:
-    """The local folder of a dictionary: `path` itself, or a Hugging Face hub folder fetched into
-    the hub cache, e.g. EleutherAI/sae-pythia-70m-32k/layers.3 (sparsify) or a SAELens release
-    repo and folder. Offline (HF_HUB_OFFLINE=1) only the cache is read."""
-    hub = hub_id(path)
-    if hub is None:
-        return Path(path).expanduser()
-    repo, sub = hub
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        root = snapshot_download(repo, allow_patterns=[f"{sub}/*"] if sub else None)
-    except LocalEntryNotFoundError:
-        raise ExplainerError(
-            f"dictionary folder {path} does not exist (train one with `explainer train`), and the hub repository "
-            f"{repo} is not in the Hugging Face cache (offline, or the hub is unreachable)"
-        ) from None
-    except (RepositoryNotFoundError, HFValidationError) as e:
-        raise ExplainerError(f"dictionary folder {path} does not exist (train one with `explainer train`), "
-                             f"and there is no hub repository {repo} ({type(e).__name__})") from None
-    folder = Path(root) / sub
-    if not (folder / CFG_FILE).is_file():
-        raise ExplainerError(f"dictionary {path}: hub repository {repo} has no {sub or '.'}/{CFG_FILE}; "
-                             "name the folder holding the dictionary, e.g. owner/repo/layers.6")
-    return folder
-
-
-def load_dictionary(path: str | Path, device: Any = "cpu") -> TopKSAE:
-    """Load a TopK SAE from a SAELens-layout folder (ours) or an EleutherAI sparsify folder,
-    local or on the Hugging Face hub (owner/repo/folder)."""
+def load_dictionary(path: str | Path, device: Any = "cpu", max_active: int = 256) -> TopKSAE:
+    """Load a dictionary from a SAELens-layout folder (ours; TopK, ReLU or JumpReLU), an
+    EleutherAI sparsify folder or a Gemma Scope params.npz folder, local or on the Hugging Face
+    hub (owner/repo/folder). `max_active`: codes kept per token for ReLU and JumpReLU ones."""
     folder = resolve_dictionary(path)
     if not folder.exists():
         raise ExplainerError(f"dictionary folder {folder} does not exist (train one with `explainer train`)")
-    cfg = _read_cfg(folder)
+    if not (folder / CFG_FILE).is_file() and (folder / GEMMA_SCOPE_FILE).is_file():
+        return _load_gemma_scope(folder, max_active).to(device)
+    cfg = read_cfg(folder)
     cfg_path = folder / CFG_FILE
     if (folder / WEIGHTS_FILE).is_file() or "d_sae" in cfg:
-        sae = _load_saelens(folder, cfg, cfg_path)
+        sae = _load_saelens(folder, cfg, cfg_path, max_active)
     elif (folder / SPARSIFY_WEIGHTS_FILE).is_file() or "num_latents" in cfg or "expansion_factor" in cfg:
         sae = _load_sparsify(folder, cfg, cfg_path)
     else:
@@ -347,13 +299,27 @@ def load_dictionary(path: str | Path, device: Any = "cpu") -> TopKSAE:
     return sae.to(device)
 
 
-def _load_saelens(folder: Path, cfg: dict, cfg_path: Path) -> TopKSAE:
-    arch = cfg.get("architecture", cfg.get("activation_fn_str"))
-    if arch != "topk":
-        raise ExplainerError(f"{cfg_path}: architecture {arch!r} is not supported; only TopK SAEs load here")
-    d_in, d_sae = _int(cfg, "d_in", cfg_path), _int(cfg, "d_sae", cfg_path)
-    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
-    k = _int({"k": k}, "k", cfg_path)
+def _saelens_activation(cfg: dict, cfg_path: Path) -> str:
+    arch = cfg.get("architecture", "standard")
+    fn = cfg.get("activation_fn_str", cfg.get("activation_fn"))
+    if arch == "topk" or fn == "topk":  # older SAELens: architecture standard, activation_fn topk
+        return "topk"
+    if arch == "jumprelu":
+        return "jumprelu"
+    if arch == "standard" and fn in (None, "relu"):
+        return "relu"
+    raise ExplainerError(f"{cfg_path}: architecture {arch!r} (activation {fn!r}) is not supported; "
+                         "TopK, standard ReLU and JumpReLU SAEs load here")
+
+
+def _load_saelens(folder: Path, cfg: dict, cfg_path: Path, max_active: int) -> TopKSAE:
+    activation = _saelens_activation(cfg, cfg_path)
+    d_in, d_sae = positive_int(cfg, "d_in", cfg_path), positive_int(cfg, "d_sae", cfg_path)
+    if activation == "topk":
+        k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+        k = positive_int({"k": k}, "k", cfg_path)
+    else:
+        k = min(max_active, d_sae)
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ExplainerError(
             f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} needs a run-time scale this "
@@ -361,41 +327,76 @@ def _load_saelens(folder: Path, cfg: dict, cfg_path: Path) -> TopKSAE:
         )
     if cfg.get("rescale_acts_by_decoder_norm"):
         raise ExplainerError(f"{cfg_path}: rescale_acts_by_decoder_norm=true is not supported")
-    t = _read_tensors(folder / WEIGHTS_FILE, {
-        "W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
-    })
+    wanted: dict[str, Optional[tuple[int, ...]]] = {
+        "W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if activation == "jumprelu":
+        wanted["threshold"] = (d_sae,)
+    t = read_tensors(folder / WEIGHTS_FILE, wanted)
     b_enc = t["b_enc"].float()
     if cfg.get("apply_b_dec_to_input", True) is False:
         # Ours always subtracts b_dec before encoding; compensate in the encoder bias.
         b_enc = b_enc + t["b_dec"].float() @ t["W_enc"].float()
-    return _build(d_in, d_sae, k, t["W_enc"].float(), b_enc, t["W_dec"], t["b_dec"], {**cfg, "format": "saelens"})
+    return _build(d_in, d_sae, k, t["W_enc"].float(), b_enc, t["W_dec"], t["b_dec"], {**cfg, "format": "saelens"},
+                  activation, t.get("threshold"))
+
+
+def _load_gemma_scope(folder: Path, max_active: int) -> TopKSAE:
+    """Gemma Scope's params.npz (JumpReLU, b_dec not subtracted before encoding); the layer is
+    read from the folder path, e.g. layer_20/width_16k/average_l0_71."""
+    import numpy as np
+
+    path = folder / GEMMA_SCOPE_FILE
+    names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+    try:
+        with np.load(path) as npz:
+            missing = [n for n in names if n not in npz.files]
+            if missing:
+                raise ExplainerError(f"{path} has no array {missing[0]!r} (it holds {', '.join(npz.files)}); "
+                                     "it is not a Gemma Scope SAE")
+            arrays = {n: torch.from_numpy(np.asarray(npz[n], dtype=np.float32)) for n in names}
+    except (OSError, ValueError) as e:
+        raise ExplainerError(f"{path} is not a readable .npz file ({e}); re-download it") from None
+    d_in, d_sae = arrays["W_enc"].shape
+    for name, shape in {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,)}.items():
+        if tuple(arrays[name].shape) != shape:
+            raise ExplainerError(f"{path}: array {name!r} has shape {tuple(arrays[name].shape)}, expected {shape}")
+        if not torch.isfinite(arrays[name]).all():
+            raise ExplainerError(f"{path}: array {name!r} holds NaN or infinite values; the file is corrupt")
+    layer = re.search(r"layer_(\d+)", str(folder))
+    cfg = {"format": "gemma_scope", **({"hook_layer": int(layer.group(1))} if layer else {})}
+    b_enc = arrays["b_enc"] + arrays["b_dec"] @ arrays["W_enc"]
+    return _build(d_in, d_sae, min(max_active, d_sae), arrays["W_enc"], b_enc, arrays["W_dec"], arrays["b_dec"], cfg,
+                  "jumprelu", arrays["threshold"])
 
 
 def _load_sparsify(folder: Path, cfg: dict, cfg_path: Path) -> TopKSAE:
-    d_in = _int(cfg, "d_in", cfg_path)
+    d_in = positive_int(cfg, "d_in", cfg_path)
     d_sae = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 0)
-    d_sae = _int({"num_latents": d_sae}, "num_latents", cfg_path)
-    k = _int(cfg, "k", cfg_path)
+    d_sae = positive_int({"num_latents": d_sae}, "num_latents", cfg_path)
+    k = positive_int(cfg, "k", cfg_path)
     if cfg.get("activation", "topk") != "topk":
         raise ExplainerError(f"{cfg_path}: sparsify activation {cfg.get('activation')!r} is not supported (only topk)")
     if cfg.get("transcode") or cfg.get("skip_connection"):
         raise ExplainerError(f"{cfg_path}: sparsify transcoders and skip connections are not supported (SAEs only)")
-    t = _read_tensors(folder / SPARSIFY_WEIGHTS_FILE, {
+    t = read_tensors(folder / SPARSIFY_WEIGHTS_FILE, {
         "encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
     })
     meta = {"format": "sparsify", "sparsify_cfg": cfg}
     return _build(d_in, d_sae, k, t["encoder.weight"].float().t(), t["encoder.bias"], t["W_dec"], t["b_dec"], meta)
 
 
-def _build(d_in, d_sae, k, W_enc, b_enc, W_dec, b_dec, cfg) -> TopKSAE:
-    if k >= d_sae:
+def _build(d_in, d_sae, k, W_enc, b_enc, W_dec, b_dec, cfg, activation: str = "topk",
+           threshold: Optional[Tensor] = None) -> TopKSAE:
+    if activation == "topk" and k >= d_sae:
         raise ExplainerError(f"dictionary config says k={k} with only {d_sae} latents; the config is corrupt")
-    sae = TopKSAE(d_in, d_sae, k, cfg=cfg)
+    sae = TopKSAE(d_in, d_sae, k, cfg=cfg, activation=activation)
     with torch.no_grad():
         sae.W_enc.copy_(W_enc)
         sae.b_enc.copy_(b_enc)
         sae.W_dec.copy_(W_dec)
         sae.b_dec.copy_(b_dec)
+        if threshold is not None:
+            sae.threshold.copy_(threshold)
     return sae
 
 
@@ -404,7 +405,7 @@ def read_sparsity(folder: str | Path) -> Optional[Tensor]:
     path = Path(folder) / SPARSITY_FILE
     if not path.is_file():
         return None
-    return _read_tensors(path, {"sparsity": None})["sparsity"]
+    return read_tensors(path, {"sparsity": None})["sparsity"]
 
 
 def log10_frequency(fire_counts: Tensor, n_tokens: int) -> Tensor:

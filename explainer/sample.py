@@ -115,12 +115,14 @@ def check_dictionary(sae: Any, lm: Any, ss: SampleSettings) -> list[str]:
     return warnings
 
 
-def _config(settings: Settings, lm: Any, fingerprint: str) -> tuple[str, dict[str, Any]]:
+def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool) -> tuple[str, dict[str, Any]]:
     """What determines the results; a saved state or a finished run counts only if it matches."""
+    # Where the output goes does not change it; max_active only matters without a fixed k.
+    exclude = {"checkpoint_every", "shard", "force_layer", "parquet"} | ({"max_active"} if topk else set())
     cfg = {
         "fingerprint": fingerprint, "model": lm.name, "layer": lm.layer, "dtype": str(lm.dtype),
         "corpus": settings.corpus.model_dump(mode="json"),
-        "sample": settings.sample.model_dump(mode="json", exclude={"checkpoint_every", "shard", "force_layer", "parquet"}),
+        "sample": settings.sample.model_dump(mode="json", exclude=exclude),
     }
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16], cfg
 
@@ -248,7 +250,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
         raise ExplainerError(f"sample.n_reservoir={ss.n_reservoir} is below n_quantile={ss.n_quantile}; raise it")
     hub = hub_id(sae_path)
     sae_path = resolve_dictionary(sae_path)
-    sae = load_dictionary(sae_path)
+    sae = load_dictionary(sae_path, max_active=ss.max_active)
     lm = lm if lm is not None else load_model(settings.model)
     warnings = check_dictionary(sae, lm, ss)
     sae = sae.to(lm.device).eval()
@@ -257,7 +259,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     dict_id = store.register_dictionary(
         con, name=name, path="/".join(hub).strip("/") if hub else str(sae_path.resolve()), model=lm.name, hook=lm.hook, d_in=sae.d_in,
         d_sae=sae.d_sae, k=sae.k, fingerprint=fp, config=sae.cfg)
-    key, cfg = _config(settings, lm, fp)
+    key, cfg = _config(settings, lm, fp, sae.activation == "topk")
 
     prev = _previous(con, dict_id, name, key, shard_text, resume)
     if prev is not None:

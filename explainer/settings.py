@@ -125,6 +125,10 @@ class SampleSettings(Section):
     force_layer: bool = Field(
         False, description="sample even though the dictionary's config names another layer than --layer"
     )
+    max_active: int = Field(
+        256, ge=1, description="ReLU and JumpReLU dictionaries (no fixed k): active latents kept per token; a token "
+        "with more is an error naming the count, never a silent cut",
+    )
 
 
 class LLMSettings(Section):

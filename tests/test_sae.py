@@ -217,7 +217,10 @@ def test_wrong_shape_is_named(saved: Path) -> None:
 
 @pytest.mark.parametrize("mutate,message", [
     (lambda p: p.write_text("{not json"), "not valid JSON"),
-    (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "architecture": "jumprelu"})), "jumprelu"),
+    (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "architecture": "gated"})),
+     "architecture 'gated' .*not supported"),
+    (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "architecture": "jumprelu"})),
+     "no tensor 'threshold'"),
     (lambda p: p.unlink(), "no cfg.json"),
 ])
 def test_bad_config_is_a_clear_error(saved: Path, mutate, message: str) -> None:
@@ -259,3 +262,64 @@ def test_hub_ids_resolve_through_the_hugging_face_cache(tmp_path: Path, monkeypa
         load_dictionary("someone/sae-tiny/layers.9")
     with pytest.raises(ExplainerError, match="does not exist .*not in the Hugging Face cache"):
         load_dictionary("nobody/nothing/layers.3")
+
+
+def dense_reference(x: torch.Tensor, W_enc, b_enc, b_dec, threshold=None, apply_b_dec=True) -> torch.Tensor:
+    pre = (x - b_dec if apply_b_dec else x) @ W_enc + b_enc
+    z = torch.relu(pre)
+    return z * (pre > threshold) if threshold is not None else z
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_relu_and_jumprelu_dictionaries_encode_exactly(tmp_path: Path, activation: str) -> None:
+    """SAELens 'standard' and 'jumprelu' folders: the kept codes are exactly the dense latents."""
+    g = torch.Generator().manual_seed(0)
+    d_in, d_sae = 16, 64
+    W_enc, W_dec = torch.randn(d_in, d_sae, generator=g), torch.randn(d_sae, d_in, generator=g)
+    b_enc, b_dec = torch.randn(d_sae, generator=g) - 1.5, torch.randn(d_in, generator=g) * 0.1
+    threshold = torch.rand(d_sae, generator=g) * 2
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    cfg = {"architecture": "standard" if activation == "relu" else "jumprelu", "d_in": d_in, "d_sae": d_sae,
+           "apply_b_dec_to_input": activation == "relu", "hook_name": "blocks.3.hook_resid_post"}
+    if activation == "jumprelu":
+        tensors["threshold"] = threshold
+    tmp_path.joinpath("cfg.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(tmp_path / "sae_weights.safetensors"))
+
+    x = torch.randn(40, d_in, generator=g)
+    ref = dense_reference(x, W_enc, b_enc, b_dec, threshold if activation == "jumprelu" else None,
+                          apply_b_dec=activation == "relu")
+    most = int((ref > 0).sum(1).max())
+    sae = load_dictionary(tmp_path, max_active=most)
+    assert sae.activation == activation and sae.k == most
+    assert torch.allclose(sae.dense_latents(x), ref, atol=1e-5)
+    with pytest.raises(ExplainerError, match=f"{most} latents of this {activation} dictionary are active on one "
+                                            f"token, more than the {most - 1} kept"):
+        load_dictionary(tmp_path, max_active=most - 1).encode(x)
+    with pytest.raises(ExplainerError, match="TopK dictionaries only"):
+        sae(x)
+    # Saved again in the SAELens layout, it loads back to the same dictionary.
+    again = load_dictionary(save_dictionary(sae, tmp_path / "copy"), max_active=most)
+    assert again.activation == activation and fingerprint(again) == fingerprint(sae)
+    assert fingerprint(load_dictionary(tmp_path, max_active=most + 5)) == fingerprint(sae)  # the cap is not the dictionary
+
+
+def test_gemma_scope_npz_folder(tmp_path: Path) -> None:
+    import numpy as np
+
+    g = torch.Generator().manual_seed(1)
+    d_in, d_sae = 16, 48
+    arrays = {"W_enc": torch.randn(d_in, d_sae, generator=g), "W_dec": torch.randn(d_sae, d_in, generator=g),
+              "b_enc": torch.randn(d_sae, generator=g) - 1.0, "b_dec": torch.randn(d_in, generator=g),
+              "threshold": torch.rand(d_sae, generator=g)}
+    folder = tmp_path / "layer_7" / "width_16k" / "average_l0_5"
+    folder.mkdir(parents=True)
+    np.savez(folder / "params.npz", **{k: v.numpy() for k, v in arrays.items()})
+    sae = load_dictionary(folder, max_active=d_sae)
+    assert sae.cfg["format"] == "gemma_scope" and sae.cfg["hook_layer"] == 7 and sae.activation == "jumprelu"
+    x = torch.randn(30, d_in, generator=g)
+    ref = dense_reference(x, arrays["W_enc"], arrays["b_enc"], arrays["b_dec"], arrays["threshold"], apply_b_dec=False)
+    assert torch.allclose(sae.dense_latents(x), ref, atol=1e-4)
+    np.savez(folder / "params.npz", **{k: v.numpy() for k, v in arrays.items() if k != "threshold"})
+    with pytest.raises(ExplainerError, match="no array 'threshold'"):
+        load_dictionary(folder)

@@ -70,12 +70,12 @@ def tables(db: Path) -> dict[str, list[tuple]]:
         con.close()
 
 
-def brute_force(env: dict[str, Any]) -> tuple[list, torch.Tensor]:
+def brute_force(env: dict[str, Any], sae_path: Path | None = None) -> tuple[list, torch.Tensor]:
     """Every context's dense latent acts [N, T, d_sae], batched exactly as the sampler batches."""
     from explainer.sae import load_dictionary
 
     s, lm = env["settings"], env["lm"]
-    sae = load_dictionary(env["sae"])
+    sae = load_dictionary(sae_path or env["sae"], max_active=10_000)
     ctxs = [c for c in iter_contexts(s.corpus, lm.tokenizer, splits=SPLITS) if c.context_id < N_CONTEXTS]
     acts = []
     for i in range(0, len(ctxs), 8):
@@ -356,3 +356,39 @@ def test_a_hub_dictionary_is_named_by_its_id(env: dict[str, Any], tmp_path: Path
     finally:
         con.close()
     assert res.complete and row == ("lab/saes/layers.1", "lab/saes/layers.1")
+
+
+def test_a_jumprelu_dictionary_samples_like_a_brute_force_pass(env: dict[str, Any], tmp_path: Path) -> None:
+    """No fixed k: codes per token vary; the sampler keeps max_active of them and loses none."""
+    base = TopKSAE(32, 64, 4)
+    base.init_tied(torch.Generator().manual_seed(5))
+    sae = TopKSAE(32, 64, 64, activation="jumprelu", cfg={"hook_layer": 1})
+    with torch.no_grad():
+        sae.W_enc.copy_(base.W_enc * 50.0)
+        sae.W_dec.copy_(base.W_dec)
+        sae.b_enc.copy_(torch.linspace(-1.0, 0.5, 64))
+        sae.threshold.copy_(torch.linspace(0.0, 1.0, 64))
+    path = save_dictionary(sae, tmp_path / "jump")
+    ctxs, acts = brute_force(env, path)
+    most = int((acts > 0).sum(2).max())
+    assert 4 < most < 64  # a varying number of latents per token
+    s = env["settings"].model_copy(deep=True)
+    s.db = tmp_path / "jump.duckdb"
+    con = store.connect(s.db)
+    try:
+        s.sample.max_active = most - 1
+        with pytest.raises(ExplainerError, match=f"{most} latents of this jumprelu dictionary .* --max-active"):
+            sample_mod.run(con, s, path, lm=env["lm"])
+        s.sample.max_active = most
+        res = sample_mod.run(con, s, path, lm=env["lm"], resume=False)
+        fired = dict(con.execute("SELECT latent, n_fired FROM latents").fetchall())
+        tops = con.execute("SELECT latent, split, context_id, max_act FROM examples WHERE kind = 'top' AND rank = 0").fetchall()
+    finally:
+        con.close()
+    assert res.complete
+    assert fired == {latent: int(n) for latent, n in enumerate((acts > 0).sum((0, 1)).tolist())}
+    split_of = [c.split for c in ctxs]
+    ctx_max = acts.amax(1)
+    for latent, split, cid, mx in tops:
+        best = max(float(ctx_max[i, latent]) for i in range(len(ctxs)) if split_of[i] == split)
+        assert mx == pytest.approx(best, rel=1e-5)

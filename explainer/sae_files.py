@@ -1,0 +1,112 @@
+"""Reading dictionary files: safetensors with checks, cfg.json, and Hugging Face hub folders.
+
+Kept apart from sae.py (the model and its own format) so the loaders of other tools' formats
+there read files one way, with one set of error messages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from explainer.errors import ExplainerError
+
+CFG_FILE = "cfg.json"
+GEMMA_SCOPE_FILE = "params.npz"
+
+
+def read_tensors(path: Path, wanted: dict[str, Optional[tuple[int, ...]]]) -> dict[str, Tensor]:
+    """Read the named tensors, checking presence, shape and finiteness; shape None = any."""
+    if not path.is_file():
+        raise ExplainerError(f"{path} is missing; the dictionary folder is incomplete (re-train or re-download it)")
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for name, shape in wanted.items():
+                if name not in keys:
+                    raise ExplainerError(
+                        f"{path} has no tensor {name!r} (it holds {', '.join(sorted(keys)) or 'nothing'}); "
+                        "it is not a TopK SAE in a supported format"
+                    )
+                out[name] = f.get_tensor(name)
+    except ExplainerError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise ExplainerError(f"{path} is not a readable safetensors file ({e}); re-train or re-download it") from None
+    for name, shape in wanted.items():
+        t = out[name]
+        if shape is not None and tuple(t.shape) != shape:
+            raise ExplainerError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, cfg.json implies {shape}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ExplainerError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is corrupt")
+    return out
+
+
+def read_cfg(folder: Path) -> dict:
+    path = folder / CFG_FILE
+    if not path.is_file():
+        subs = sorted(p.name for p in folder.iterdir() if (p / CFG_FILE).is_file()) if folder.is_dir() else []
+        hint = f"; it has dictionaries in subfolders: {', '.join(subs)}" if subs else ""
+        raise ExplainerError(
+            f"{folder} is not a dictionary folder: no {CFG_FILE}{hint} "
+            "(expected SAELens cfg.json + sae_weights.safetensors or sparsify cfg.json + sae.safetensors)"
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExplainerError(f"{path} is not valid JSON ({e}); re-train or re-download the dictionary") from None
+    if not isinstance(cfg, dict):
+        raise ExplainerError(f"{path} must hold a JSON object")
+    return cfg
+
+
+def positive_int(cfg: dict, key: str, path: Path) -> int:
+    value = cfg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ExplainerError(f"{path}: {key!r} must be a positive integer, found {value!r}")
+    return value
+
+
+def hub_id(path: str | Path) -> Optional[tuple[str, str]]:
+    """(repo id, folder inside it) when `path` names no local folder but reads as owner/repo[/folder]."""
+    text = str(path)
+    if Path(text).expanduser().exists() or text.startswith(("/", ".", "~")) or "\\" in text:
+        return None
+    parts = text.strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def resolve_dictionary(path: str | Path) -> Path:
+    """The local folder of a dictionary: `path` itself, or a Hugging Face hub folder fetched into
+    the hub cache, e.g. EleutherAI/sae-pythia-70m-32k/layers.3 (sparsify) or a SAELens release
+    repo and folder. Offline (HF_HUB_OFFLINE=1) only the cache is read."""
+    hub = hub_id(path)
+    if hub is None:
+        return Path(path).expanduser()
+    repo, sub = hub
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        root = snapshot_download(repo, allow_patterns=[f"{sub}/*"] if sub else None)
+    except LocalEntryNotFoundError:
+        raise ExplainerError(
+            f"dictionary folder {path} does not exist (train one with `explainer train`), and the hub repository "
+            f"{repo} is not in the Hugging Face cache (offline, or the hub is unreachable)"
+        ) from None
+    except (RepositoryNotFoundError, HFValidationError) as e:
+        raise ExplainerError(f"dictionary folder {path} does not exist (train one with `explainer train`), "
+                             f"and there is no hub repository {repo} ({type(e).__name__})") from None
+    folder = Path(root) / sub
+    if not (folder / CFG_FILE).is_file() and not (folder / GEMMA_SCOPE_FILE).is_file():
+        raise ExplainerError(f"dictionary {path}: hub repository {repo} has no {sub or '.'}/{CFG_FILE}; "
+                             "name the folder holding the dictionary, e.g. owner/repo/layers.6")
+    return folder
