@@ -330,6 +330,22 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from explainer import query, store, ui
+
+    with store.connect(_db(args), read_only=True) as con:
+        report = query.status(con)
+    if args.json:
+        ui.emit_mapping(report, as_json=True)
+        return 0
+    for name, rows in report.items():
+        if rows or name != "unfinished":
+            ui.emit(rows, as_json=False, title=name)
+    if report["unfinished"]:
+        ui.console.print("[yellow]unfinished work: rerun the command that started it and it continues[/yellow]")
+    return 0
+
+
 def cmd_browse(args: argparse.Namespace) -> int:
     from explainer import browse, store, ui
 
@@ -381,6 +397,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "sql": (cmd_sql, "run SQL against the results database", ()),
     "search": (cmd_search, "rank explanations by relevance to a text query (BM25)", ()),
     "show": (cmd_show, "one latent: its explanations, scores and highlighted examples", ()),
+    "status": (cmd_status, "what the DB holds per stage (sampled, explained, scored, spent) and what is unfinished", ()),
     "browse": (cmd_browse, "write a static HTML site: index with search and sort, a page per latent", ()),
     "serve": (cmd_serve, "serve the packaged SmolLM2 through llama.cpp's OpenAI-compatible server on 127.0.0.1", ()),
     "export": (cmd_export, "write every table as Parquet and a Neuronpedia-like JSON per dictionary", ()),

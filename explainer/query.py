@@ -151,3 +151,42 @@ def export(con: duckdb.DuckDBPyConnection, out: Path) -> list[Path]:
         path.write_text(json.dumps({"dictionary": name, "latents": latents}))
         written.append(path)
     return written
+
+
+# --- status ------------------------------------------------------------------------------------
+
+_STATUS_SQL = {
+    "dictionaries": """
+        SELECT d.id, d.name, d.model, d.hook, d.d_sae, d.k,
+               (SELECT count(*) FROM latents l WHERE l.dict_id = d.id) AS sampled,
+               (SELECT count(*) FROM latents l WHERE l.dict_id = d.id AND l.n_fired = 0) AS dead,
+               (SELECT count(*) FROM contexts c WHERE c.dict_id = d.id) AS contexts,
+               (SELECT count(DISTINCT e.latent) FROM explanations e WHERE e.dict_id = d.id AND e.status = 'ok') AS explained
+        FROM dictionaries d ORDER BY d.id""",
+    "explanations": """
+        SELECT dict_id, explainer, model, count(*) FILTER (WHERE status = 'ok') AS ok,
+               count(*) FILTER (WHERE status = 'failed') AS failed, count(DISTINCT latent) AS latents
+        FROM explanations GROUP BY ALL ORDER BY ALL""",
+    "scores": """
+        SELECT dict_id, scorer, mode, split, count(*) FILTER (WHERE status = 'ok') AS ok,
+               count(*) FILTER (WHERE status = 'failed') AS failed, round(avg(score), 3) AS mean,
+               round(median(score), 3) AS median
+        FROM scores GROUP BY ALL ORDER BY ALL""",
+    "costs": """
+        SELECT stage, model, count(*) AS calls, count(*) FILTER (WHERE cache_hit) AS cache_hits,
+               count(*) FILTER (WHERE error IS NOT NULL) AS errors, sum(prompt_tokens) AS prompt_tokens,
+               sum(completion_tokens) AS completion_tokens, round(sum(cost), 4) AS cost
+        FROM llm_calls GROUP BY ALL ORDER BY ALL""",
+    "unfinished": """
+        SELECT 'run' AS what, CAST(id AS VARCHAR) AS id, stage, status, CAST(started_at AS VARCHAR) AS since
+        FROM runs WHERE status IN ('running', 'failed')
+          AND id > coalesce((SELECT max(r2.id) FROM runs r2 WHERE r2.stage = runs.stage AND r2.status = 'done'), -1)
+        UNION ALL
+        SELECT 'batch', batch_id, stage, status, CAST(created_at AS VARCHAR) FROM llm_batches WHERE ingested_at IS NULL
+        ORDER BY since""",
+}
+
+
+def status(con: duckdb.DuckDBPyConnection) -> dict[str, list[dict[str, Any]]]:
+    """What the DB holds, stage by stage, and what is unfinished (a rerun of its command continues it)."""
+    return {name: rows(con.execute(sql)) for name, sql in _STATUS_SQL.items()}

@@ -103,3 +103,27 @@ def test_sql_without_a_query_is_an_interactive_prompt(filled_db: Path, monkeypat
     out, err = capsys.readouterr()
     assert '"answer": 42' in out and '"latent": 2' in out
     assert "error:" in err and "Traceback" not in err
+
+
+def test_status_counts_each_stage_and_lists_unfinished_work(filled_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    con = store.connect(filled_db)
+    old = store.start_run(con, "score", {})
+    store.finish_run(con, old, "failed", {"error": "killed"})
+    later = store.start_run(con, "score", {})
+    store.finish_run(con, later, "done", {})  # a later success: the failed one is not pending
+    stuck = store.start_run(con, "explain", {})
+    store.finish_run(con, stuck, "failed", {"error": "KeyboardInterrupt"})
+    con.close()
+    assert main(["status", "--db", str(filled_db), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (d,) = report["dictionaries"]
+    assert (d["name"], d["sampled"], d["dead"], d["contexts"], d["explained"]) == ("toy", 3, 0, 6, 2)
+    assert {(r["explainer"], r["ok"], r["failed"]) for r in report["explanations"]} == {("llm", 2, 1), ("ngram", 1, 0)}
+    (sc,) = report["scores"]
+    assert (sc["scorer"], sc["ok"], sc["mean"]) == ("simulation", 3, 0.6)
+    (cost,) = report["costs"]
+    assert (cost["calls"], cost["cache_hits"], cost["prompt_tokens"]) == (2, 1, 200)
+    assert [(u["what"], u["stage"]) for u in report["unfinished"]] == [("run", "explain")]
+    assert main(["status", "--db", str(filled_db)]) == 0
+    out = capsys.readouterr().out
+    assert "dictionaries" in out and "unfinished work: rerun" in out
