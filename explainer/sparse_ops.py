@@ -48,30 +48,36 @@ def topk_rows(pre: Tensor, k: int, *, strided: Optional[bool] = None) -> tuple[T
     reduce element-wise (faster for 16-bit types). Ties may resolve to other indices than
     torch.topk's.
     """
-    n, d_sae = pre.shape
     if pre.device.type != "cpu" or pre.dtype not in _BITS:
         return pre.topk(k, dim=1, sorted=False)
-    keys = pre.view(_BITS[pre.dtype])
     if strided is None:
         strided = pre.element_size() < 4
+    values, indices = _topk_keys(pre.view(_BITS[pre.dtype]), k, strided)
+    return values.view(pre.dtype), indices
+
+
+def _topk_keys(keys: Tensor, k: int, strided: bool) -> tuple[Tensor, Tensor]:
+    """The two-stage top-k of topk_rows on integer keys [n, d]. The top-k over block maxima
+    is itself a top-k of a wide row, so it recurses (16k latents: 1024 maxima -> 128 -> plain),
+    which costs less than one torch.topk over the 1024."""
+    n, d_sae = keys.shape
     block = _block_size(d_sae, k, 32 if strided else 16)
     if block is None:
-        values, indices = keys.topk(k, dim=1, sorted=False)
-        return values.view(pre.dtype), indices
+        return keys.topk(k, dim=1, sorted=False)
     n_blocks = d_sae // block
     if strided:
         blocks = keys.view(n, block, n_blocks)
-        _, best = blocks.amax(dim=1).topk(k, dim=1, sorted=False)
+        _, best = _topk_keys(blocks.amax(dim=1), k, strided)
         candidates = blocks.gather(2, best.unsqueeze(1).expand(n, block, k)).view(n, block * k)
         values, where = candidates.topk(k, dim=1, sorted=False)
         indices = torch.div(where, k, rounding_mode="floor") * n_blocks + best.gather(1, where % k)
-        return values.view(pre.dtype), indices
+        return values, indices
     blocks = keys.view(n, n_blocks, block)
-    _, best = blocks.amax(dim=2).topk(k, dim=1, sorted=False)
-    rows = (torch.arange(n, device=pre.device).unsqueeze(1) * n_blocks + best).flatten()
+    _, best = _topk_keys(blocks.amax(dim=2), k, strided)
+    rows = (torch.arange(n, device=keys.device).unsqueeze(1) * n_blocks + best).flatten()
     candidates = keys.view(n * n_blocks, block).index_select(0, rows).view(n, k * block)
     values, where = candidates.topk(k, dim=1, sorted=False)
-    return values.view(pre.dtype), best.gather(1, where // block) * block + where % block
+    return values, best.gather(1, where // block) * block + where % block
 
 
 class Workspace:
