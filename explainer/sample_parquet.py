@@ -1,6 +1,6 @@
 """Where the sampler's contexts rows go: the DB's contexts table, or Parquet files.
 
-For very large runs the contexts (every window the sampler ran, ~1 KB each) dwarf everything
+For very large runs the contexts (every window the sampler ran, ~275 B each in DuckDB) dwarf everything
 else, and shards on many machines should not each grow a DB only to copy it into another.
 With `--parquet DIR` a run writes its contexts as Parquet, one file per checkpoint, and its
 sampler state beside them; `merge DIR` (or the end of an unsharded run) writes latents and
