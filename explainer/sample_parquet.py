@@ -1,7 +1,8 @@
 """Where the sampler's contexts rows go: the DB's contexts table, or Parquet files.
 
-For very large runs the contexts (every window the sampler ran, ~275 B each in DuckDB) dwarf everything
-else, and shards on many machines should not each grow a DB only to copy it into another.
+The contexts rows (every window the sampler ran, ~275 B each in DuckDB) grow with the corpus,
+not with the dictionary, and shards on many machines should not each grow a DB of them only
+to copy it into another.
 With `--parquet DIR` a run writes its contexts as Parquet, one file per checkpoint, and its
 sampler state beside them; `merge DIR` (or the end of an unsharded run) writes latents and
 examples into the DB and copies in only the contexts those examples use. DuckDB reads the
