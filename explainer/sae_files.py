@@ -105,6 +105,10 @@ def resolve_dictionary(path: str | Path) -> Path:
     except (RepositoryNotFoundError, HFValidationError) as e:
         raise ExplainerError(f"dictionary folder {path} does not exist (train one with `explainer train`), "
                              f"and there is no hub repository {repo} ({type(e).__name__})") from None
+    except Exception as e:  # gated repos, HTTP errors, network failures: the hub client's own types
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ExplainerError(f"dictionary {path}: fetching {repo} from the Hugging Face hub failed "
+                             f"({type(e).__name__}: {first}); check the id, your network and HF_TOKEN") from None
     folder = Path(root) / sub
     if not (folder / CFG_FILE).is_file() and not (folder / GEMMA_SCOPE_FILE).is_file():
         raise ExplainerError(f"dictionary {path}: hub repository {repo} has no {sub or '.'}/{CFG_FILE}; "
