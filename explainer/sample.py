@@ -33,7 +33,7 @@ from explainer.errors import ExplainerError
 from explainer.sample_parquet import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sampler_select import write_results
 from explainer.sampler_state import (
-    M31, SPLITS, SampleState, load_state, new_state, one_thread, save_state, update,
+    M31, SPLITS, SampleState, latent_ids, load_state, new_state, one_thread, save_state, update,
 )
 from explainer.settings import SampleSettings, Settings
 
@@ -91,6 +91,38 @@ def _hook_layer(cfg: dict) -> Optional[int]:
         return layer
     m = re.search(r"(?:layers|blocks|h|layer)\.(\d+)", str(cfg.get("hook_name") or ""))
     return int(m.group(1)) if m else None
+
+
+_RANGE = re.compile(r"^(\d+)-(\d+)$")
+
+
+def latent_subset(text: str, d_sae: int) -> Optional[torch.Tensor]:
+    """Sorted dictionary ids for sample.latents (all, random:N, or ids and ranges: 0-999,1500), or None for all."""
+    sel = text.strip()
+    if sel == "all":
+        return None
+    bad = f"sample.latents={text!r}: expected all, random:N, or ids and ranges like 0-999,1500,1502"
+    if sel.startswith("random:"):
+        n = sel.split(":", 1)[1]
+        if not n.isdigit() or not 0 < int(n) <= d_sae:
+            raise ExplainerError(f"{bad}, with 0 < N <= {d_sae}")
+        # A fixed generator: every shard and every rerun draws the same latents.
+        ids = torch.randperm(d_sae, generator=torch.Generator().manual_seed(0))[: int(n)]
+    else:
+        parts = []
+        for item in sel.split(","):
+            m = _RANGE.match(item.strip())
+            if m:
+                parts.append(torch.arange(int(m.group(1)), int(m.group(2)) + 1))
+            elif item.strip().isdigit():
+                parts.append(torch.tensor([int(item)]))
+            else:
+                raise ExplainerError(bad)
+        ids = torch.cat(parts)
+    ids = ids.unique()
+    if ids.numel() == 0 or int(ids.max()) >= d_sae:
+        raise ExplainerError(f"sample.latents={text!r} names latents outside 0-{d_sae - 1} of this dictionary")
+    return ids
 
 
 def check_dictionary(sae: Any, lm: Any, ss: SampleSettings) -> list[str]:
@@ -253,6 +285,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     sae = load_dictionary(sae_path, max_active=ss.max_active)
     lm = lm if lm is not None else load_model(settings.model)
     warnings = check_dictionary(sae, lm, ss)
+    subset = latent_subset(ss.latents, sae.d_sae)  # bad input fails before anything is written
     sae = sae.to(lm.device).eval()
     fp = fingerprint(sae)
     name = dict_name or ("/".join(hub).strip("/") if hub else sae_path.resolve().name)
@@ -282,10 +315,18 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     state = _saved_state(con, spath, dict_id, name, key, contexts, resume, lm.device)
     total = len(range(shard[0], min(limit, sum(counts.values())), shard[1])) * T
     if state is None:
-        state = new_state(d_sae=sae.d_sae, ctx_len=T, k=sae.k, n_top=ss.n_top, n_reservoir=ss.n_reservoir,
-                          n_pool=max(ss.nonactivating_pool, ss.n_random), n_zero=ss.n_nonactivating, acts_dtype=getattr(torch, ss.acts_dtype),
-                          device=lm.device, meta={"config_key": key, "config": cfg, "n_shards": shard[1],
-                                                  "shards": [shard[0]], "next_context": 0, "complete": False})
+        meta = {"config_key": key, "config": cfg, "n_shards": shard[1], "shards": [shard[0]], "next_context": 0,
+                "complete": False, **({"latents": subset.tolist()} if subset is not None else {})}
+        state = new_state(d_sae=sae.d_sae if subset is None else len(subset) + 1, ctx_len=T, k=sae.k,
+                          n_top=ss.n_top, n_reservoir=ss.n_reservoir, n_pool=max(ss.nonactivating_pool, ss.n_random),
+                          n_zero=ss.n_nonactivating, acts_dtype=getattr(torch, ss.acts_dtype), device=lm.device,
+                          meta=meta)
+    ids = latent_ids(state, lm.device)
+    # Dictionary latent -> state row; latents outside the subset go to the sink row with value 0.
+    row_of = None
+    if subset is not None:
+        row_of = torch.full((sae.d_sae,), len(subset), dtype=torch.long, device=lm.device)
+        row_of[subset.to(lm.device)] = torch.arange(len(subset), device=lm.device)
     run_id = store.start_run(con, "sample", settings.public_dict())
     pending = _Pending(contexts, lm.token_strings)
     split_index = {s: i for i, s in enumerate(SPLITS)}
@@ -304,8 +345,12 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
         vals, idx = sae.encode(acts)
         split = torch.tensor([split_index[c.split] for c in batch], device=vals.device)
         cids = torch.tensor([c.context_id for c in batch], device=vals.device)
+        idx = idx.long()
+        if row_of is not None:
+            idx = row_of[idx]
+            vals = vals.masked_fill(idx == state.d_sae - 1, 0)
         with one_thread(vals.device):
-            peak = float(update(state, split, cids, vals.float(), idx.long()).max())
+            peak = float(update(state, split, cids, vals.float(), idx, ids).max())
         if ss.acts_dtype == "float16" and peak > FLOAT16_MAX:
             raise ExplainerError(f"latent activations reach {peak:.4g}, beyond float16; "
                                  "rerun with --acts-dtype float32 --restart")

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from explainer import store
 from explainer.sampler_state import (
-    EMPTY, M31, S, SPLITS, SampleState, hash31, one_thread, sketch_cid, sort_slots, top_cid, top_max,
+    EMPTY, M31, S, SPLITS, SampleState, hash31, latent_ids, one_thread, sketch_cid, sort_slots, top_cid, top_max,
 )
 from explainer.settings import SampleSettings
 
@@ -90,6 +90,7 @@ def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_
     """Rows of each example kind for split index s (per-kind dicts of tensors); `state` went through sort_slots()."""
     L, T = state.d_sae, int(state.meta["ctx_len"])
     sl = slice(s * L, (s + 1) * L)
+    ids = latent_ids(state)
     out: dict[str, dict[str, Any]] = {}
 
     tk = state.top_key[sl]
@@ -149,7 +150,7 @@ def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_
         share = ((q_tok.gather(1, at) == want) & (want >= 0)).view(nq, n_l, n_h).permute(1, 0, 2)
         hardness = (share * hard_cnt[ls].unsqueeze(1)).sum(2)  # [n_l, nq]
         cand = ~fired_q[:, ls].T
-        h = hash31(torch.arange(lo, ls.stop).view(-1, 1), q_cid.view(1, -1))
+        h = hash31(ids[ls].view(-1, 1), q_cid.view(1, -1))
         hard, plain = cand & (hardness > 0), cand & (hardness == 0)
         big = torch.iinfo(torch.int64).max
         hard_rank = _ranks(torch.where(hard, -hardness * (M31 + 1) + h, big))
@@ -200,6 +201,13 @@ def _ranks(keys: Tensor) -> Tensor:
 
 
 # --- DB rows -------------------------------------------------------------------------------
+
+
+def _to_dictionary_ids(rows: dict[str, Any], subset: Tensor) -> dict[str, Any]:
+    keep = rows["latent"] < len(subset)
+    out = {k: (v[keep] if isinstance(v, Tensor) else v) for k, v in rows.items()}
+    out["latent"] = subset[out["latent"].long()]
+    return out
 
 
 def kept_ids(state: SampleState) -> np.ndarray:
@@ -255,6 +263,11 @@ def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleSta
         state = state.to(cpu)
         sort_slots(state)  # in place: the caller is done with the state
         lat = latent_rows(state)
+    subset = state.meta.get("latents")
+    if subset is not None:  # state rows -> the dictionary's latent ids; the sink row is dropped
+        n = len(subset)
+        lat = {k: v[:n] for k, v in lat.items()}
+        lat["latent"] = np.asarray(subset, dtype=np.int32)
     store.insert_arrow(con, "latents", pa.table({
         "dict_id": pa.array([dict_id] * len(lat["latent"]), pa.int32()),
         **{k: v for k, v in lat.items() if k != "quantiles"},
@@ -265,6 +278,8 @@ def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleSta
             kinds = example_rows(state, s, n_quantile=ss.n_quantile, n_bins=ss.n_quantile_bins,
                                  n_nonactivating=ss.n_nonactivating, n_random=ss.n_random, tokens=tokens)
         for kind, rows in kinds.items():
+            if subset is not None:
+                rows = _to_dictionary_ids(rows, torch.tensor(subset, dtype=torch.int32))
             if len(rows["latent"]):
                 store.insert_arrow(con, "examples", _examples_table(dict_id, split, kind, rows))
     freq = torch.from_numpy(lat["frequency"])

@@ -125,6 +125,10 @@ class SampleSettings(Section):
     force_layer: bool = Field(
         False, description="sample even though the dictionary's config names another layer than --layer"
     )
+    latents: str = Field(
+        "all", description="latents to keep statistics and examples for: all, ids and ranges like 0-9999,12000, "
+        "or random:N (a fixed random draw); memory scales with their number, so a subset fits a huge dictionary",
+    )
     max_active: int = Field(
         256, ge=1, description="ReLU and JumpReLU dictionaries (no fixed k): active latents kept per token; a token "
         "with more is an error naming the count, never a silent cut",

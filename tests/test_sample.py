@@ -392,3 +392,25 @@ def test_a_jumprelu_dictionary_samples_like_a_brute_force_pass(env: dict[str, An
     for latent, split, cid, mx in tops:
         best = max(float(ctx_max[i, latent]) for i in range(len(ctxs)) if split_of[i] == split)
         assert mx == pytest.approx(best, rel=1e-5)
+
+
+def test_a_latent_subset_samples_exactly_what_a_full_run_keeps_for_them(env: dict[str, Any], tmp_path: Path) -> None:
+    s = env["settings"].model_copy(deep=True)
+    s.db, s.sample.latents = tmp_path / "subset.duckdb", "3-9,20,33,63"
+    con = store.connect(s.db)
+    try:
+        res = sample_mod.run(con, s, env["sae"], lm=env["lm"])
+        for bad, msg in [("5-70", "outside 0-63"), ("random:0", "0 < N <= 64"), ("odd", "expected all, random:N, or ids")]:
+            s2 = s.model_copy(deep=True)
+            s2.sample.latents = bad
+            with pytest.raises(ExplainerError, match=msg):
+                sample_mod.run(con, s2, env["sae"], lm=env["lm"], resume=False)
+    finally:
+        con.close()
+    assert res.complete
+    wanted = {3, 4, 5, 6, 7, 8, 9, 20, 33, 63}
+    sub, full = tables(s.db), tables(env["settings"].db)
+    assert sub["latents"] == [r for r in full["latents"] if r[0] in wanted]
+    assert sub["examples"] == [r for r in full["examples"] if r[0] in wanted]
+    assert sample_mod.latent_subset("random:5", 64).tolist() == sample_mod.latent_subset("random:5", 64).tolist()
+    assert sample_mod.latent_subset("all", 64) is None
