@@ -420,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
         common.add_argument("--json", action="store_true", help="print results as JSON for machines")
         seen: set[str] = {"--config", "--db", "--set", "--json"}
         aliases = RUN_ALIASES if ("model" in sections and "llm" in sections) else ALIASES
+        if "sample" in sections and ({"explain", "score"} & set(sections)):
+            # --latents keeps meaning which latents to explain or score wherever those run.
+            aliases = {**aliases, ("sample", "latents"): "--sample-latents"}
         for section in sections:
             add_section_flags(p, section, aliases, seen)
         if verb == "train":
