@@ -52,3 +52,13 @@ def test_readme_commands_match_ci() -> None:
     test_cmd = re.search(r"```bash\n(python3 -m venv .*python -m pytest)\n```", readme).group(1)
     # CI may add quiet flags; strip them to compare the command itself.
     assert test_cmd.replace(" -q", "") == re.search(r"\n(python3 -m venv .*python -m pytest)\n", ci).group(1).replace(" -q", "")
+
+
+def test_latents_flags_mean_the_stage_of_the_verb() -> None:
+    from explainer.cli import build_parser
+
+    parser = build_parser()
+    assert vars(parser.parse_args(["sample", "--latents", "0-9"]))["sample.latents"] == "0-9"
+    run = vars(parser.parse_args(["run", "--latents", "0-9", "--sample-latents", "random:5"]))
+    assert run["explain.latents"] == "0-9" and run["sample.latents"] == "random:5"
+    assert vars(parser.parse_args(["score", "--latents", "3"]))["score.latents"] == "3"
