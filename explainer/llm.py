@@ -77,6 +77,10 @@ class _Fatal(Exception):
         self.status = status
 
 
+class _OverBudget(Exception):
+    """A live request this run may not send: its spend reached --budget."""
+
+
 RETRY_STATUS = {408, 409, 429}
 
 
@@ -99,7 +103,7 @@ def _add(a: Optional[int], b: Optional[int]) -> Optional[int]:
 # --- the client -------------------------------------------------------------------------
 
 
-_REASON_KINDS = r"HTTP \d{3}|not JSON|cannot reach|no answer from|answer rejected|unusable 200"
+_REASON_KINDS = r"HTTP \d{3}|not JSON|cannot reach|no answer from|answer rejected|unusable 200|--budget"
 
 
 def reason_kind(error: Optional[str], extra: str = "") -> str:
@@ -138,6 +142,7 @@ class LLMClient:
         self.last_refusal = ""
         self.prompt_tokens = self.completion_tokens = 0
         self.cost = 0.0
+        self.over_budget = 0  # calls not sent because this run's spend reached settings.budget
         self._client: Optional[openai.AsyncOpenAI] = None
         self._sem: Optional[asyncio.Semaphore] = None
         self._flusher: Optional[asyncio.Task[None]] = None
@@ -254,6 +259,13 @@ class LLMClient:
         self.calls += 1
         try:
             value = await retrying(self._attempt, endpoint, body, key, parse, st)
+        except _OverBudget:
+            # Never sent, so no ledger row; the latent fails and a rerun (a new budget) asks again.
+            self.failures += 1
+            self.over_budget += 1
+            raise CallFailed(f"not sent: this run spent ${self.cost:.4f}, its --budget is "
+                             f"${self.settings.budget:g}", attempts=0, connection=False, prompt_tokens=None,
+                             completion_tokens=None, cost=None) from None
         except (_Retryable, _Fatal) as e:
             reason = self.redact(e.reason)
             if st.attempts > 1:
@@ -320,6 +332,10 @@ class LLMClient:
         path = "/chat/completions" if endpoint == "chat" else "/completions"
         url = self.base_url + path
         async with self._sem:
+            # Checked once a slot is free: calls already in flight finish (the overshoot is at
+            # most `concurrency` calls), and answers in the cache are served whatever the spend.
+            if self.settings.budget is not None and self.cost >= self.settings.budget:
+                raise _OverBudget()
             t0 = time.perf_counter()
             try:
                 resp = await self._client.post(path, body=body, cast_to=_httpx.Response)

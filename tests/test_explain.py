@@ -328,3 +328,21 @@ def test_real_llama_cpp_server_end_to_end(db):
             assert r["text"] is None and "answer rejected" in r["error"]
     ledger = rows(con, "SELECT * FROM llm_calls WHERE NOT cache_hit")
     assert ledger and all(c["prompt_tokens"] > 100 for c in ledger)
+
+
+def test_budget_stops_new_requests_and_a_rerun_continues(db, llm_server):
+    con, dict_id = db
+    llm_server.responder = answer_by_content
+    settings = settings_for(llm_server.url)
+    settings.llm.concurrency, settings.llm.budget = 1, 1e-9  # the first answer already spends more
+    res = explain.run(con, settings, dict_id)
+    assert len(llm_server.requests) == 1 and res.ok == 1 and res.failed == 2
+    blocked = [r for r in rows(con) if r["status"] == "failed" and "--budget" in (r["error"] or "")]
+    assert len(blocked) == 1 and blocked[0]["error"].startswith("not sent: this run spent $")
+    assert res.errors.get("--budget") == 1
+    ledger = rows(con, "SELECT * FROM llm_calls")
+    assert len(ledger) == 1 and ledger[0]["error"] is None  # a request never sent is no call
+    settings.llm.budget = None
+    again = explain.run(con, settings, dict_id)
+    assert again.ok == 1 and len(llm_server.requests) == 2
+    assert {r["latent"] for r in rows(con) if r["status"] == "ok"} == {0, 1}
