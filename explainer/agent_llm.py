@@ -62,6 +62,9 @@ def _load_templates(settings: Settings) -> tuple[list[prompts.Template], prompts
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latents: list[int],
         progress: Progress = None) -> AgentResult:
     """The agent over `latents` with the LLM explainer; see explainer/agent.py for the loop."""
+    if settings.llm.estimate:
+        raise ExplainerError("--estimate cannot foresee the agent loop (each round depends on the answers to the "
+                             "last); estimate a plain `explain` and multiply by about agent.k + agent.rounds")
     if getattr(settings.llm, "batch", False):
         raise ExplainerError("the agent needs each answer before its next request, which a batch job cannot give; "
                              "drop --batch for explain --agent")

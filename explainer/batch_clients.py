@@ -80,6 +80,8 @@ class _NoWrites(Writer):
 class Collector(LLMClient):
     """An LLM client that answers from the cache or spools the request and raises `Deferred`."""
 
+    collecting = True  # for callers that would otherwise wait on an answer (simulate_echo's probe)
+
     def __init__(self, settings: LLMSettings, con: duckdb.DuckDBPyConnection, *, stage: str,
                  run_id: Optional[int] = None, dict_id: Optional[int] = None, spool: Spool):
         super().__init__(settings, con, stage=stage, run_id=run_id, dict_id=dict_id)

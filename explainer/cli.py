@@ -149,7 +149,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
             return 0
         with ui.progress_bar("explain", enabled=not args.json) as bar:
             res = explain.run(con, s, dict_id, progress=bar)
-    ui.emit_mapping(as_dict(res), as_json=args.json, title="explain")
+    return _emit_stage(res, args, "explain")
+
+
+def _emit_stage(res: Any, args: argparse.Namespace, title: str) -> int:
+    from explainer import ui
+
+    if res.estimate is not None:
+        ui.emit_mapping(res.estimate, as_json=args.json, title=f"{title} --estimate: nothing was sent")
+    else:
+        ui.emit_mapping(as_dict(res), as_json=args.json, title=title)
     return 0
 
 
@@ -185,8 +194,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         dict_id = store.dictionary_id(con, args.dict)
         with ui.progress_bar("score", enabled=not args.json) as bar:
             res = score.run(con, s, dict_id, progress=bar)
-    ui.emit_mapping(as_dict(res), as_json=args.json, title="score")
-    return 0
+    return _emit_stage(res, args, "score")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

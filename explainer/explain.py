@@ -70,6 +70,7 @@ class ExplainResult:
     wall_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)  # failure reason -> latents
     batch: Optional[dict[str, Any]] = None  # what --batch did (batch.BatchOutcome.as_dict())
+    estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (batch.estimate)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,6 +229,12 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     with store.recorded_run(con, run_id, result, t0):
         outcome = None
         make_client: Optional[Callable[..., LLMClient]] = LLMClient
+        if settings.llm.estimate:
+            from explainer import batch
+
+            # The collect pass of --batch, on a copy of the result: it sends and writes nothing.
+            result.estimate = batch.estimate(settings.llm, lambda mk: stage_pass(mk, copy.deepcopy(result), None))
+            return result
         if settings.llm.batch and todo:
             from explainer import batch
 

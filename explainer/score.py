@@ -237,6 +237,7 @@ class ScoreResult:
     per_scorer: dict[str, ScorerStats] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     batch: Optional[dict[str, Any]] = None  # what --batch did (batch.BatchOutcome.as_dict())
+    estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (batch.estimate)
 
     def summary(self) -> dict[str, Any]:
         """Mean score per scorer, calls and prompt tokens per latent, failures, wall time."""
@@ -326,6 +327,12 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     with store.recorded_run(con, run_id, result, t0):
         outcome = None
         make_client: Optional[Callable[..., LLMClient]] = LLMClient
+        if settings.llm.estimate:
+            from explainer import batch
+
+            # The collect pass of --batch, on a copy of the result: it sends and writes nothing.
+            result.estimate = batch.estimate(settings.llm, lambda mk: stage_pass(mk, copy.deepcopy(result), None))
+            return result
         if settings.llm.batch and jobs:
             from explainer import batch
 

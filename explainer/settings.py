@@ -160,6 +160,10 @@ class LLMSettings(Section):
     cache: bool = Field(True, description="answer repeated calls from the llm_cache table instead of the endpoint")
     price_in: float = Field(0.0, ge=0, description="USD per million prompt tokens, for the cost ledger")
     price_out: float = Field(0.0, ge=0, description="USD per million completion tokens, for the cost ledger")
+    estimate: bool = Field(
+        False, description="explain/score: count the requests the command would send, their tokens (about "
+        "characters / 4) and cost at price_in/price_out, and send nothing",
+    )
     budget: Optional[float] = Field(
         None, ge=0, description="stop sending new requests once this command has spent this many USD (at "
         "price_in/price_out); calls in flight finish, unsent ones fail their latent and a rerun continues",

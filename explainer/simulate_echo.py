@@ -127,6 +127,8 @@ async def _probe(llm: LLMClient, top_logprobs: int) -> None:
 
 async def check_endpoint(llm: LLMClient, s: ScoreSettings) -> None:
     """The alignment probe, once per client however many latents ask at once."""
+    if getattr(llm, "collecting", False):
+        return  # --estimate: the snippet requests are what is counted; the probe is one more
     task = _probes.get(llm)
     if task is None:
         task = _probes[llm] = asyncio.ensure_future(_probe(llm, s.top_logprobs))

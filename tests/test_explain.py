@@ -346,3 +346,22 @@ def test_budget_stops_new_requests_and_a_rerun_continues(db, llm_server):
     again = explain.run(con, settings, dict_id)
     assert again.ok == 1 and len(llm_server.requests) == 2
     assert {r["latent"] for r in rows(con) if r["status"] == "ok"} == {0, 1}
+
+
+def test_estimate_counts_what_would_be_sent_and_sends_nothing(db, llm_server, capsys):
+    con, dict_id = db
+    llm_server.responder = answer_by_content
+    settings = settings_for(llm_server.url)
+    settings.llm.estimate = True
+    est = explain.run(con, settings, dict_id).estimate
+    assert llm_server.requests == [] and rows(con) == []
+    assert est["requests"] == 2 and est["from_cache"] == 0 and est["priced"]
+    assert est["prompt_tokens_est"] > 100 and est["completion_tokens_max"] == 2 * settings.llm.max_tokens
+    assert est["cost_est"] == pytest.approx(est["prompt_tokens_est"] / 1e6, rel=1e-3)
+    assert est["cost_max"] == pytest.approx((est["prompt_tokens_est"] + est["completion_tokens_max"]) / 1e6, rel=1e-3)
+    settings.llm.estimate = False
+    explain.run(con, settings, dict_id)  # the real run: 2 requests
+    con.execute("DELETE FROM explanations")
+    settings.llm.estimate = True
+    again = explain.run(con, settings, dict_id).estimate
+    assert (again["requests"], again["from_cache"]) == (0, 2) and len(llm_server.requests) == 2

@@ -129,3 +129,15 @@ def test_real_llama_cpp_smollm2_is_caught_by_the_probe(con: Any) -> None:
             asyncio.run(go())
     ledger = con.execute("SELECT count(*), min(prompt_tokens) FROM llm_calls WHERE error IS NULL").fetchone()
     assert ledger[0] == 1 and ledger[1] > 50  # the probe alone: no snippet was sent
+
+
+def test_estimate_counts_one_request_per_snippet_and_no_probe(db, llm_server) -> None:
+    llm_server.responder = echo_responder()
+    settings = make_settings(llm_server, db, scorers="simulation", mode="all_at_once")
+    settings.llm.estimate = True
+    res = run_score(db, settings)
+    assert llm_server.requests == [] and res.estimate["requests"] > 0
+    assert rows(db, "SELECT * FROM scores") == []
+    settings.llm.estimate = False
+    run_score(db, settings)
+    assert len(llm_server.requests) == res.estimate["requests"] + 1  # the real run adds the probe
