@@ -113,9 +113,9 @@ def resolve_endpoint(settings: LLMSettings) -> tuple[str, str]:
         return base_url, key
     if is_loopback(base_url):
         return base_url, LOOPBACK_KEY
-    if settings.batch and settings.batch_dir:
-        # Every answer comes from the folder; this endpoint is never called (see batch_files.py).
-        return base_url, "unused-batch-dir"
+    if (settings.batch and settings.batch_dir) or settings.estimate:
+        # Every answer comes from the folder (batch_files.py), or nothing is sent (--estimate).
+        return base_url, "unused"
     raise ExplainerError(
         f"no API key for {base_url}: set OPENAI_API_KEY, or point --base-url at a local server (127.0.0.1)"
     )
