@@ -365,3 +365,13 @@ def test_estimate_counts_what_would_be_sent_and_sends_nothing(db, llm_server, ca
     settings.llm.estimate = True
     again = explain.run(con, settings, dict_id).estimate
     assert (again["requests"], again["from_cache"]) == (0, 2) and len(llm_server.requests) == 2
+
+
+def test_estimate_needs_no_key_for_a_remote_endpoint(db):
+    con, dict_id = db
+    settings = settings_for("https://api.openai.com/v1")
+    settings.llm.estimate = True
+    assert explain.run(con, settings, dict_id).estimate["requests"] == 2
+    settings.llm.estimate = False
+    with pytest.raises(ExplainerError, match="no API key"):
+        explain.run(con, settings, dict_id)
