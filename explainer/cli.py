@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
         if verb == "sample":
-            p.add_argument("--sae", default=None, help="dictionary folder (ours, SAELens or sparsify); default: train.out")
+            p.add_argument("--sae", default=None, help="dictionary folder (ours, SAELens TopK/ReLU/JumpReLU, sparsify, Gemma Scope params.npz) "
+                                                       "or a hub folder owner/repo/path; default: train.out")
             p.add_argument("--dict-name", default=None, help="name of the dictionary in the DB (default: from its folder)")
             p.add_argument("--restart", action="store_true",
                            help="discard this dictionary's earlier samples and any unfinished run's checkpoint, start over")
