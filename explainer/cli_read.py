@@ -1,0 +1,134 @@
+"""The read-side verbs (sql, search, show, status, browse, export): they open the DB read-only
+and print. cli.py builds the parser and holds the error boundary for them too."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from explainer.errors import ExplainerError
+from explainer.settings import load_settings
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from explainer import store
+
+    db = args.db or load_settings(args.config, {}).db
+    with store.connect(db, read_only=True) as con:
+        if args.query is None:
+            return _sql_prompt(con, args)
+        try:
+            cur = con.execute(args.query)
+        except duckdb.Error as e:
+            raise ExplainerError(f"SQL error: {str(e).splitlines()[0]}") from None
+        if cur.description is None:
+            return 0
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+    _print_rows(rows, cols, args)
+    return 0
+
+
+def _sql_prompt(con: Any, args: argparse.Namespace) -> int:
+    """A small read-eval-print loop: one statement per line; an error is shown, not fatal."""
+    import duckdb
+
+    from explainer import ui
+
+    ui.err_console.print("[dim]SQL on the results DB (read-only). Tables: labels, explanation_scores, costs, latents, "
+                         "examples, contexts, explanations, scores, llm_calls. Empty line or Ctrl-D quits.[/dim]")
+    while True:
+        try:
+            line = input("sql> ").strip()
+        except EOFError:
+            return 0
+        if not line or line in ("quit", "exit", ".quit"):
+            return 0
+        try:
+            cur = con.execute(line)
+        except duckdb.Error as e:
+            ui.err_console.print(f"error: {str(e).splitlines()[0]}")
+            continue
+        if cur.description is not None:
+            cols = [d[0] for d in cur.description]
+            _print_rows([dict(zip(cols, r)) for r in cur.fetchall()], cols, args)
+
+
+def _print_rows(rows: list[dict[str, Any]], cols: list[str], args: argparse.Namespace) -> None:
+    from explainer import ui
+
+    if args.csv:
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        ui.emit(rows, as_json=args.json)
+
+
+def _db(args: argparse.Namespace) -> Path:
+    return args.db or load_settings(args.config, {}).db
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from explainer import query, store, ui
+
+    with store.connect(_db(args), read_only=True) as con:
+        dict_id = store.dictionary_id(con, args.dict)
+        found = query.search(con, args.query, dict_id=dict_id, limit=args.limit)
+    ui.emit(found, as_json=args.json, title=f"explanations matching {args.query!r}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from explainer import query, store, ui
+
+    with store.connect(_db(args), read_only=True) as con:
+        dict_id = store.dictionary_id(con, args.dict)
+        rec = query.latent_record(con, dict_id, args.latent, splits=tuple(args.split.split(",")), per_kind=args.n)
+    if args.json:
+        ui.emit_mapping(rec.to_json(), as_json=True)
+    else:
+        ui.show_latent(rec)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from explainer import query, store, ui
+
+    with store.connect(_db(args), read_only=True) as con:
+        report = query.status(con)
+    if args.json:
+        ui.emit_mapping(report, as_json=True)
+        return 0
+    for name, rows in report.items():
+        if rows or name != "unfinished":
+            ui.emit(rows, as_json=False, title=name)
+    if report["unfinished"]:
+        ui.console.print("[yellow]unfinished work: rerun the command that started it and it continues[/yellow]")
+    return 0
+
+
+def cmd_browse(args: argparse.Namespace) -> int:
+    from explainer import browse, store, ui
+
+    with store.connect(_db(args), read_only=True) as con:
+        dict_id = store.dictionary_id(con, args.dict)
+        with ui.progress_bar("browse", enabled=not args.json) as bar:
+            n = browse.build(con, dict_id, args.out, progress=bar)
+    ui.emit_mapping({"pages": n, "index": str(args.out / "index.html")}, as_json=args.json, title="static site written")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from explainer import query, store, ui
+
+    with store.connect(_db(args), read_only=True) as con:
+        files = query.export(con, args.out)
+    ui.emit([{"file": str(f), "bytes": f.stat().st_size} for f in files], as_json=args.json, title="exported")
+    return 0
