@@ -228,12 +228,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     ui.emit(res.stages, as_json=False, title="stages")
     ui.emit(res.labels, as_json=False, title="labels: best explanation per latent (held-out simulation score)")
     db = s.db
+    from explainer import query, store
+
+    with store.connect(db, read_only=True) as con:
+        word = query.search_example(con, store.dictionary_id(con, None))
     ui.console.print(
         "next:\n"
         f"  explainer show --db {db} {res.labels[0]['latent'] if res.labels else 0}\n"
         f"  explainer sql --db {db} \"SELECT latent, explanation, simulation, ngram_simulation FROM labels ORDER BY simulation DESC LIMIT 20\"\n"
-        f"  explainer search --db {db} \"newline\"\n"
-        f"  explainer browse --db {db} --out runs/site   # then open runs/site/index.html"
+        + (f"  explainer search --db {db} \"{word}\"\n" if word else "")
+        + f"  explainer browse --db {db} --out runs/site   # then open runs/site/index.html"
     )
     return 0
 

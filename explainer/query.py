@@ -153,6 +153,24 @@ def export(con: duckdb.DuckDBPyConnection, out: Path) -> list[Path]:
     return written
 
 
+# Words of the n-gram explainer's template, and glue words: no use as a search example.
+_TEMPLATE_WORDS = ["fires", "after", "before", "strong", "medium", "weak", "any", "case", "two", "three", "token",
+                   "tokens", "the", "and", "for", "with", "that", "this", "not", "are", "was"]
+
+
+def search_example(con: duckdb.DuckDBPyConnection, dict_id: int) -> Optional[str]:
+    """A word from the best-scored labels that `search` will find, for the hints `run` prints."""
+    row = con.execute("""
+        WITH w AS (
+            SELECT simulation, unnest(regexp_split_to_array(lower(explanation), '[^a-z]+')) AS word
+            FROM labels WHERE dict_id = ?
+        )
+        SELECT word FROM w WHERE length(word) >= 3 AND NOT list_contains(?, word)
+        GROUP BY word ORDER BY max(simulation) DESC NULLS LAST, count(*) DESC, word LIMIT 1""",
+                      [dict_id, _TEMPLATE_WORDS]).fetchone()
+    return row[0] if row else None
+
+
 # --- status ------------------------------------------------------------------------------------
 
 _STATUS_SQL = {

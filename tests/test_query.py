@@ -127,3 +127,13 @@ def test_status_counts_each_stage_and_lists_unfinished_work(filled_db: Path, cap
     assert main(["status", "--db", str(filled_db)]) == 0
     out = capsys.readouterr().out
     assert "dictionaries" in out and "unfinished work: rerun" in out
+
+
+def test_the_search_example_run_prints_is_found(filled_db: Path) -> None:
+    con = store.connect(filled_db, read_only=True)
+    try:
+        word = query.search_example(con, 1)
+        assert word and word not in ("fires", "and", "the")
+        assert query.search(con, word)
+    finally:
+        con.close()
