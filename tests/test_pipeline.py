@@ -52,6 +52,14 @@ def test_run_offline_then_rerun_skips_everything(tiny_lm: Path, tiny_corpus: Pat
     con = duckdb.connect(str(tmp_path / "run.duckdb"), read_only=True)
     assert con.execute("SELECT count(*) FROM explanations WHERE explainer = 'ngram'").fetchone()[0] == n_ngram
     con.close()
+    # For people: tables, then next steps whose search finds something.
+    assert main(["run", *tiny_args(tiny_lm, tiny_corpus, tmp_path)[:-1]]) == 0
+    out = capsys.readouterr().out
+    import re
+
+    word = re.search(r"explainer search --db\s+\S+\s+\"([a-z]+)\"", out, re.S).group(1)
+    assert main(["search", "--db", str(tmp_path / "run.duckdb"), word, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
 
 
 def test_run_with_an_llm_endpoint_labels_and_scores_the_chosen_latents(
