@@ -110,3 +110,26 @@ def test_unsharded_parquet_run_and_the_cli(env: dict[str, Any], tmp_path: Path, 
                  f"SELECT split, count(*) AS n FROM read_parquet('{glob}') GROUP BY split ORDER BY split"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["split"]: r["n"] for r in rows} == env["result"].n_contexts
+
+
+def test_subset_shards_in_parquet_merge_to_the_full_runs_rows(env: dict[str, Any], tmp_path: Path) -> None:
+    """--latents, --shard and --parquet together: the merged rows are the full run's, restricted."""
+    folder = tmp_path / "sub"
+    for i in range(2):
+        s = env["settings"].model_copy(deep=True)
+        s.db, s.sample.shard, s.sample.parquet, s.sample.latents = tmp_path / f"s{i}.duckdb", f"{i}/2", str(folder), "0-15,40"
+        con = store.connect(s.db)
+        try:
+            sample_mod.run(con, s, env["sae"], lm=env["lm"])
+        finally:
+            con.close()
+    con = store.connect(tmp_path / "m.duckdb")
+    try:
+        sample_merge.merge(con, [folder])
+    finally:
+        con.close()
+    wanted = set(range(16)) | {40}
+    full = examples_and_latents(env["settings"].db)
+    assert examples_and_latents(tmp_path / "m.duckdb") == {
+        "latents": [r for r in full["latents"] if r[0] in wanted],
+        "examples": [r for r in full["examples"] if r[0] in wanted]}
