@@ -131,6 +131,32 @@ class SampleState:
         return SampleState(meta=dict(self.meta), **{k: v.to(device) for k, v in self.tensors().items()})
 
 
+def state_bytes(*, d_sae: int, ctx_len: int, k: int, n_top: int, n_reservoir: int, n_pool: int, n_zero: int,
+                acts_bytes: int) -> int:
+    """What new_state() allocates, from the same shapes (the memory check before a run)."""
+    N, T = S * d_sae, ctx_len
+    counters = 8 + 8 + 4 + 8  # n_fired, sum_act, max_act, n_ctx_fired
+    per_row = counters + n_top * (8 + T * acts_bytes) + n_reservoir * (8 + 4 + T * acts_bytes) + n_zero * 8
+    return N * per_row + S * (2 * 8 + n_pool * (8 + T * k * 8))
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Free memory where the state will live (None where it cannot be told)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:  # MemAvailable counts the page cache the kernel would give back; free pages alone do not
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def new_state(*, d_sae: int, ctx_len: int, k: int, n_top: int, n_reservoir: int, n_pool: int, n_zero: int,
               acts_dtype: torch.dtype, device: torch.device | str, meta: dict[str, Any]) -> SampleState:
     N, T = S * d_sae, ctx_len

@@ -414,3 +414,22 @@ def test_a_latent_subset_samples_exactly_what_a_full_run_keeps_for_them(env: dic
     assert sub["examples"] == [r for r in full["examples"] if r[0] in wanted]
     assert sample_mod.latent_subset("random:5", 64).tolist() == sample_mod.latent_subset("random:5", 64).tolist()
     assert sample_mod.latent_subset("all", 64) is None
+
+
+def test_a_state_that_cannot_fit_is_refused_before_any_work(env: dict[str, Any], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from explainer.sampler_state import new_state, state_bytes
+
+    kw = dict(d_sae=64, ctx_len=CTX, k=4, n_top=5, n_reservoir=8, n_pool=20, n_zero=4)
+    for dtype, size in ((torch.float16, 2), (torch.float32, 4)):
+        st = new_state(**kw, acts_dtype=dtype, device="cpu", meta={})
+        assert state_bytes(**kw, acts_bytes=size) == sum(t.numel() * t.element_size() for t in st.tensors().values())
+    monkeypatch.setattr(sample_mod, "available_bytes", lambda device: 10_000)
+    s = env["settings"].model_copy(update={"db": tmp_path / "small.duckdb"})
+    con = store.connect(s.db)
+    try:
+        with pytest.raises(ExplainerError, match=r"sampler state needs .* GiB for 64 latents.*--latents random:N"):
+            sample_mod.run(con, s, env["sae"], lm=env["lm"])
+        assert con.execute("SELECT count(*) FROM contexts").fetchone()[0] == 0
+    finally:
+        con.close()
