@@ -49,7 +49,7 @@ from explainer import store
 from explainer.batch_api import BatchApi, Refused, read_line
 from explainer.batch_clients import URLS, Collector, Deferred, Finisher, Spool
 from explainer.errors import ExplainerError
-from explainer.llm import LLMClient
+from explainer.llm import LLMClient, price_of, usage_tokens
 from explainer.settings import LLMSettings
 
 __all__ = ["BatchOutcome", "BatchProgress", "Collector", "Deferred", "Finisher", "prepare"]
@@ -382,12 +382,10 @@ class _Batches:
 
     def _ledger_row(self, key: str, batch_id: str, model: Optional[str], body: Optional[dict[str, Any]],
                     reason: Optional[str]) -> dict[str, Any]:
-        usage = body.get("usage") if body is not None and isinstance(body.get("usage"), dict) else {}
-        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        p, c, pc = usage_tokens(body)
         cost = None
         if body is not None and (p is not None or c is not None):
-            s = self.settings
-            cost = ((p or 0) * s.price_in + (c or 0) * s.price_out) / 1e6 * s.batch_price_factor
+            cost = (price_of(self.settings, p, c, pc) or 0.0) * self.settings.batch_price_factor
             self.out.prompt_tokens += p or 0
             self.out.completion_tokens += c or 0
             self.out.cost += cost
@@ -399,6 +397,7 @@ class _Batches:
             "run_id": self.run_id, "stage": self.stage, "model": model, "dict_id": self.dict_id,
             "latent": self.spool.latent(key), "cache_key": key, "cache_hit": False, "attempts": 1,
             "prompt_tokens": p if body is not None else None, "completion_tokens": c if body is not None else None,
+            "cached_tokens": pc if body is not None else None,
             "latency_s": None, "cost": cost, "error": None if reason is None else f"batch {batch_id}: {reason}",
             "created_at": store.now(), "batch_id": batch_id,
         }

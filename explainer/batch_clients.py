@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import duckdb
 
-from explainer.llm import Answer, CallFailed, LLMClient, Reply, Writer, cache_key, reply_from
+from explainer.llm import Answer, CallFailed, LLMClient, Reply, Writer, cache_key, reply_from, usage_tokens
 from explainer.settings import LLMSettings
 
 T = TypeVar("T")
@@ -106,11 +106,10 @@ class Collector(LLMClient):
             except ValueError:
                 pass  # a stale answer: the batch asks again and the ingest replaces it
             else:
-                usage = cached.get("usage") or {}
-                p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                p, c, pc = usage_tokens(cached)
                 self.answered += 1
                 self.cache_hits += 1
-                return Answer(value, p, c, self.price(p, c), cache_hit=True, attempts=1)
+                return Answer(value, p, c, self.price(p, c, pc), cache_hit=True, attempts=1)
         self.spool.add(key, endpoint, body, latent)
         raise Deferred()
 

@@ -55,6 +55,8 @@ from explainer.llm_wire import (  # noqa: F401  re-exported: stages import these
     parse_retry_after,
     reply_from,
     Writer,
+    price_of,
+    usage_tokens,
 )
 
 # --- retry classification ---------------------------------------------------------------
@@ -90,6 +92,8 @@ class _CallState:
     cache_hit: bool = False
     stale_cache: bool = False
     latency: float = 0.0
+    spent_cached: Optional[int] = None  # of spent_in, served from the endpoint's prompt cache
+    used_cached: Optional[int] = None
     spent_in: Optional[int] = None  # tokens paid for by this run
     spent_out: Optional[int] = None
     used_in: Optional[int] = None  # tokens reported by the responses the answer came from
@@ -190,11 +194,9 @@ class LLMClient:
     def redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key and self._key != LOOPBACK_KEY else text
 
-    def price(self, prompt_tokens: Optional[int], completion_tokens: Optional[int]) -> Optional[float]:
-        if prompt_tokens is None and completion_tokens is None:
-            return None
-        s = self.settings
-        return ((prompt_tokens or 0) * s.price_in + (completion_tokens or 0) * s.price_out) / 1e6
+    def price(self, prompt_tokens: Optional[int], completion_tokens: Optional[int],
+              cached_tokens: Optional[int] = None) -> Optional[float]:
+        return price_of(self.settings, prompt_tokens, completion_tokens, cached_tokens)
 
     def check_reachable(self, final: bool = False) -> None:
         """Raise when nothing has ever answered and calls keep failing the same way: the endpoint,
@@ -278,11 +280,13 @@ class LLMClient:
                 self.last_refusal = reason
             self._ledger(body["model"], latent, key, st, error=reason)
             raise CallFailed(reason, attempts=st.attempts, connection=connection, prompt_tokens=st.used_in,
-                             completion_tokens=st.used_out, cost=self.price(st.used_in, st.used_out)) from None
+                             completion_tokens=st.used_out,
+                             cost=self.price(st.used_in, st.used_out, st.used_cached)) from None
         self.answered += 1
         self.cache_hits += st.cache_hit
         self._ledger(body["model"], latent, key, st, error=None)
-        return Answer(value, st.used_in, st.used_out, self.price(st.used_in, st.used_out), st.cache_hit, st.attempts)
+        return Answer(value, st.used_in, st.used_out, self.price(st.used_in, st.used_out, st.used_cached),
+                      st.cache_hit, st.attempts)
 
     def _wait(self, rs: RetryCallState) -> float:
         exc = rs.outcome.exception() if rs.outcome is not None else None
@@ -307,14 +311,12 @@ class LLMClient:
                     st.stale_cache = True  # the parser changed since; replace the entry
                     raise _Retryable(f"cached answer rejected: {_short(e)}", immediate=True) from None
                 st.cache_hit = True
-                usage = cached.get("usage") or {}
-                st.used_in, st.used_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                st.used_in, st.used_out, st.used_cached = usage_tokens(cached)
                 return value
         data = await self._post(endpoint, body, st)
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        st.spent_in, st.spent_out = _add(st.spent_in, p), _add(st.spent_out, c)
-        st.used_in, st.used_out = _add(st.used_in, p), _add(st.used_out, c)
+        p, c, pc = usage_tokens(data)
+        st.spent_in, st.spent_out, st.spent_cached = _add(st.spent_in, p), _add(st.spent_out, c), _add(st.spent_cached, pc)
+        st.used_in, st.used_out, st.used_cached = _add(st.used_in, p), _add(st.used_out, c), _add(st.used_cached, pc)
         try:
             reply = reply_from(endpoint, data)
         except ValueError as e:  # an error object or no choices in a 200: the server's trouble
@@ -365,7 +367,7 @@ class LLMClient:
         return data
 
     def _ledger(self, model: str, latent: Optional[int], key: str, st: _CallState, error: Optional[str]) -> None:
-        cost = self.price(st.spent_in, st.spent_out)
+        cost = self.price(st.spent_in, st.spent_out, st.spent_cached)
         self.prompt_tokens += st.spent_in or 0
         self.completion_tokens += st.spent_out or 0
         self.cost += cost or 0.0
@@ -375,6 +377,7 @@ class LLMClient:
             # A cache hit spends nothing; a call that never got a usage block has unknown tokens.
             "prompt_tokens": 0 if st.cache_hit else st.spent_in,
             "completion_tokens": 0 if st.cache_hit else st.spent_out,
+            "cached_tokens": 0 if st.cache_hit else st.spent_cached,
             "latency_s": st.latency, "cost": 0.0 if st.cache_hit else cost, "error": error,
             "created_at": store.now(),
         })

@@ -105,6 +105,26 @@ def is_loopback(url: str) -> bool:
         return False
 
 
+def usage_tokens(body: Optional[dict[str, Any]]) -> tuple[Optional[int], Optional[int], Optional[int]]:
+    """(prompt, completion, cached prompt) tokens of a response's usage block; None where absent."""
+    usage = body.get("usage") if isinstance(body, dict) and isinstance(body.get("usage"), dict) else {}
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return usage.get("prompt_tokens"), usage.get("completion_tokens"), cached if isinstance(cached, int) else None
+
+
+def price_of(settings: LLMSettings, prompt_tokens: Optional[int], completion_tokens: Optional[int],
+             cached_tokens: Optional[int] = None) -> Optional[float]:
+    """USD of a response at the settings' prices; prompt tokens the endpoint served from its
+    prompt cache cost price_cached_in (OpenAI bills them at half) when that is set."""
+    if prompt_tokens is None and completion_tokens is None:
+        return None
+    cached = min(cached_tokens or 0, prompt_tokens or 0)
+    cached_price = settings.price_cached_in if settings.price_cached_in is not None else settings.price_in
+    return (((prompt_tokens or 0) - cached) * settings.price_in + cached * cached_price
+            + (completion_tokens or 0) * settings.price_out) / 1e6
+
+
 def resolve_endpoint(settings: LLMSettings) -> tuple[str, str]:
     """(base_url, api_key): a remote endpoint without a key is a user error, raised before any call."""
     base_url = (settings.base_url or DEFAULT_BASE_URL).rstrip("/")

@@ -166,6 +166,10 @@ class LLMSettings(Section):
     cache: bool = Field(True, description="answer repeated calls from the llm_cache table instead of the endpoint")
     price_in: float = Field(0.0, ge=0, description="USD per million prompt tokens, for the cost ledger")
     price_out: float = Field(0.0, ge=0, description="USD per million completion tokens, for the cost ledger")
+    price_cached_in: Optional[float] = Field(
+        None, ge=0, description="USD per million prompt tokens the endpoint served from its prompt cache "
+        "(usage.prompt_tokens_details.cached_tokens; OpenAI bills them at half of price_in); default: price_in",
+    )
     estimate: bool = Field(
         False, description="explain/score: count the requests the command would send, their tokens (about "
         "characters / 4) and cost at price_in/price_out, and send nothing",

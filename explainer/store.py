@@ -241,7 +241,13 @@ def m003_llm_batches(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [m001_core, m002_views, m003_llm_batches]
+def m004_cached_tokens(con: duckdb.DuckDBPyConnection) -> None:
+    """Prompt tokens the endpoint served from its prompt cache (priced at llm.price_cached_in)."""
+    con.execute("ALTER TABLE llm_calls ADD COLUMN cached_tokens BIGINT")
+
+
+MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
+    m001_core, m002_views, m003_llm_batches, m004_cached_tokens]
 
 
 def now() -> datetime:

@@ -52,6 +52,7 @@ class Reply:
     top_logprobs: Optional[list[dict[str, float]]] = None  # per generated token
     finish_reason: str = "stop"
     delay: float = 0.0
+    cached_tokens: int = 0  # reported as usage.prompt_tokens_details.cached_tokens when > 0
 
     @classmethod
     def content(cls, text: Optional[str], **kw: Any) -> "Reply":
@@ -215,9 +216,12 @@ class ScriptedServer:
         self.stop()
 
     # --- bodies -------------------------------------------------------------------------
-    def _usage(self, req: Request, reply: Reply) -> dict[str, int]:
+    def _usage(self, req: Request, reply: Reply) -> dict[str, Any]:
         p, c = count_tokens(req.prompt_text()), count_tokens(reply.text or "")
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        if reply.cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(reply.cached_tokens, p)}
+        return usage
 
     def chat_body(self, req: Request, reply: Reply) -> dict[str, Any]:
         logprobs = None

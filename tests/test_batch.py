@@ -414,3 +414,14 @@ def test_batch_dir_rejected_answer_fails_without_a_live_call(dbs, tmp_path):
     # The final pass read each answer once and recorded the rejection; it asked nobody again.
     rest = query(db, "SELECT * FROM llm_calls WHERE batch_id IS NULL")
     assert len(rest) == 2 and all(r["attempts"] == 1 and r["error"].startswith("cached answer rejected") for r in rest)
+
+
+def test_batch_rows_price_cached_prompt_tokens_apart(dbs, llm_server):
+    _, db = dbs
+    llm_server.responder = lambda req: Reply.content(answer_by_content(req), cached_tokens=3)
+    explain_run(db, batched(llm_server.url, price_cached_in=0.0))
+    paid = query(db, "SELECT * FROM llm_calls WHERE batch_id IS NOT NULL")
+    assert len(paid) == 2
+    for r in paid:  # settings_for prices prompt and completion tokens at 1 USD per million
+        assert r["cached_tokens"] == 3
+        assert r["cost"] == pytest.approx((r["prompt_tokens"] - 3 + r["completion_tokens"]) / 1e6 * 0.5)

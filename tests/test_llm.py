@@ -364,3 +364,18 @@ def test_writer_keeps_every_column_of_uneven_rows(con):
     w.flush()
     assert con.execute("SELECT cache_hit, latent, error FROM llm_calls ORDER BY id").fetchall() == [
         (False, None, None), (True, 5, "x")]
+
+
+def test_prompt_cache_tokens_are_priced_apart(con, llm_server):
+    """usage.prompt_tokens_details.cached_tokens: priced at price_cached_in, recorded in the ledger."""
+    llm_server.push(Reply.content("a label of five words", cached_tokens=4))
+    messages = [{"role": "user", "content": "one two three four five six seven eight"}]  # 8 prompt "tokens"
+    ans, llm = call(con, fast(llm_server, price_in=2.0, price_cached_in=0.5, price_out=10.0), messages=messages)
+    expected = ((8 - 4) * 2.0 + 4 * 0.5 + 5 * 10.0) / 1e6
+    assert ans.cost == pytest.approx(expected) and llm.cost == pytest.approx(expected)
+    (row,) = ledger(con)
+    assert (row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]) == (8, 4, 5)
+    assert row["cost"] == pytest.approx(expected)
+    # A cache hit replays the answer's cost (and spends nothing); without price_cached_in, price_in applies.
+    again, llm2 = call(con, fast(llm_server, price_in=2.0, price_out=10.0), messages=messages)
+    assert again.cache_hit and again.cost == pytest.approx((8 * 2.0 + 5 * 10.0) / 1e6) and llm2.cost == 0
