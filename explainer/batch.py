@@ -107,34 +107,6 @@ class BatchOutcome:
         result.cost += self.cost
 
 
-# --- the estimate (--estimate) ------------------------------------------------------------
-
-
-def estimate(settings: LLMSettings, collect: Callable[[ClientFactory], None]) -> dict[str, Any]:
-    """What the stage would send, from the collect pass (the same requests a batch would hold).
-
-    Prompt tokens are characters / 4 (the endpoint's tokenizer is unknown here); completion
-    tokens are the requests' max_tokens, an upper bound. Answers the parser would reject and
-    ask again for are not foreseen."""
-    spool = Spool()
-    try:
-        collect(functools.partial(Collector, spool=spool))
-        chars = max_out = 0
-        for key in spool.pending:
-            body = json.loads(spool.line(key))["body"]
-            text = body.get("prompt") or "".join(str(m.get("content", "")) for m in body.get("messages", []))
-            chars += len(text)
-            max_out += int(body.get("max_tokens") or 0)
-        prompt_tokens = round(chars / 4)
-        cost_in = prompt_tokens * settings.price_in / 1e6
-        return {"requests": len(spool.pending), "from_cache": len(spool.seen) - len(spool.pending),
-                "prompt_tokens_est": prompt_tokens, "completion_tokens_max": max_out,
-                "cost_est": round(cost_in, 6), "cost_max": round(cost_in + max_out * settings.price_out / 1e6, 6),
-                "priced": bool(settings.price_in or settings.price_out)}
-    finally:
-        spool.close()
-
-
 # --- the batch step ----------------------------------------------------------------------
 
 

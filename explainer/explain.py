@@ -10,7 +10,6 @@ answers already paid for come back from the response cache.
 from __future__ import annotations
 
 import asyncio
-import copy
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ from typing import Any, Callable, Optional
 import duckdb
 from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
-from explainer import prompts, store
+from explainer import llm_pass, prompts, store
 from explainer.errors import ExplainerError
 from explainer.llm import CallFailed, LLMClient, Reply, gather_or_cancel, reason_kind, resolve_endpoint
 from explainer.settings import ExplainSettings, Settings
@@ -70,7 +69,7 @@ class ExplainResult:
     wall_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)  # failure reason -> latents
     batch: Optional[dict[str, Any]] = None  # what --batch did (batch.BatchOutcome.as_dict())
-    estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (batch.estimate)
+    estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (llm_pass.estimate)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -227,26 +226,8 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
         asyncio.run(_explain_all(con, settings, dict_id, tpl, todo, res, prog, t0, make_client))
 
     with store.recorded_run(con, run_id, result, t0):
-        outcome = None
-        make_client: Optional[Callable[..., LLMClient]] = LLMClient
-        if settings.llm.estimate:
-            from explainer import batch
-
-            # The collect pass of --batch, on a copy of the result: it sends and writes nothing.
-            result.estimate = batch.estimate(settings.llm, lambda mk: stage_pass(mk, copy.deepcopy(result), None))
-            return result
-        if settings.llm.batch and todo:
-            from explainer import batch
-
-            # The collect pass runs on a copy: its deferred calls are not failures of this run.
-            outcome = batch.prepare(con, settings.llm, "explain", lambda mk: stage_pass(mk, copy.deepcopy(result), None),
-                                    run_id=run_id, dict_id=dict_id, progress=progress)
-            result.batch = outcome.as_dict()
-            make_client = outcome.client  # None: still running (--no-batch-wait); a rerun collects it
-        if make_client is not None:
-            stage_pass(make_client, result, progress)
-        if outcome is not None:
-            outcome.add_spend_to(result)
+        llm_pass.drive(con, settings.llm, "explain", result, stage_pass, has_work=bool(todo), run_id=run_id,
+                       dict_id=dict_id, progress=progress, batch_progress=progress)
     return result
 
 

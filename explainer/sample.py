@@ -32,8 +32,9 @@ from explainer.corpus import Context, iter_contexts, load_documents
 from explainer.errors import ExplainerError
 from explainer.sample_parquet import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sampler_select import write_results
+from explainer.sampler_subset import check_fits, latent_subset
 from explainer.sampler_state import (
-    M31, SPLITS, SampleState, available_bytes, latent_ids, load_state, new_state, state_bytes, one_thread, save_state, update,
+    M31, SPLITS, SampleState, latent_ids, load_state, new_state, one_thread, save_state, update,
 )
 from explainer.settings import SampleSettings, Settings
 
@@ -91,52 +92,6 @@ def _hook_layer(cfg: dict) -> Optional[int]:
         return layer
     m = re.search(r"(?:layers|blocks|h|layer)\.(\d+)", str(cfg.get("hook_name") or ""))
     return int(m.group(1)) if m else None
-
-
-_RANGE = re.compile(r"^(\d+)-(\d+)$")
-
-
-def latent_subset(text: str, d_sae: int) -> Optional[torch.Tensor]:
-    """Sorted dictionary ids for sample.latents (all, random:N, or ids and ranges: 0-999,1500), or None for all."""
-    sel = text.strip()
-    if sel == "all":
-        return None
-    bad = f"sample.latents={text!r}: expected all, random:N, or ids and ranges like 0-999,1500,1502"
-    if sel.startswith("random:"):
-        n = sel.split(":", 1)[1]
-        if not n.isdigit() or not 0 < int(n) <= d_sae:
-            raise ExplainerError(f"{bad}, with 0 < N <= {d_sae}")
-        # A fixed generator: every shard and every rerun draws the same latents.
-        ids = torch.randperm(d_sae, generator=torch.Generator().manual_seed(0))[: int(n)]
-    else:
-        parts = []
-        for item in sel.split(","):
-            m = _RANGE.match(item.strip())
-            if m:
-                parts.append(torch.arange(int(m.group(1)), int(m.group(2)) + 1))
-            elif item.strip().isdigit():
-                parts.append(torch.tensor([int(item)]))
-            else:
-                raise ExplainerError(bad)
-        ids = torch.cat(parts)
-    ids = ids.unique()
-    if ids.numel() == 0 or int(ids.max()) >= d_sae:
-        raise ExplainerError(f"sample.latents={text!r} names latents outside 0-{d_sae - 1} of this dictionary")
-    return ids
-
-
-def _check_memory(sae: Any, ss: SampleSettings, T: int, subset: Optional[torch.Tensor], device: torch.device) -> None:
-    """Refuse a state that cannot fit before hours of work, not with an out-of-memory kill during them."""
-    need = state_bytes(d_sae=sae.d_sae if subset is None else len(subset) + 1, ctx_len=T, k=sae.k, n_top=ss.n_top,
-                       n_reservoir=ss.n_reservoir, n_pool=max(ss.nonactivating_pool, ss.n_random),
-                       n_zero=ss.n_nonactivating, acts_bytes=2 if ss.acts_dtype == "float16" else 4)
-    free = available_bytes(device)
-    if free is not None and need > 0.8 * free:
-        raise ExplainerError(
-            f"the sampler state needs {need / 2**30:.1f} GiB for {sae.d_sae if subset is None else len(subset):,} "
-            f"latents, and {device.type} has {free / 2**30:.1f} GiB free; keep a subset (--latents random:N), "
-            "lower --n-top/--n-reservoir, or use a larger machine"
-        )
 
 
 def check_dictionary(sae: Any, lm: Any, ss: SampleSettings) -> list[str]:
@@ -316,7 +271,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     limit = math.ceil(ss.tokens / T)
     if limit > M31:  # context ids share an int64 with a 31-bit hash in the sketches
         raise ExplainerError(f"sample.tokens={ss.tokens:,} is over 2^31 contexts of {T} tokens; lower --tokens")
-    _check_memory(sae, ss, T, subset, lm.device)
+    check_fits(sae, ss, T, subset, lm.device)
     docs = load_documents(settings.corpus)
     counts, notes = _plan(settings, lm.tokenizer, docs, limit, ss)  # bad input fails before any delete
     warnings += notes

@@ -21,7 +21,6 @@ returns every snippet's predictions (the agent uses it on `validation`).
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import hashlib
 import json
@@ -32,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import duckdb
 
-from explainer import prompts, store
+from explainer import llm_pass, prompts, store
 from explainer.errors import ExplainerError
 from explainer.llm import LLMClient, gather_or_cancel, reason_kind, resolve_endpoint
 from explainer.judge import detection_items, fuzzing_items, judge
@@ -237,7 +236,7 @@ class ScoreResult:
     per_scorer: dict[str, ScorerStats] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     batch: Optional[dict[str, Any]] = None  # what --batch did (batch.BatchOutcome.as_dict())
-    estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (batch.estimate)
+    estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (llm_pass.estimate)
 
     def summary(self) -> dict[str, Any]:
         """Mean score per scorer, calls and prompt tokens per latent, failures, wall time."""
@@ -325,27 +324,9 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
         asyncio.run(_score_all(con, settings, dict_id, templates, setups, jobs, res, prog, t0, make_client))
 
     with store.recorded_run(con, run_id, result, t0):
-        outcome = None
-        make_client: Optional[Callable[..., LLMClient]] = LLMClient
-        if settings.llm.estimate:
-            from explainer import batch
-
-            # The collect pass of --batch, on a copy of the result: it sends and writes nothing.
-            result.estimate = batch.estimate(settings.llm, lambda mk: stage_pass(mk, copy.deepcopy(result), None))
-            return result
-        if settings.llm.batch and jobs:
-            from explainer import batch
-
-            # The collect pass runs on a copy: its deferred calls are not failures of this run.
-            outcome = batch.prepare(con, settings.llm, "score", lambda mk: stage_pass(mk, copy.deepcopy(result), None),
-                                    run_id=run_id, dict_id=dict_id,
-                                    progress=(lambda p: progress(dataclasses.asdict(p))) if progress else None)
-            result.batch = outcome.as_dict()
-            make_client = outcome.client  # None: still running (--no-batch-wait); a rerun collects it
-        if make_client is not None:
-            stage_pass(make_client, result, progress)
-        if outcome is not None:
-            outcome.add_spend_to(result)
+        llm_pass.drive(con, settings.llm, "score", result, stage_pass, has_work=bool(jobs), run_id=run_id,
+                       dict_id=dict_id, progress=progress,
+                       batch_progress=(lambda p: progress(dataclasses.asdict(p))) if progress else None)
     return result
 
 

@@ -424,7 +424,9 @@ def test_a_state_that_cannot_fit_is_refused_before_any_work(env: dict[str, Any],
     for dtype, size in ((torch.float16, 2), (torch.float32, 4)):
         st = new_state(**kw, acts_dtype=dtype, device="cpu", meta={})
         assert state_bytes(**kw, acts_bytes=size) == sum(t.numel() * t.element_size() for t in st.tensors().values())
-    monkeypatch.setattr(sample_mod, "available_bytes", lambda device: 10_000)
+    from explainer import sampler_subset
+
+    monkeypatch.setattr(sampler_subset, "available_bytes", lambda device: 10_000)
     s = env["settings"].model_copy(update={"db": tmp_path / "small.duckdb"})
     con = store.connect(s.db)
     try:
