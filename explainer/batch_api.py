@@ -9,7 +9,7 @@ import openai
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from explainer.errors import ExplainerError
-from explainer.llm import reply_from, resolve_endpoint
+from explainer.llm import error_message, reply_from, resolve_endpoint, short
 from explainer.settings import LLMSettings
 
 T = TypeVar("T")
@@ -62,7 +62,7 @@ class BatchApi:
                     "check the endpoint's batch list before rerunning"
                 ) from None
             except openai.APIStatusError as e:
-                msg = self._redact(f"HTTP {e.status_code}: {short(_message(e))}")
+                msg = self._redact(f"HTTP {e.status_code}: {short(error_message(e))}")
                 if e.status_code in (408, 409, 429) or e.status_code >= 500:
                     raise _Transient(msg) from None
                 raise Refused(e.status_code, msg) from None
@@ -117,17 +117,3 @@ def read_line(raw: bytes, endpoint: str) -> tuple[Optional[str], Optional[dict[s
         inner = body.get("error", body)
         msg = inner.get("message", inner) if isinstance(inner, dict) else inner
     return key, None, f"HTTP {code}: {short(msg)}"
-
-
-def short(e: Any, n: int = 200) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _message(e: openai.APIStatusError) -> str:
-    body = e.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-    return e.message

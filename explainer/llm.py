@@ -309,7 +309,7 @@ class LLMClient:
                     value = parse(reply_from(endpoint, cached))
                 except ValueError as e:
                     st.stale_cache = True  # the parser changed since; replace the entry
-                    raise _Retryable(f"cached answer rejected: {_short(e)}", immediate=True) from None
+                    raise _Retryable(f"cached answer rejected: {short(e)}", immediate=True) from None
                 st.cache_hit = True
                 st.used_in, st.used_out, st.used_cached = usage_tokens(cached)
                 return value
@@ -320,11 +320,11 @@ class LLMClient:
         try:
             reply = reply_from(endpoint, data)
         except ValueError as e:  # an error object or no choices in a 200: the server's trouble
-            raise _Retryable(f"{self.base_url} sent an unusable 200: {_short(e)}") from None
+            raise _Retryable(f"{self.base_url} sent an unusable 200: {short(e)}") from None
         try:
             value = parse(reply)
         except ValueError as e:
-            raise _Retryable(f"answer rejected: {_short(e)}", immediate=True) from None
+            raise _Retryable(f"answer rejected: {short(e)}", immediate=True) from None
         if self.settings.cache:
             self.writer.put_cache(key, str(body.get("model")), data, replace=st.stale_cache)
         return value
@@ -345,12 +345,12 @@ class LLMClient:
                 raise _Retryable(f"no answer from {url} within {self.settings.timeout:g}s", connection=True) from None
             except openai.APIConnectionError as e:
                 # A reset's cause (ReadError) has an empty message: name its type instead.
-                cause = f": {_short(e.__cause__) or type(e.__cause__).__name__}" if e.__cause__ is not None else ""
+                cause = f": {short(e.__cause__) or type(e.__cause__).__name__}" if e.__cause__ is not None else ""
                 raise _Retryable(f"cannot reach {url}{cause}", connection=True) from None
             except openai.APIStatusError as e:
                 self.responses += 1
                 status = e.status_code
-                reason = f"{url} answered HTTP {status}: {_short(_error_message(e))}"
+                reason = f"{url} answered HTTP {status}: {short(error_message(e))}"
                 if status in RETRY_STATUS or status >= 500:
                     raise _Retryable(reason, retry_after=parse_retry_after(e.response.headers)) from None
                 raise _Fatal(reason, status) from None
@@ -383,12 +383,12 @@ class LLMClient:
         })
 
 
-def _short(e: Any, n: int = 200) -> str:
+def short(e: Any, n: int = 200) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _error_message(e: openai.APIStatusError) -> str:
+def error_message(e: openai.APIStatusError) -> str:
     body = e.body
     if isinstance(body, dict):
         inner = body.get("error", body)
