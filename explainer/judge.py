@@ -4,10 +4,17 @@ several snippets per call, as one JSON object keyed by snippet number.
 
 - detection: as many snippets on which the latent fires (top + quantile) as snippets on
   which it is 0 (non-activating, then random with max 0); "does the explanation apply here?"
-  Score: balanced accuracy (accuracy, F1 and the confusion counts in the details).
 - fuzzing: firing snippets with highlighted tokens; in about half (seeded) the highlights are
   moved to as many random tokens where the latent is 0. "Do the highlights match the
-  explanation?" Score: accuracy (balanced accuracy in the details).
+  explanation?"
+
+Both scores (`Outcome.score`) are balanced accuracy, the mean of the recall on each label
+present, so a judge that always says yes scores 0.5 whatever the mix of labels. Fuzzing moves
+the highlights in floor(n/2) of n snippets, so with 5 snippets plain accuracy would credit
+always-yes with 0.6; accuracy, F1 and the confusion counts stay in the details.
+`Outcome.stats`: `ci_low`/`ci_high`, a 95% bootstrap over the judged snippets (stratified by
+label), and `baseline`, the always-yes judge's balanced accuracy on the same items
+(metrics.judge_stats).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Optional, Sequence
 
 from explainer import prompts
 from explainer.llm import LLMClient
-from explainer.metrics import classify
+from explainer.metrics import BOOT_LEVEL, BOOT_N, classify, judge_stats
 from explainer.settings import ScoreSettings
 from explainer.simulate import (
     KINDS, Outcome, ScoreFailed, Snippet, SnippetResult, Spend, batches, gather_answers, json_params, parse_verdicts,
@@ -102,6 +109,7 @@ async def judge(llm: LLMClient, s: ScoreSettings, scorer: str, tpl: prompts.Temp
         ks = [it for it in items if it.snippet.kind == kind]
         if ks:
             per_kind[kind] = sum(it.answer == it.label for it in ks) / len(ks)
-    details = {**c.as_dict(), "per_kind_accuracy": per_kind}
-    score = c.balanced_accuracy if scorer == "detection" else c.accuracy
-    return Outcome(scorer, "json", score, details, items, spend)
+    stats = judge_stats([bool(it.answer) for it in items], [bool(it.label) for it in items], seed=s.seed)
+    details = {**c.as_dict(), "per_kind_accuracy": per_kind, "stats": stats,
+               "bootstrap": {"unit": "snippet", "stratified": "label", "n": BOOT_N, "level": BOOT_LEVEL, "seed": s.seed}}
+    return Outcome(scorer, "json", c.balanced_accuracy, details, items, spend, stats)

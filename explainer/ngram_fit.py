@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from explainer.errors import ExplainerError
-from explainer.metrics import classify, pearson
+from explainer.metrics import classify, pearson, simulation_stats
 
 FORMAT = "ngram-v1"
 SCORED_KINDS = ("top", "quantile", "random")
@@ -173,11 +174,26 @@ class SimScore:
     snippets: dict[str, int]
     tokens_per_kind: dict[str, int]
     constant_prediction: bool
+    # (pred, acts, valid, kinds) of the scored rows and the bootstrap seed, for `stats`.
+    rows: Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]] = field(
+        default=None, repr=False, compare=False)
+
+    @cached_property
+    def stats(self) -> dict[str, Optional[float]]:
+        """metrics.simulation_stats on the same rows, as the LLM simulator's Outcome.stats (all,
+        top_random, per kind, bootstrap interval over snippets, constant-predictor baseline).
+        Computed when first read: the agent scores many edits and keeps few."""
+        if self.rows is None:
+            return {}
+        pred, acts, valid, kinds, seed = self.rows
+        return simulation_stats([p[v] for p, v in zip(pred, valid)], [a[v] for a, v in zip(acts, valid)],
+                                [str(k) for k in kinds], seed=seed)
 
     def details(self) -> dict[str, Any]:
         return {"pearson": self.score, "per_kind": self.per_kind, "precision": self.precision, "recall": self.recall,
                 "f1": self.f1, "n_tokens": self.n_tokens, "n_fired": self.n_fired, "snippets": self.snippets,
-                "tokens_per_kind": self.tokens_per_kind, "constant_prediction": self.constant_prediction}
+                "tokens_per_kind": self.tokens_per_kind, "constant_prediction": self.constant_prediction,
+                "stats": self.stats}
 
 
 def scored_rows(ex: LatentExamples, kinds: Sequence[str]) -> np.ndarray:
@@ -191,8 +207,10 @@ def scored_rows(ex: LatentExamples, kinds: Sequence[str]) -> np.ndarray:
 
 
 def score_examples(ps: PatternSet, ex: LatentExamples, index: Optional[tuple[dict[str, int], dict[str, int]]],
-                   kinds: Sequence[str] = SCORED_KINDS, pred: Optional[np.ndarray] = None) -> SimScore:
-    """Simulation score of a pattern set on one latent's examples of the given kinds."""
+                   kinds: Sequence[str] = SCORED_KINDS, pred: Optional[np.ndarray] = None, *,
+                   seed: int = 0) -> SimScore:
+    """Simulation score of a pattern set on one latent's examples of the given kinds (`stats`:
+    bootstrap over snippets seeded by `seed`)."""
     kinds = list(kinds)
     if pred is None:
         pred = simulate(ps, ex, index)
@@ -210,7 +228,7 @@ def score_examples(ps: PatternSet, ex: LatentExamples, index: Optional[tuple[dic
     c = classify(p > 0, a > 0)
     return SimScore(pearson(p, a), per_kind, c.precision, c.recall, c.f1, len(rows), int(a.size), int((a > 0).sum()),
                     {k: int((row_kinds == k).sum()) for k in kinds}, tokens_per_kind,
-                    bool(p.size == 0 or np.ptp(p) == 0))
+                    bool(p.size == 0 or np.ptp(p) == 0), (pred, acts, valid, row_kinds, seed))
 
 
 # --- fitting ---------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ Two ways to ask, both through the one LLM client (retries, cache, ledger):
   present, no others, exactly one integer 0-9 per token. A wrong answer is rejected; the LLM
   layer asks again (cache bypassed) up to `max_attempts`, then the call fails. A failed call
   makes the whole score a recorded failure: a malformed answer never becomes a number.
+  Snippets of all kinds are shuffled within and across calls (seeded by `score.seed` and the
+  latent; the order sent is recorded in `details["shuffle"]`), so a call is not "the top
+  snippets" and the simulator cannot calibrate its 0-9 scale to the kind. `per_call=1` sends
+  one snippet per call: no calibration across snippets at all, at ~per_call times the calls.
 - `all_at_once`: one call per snippet, read from the echoed prompt's logprobs at a slot
   after every token (simulate_echo.py; vLLM and llama.cpp serve it, OpenAI's chat models do not).
 - `logprobs`: one call per token with `max_tokens=1`, the prompt ending exactly
@@ -16,8 +20,12 @@ Two ways to ask, both through the one LLM client (retries, cache, ledger):
   a 64-token snippet is 64 calls of ~300 prompt tokens, so 15 snippets per latent cost
   ~1k calls and ~0.3M prompt tokens, against 3 calls in json mode.
 
-The score is Pearson's r between predicted and true activations over every token of every
-scored snippet (0 when either side is constant), with per-kind correlations beside it.
+The score (`Outcome.score`, the `simulation` score) is Pearson's r between predicted and true
+activations over every token of every scored snippet, top + quantile + random (0 when either
+side is constant): the "all" score. It is NOT Bills et al.'s headline number; their
+"top-and-random" correlation is `Outcome.stats["top_random"]`, the one to compare with published
+results. `Outcome.stats` also holds per-kind correlations, a 95% bootstrap interval over
+snippets and the constant predictor's baseline (metrics.simulation_stats).
 Shared pieces used by the other scorers (snippets, spend, JSON answers) live here too.
 """
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Awaitable, Optional, Sequence, TypeVar, Union
@@ -36,7 +45,7 @@ from pydantic import Field, StrictBool, TypeAdapter, ValidationError
 from explainer import prompts
 from explainer.errors import ExplainerError
 from explainer.llm import Answer, CallFailed, LLMClient, Reply
-from explainer.metrics import pearson
+from explainer.metrics import BOOT_LEVEL, BOOT_N, pearson, simulation_stats
 from explainer.settings import ScoreSettings
 
 T = TypeVar("T")
@@ -112,7 +121,13 @@ def _plus(a: Any, b: Any) -> Any:
 
 @dataclass
 class Outcome:
-    """One explanation scored by one scorer: the score, its details and every snippet's answer."""
+    """One explanation scored by one scorer: the score, its details and every snippet's answer.
+
+    `stats` (also in `details["stats"]`): `ci_low`/`ci_high`, the 95% percentile bootstrap of
+    `score` over snippets (1000 resamples seeded by `score.seed`), and `baseline`, the trivial
+    scorer's score on the same snippets (simulation: a constant predictor, 0.0; detection and
+    fuzzing: the always-yes judge's balanced accuracy); simulation adds `all` (= `score`),
+    `top_random` (Bills et al.'s), `top`, `quantile` and `random` (None when absent/undefined)."""
 
     scorer: str
     mode: str
@@ -120,6 +135,7 @@ class Outcome:
     details: dict[str, Any]
     results: list[SnippetResult]
     spend: Spend
+    stats: dict[str, Optional[float]] = field(default_factory=dict)
 
 
 class ScoreFailed(Exception):
@@ -306,7 +322,7 @@ async def simulate(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template, expl
         raise ScoreFailed("the latent fires on none of the snippets: correlation undefined", spend)
     details: dict[str, Any] = {}
     if s.mode == "json":
-        preds = await _simulate_json(llm, s, tpl, explanation, snippets, latent, spend)
+        preds, details["shuffle"] = await _simulate_json(llm, s, tpl, explanation, snippets, latent, spend)
     elif s.mode == "all_at_once":
         from explainer.simulate_echo import simulate_all_at_once
 
@@ -318,12 +334,25 @@ async def simulate(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template, expl
     results = [SnippetResult(sn, predicted=p) for sn, p in zip(snippets, preds)]
     score, stats = correlation(results)
     details.update(stats)
-    return Outcome("simulation", s.mode, score, details, results, spend)
+    named = named_scores(results, s.seed)
+    details["stats"] = named
+    details["bootstrap"] = {"unit": "snippet", "n": BOOT_N, "level": BOOT_LEVEL, "seed": s.seed}
+    return Outcome("simulation", s.mode, score, details, results, spend, named)
+
+
+def shuffled(n: int, seed: int, latent: Optional[int]) -> list[int]:
+    """The order in which json mode shows n snippets: a permutation fixed by seed and latent."""
+    order = list(range(n))
+    random.Random(f"{seed}:{latent}:simulation").shuffle(order)
+    return order
 
 
 async def _simulate_json(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template, explanation: str,
-                         snippets: list[Snippet], latent: Optional[int], spend: Spend) -> list[list[float]]:
-    groups = batches(snippets, s.per_call)
+                         snippets: list[Snippet], latent: Optional[int],
+                         spend: Spend) -> tuple[list[list[float]], dict[str, Any]]:
+    """Predictions in the order of `snippets`, and the shuffle that was sent (seed, context ids per call)."""
+    order = shuffled(len(snippets), s.seed, latent)
+    groups = batches([snippets[i] for i in order], s.per_call)
 
     def ask(group: list[Snippet]) -> Awaitable[Answer[dict[str, list[int]]]]:
         lengths = {str(i): len(sn.tokens) for i, sn in enumerate(group, 1)}
@@ -334,10 +363,15 @@ async def _simulate_json(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template
                         **json_params(s, need, llm.settings.max_tokens))
 
     answers = await gather_answers([ask(g) for g in groups], spend)
-    preds: list[list[float]] = []
+    shown: list[list[float]] = []
     for group, answer in zip(groups, answers):
-        preds.extend([float(x) for x in answer[str(i)]] for i in range(1, len(group) + 1))
-    return preds
+        shown.extend([float(x) for x in answer[str(i)]] for i in range(1, len(group) + 1))
+    preds: list[list[float]] = [[] for _ in snippets]
+    for pos, i in enumerate(order):
+        preds[i] = shown[pos]
+    record = {"seed": s.seed, "per_call": s.per_call,
+              "calls": [[sn.context_id for sn in group] for group in groups]}
+    return preds, record
 
 
 async def _simulate_logprobs(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template, explanation: str,
@@ -359,6 +393,12 @@ async def _simulate_logprobs(llm: LLMClient, s: ScoreSettings, tpl: prompts.Temp
         preds.append([v[0] for v in values[pos : pos + len(sn.tokens)]])
         pos += len(sn.tokens)
     return preds, float(np.mean([v[1] for v in values]))
+
+
+def named_scores(results: Sequence[SnippetResult], seed: int = 0) -> dict[str, Optional[float]]:
+    """metrics.simulation_stats of simulated snippets: the same function scores the n-gram simulator."""
+    return simulation_stats([r.predicted or [] for r in results], [r.snippet.acts for r in results],
+                            [r.snippet.kind for r in results], seed=seed)
 
 
 def correlation(results: Sequence[SnippetResult]) -> tuple[float, dict[str, Any]]:
