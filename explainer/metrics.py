@@ -156,7 +156,8 @@ BOOT_LEVEL = 0.95
 def _resample_indices(n_items: int, n: int, seed: int, stream: int = 0) -> np.ndarray:
     """[n, n_items] item indices drawn with replacement; `stream` > 0 gives an independent draw
     for the same seed (the strata of a stratified bootstrap)."""
-    rng = np.random.default_rng(seed if stream == 0 else [seed, stream])
+    # SeedSequence takes non-negative entropy only; any int seed (score.seed may be negative) maps to one.
+    rng = np.random.default_rng([seed % 2**64, stream])
     idx = rng.integers(0, n_items, size=(n, n_items))
     idx.setflags(write=False)  # cached: shared by every caller
     return idx
