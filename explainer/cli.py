@@ -232,13 +232,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with store.connect(db, read_only=True) as con:
         word = query.search_example(con, store.dictionary_id(con, None))
-    ui.console.print(
+    ui.console.print(ui.literal(
         "next:\n"
         f"  explainer show --db {db} {res.labels[0]['latent'] if res.labels else 0}\n"
         f"  explainer sql --db {db} \"SELECT latent, explanation, simulation, ngram_simulation FROM labels ORDER BY simulation DESC LIMIT 20\"\n"
         + (f"  explainer search --db {db} \"{word}\"\n" if word else "")
         + f"  explainer browse --db {db} --out runs/site   # then open runs/site/index.html"
-    )
+    ))
     return 0
 
 
@@ -366,7 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.fn(args)
     except ExplainerError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from explainer.ui import visible  # messages quote paths, queries and data: never raw to the terminal
+
+        print(f"error: {visible(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
