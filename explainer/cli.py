@@ -285,7 +285,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain", "agent")),
     "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing", ("llm", "score")),
     "bench": (cmd_bench, "planted-feature benchmark: known latents through sample, explain and score", ("corpus", "sample", "llm", "score")),
-    "sql": (cmd_sql, "run SQL against the results database", ()),
+    "sql": (cmd_sql, "query the results database read-only (and the Parquet/CSV files a query names as sources)", ()),
     "search": (cmd_search, "rank explanations by relevance to a text query (BM25)", ()),
     "show": (cmd_show, "one latent: its explanations, scores and highlighted examples", ()),
     "status": (cmd_status, "what the DB holds per stage (sampled, explained, scored, spent) and what is unfinished", ()),
