@@ -21,16 +21,16 @@ import duckdb
 
 from explainer.errors import ExplainerError
 
-# SELECT covers DESCRIBE, SHOW, SUMMARIZE, FROM-first and VALUES; EXPLAIN is checked on its inner query.
-_QUERY_TYPES = ("SELECT", "EXPLAIN")
-_EXPLAIN = re.compile(r"^\s*explain\s+(?:analy[sz]e\s+)?(.*)$", re.IGNORECASE | re.DOTALL)
+# SELECT covers DESCRIBE, SHOW, SUMMARIZE, FROM-first and VALUES; PIVOT parses as MULTI. PRAGMA and CALL name
+# no files (the engine refuses any they reach) and the locked configuration refuses those that change settings.
+_NO_FILES = ("PRAGMA", "CALL")
 _GLOB = re.compile(r"[*?\[{]")
 # Set before external access goes off (allowed_* cannot change after), lock_configuration last.
 _LOCKDOWN = (("autoinstall_known_extensions", False), ("autoload_known_extensions", False),
              ("allow_community_extensions", False), ("allow_persistent_secrets", False),
              ("enable_external_access", False), ("lock_configuration", True))
-REFUSED = ("explainer sql only reads: {kind} statements are refused (it cannot write files, attach databases, "
-           "install or load extensions or change settings); use SELECT ..., or `explainer export --out DIR` for files")
+REFUSED = ("explainer sql only reads: {what} is refused (it cannot write files, attach databases, install or load "
+           "extensions or change settings); use SELECT ..., or `explainer export --out DIR` for files")
 FILE_REFUSED = ("explainer sql reads only the results DB and files named as sources in the statement, e.g. "
                 "read_parquet('DIR/*.parquet') or FROM 'file.parquet' ({detail})")
 
@@ -81,26 +81,49 @@ def _select_sources(con: duckdb.DuckDBPyConnection, query: str) -> list[str]:
     return out
 
 
+def _words(text: str) -> list[tuple[int, str]]:
+    """(offset, lowercased text) of each token's start, comments skipped."""
+    toks = [pos for pos, kind in duckdb.tokenize(text) if kind != duckdb.token_type.comment]
+    return [(pos, text[pos:].split(None, 1)[0].lower() if text[pos:].strip() else "") for pos in toks]
+
+
+def _query_sources(con: duckdb.DuckDBPyConnection, stmt: Any) -> list[str]:
+    """Sources of one query statement; ExplainerError for anything that is not a query."""
+    kind = _kind(stmt)
+    text = stmt.query.strip().rstrip(";")
+    words = _words(text)
+    lead = [w for _, w in words if w not in ("explain", "analyze", "analyse")][:1]
+    if kind == "SELECT":
+        return _select_sources(con, text)
+    if kind == "MULTI" and lead and lead[0] in ("pivot", "unpivot"):  # PIVOT, or EXPLAIN of one
+        # A query, but one json_serialize_sql cannot take apart: each string in it may name a source.
+        return [_unquote(text[pos:]) for pos, k in duckdb.tokenize(text) if k == duckdb.token_type.string_const]
+    if kind == "EXPLAIN":
+        rest = words[2:] if len(words) > 1 and words[1][1].startswith(("analyze", "analyse")) else words[1:]
+        inner = con.extract_statements(text[rest[0][0]:]) if rest else []
+        if len(inner) != 1 or _kind(inner[0]) not in ("SELECT", "MULTI"):
+            raise ExplainerError(REFUSED.format(what="EXPLAIN of anything but a query"))
+        return _query_sources(con, inner[0])
+    if kind in _NO_FILES:
+        return []
+    raise ExplainerError(REFUSED.format(what=f"the {kind} statement"))
+
+
+def _unquote(rest: str) -> str:
+    """The SQL string literal at the start of `rest` ('it''s' -> it's)."""
+    m = re.match(r"'((?:[^']|'')*)'", rest)
+    return m.group(1).replace("''", "'") if m else ""
+
+
 def sources(con: duckdb.DuckDBPyConnection, query: str) -> list[str]:
     """The paths `query` reads; ExplainerError when it is not a query or cannot be parsed."""
     try:
         statements = con.extract_statements(query)
+        if not statements:
+            raise ExplainerError('the SQL query is empty; e.g. explainer sql "SELECT * FROM labels LIMIT 5"')
+        return [p for stmt in statements for p in _query_sources(con, stmt)]
     except duckdb.Error as e:
         raise ExplainerError(f"SQL error: {str(e).splitlines()[0]}") from None
-    found: list[str] = []
-    for stmt in statements:
-        kind = _kind(stmt)
-        text = stmt.query
-        if kind == "EXPLAIN":
-            m = _EXPLAIN.match(text)
-            inner = con.extract_statements(m.group(1)) if m else []
-            if len(inner) != 1 or _kind(inner[0]) != "SELECT":
-                raise ExplainerError(REFUSED.format(kind="EXPLAIN of non-SELECT"))
-            text = inner[0].query
-        elif kind not in _QUERY_TYPES:
-            raise ExplainerError(REFUSED.format(kind=kind))
-        found += _select_sources(con, text)
-    return found
 
 
 def allowances(paths: list[str]) -> tuple[list[str], list[str]]:
@@ -146,8 +169,11 @@ def run(db: Path, query: str) -> Optional[tuple[list[str], list[tuple[Any, ...]]
         except duckdb.PermissionException as e:
             raise ExplainerError(FILE_REFUSED.format(detail=str(e).splitlines()[0])) from None
         except duckdb.Error as e:
-            raise ExplainerError(f"SQL error: {str(e).splitlines()[0]}") from None
-        if cur.description is None:
+            first = str(e).splitlines()[0]
+            if "configuration has been locked" in first:
+                raise ExplainerError(REFUSED.format(what=f"changing a setting ({first})")) from None
+            raise ExplainerError(f"SQL error: {first}") from None
+        if cur is None or cur.description is None:
             return None
         return _unique([d[0] for d in cur.description]), cur.fetchall()
 

@@ -249,6 +249,24 @@ def test_sql_still_reads_the_parquet_files_a_user_names(filled_db: Path, parquet
     assert json.loads(capsys.readouterr().out) == [{"a": 1, "a_2": 2}]
 
 
+@pytest.mark.parametrize("statement", [
+    "SHOW TABLES", "DESCRIBE labels", "SUMMARIZE labels", "FROM labels SELECT latent", "PRAGMA table_info('labels')",
+    "CALL pragma_version()", "/* why */ EXPLAIN SELECT 1", "EXPLAIN ANALYZE SELECT count(*) FROM labels",
+    "PIVOT labels ON explainer USING count(*)", "PIVOT read_parquet('{folder}/*.parquet') ON x USING count(*)",
+    "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 3) SELECT * FROM t; SELECT 2",
+])
+def test_sql_keeps_every_kind_of_query(filled_db: Path, parquet_folder: Path, statement: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sql", "--db", str(filled_db), "--json", statement.format(folder=parquet_folder)]) == 0
+    assert json.loads(capsys.readouterr().out)
+
+
+def test_an_empty_sql_query_is_one_line(filled_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sql", "--db", str(filled_db), " ; "]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "empty" in err
+
+
 # --- export: no path in SQL -----------------------------------------------------------------------
 
 
