@@ -6,7 +6,11 @@ statement runs: external access off, so the only files the engine opens are the 
 here, which are exactly those named as sources (read_parquet('DIR/*.parquet'), FROM 'x.parquet');
 extension install and autoload off; then the configuration locked, so no SET, PRAGMA or CALL undoes it.
 An allowed folder is writable to the engine too, so statements are also checked by type first: only
-queries run, and COPY, EXPORT, ATTACH, INSTALL, LOAD, SET, CREATE ... get one line saying why.
+queries run (SELECT, EXPLAIN, PIVOT; PRAGMA and CALL, which name no file), and COPY, EXPORT, ATTACH,
+INSTALL, LOAD, SET, CREATE ... get one line saying why.
+
+DuckDB shares one instance, settings included, between connections to a file within a process: the
+lockdown assumes `explainer sql` is the only user of the DB in its process, as on the command line.
 """
 
 from __future__ import annotations
@@ -150,12 +154,15 @@ def allowances(paths: list[str]) -> tuple[list[str], list[str]]:
 def lock_down(con: duckdb.DuckDBPyConnection, paths: list[str]) -> None:
     """Leave `con` able to read only its DB and `paths`, with no way back (see the module docstring)."""
     files, dirs = allowances(paths)
-    if files:
-        con.execute("SET allowed_paths = ?", [files])
-    if dirs:
-        con.execute("SET allowed_directories = ?", [dirs])
-    for name, value in _LOCKDOWN:
-        con.execute(f"SET {name} = ?", [value])  # names are the constants above, never user text
+    try:
+        if files:
+            con.execute("SET allowed_paths = ?", [files])
+        if dirs:
+            con.execute("SET allowed_directories = ?", [dirs])
+        for name, value in _LOCKDOWN:
+            con.execute(f"SET {name} = ?", [value])  # names are the constants above, never user text
+    except duckdb.Error as e:  # another connection in this process already locked the shared instance
+        raise ExplainerError(f"cannot open the DB for read-only SQL: {str(e).splitlines()[0]}") from None
 
 
 def run(db: Path, query: str) -> Optional[tuple[list[str], list[tuple[Any, ...]]]]:
