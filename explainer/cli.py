@@ -366,9 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.fn(args)
     except ExplainerError as e:
-        from explainer.ui import visible  # messages quote paths, queries and data: never raw to the terminal
+        from explainer.ui import visible  # messages quote paths, queries and data: one line, nothing raw
 
-        print(f"error: {visible(str(e))}", file=sys.stderr)
+        print(f"error: {visible(str(e), keep='')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)

@@ -43,7 +43,7 @@ def _sql_prompt(db: Path, args: argparse.Namespace) -> int:
             # Each line gets its own locked connection: what it may read depends on what it names.
             result = sql_guard.run(db, line)
         except ExplainerError as e:
-            ui.err_console.print(ui.literal(f"error: {e}"))
+            ui.err_console.print(ui.literal(f"error: {e}", keep=""))
             continue
         if result is not None:
             cols, rows = result

@@ -108,13 +108,13 @@ def test_status_and_error_lines_show_data_literally(hostile_db: Path, capsys: py
     assert "[bold]evil\\x1b]0;t\\x07" in out and "m[/0]\\x1b[0m" in out
     con = store.connect(hostile_db)
     con.execute("INSERT INTO dictionaries (name, path, model, hook, d_in, d_sae, k, fingerprint, config, created_at) "
-                "VALUES ('[/d]\x1b[31mevil\r', '/y', 'tiny', 'layers.1', 32, 3, 1, 'fp2', '{}', now())")
+                "VALUES ('[/d]\x1b[31mevil\r\nnext', '/y', 'tiny', 'layers.1', 32, 3, 1, 'fp2', '{}', now())")
     con.close()
     # Two dictionaries and no --dict: the error lists their names.
     assert main(["show", "--db", str(hostile_db), "0"]) == 2
     err = capsys.readouterr().err
     assert_clean(err)
-    assert err.count("\n") == 1 and "[/d]\\x1b[31mevil\\r" in err
+    assert err.count("\n") == 1 and "[/d]\\x1b[31mevil\\r\\nnext" in err
     assert main(["sql", "--db", str(hostile_db), "SELECT \"\x1b[31mcol\""]) == 2
     err = capsys.readouterr().err
     assert_clean(err)
