@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import duckdb
 
+from explainer.errors import ExplainerError
 from explainer.query import latent_record, rows
 from explainer.ui import visible
 
@@ -120,7 +121,10 @@ def latent_page(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int) -> st
 def build(con: duckdb.DuckDBPyConnection, dict_id: int, out: Path,
           progress: Optional[Callable[[dict[str, Any]], None]] = None) -> int:
     """Write index.html and latent_N.html into `out`; returns the number of latent pages."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExplainerError(f"browse --out {out}: cannot create that folder ({e.strerror or e}); pass another --out") from None
     data = rows(con.execute(
         """SELECT latent, explanation, explainer, simulation, ngram_simulation, frequency, max_act
            FROM labels WHERE dict_id = ? ORDER BY latent""", [dict_id]))
@@ -132,9 +136,17 @@ def build(con: duckdb.DuckDBPyConnection, dict_id: int, out: Path,
     body = (f"<h1>{_text(name)}</h1><p><input id=q placeholder='search explanations or a latent number'> "
             f"<span id=count></span></p><table><thead>{head}</thead><tbody id=body></tbody></table>"
             f"<script id=data type='application/json'>{payload}</script>")
-    (out / "index.html").write_text(_page(name, body, f"<script>{INDEX_JS}</script>"))
+    _write(out / "index.html", _page(name, body, f"<script>{INDEX_JS}</script>"))
     for i, r in enumerate(data):
-        (out / f"latent_{r['latent']}.html").write_text(latent_page(con, dict_id, r["latent"]))
+        _write(out / f"latent_{r['latent']}.html", latent_page(con, dict_id, r["latent"]))
         if progress is not None:
             progress({"done": i + 1, "total": len(data)})
     return len(data)
+
+
+def _write(path: Path, page: str) -> None:
+    # utf-8 whatever the locale: the pages declare it, and tokens are any Unicode.
+    try:
+        path.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise ExplainerError(f"browse: cannot write {path} ({e.strerror or e}); free space or pass another --out") from None

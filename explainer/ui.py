@@ -66,7 +66,7 @@ def emit(rows: Sequence[dict[str, Any]], *, as_json: bool, title: Optional[str] 
     if not rows:
         console.print(literal(f"{title + ': ' if title else ''}no rows", style="dim"))
         return
-    table = Table(title=literal(title) if title is not None else None, show_lines=False)
+    table = Table(title=literal(title) if title else None, show_lines=False)
     for col in rows[0].keys():
         table.add_column(literal(str(col)), overflow="fold")
     for row in rows:
@@ -79,7 +79,7 @@ def emit_mapping(data: dict[str, Any], *, as_json: bool, title: Optional[str] = 
     if as_json:
         sys.stdout.write(json.dumps(data, default=str, indent=1) + "\n")
         return
-    table = Table(title=literal(title) if title is not None else None, show_header=False)
+    table = Table(title=literal(title) if title else None, show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
     for k, v in data.items():
