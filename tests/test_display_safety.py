@@ -331,6 +331,6 @@ def test_inline_index_data_cannot_leave_its_script_element(texts: list[str], num
 
 def test_browse_into_a_file_is_one_line(filled_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "afile").write_text("x")
-    assert main(["browse", "--db", str(filled_db), "--out", str(tmp_path / "afile")]) == 2
+    assert main(["browse", "--db", str(filled_db), "--out", str(tmp_path / "afile"), "--json"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "afile" in err and "--out" in err
