@@ -232,13 +232,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with store.connect(db, read_only=True) as con:
         word = query.search_example(con, store.dictionary_id(con, None))
-    ui.console.print(
+    ui.console.print(ui.literal(
         "next:\n"
         f"  explainer show --db {db} {res.labels[0]['latent'] if res.labels else 0}\n"
         f"  explainer sql --db {db} \"SELECT latent, explanation, simulation, ngram_simulation FROM labels ORDER BY simulation DESC LIMIT 20\"\n"
         + (f"  explainer search --db {db} \"{word}\"\n" if word else "")
         + f"  explainer browse --db {db} --out runs/site   # then open runs/site/index.html"
-    )
+    ))
     return 0
 
 
@@ -285,7 +285,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain", "agent")),
     "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing", ("llm", "score")),
     "bench": (cmd_bench, "planted-feature benchmark: known latents through sample, explain and score", ("corpus", "sample", "llm", "score")),
-    "sql": (cmd_sql, "run SQL against the results database", ()),
+    "sql": (cmd_sql, "query the results database read-only (and the Parquet/CSV files a query names as sources)", ()),
     "search": (cmd_search, "rank explanations by relevance to a text query (BM25)", ()),
     "show": (cmd_show, "one latent: its explanations, scores and highlighted examples", ()),
     "status": (cmd_status, "what the DB holds per stage (sampled, explained, scored, spent) and what is unfinished", ()),
@@ -366,7 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.fn(args)
     except ExplainerError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from explainer.ui import visible  # messages quote paths, queries and data: one line, nothing raw
+
+        print(f"error: {visible(str(e), keep='')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)

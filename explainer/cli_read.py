@@ -13,31 +13,22 @@ from explainer.settings import load_settings
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    import duckdb
-
-    from explainer import store
+    from explainer import sql_guard, store
 
     db = args.db or load_settings(args.config, {}).db
-    with store.connect(db, read_only=True) as con:
-        if args.query is None:
-            return _sql_prompt(con, args)
-        try:
-            cur = con.execute(args.query)
-        except duckdb.Error as e:
-            raise ExplainerError(f"SQL error: {str(e).splitlines()[0]}") from None
-        if cur.description is None:
-            return 0
-        cols = [d[0] for d in cur.description]
-        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
-    _print_rows(rows, cols, args)
+    if args.query is None:
+        store.connect(db, read_only=True).close()  # a missing or locked DB fails before the prompt shows
+        return _sql_prompt(db, args)
+    result = sql_guard.run(db, args.query)
+    if result is not None:
+        cols, rows = result
+        _print_rows([dict(zip(cols, r)) for r in rows], cols, args)
     return 0
 
 
-def _sql_prompt(con: Any, args: argparse.Namespace) -> int:
+def _sql_prompt(db: Path, args: argparse.Namespace) -> int:
     """A small read-eval-print loop: one statement per line; an error is shown, not fatal."""
-    import duckdb
-
-    from explainer import ui
+    from explainer import sql_guard, ui
 
     ui.err_console.print("[dim]SQL on the results DB (read-only). Tables: labels, explanation_scores, costs, latents, "
                          "examples, contexts, explanations, scores, llm_calls. Empty line or Ctrl-D quits.[/dim]")
@@ -49,13 +40,14 @@ def _sql_prompt(con: Any, args: argparse.Namespace) -> int:
         if not line or line in ("quit", "exit", ".quit"):
             return 0
         try:
-            cur = con.execute(line)
-        except duckdb.Error as e:
-            ui.err_console.print(f"error: {str(e).splitlines()[0]}")
+            # Each line gets its own locked connection: what it may read depends on what it names.
+            result = sql_guard.run(db, line)
+        except ExplainerError as e:
+            ui.err_console.print(ui.literal(f"error: {e}", keep=""))
             continue
-        if cur.description is not None:
-            cols = [d[0] for d in cur.description]
-            _print_rows([dict(zip(cols, r)) for r in cur.fetchall()], cols, args)
+        if result is not None:
+            cols, rows = result
+            _print_rows([dict(zip(cols, r)) for r in rows], cols, args)
 
 
 def _print_rows(rows: list[dict[str, Any]], cols: list[str], args: argparse.Namespace) -> None:
@@ -66,6 +58,8 @@ def _print_rows(rows: list[dict[str, Any]], cols: list[str], args: argparse.Name
 
         w = csv.DictWriter(sys.stdout, fieldnames=cols)
         w.writeheader()
+        if sys.stdout.isatty():  # a terminal would act on control characters; a pipe gets the data as stored
+            rows = [{k: ui.visible(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
         w.writerows(rows)
     else:
         ui.emit(rows, as_json=args.json)

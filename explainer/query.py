@@ -27,6 +27,8 @@ def rows(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 def search(con: duckdb.DuckDBPyConnection, query: str, *, dict_id: Optional[int] = None, limit: int = 20,
            k1: float = 1.2, b: float = 0.75) -> list[dict[str, Any]]:
     """Explanations ranked by BM25 relevance to `query`, with their latent's scores."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 2**63 - 1:
+        raise ExplainerError(f"search --limit {limit!r} must be a positive whole number of rows, e.g. --limit 20")
     terms = [t for t in re.split(r"[^a-z0-9]+", query.lower()) if t]
     if not terms:
         raise ExplainerError(f"search query {query!r} has no words to match (use letters or digits)")
@@ -127,14 +129,22 @@ def latent_record(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int, *,
 
 
 def export(con: duckdb.DuckDBPyConnection, out: Path) -> list[Path]:
-    """Every table as Parquet, plus one Neuronpedia-like JSON per dictionary."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Every table as Parquet, plus one Neuronpedia-like JSON per dictionary.
+
+    Paths never enter SQL text (a quote in --out would break it, or run a statement of its choosing):
+    tables are written through the relation API, and each file appears whole or not at all."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExplainerError(f"export --out {out}: cannot create that folder ({e.strerror or e}); pass another --out") from None
     written = []
-    for table in TABLES:
+    for table in TABLES:  # fixed names, not user input
         path = out / f"{table}.parquet"
-        con.execute(f"COPY {table} TO '{path.as_posix()}' (FORMAT parquet)")
+        _write_whole(path, lambda tmp, t=table: con.table(t).write_parquet(str(tmp)))
         written.append(path)
-    for (dict_id, name) in con.execute("SELECT id, name FROM dictionaries ORDER BY id").fetchall():
+    dicts = con.execute("SELECT id, name FROM dictionaries ORDER BY id").fetchall()
+    stems = [re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip(".") or "dictionary" for _, name in dicts]
+    for (dict_id, name), stem in zip(dicts, stems):
         latents = []
         for (latent,) in con.execute("SELECT latent FROM latents WHERE dict_id = ? ORDER BY latent", [dict_id]).fetchall():
             rec = latent_record(con, dict_id, latent, splits=("train",), per_kind=5)
@@ -147,10 +157,25 @@ def export(con: duckdb.DuckDBPyConnection, out: Path) -> list[Path]:
                 "activations": [{"tokens": x.tokens, "values": x.acts, "max_value": x.max_act, "kind": x.kind}
                                 for x in rec.examples if x.kind in ("top", "quantile")],
             })
-        path = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.json"
-        path.write_text(json.dumps({"dictionary": name, "latents": latents}))
+        # Names that clean to the same stem would overwrite each other.
+        clash = stems.count(stem) > 1
+        path = out / f"{stem}_{dict_id}.json" if clash else out / f"{stem}.json"
+        text = json.dumps({"dictionary": name, "latents": latents})
+        _write_whole(path, lambda tmp, text=text: tmp.write_text(text))
         written.append(path)
     return written
+
+
+def _write_whole(path: Path, write: Any) -> None:
+    """write(tmp) then rename onto `path`: a crash or full disk never leaves a truncated export file."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except (OSError, duckdb.IOException, duckdb.PermissionException) as e:
+        tmp.unlink(missing_ok=True)
+        raise ExplainerError(f"export: cannot write {path} ({str(e).splitlines()[0]}); "
+                             "free space or pass another --out") from None
 
 
 # Words of the n-gram explainer's template, and glue words: no use as a search example.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -14,9 +15,33 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+
+
+# Characters a terminal acts on instead of showing: C0/C1 controls (ESC starts colour, cursor, title and
+# hyperlink sequences; CR and BS overwrite what came before; BEL rings), DEL, bidi overrides and isolates
+# (they reorder what follows, so a token could display as other text), line/paragraph separators.
+# Lone surrogates cannot be encoded at all. Each is shown as its Python escape instead.
+_BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"
+_NAMED = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
+_VISIBLE = {c: _NAMED.get(chr(c), f"\\x{c:02x}") for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_VISIBLE.update({ord(c): f"\\u{ord(c):04x}" for c in _BIDI})
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def visible(text: str, *, keep: str = "\n\t") -> str:
+    """`text` made safe to show: every control, bidi or unencodable character becomes its escape
+    (ESC -> \\x1b, CR -> \\r, U+202E -> \\u202e) except those in `keep`. The one place that decides this."""
+    out = text.translate({c: r for c, r in _VISIBLE.items() if chr(c) not in keep})
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", out)
+
+
+def literal(v: Any, *, keep: str = "\n\t", style: str = "") -> Text:
+    """Data as a rich Text: shown as written, never read as markup ([/x], [bold]) or emoji codes."""
+    return Text(visible(v if isinstance(v, str) else _fmt(v), keep=keep), style=style)
 
 
 def _fmt(v: Any) -> str:
@@ -39,13 +64,13 @@ def emit(rows: Sequence[dict[str, Any]], *, as_json: bool, title: Optional[str] 
         sys.stdout.write(json.dumps(list(rows), default=str, indent=1) + "\n")
         return
     if not rows:
-        console.print(f"[dim]{title + ': ' if title else ''}no rows[/dim]")
+        console.print(literal(f"{title + ': ' if title else ''}no rows", style="dim"))
         return
-    table = Table(title=title, show_lines=False)
+    table = Table(title=literal(title) if title else None, show_lines=False)
     for col in rows[0].keys():
-        table.add_column(str(col), overflow="fold")
+        table.add_column(literal(str(col)), overflow="fold")
     for row in rows:
-        table.add_row(*(_fmt(row.get(c)) for c in rows[0].keys()))
+        table.add_row(*(literal(row.get(c)) for c in rows[0].keys()))
     console.print(table)
 
 
@@ -54,11 +79,11 @@ def emit_mapping(data: dict[str, Any], *, as_json: bool, title: Optional[str] = 
     if as_json:
         sys.stdout.write(json.dumps(data, default=str, indent=1) + "\n")
         return
-    table = Table(title=title, show_header=False)
+    table = Table(title=literal(title) if title else None, show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
     for k, v in data.items():
-        table.add_row(str(k), _fmt(v))
+        table.add_row(literal(str(k)), literal(v))
     console.print(table)
 
 
@@ -68,14 +93,16 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[d
     if not enabled:
         yield lambda _info: None
         return
+    # markup=False: descriptions and stats carry stage names and values, which are data.
     columns = [
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
-        TextColumn("{task.fields[count]}"),
+        TextColumn("{task.fields[count]}", markup=False),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[stats]}"),
+        TextColumn("{task.fields[stats]}", markup=False),
     ]
+    description = visible(description, keep="")
     with Progress(*columns, console=err_console, transient=False) as prog:
         task = prog.add_task(description, total=None, stats="", count="")
 
@@ -84,11 +111,11 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[d
                 info = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(info)
             done = info.get("done", info.get("tokens"))
             total = info.get("total")
-            stats = "  ".join(
+            stats = visible("  ".join(
                 f"{k}={_fmt(v)}" for k, v in info.items() if k not in ("done", "tokens", "total", "stage")
-            )
+            ), keep="")
             if "stage" in info:
-                prog.update(task, description=f"{description}: {info['stage']}")
+                prog.update(task, description=f"{description}: {visible(str(info['stage']), keep='')}")
             count = f"{done:,.0f}/{total:,.0f}" if done is not None and total else (f"{done:,.0f}" if done is not None else "")
             prog.update(task, completed=done, total=total, stats=stats, count=count)
 
@@ -97,25 +124,24 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[d
 
 def show_latent(rec: Any) -> None:
     """A latent's explanations and examples, each token shaded by its activation."""
-    from rich.text import Text
-
     st = rec.stats
     scale = float(st.get("max_act") or 0.0)
-    console.print(f"[bold]latent {rec.latent}[/bold]  frequency {_fmt(st['frequency'])}  "
-                  f"max {_fmt(st['max_act'])}  contexts fired {st['n_contexts']}")
+    console.print(Text.assemble((f"latent {rec.latent}", "bold"), f"  frequency {_fmt(st['frequency'])}  "
+                                f"max {_fmt(st['max_act'])}  contexts fired {st['n_contexts']}"))
     if not rec.explanations:
         console.print("[dim]no explanations yet (explainer explain ...)[/dim]")
     for e in rec.explanations:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in e["scores"].items()) or "not scored"
-        console.print(f"  [bold]{e['text']}[/bold]  [dim]{e['explainer']}/{e['model']}: {scores}[/dim]")
+        console.print(Text.assemble("  ", literal(e["text"], style="bold"), "  ",
+                                    literal(f"{e['explainer']}/{e['model']}: {scores}", style="dim")))
     current = None
     for x in rec.examples:
         if (x.split, x.kind) != current:
             current = (x.split, x.kind)
-            console.print(f"\n[dim]{x.kind} examples, {x.split} split[/dim]")
+            console.print(Text.assemble("\n", literal(f"{x.kind} examples, {x.split} split", style="dim")))
         line = Text(f"{x.max_act:7.3g}  ")
         for tok, a in zip(x.tokens, x.acts):
-            tok = tok.replace("\n", "\u21b5")
+            tok = visible(tok.replace("\n", "\u21b5"), keep="\t")
             if a > 0 and scale > 0:
                 level = int(80 + 175 * min(1.0, a / scale))
                 line.append(tok, style=f"black on rgb(255,{255 - level + 80},{max(0, 255 - level)})")
