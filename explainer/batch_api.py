@@ -9,7 +9,7 @@ import openai
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from explainer.errors import ExplainerError
-from explainer.llm import error_message, reply_from, resolve_endpoint, short
+from explainer.llm import checked_reply, error_message, resolve_endpoint, short
 from explainer.settings import LLMSettings
 
 T = TypeVar("T")
@@ -108,7 +108,7 @@ def read_line(raw: bytes, endpoint: str) -> tuple[Optional[str], Optional[dict[s
     code, body = resp.get("status_code"), resp.get("body")
     if code == 200 and isinstance(body, dict):
         try:
-            reply_from(endpoint, body)
+            checked_reply(endpoint, body)  # what the cache would not hand back is not cached
         except ValueError as e:
             return key, None, f"unusable answer: {short(e)}"
         return key, body, None

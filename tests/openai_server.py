@@ -43,7 +43,7 @@ import pytest
 class Reply:
     """One scripted answer. Build it with the class methods."""
 
-    kind: str = "text"  # text | status | raw | hang | reset | error200
+    kind: str = "text"  # text | status | raw | hang | reset | error200 | endless | drip
     text: Optional[str] = ""
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
@@ -85,6 +85,29 @@ class Reply:
     def reset(cls) -> "Reply":
         """Close the socket with a TCP reset before any byte of the response."""
         return cls(kind="reset")
+
+    @classmethod
+    def endless(cls, chunk: int = 65536) -> "Reply":
+        """A 200 whose chunked body never ends: `chunk`-byte pieces of one JSON string, until the client leaves."""
+        return cls(kind="endless", body=b"a" * chunk)
+
+    @classmethod
+    def drip(cls, every: float = 0.5) -> "Reply":
+        """A 200 announcing a 1 MB body, then one byte of it every `every` seconds (each read is quick)."""
+        return cls(kind="drip", delay=every)
+
+    @classmethod
+    def redirect(cls, status: int = 301, location: str = "https://example.invalid/v1/chat/completions") -> "Reply":
+        return cls(kind="status", status=status, headers={"Location": location}, body=b"")
+
+    @classmethod
+    def gzip_bomb(cls, size: int = 256 * 2**20) -> "Reply":
+        """A 200 whose gzip body is small on the wire and `size` bytes once decompressed."""
+        import gzip
+
+        data = gzip.compress(b'{"x": "' + b"a" * size + b'"}', compresslevel=9)
+        return cls(kind="raw", status=200, body=data,
+                   headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
 
     @classmethod
     def error_in_200(cls, message: str = "upstream overloaded") -> "Reply":
@@ -487,6 +510,9 @@ class _Handler(BaseHTTPRequestHandler):
             srv._stop.wait(reply.delay)
             self.close_connection = True
             return
+        if reply.kind in ("endless", "drip"):
+            self._stream_forever(srv, reply)
+            return
         if reply.kind == "reset":
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
@@ -500,6 +526,33 @@ class _Handler(BaseHTTPRequestHandler):
             return
         make = srv.chat_body if path.endswith("/chat/completions") else srv.completion_body
         self._send(200, json.dumps(make(req, reply)).encode(), reply.headers)
+
+
+    def _stream_forever(self, srv: ScriptedServer, reply: Reply) -> None:
+        """Endless: chunk after chunk; drip: one byte per `delay`. Until the client hangs up or the server stops."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if reply.kind == "endless":
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(2**20))
+        self.end_headers()
+        try:
+            if reply.kind == "endless":
+                head = b'{"id": "'
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(head), head))
+                frame = b"%x\r\n%s\r\n" % (len(reply.body), reply.body)
+                while not srv._stop.is_set():
+                    self.wfile.write(frame)
+            else:
+                for byte in b'{"id": "' + b"a" * (2**20):
+                    if srv._stop.wait(reply.delay):
+                        break
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+        except OSError:
+            pass  # the client gave up, as it should
 
 
 def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[bytes, Optional[str]]]:
