@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Callable, Optional, TypeVar
 
 import openai
@@ -58,8 +59,8 @@ class BatchApi:
                 if idempotent:
                     raise _Transient(f"cannot reach {self.base_url}: {short(e)}") from None
                 raise ExplainerError(
-                    f"{what} at {self.base_url} got no answer ({short(e)}); it may have gone through: "
-                    "check the endpoint's batch list before rerunning"
+                    f"{what} at {self.base_url} got no answer ({short(e)}); it may have gone through: rerun the "
+                    "same command, it finds such a batch by its metadata and adopts it instead of buying it twice"
                 ) from None
             except openai.APIStatusError as e:
                 msg = self._redact(f"HTTP {e.status_code}: {short(error_message(e))}")
@@ -79,6 +80,25 @@ class BatchApi:
             raise ExplainerError(f"{what} failed at {self.base_url} after {s.max_attempts} attempts ({e}); "
                                  "rerun the same command later (submitted batches are resumed)") from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def recent_batches(self, pages: int = 10, max_age_s: float = 30 * 86400) -> list[Any]:
+        """The endpoint's batches of the last `max_age_s` (newest first, at most `pages` pages of 100);
+        Refused when it cannot list them."""
+        def fetch() -> list[Any]:
+            out: list[Any] = []
+            cutoff = time.time() - max_age_s
+            page = self.client.batches.list(limit=100)
+            for _ in range(pages):
+                for b in page.data:
+                    if (b.created_at or 0) < cutoff:
+                        return out
+                    out.append(b)
+                if not page.has_next_page():
+                    break
+                page = page.get_next_page()
+            return out
+
+        return self.call("batches.list", fetch)
 
     def checked(self, what: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """`call`, with a refusal turned into a message naming the fix."""

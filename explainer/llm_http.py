@@ -71,9 +71,8 @@ class _CappedStream(_httpx.AsyncByteStream):
 class CappedTransport(_httpx.AsyncBaseTransport):
     """Wraps the default transport; bodies above `limit` bytes (decompressed) raise ResponseTooLarge."""
 
-    def __init__(self, limit: int, limits: Any):
-        self.inner = _httpx.AsyncHTTPTransport(limits=limits)
-        self.limit = limit
+    def __init__(self, inner: Any, limit: int):
+        self.inner, self.limit = inner, limit
 
     async def handle_async_request(self, request: Any) -> Any:
         # Asked for plain bodies; a server that compresses anyway is decompressed here, under the cap.
@@ -94,8 +93,12 @@ class CappedTransport(_httpx.AsyncBaseTransport):
 def http_client(concurrency: int, timeout: float, max_bytes: int) -> Any:
     # A connection pool smaller than the concurrency silently caps throughput.
     limits = _httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    return openai.DefaultAsyncHttpxClient(transport=CappedTransport(max_bytes, limits), timeout=timeout,
-                                          follow_redirects=False)
+    http = openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout, follow_redirects=False)
+    # The client's own transports are wrapped (not replaced: a transport passed in would make
+    # httpx ignore HTTPS_PROXY and friends), proxy mounts included.
+    http._transport = CappedTransport(http._transport, max_bytes)
+    http._mounts = {k: (CappedTransport(t, max_bytes) if t is not None else None) for k, t in http._mounts.items()}
+    return http
 
 
 def redirect_message(url: str, status: int, location: Optional[str]) -> str:

@@ -185,6 +185,10 @@ class ScriptedServer:
         self.batch_requests: list[Request] = []
         self.batch_api = True  # False: /files and /batches answer 404, as vLLM and llama.cpp servers do
         self.batch_api_errors = 0  # this many next /files or /batches requests answer 503 (retry tests)
+        # This many next batches.create calls create the batch, then drop the connection unanswered
+        # (as a client killed right after sending would never see the answer).
+        self.batch_create_drops = 0
+        self.batch_lists = 0  # GET /batches (list) requests served
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
@@ -339,6 +343,21 @@ class ScriptedServer:
                 self._finish_batch(batch)
         return self._public(batch)
 
+    def list_batches(self, path: str) -> dict[str, Any]:
+        """GET /batches?limit=N&after=ID: newest first, as OpenAI lists them."""
+        from urllib.parse import parse_qs, urlparse
+
+        q = parse_qs(urlparse(path).query)
+        limit = int(q.get("limit", ["20"])[0])
+        with self._lock:
+            self.batch_lists += 1
+            ids = list(reversed(self.batches))
+        if "after" in q and q["after"][0] in ids:
+            ids = ids[ids.index(q["after"][0]) + 1:]
+        page = [self._public(self.batches[i]) for i in ids[:limit]]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(ids) > limit}
+
     @staticmethod
     def _public(batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in batch.items() if not k.startswith("_")}
@@ -436,6 +455,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path.endswith("/models"):
             data = {"object": "list", "data": [{"id": srv.model, "object": "model", "created": 0, "owned_by": "tests"}]}
             self._send(200, json.dumps(data).encode())
+        elif srv.batch_api and path.endswith("/batches"):
+            self._send(200, json.dumps(srv.list_batches(self.path)).encode())
         elif srv.batch_api and len(parts) >= 2 and parts[-2] == "batches":
             with srv._lock:
                 srv.requests.append(Request(self.path, None, {k.lower(): v for k, v in self.headers.items()}))
@@ -472,6 +493,14 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if path.endswith("/batches") and isinstance(req.body, dict):
             status, obj = srv.create_batch(req.body)
+            with srv._lock:
+                drop = status == 200 and srv.batch_create_drops > 0
+                srv.batch_create_drops -= drop
+            if drop:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
+                return True
             self._send(status, json.dumps(obj).encode())
             return True
         return False
