@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import email.parser
 import email.policy
+import functools
+import gzip
 import itertools
 import json
 import re
@@ -103,10 +105,7 @@ class Reply:
     @classmethod
     def gzip_bomb(cls, size: int = 256 * 2**20) -> "Reply":
         """A 200 whose gzip body is small on the wire and `size` bytes once decompressed."""
-        import gzip
-
-        data = gzip.compress(b'{"x": "' + b"a" * size + b'"}', compresslevel=9)
-        return cls(kind="raw", status=200, body=data,
+        return cls(kind="raw", status=200, body=_bomb(size),
                    headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
 
     @classmethod
@@ -582,6 +581,19 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.flush()
         except OSError:
             pass  # the client gave up, as it should
+
+
+_BOMB_LOCK = threading.Lock()
+
+
+def _bomb(size: int) -> bytes:
+    with _BOMB_LOCK:  # made once per size, not by every handler thread at the same time
+        return _bomb_bytes(size)
+
+
+@functools.lru_cache(maxsize=4)
+def _bomb_bytes(size: int) -> bytes:
+    return gzip.compress(b'{"x": "' + b"a" * size + b'"}', compresslevel=6)
 
 
 def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[bytes, Optional[str]]]:
