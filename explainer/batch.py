@@ -403,7 +403,7 @@ class _Batches:
 def batch_key(con: duckdb.DuckDBPyConnection, endpoint: str, data: bytes) -> str:
     """What a batch holds and for which DB: the input's bytes (their custom_ids are cache keys, so
     model, prompts and parameters), the endpoint, and when this DB was created (its identity)."""
-    (born,) = con.execute("SELECT min(applied_at) FROM _migrations").fetchone()
+    born = (con.execute("SELECT min(applied_at) FROM _migrations").fetchone() or [None])[0]
     h = hashlib.sha256(f"{born}\n{endpoint}\n".encode())
     h.update(data)
     return h.hexdigest()[:40]

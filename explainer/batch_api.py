@@ -11,6 +11,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from explainer.errors import ExplainerError
 from explainer.llm import checked_reply, error_message, resolve_endpoint, short
+from explainer.llm_http import redirect_message
 from explainer.settings import LLMSettings
 
 T = TypeVar("T")
@@ -41,8 +42,10 @@ class BatchApi:
             self.base_url, self._key = self.client.base_url, ""
             return
         self.base_url, self._key = resolve_endpoint(settings)
+        # Not following redirects: a redirected POST comes back as a GET elsewhere (a misleading 404).
         self.client = openai.OpenAI(base_url=self.base_url, api_key=self._key, max_retries=0,
-                                    timeout=max(settings.timeout, UPLOAD_TIMEOUT))
+                                    timeout=max(settings.timeout, UPLOAD_TIMEOUT),
+                                    http_client=openai.DefaultHttpxClient(follow_redirects=False))
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if len(self._key) > 8 else text
@@ -64,6 +67,8 @@ class BatchApi:
                 ) from None
             except openai.APIStatusError as e:
                 msg = self._redact(f"HTTP {e.status_code}: {short(error_message(e))}")
+                if 300 <= e.status_code < 400:
+                    msg = redirect_message(str(e.request.url), e.status_code, e.response.headers.get("location"))
                 if e.status_code in (408, 409, 429) or e.status_code >= 500:
                     raise _Transient(msg) from None
                 raise Refused(e.status_code, msg) from None

@@ -54,7 +54,7 @@ def _checked_where(con: duckdb.DuckDBPyConnection, table: str, id_col: str, wher
     (a second statement, a UNION or a CTE would reach past the one table the user meant)."""
     sql = f"SELECT {id_col} FROM {table} WHERE ({where}\n)"
     try:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+        tree = json.loads((con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone() or ["{}"])[0])
         statements = tree.get("statements") or []
         node = statements[0]["node"] if len(statements) == 1 and not tree.get("error") else {}
     except (duckdb.Error, ValueError, KeyError, TypeError):
@@ -81,7 +81,7 @@ def _where_ids(con: duckdb.DuckDBPyConnection, table: str, id_col: str, where: s
 def _ids(con: duckdb.DuckDBPyConnection, kind: str, sel: Selector, dict_id: Optional[int],
          latents: Optional[list[int]]) -> set[Any]:
     table, id_col = KINDS[kind]
-    sql, params = f"SELECT {id_col} FROM {table} WHERE true", []
+    sql, params = f"SELECT {id_col} FROM {table} WHERE true", list[Any]()
     if kind != "cache" and dict_id is not None:
         sql, params = sql + " AND dict_id = ?", params + [dict_id]
     if latents is not None:
@@ -115,7 +115,7 @@ def run(con: duckdb.DuckDBPyConnection, sel: Selector, *, dry_run: bool = False)
     needs_dict = sel.latents is not None or sel.dict_name is not None
     dict_id = store.dictionary_id(con, sel.dict_name) if needs_dict else None
     latents = None
-    if sel.latents is not None:
+    if sel.latents is not None and dict_id is not None:
         if not re.fullmatch(r"\s*(all|[\d\s,-]*)\s*", sel.latents):
             # A SQL --latents runs on this writable connection: one SELECT over latents, nothing else.
             _checked_where(con, "latents", "latent", sel.latents, "--latents")

@@ -188,6 +188,7 @@ class ScriptedServer:
         # (as a client killed right after sending would never see the answer).
         self.batch_create_drops = 0
         self.batch_lists = 0  # GET /batches (list) requests served
+        self.moved_to: Optional[str] = None  # set: every request answers 301 to this base + its path after /v1
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
@@ -445,8 +446,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(503, b'{"error": {"message": "scripted outage"}}')
         return True
 
+    def _moved(self, srv: ScriptedServer) -> bool:
+        if srv.moved_to is None:
+            return False
+        if self.command == "POST":
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._send(301, b"", {"Location": srv.moved_to + self.path.split("/v1", 1)[-1]})
+        return True
+
     def do_GET(self) -> None:
         srv: ScriptedServer = self.server.scripted  # type: ignore[attr-defined]
+        if self._moved(srv):
+            return
         path = self.path.split("?")[0].rstrip("/")
         parts = path.split("/")
         if ("/batches/" in path or "/files/" in path) and srv.batch_api and self._batch_fault(srv):
@@ -506,6 +517,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         srv: ScriptedServer = self.server.scripted  # type: ignore[attr-defined]
+        if self._moved(srv):
+            return
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
             body = json.loads(raw)

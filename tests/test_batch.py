@@ -472,3 +472,10 @@ def test_batch_dir_batch_left_unrecorded_is_adopted(dbs, tmp_path):
     res = explain_run(db, settings)
     assert len(list(folder.glob("*.input.jsonl"))) == 1 and len(list(folder.glob("file-*.jsonl"))) == 0
     assert res.batch["adopted"] == 1 and res.ok == 2
+
+
+def test_a_redirecting_batch_api_names_where_it_points(dbs, llm_server):
+    _, db = dbs
+    llm_server.moved_to = "https://new.example.invalid/v1"  # every request answers 301 to the same path there
+    with pytest.raises(ExplainerError, match=r"redirected \(HTTP 301\) to https://new.example.invalid/v1/files"):
+        explain_run(db, batched(llm_server.url))
