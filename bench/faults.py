@@ -74,6 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=["explain", "score"], default=None, help="only this stage")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table instead of a rich one")
+    ap.add_argument("--fault", default=None, help="only faults whose name contains this text")
     ap.add_argument("--hostile", type=float, default=None, metavar="GUARD",
                     help="instead: one call each against hostile servers, stopped after GUARD s; prints peak RSS")
     args = ap.parse_args()
@@ -91,7 +92,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (fault, stage) in enumerate(CASES):
-            if args.stage and stage != args.stage:
+            if (args.stage and stage != args.stage) or (args.fault and args.fault not in fault):
                 continue
             row = run_case(fault, stage, Path(tmp) / str(i)).row()
             rows.append([str(row[c]).replace("|", "/") for c in cols])
