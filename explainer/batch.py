@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ import duckdb
 import pyarrow as pa
 
 from explainer import store
-from explainer.batch_api import BatchApi, Refused, read_line
+from explainer.batch_api import BatchApi, Refused, batch_key, read_line
 from explainer.batch_clients import URLS, Collector, Deferred, Finisher, Spool
 from explainer.errors import ExplainerError
 from explainer.llm import LLMClient, price_of, usage_tokens
@@ -398,15 +397,6 @@ class _Batches:
             "latency_s": None, "cost": cost, "error": None if reason is None else f"batch {batch_id}: {reason}",
             "created_at": store.now(), "batch_id": batch_id,
         }
-
-
-def batch_key(con: duckdb.DuckDBPyConnection, endpoint: str, data: bytes) -> str:
-    """What a batch holds and for which DB: the input's bytes (their custom_ids are cache keys, so
-    model, prompts and parameters), the endpoint, and when this DB was created (its identity)."""
-    born = (con.execute("SELECT min(applied_at) FROM _migrations").fetchone() or [None])[0]
-    h = hashlib.sha256(f"{born}\n{endpoint}\n".encode())
-    h.update(data)
-    return h.hexdigest()[:40]
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]], verb: str) -> None:

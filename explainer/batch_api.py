@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any, Callable, Optional, TypeVar
 
+import duckdb
 import openai
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
@@ -142,3 +144,12 @@ def read_line(raw: bytes, endpoint: str) -> tuple[Optional[str], Optional[dict[s
         inner = body.get("error", body)
         msg = inner.get("message", inner) if isinstance(inner, dict) else inner
     return key, None, f"HTTP {code}: {short(msg)}"
+
+
+def batch_key(con: duckdb.DuckDBPyConnection, endpoint: str, data: bytes) -> str:
+    """What a batch holds and for which DB: the input's bytes (their custom_ids are cache keys, so
+    model, prompts and parameters), the endpoint, and when this DB was created (its identity)."""
+    born = (con.execute("SELECT min(applied_at) FROM _migrations").fetchone() or [None])[0]
+    h = hashlib.sha256(f"{born}\n{endpoint}\n".encode())
+    h.update(data)
+    return h.hexdigest()[:40]
