@@ -46,7 +46,7 @@ import duckdb
 import pyarrow as pa
 
 from explainer import store
-from explainer.batch_api import BatchApi, Refused, read_line
+from explainer.batch_api import BatchApi, Refused, batch_key, read_line
 from explainer.batch_clients import URLS, Collector, Deferred, Finisher, Spool
 from explainer.errors import ExplainerError
 from explainer.llm import LLMClient, price_of, usage_tokens
@@ -93,6 +93,7 @@ class BatchOutcome:
     client: Optional[ClientFactory] = field(default=None, repr=False)  # for the stage's final pass
 
     hint: str = ""  # what to do before the rerun, when it is more than waiting
+    adopted: int = 0  # batches a killed run created and never recorded, found by their metadata
 
     def as_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("client", "hint")}
@@ -161,7 +162,8 @@ class _Batches:
             if todo and not submitted:
                 self._submit(todo)
                 submitted = True
-                if not self.settings.batch_wait or self.settings.batch_dir:
+                # Only adopted batches (a killed run's): they may be done already, so they are checked.
+                if (not self.settings.batch_wait or self.settings.batch_dir) and self.out.created:
                     self.out.status = "submitted"
                     self._hint(sorted(self.created))
                     return self.out
@@ -223,7 +225,7 @@ class _Batches:
     # --- submit ---------------------------------------------------------------------------------
     def _submit(self, keys: list[str]) -> None:
         by_endpoint: dict[str, list[str]] = {}
-        for k in keys:
+        for k in sorted(keys):  # the same requests make the same file, so a rerun finds the batch (batch_key)
             by_endpoint.setdefault(self.spool.pending[k][0], []).append(k)
         for endpoint, ks in by_endpoint.items():
             lines: list[bytes] = []
@@ -239,23 +241,45 @@ class _Batches:
                 self._create(endpoint, lines)
 
     def _create(self, endpoint: str, lines: list[bytes]) -> None:
-        name = f"explainer-{self.stage}-run{self.run_id}.jsonl"
-        f = self.api.checked("upload of the batch input (files.create)", self.api.client.files.create,
-                             file=(name, b"".join(lines), "application/jsonl"), purpose="batch")
-        b = self.api.checked("batches.create", self.api.client.batches.create, idempotent=False,
-                             input_file_id=f.id, endpoint=URLS[endpoint], completion_window="24h",
-                             metadata={"explainer_stage": self.stage, "explainer_run": str(self.run_id)})
+        data = b"".join(lines)
+        key = batch_key(self.con, URLS[endpoint], data)
+        b = self._adoptable(key)
+        if b is not None:
+            # A run killed between batches.create and the INSERT below left this batch on the
+            # endpoint, unrecorded: it already holds exactly these requests, so it is adopted.
+            fid = b.input_file_id
+            self.out.adopted += 1
+        else:
+            name = f"explainer-{self.stage}-run{self.run_id}.jsonl"
+            f = self.api.checked("upload of the batch input (files.create)", self.api.client.files.create,
+                                 file=(name, data, "application/jsonl"), purpose="batch")
+            fid = f.id
+            b = self.api.checked("batches.create", self.api.client.batches.create, idempotent=False,
+                                 input_file_id=f.id, endpoint=URLS[endpoint], completion_window="24h",
+                                 metadata={"explainer_stage": self.stage, "explainer_run": str(self.run_id),
+                                           "explainer_key": key})
+            self.out.created += 1
         # Recorded at once: from here on a crash resumes this batch instead of paying for another.
         self.con.execute(
             """INSERT INTO llm_batches (batch_id, stage, endpoint, base_url, model, dict_id, run_id, input_file_id,
                                         status, n_requests, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             [b.id, self.stage, URLS[endpoint], self.api.base_url, self.settings.model, self.dict_id, self.run_id,
-             f.id, b.status or "validating", len(lines), store.now()],
+             fid, b.status or "validating", len(lines), store.now()],
         )
         self.out.batch_ids.append(b.id)
         self.created.add(b.id)
-        self.out.created += 1
         self.out.requests += len(lines)
+
+    def _adoptable(self, key: str) -> Any:
+        """A batch on the endpoint with this key that this DB never recorded and that did not fail."""
+        try:
+            found = [b for b in self.api.recent_batches() if (getattr(b, "metadata", None) or {}).get("explainer_key") == key
+                     and b.status != "failed"]
+        except Refused:
+            return None  # an endpoint that cannot list batches: nothing to adopt, as before
+        known = {r[0] for r in self.con.execute("SELECT batch_id FROM llm_batches").fetchall()}
+        fresh = [b for b in found if b.id not in known]
+        return fresh[0] if fresh else None
 
     # --- poll --------------------------------------------------------------------------------------
     def _poll(self, rows: list[dict[str, Any]], wait: bool) -> bool:

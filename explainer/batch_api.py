@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from typing import Any, Callable, Optional, TypeVar
 
+import duckdb
 import openai
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from explainer.errors import ExplainerError
-from explainer.llm import error_message, reply_from, resolve_endpoint, short
+from explainer.llm import checked_reply, error_message, resolve_endpoint, short
+from explainer.llm_http import redirect_message
 from explainer.settings import LLMSettings
 
 T = TypeVar("T")
@@ -40,8 +44,10 @@ class BatchApi:
             self.base_url, self._key = self.client.base_url, ""
             return
         self.base_url, self._key = resolve_endpoint(settings)
+        # Not following redirects: a redirected POST comes back as a GET elsewhere (a misleading 404).
         self.client = openai.OpenAI(base_url=self.base_url, api_key=self._key, max_retries=0,
-                                    timeout=max(settings.timeout, UPLOAD_TIMEOUT))
+                                    timeout=max(settings.timeout, UPLOAD_TIMEOUT),
+                                    http_client=openai.DefaultHttpxClient(follow_redirects=False))
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if len(self._key) > 8 else text
@@ -58,11 +64,13 @@ class BatchApi:
                 if idempotent:
                     raise _Transient(f"cannot reach {self.base_url}: {short(e)}") from None
                 raise ExplainerError(
-                    f"{what} at {self.base_url} got no answer ({short(e)}); it may have gone through: "
-                    "check the endpoint's batch list before rerunning"
+                    f"{what} at {self.base_url} got no answer ({short(e)}); it may have gone through: rerun the "
+                    "same command, it finds such a batch by its metadata and adopts it instead of buying it twice"
                 ) from None
             except openai.APIStatusError as e:
                 msg = self._redact(f"HTTP {e.status_code}: {short(error_message(e))}")
+                if 300 <= e.status_code < 400:
+                    msg = redirect_message(str(e.request.url), e.status_code, e.response.headers.get("location"))
                 if e.status_code in (408, 409, 429) or e.status_code >= 500:
                     raise _Transient(msg) from None
                 raise Refused(e.status_code, msg) from None
@@ -79,6 +87,25 @@ class BatchApi:
             raise ExplainerError(f"{what} failed at {self.base_url} after {s.max_attempts} attempts ({e}); "
                                  "rerun the same command later (submitted batches are resumed)") from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def recent_batches(self, pages: int = 10, max_age_s: float = 30 * 86400) -> list[Any]:
+        """The endpoint's batches of the last `max_age_s` (newest first, at most `pages` pages of 100);
+        Refused when it cannot list them."""
+        def fetch() -> list[Any]:
+            out: list[Any] = []
+            cutoff = time.time() - max_age_s
+            page = self.client.batches.list(limit=100)
+            for _ in range(pages):
+                for b in page.data:
+                    if (b.created_at or 0) < cutoff:
+                        return out
+                    out.append(b)
+                if not page.has_next_page():
+                    break
+                page = page.get_next_page()
+            return out
+
+        return self.call("batches.list", fetch)
 
     def checked(self, what: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """`call`, with a refusal turned into a message naming the fix."""
@@ -108,7 +135,7 @@ def read_line(raw: bytes, endpoint: str) -> tuple[Optional[str], Optional[dict[s
     code, body = resp.get("status_code"), resp.get("body")
     if code == 200 and isinstance(body, dict):
         try:
-            reply_from(endpoint, body)
+            checked_reply(endpoint, body)  # what the cache would not hand back is not cached
         except ValueError as e:
             return key, None, f"unusable answer: {short(e)}"
         return key, body, None
@@ -117,3 +144,12 @@ def read_line(raw: bytes, endpoint: str) -> tuple[Optional[str], Optional[dict[s
         inner = body.get("error", body)
         msg = inner.get("message", inner) if isinstance(inner, dict) else inner
     return key, None, f"HTTP {code}: {short(msg)}"
+
+
+def batch_key(con: duckdb.DuckDBPyConnection, endpoint: str, data: bytes) -> str:
+    """What a batch holds and for which DB: the input's bytes (their custom_ids are cache keys, so
+    model, prompts and parameters), the endpoint, and when this DB was created (its identity)."""
+    born = (con.execute("SELECT min(applied_at) FROM _migrations").fetchone() or [None])[0]
+    h = hashlib.sha256(f"{born}\n{endpoint}\n".encode())
+    h.update(data)
+    return h.hexdigest()[:40]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import duckdb
 
-from explainer.llm import Answer, CallFailed, LLMClient, Reply, Writer, cache_key, reply_from, usage_tokens
+from explainer.llm import Answer, CallFailed, LLMClient, Reply, Writer, cache_key, checked_reply
 from explainer.settings import LLMSettings
 
 T = TypeVar("T")
@@ -99,14 +99,15 @@ class Collector(LLMClient):
         key = cache_key(endpoint, body)
         self.calls += 1
         self.spool.seen.add(key)
-        cached = self.writer.cached(key)
-        if cached is not None:
-            try:
-                value = parse(reply_from(endpoint, cached))
-            except ValueError:
-                pass  # a stale answer: the batch asks again and the ingest replaces it
-            else:
-                p, c, pc = usage_tokens(cached)
+        try:
+            cached = self.writer.cached(key)
+            if cached is not None:
+                reply, (p, c, pc) = checked_reply(endpoint, cached)
+                value = parse(reply)
+        except ValueError:
+            pass  # a stale or damaged answer: the batch asks again and the ingest replaces it
+        else:
+            if cached is not None:
                 self.answered += 1
                 self.cache_hits += 1
                 return Answer(value, p, c, self.price(p, c, pc), cache_hit=True, attempts=1)

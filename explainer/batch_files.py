@@ -59,6 +59,21 @@ class _Batches:
         (self.folder / f"{bid}.json").write_text(json.dumps(meta))
         return SimpleNamespace(id=bid, status="in_progress")
 
+    def list(self, limit: int = 100) -> Any:
+        """Every batch of the folder, newest first, as one page (batch.py looks for an unrecorded one)."""
+        found = []
+        for meta_path in self.folder.glob("batch-*.json"):
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                continue
+            b = self.retrieve(meta_path.stem)
+            b.metadata, b.created_at = meta.get("metadata") or {}, meta.get("created_at") or 0
+            b.input_file_id = f"{meta_path.stem}.input"
+            found.append(b)
+        found.sort(key=lambda b: -b.created_at)
+        return SimpleNamespace(data=found, has_next_page=lambda: False)
+
     def retrieve(self, bid: str) -> Any:
         from explainer.batch_api import Refused
 

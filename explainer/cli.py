@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from explainer import forget
 from explainer.cli_read import cmd_browse, cmd_export, cmd_search, cmd_show, cmd_sql, cmd_status
 from explainer.errors import ExplainerError
 from explainer.settings import Settings, deep_merge, load_settings, parse_assignment
@@ -292,6 +293,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "browse": (cmd_browse, "write a static HTML site: index with search and sort, a page per latent", ()),
     "serve": (cmd_serve, "serve the packaged SmolLM2 through llama.cpp's OpenAI-compatible server on 127.0.0.1", ()),
     "export": (cmd_export, "write every table as Parquet and a Neuronpedia-like JSON per dictionary", ()),
+    "forget": (forget.cmd_forget, "delete cached LLM answers, explanations or scores by selector, so work can be redone", ()),
 }
 
 
@@ -353,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="how many of the most frequent latents get LLM explanations and scores (default: 32)")
         if verb == "bench":
             p.add_argument("which", choices=["planted"], help="benchmark to run")
+        if verb == "forget":
+            forget.add_arguments(p)
         if verb == "sql":
             p.add_argument("query", nargs="?", default=None,
                            help="a SQL statement, e.g. \"SELECT * FROM labels LIMIT 5\"; omit it for an interactive prompt")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import random
 import time
@@ -32,6 +33,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from explainer import store
 from explainer.errors import ExplainerError
+from explainer.llm_http import ResponseTooLarge, error_message, http_client, redirect_message, short  # noqa: F401
 from explainer.settings import LLMSettings
 
 try:  # openai >= 3 ships httpx2; older releases use httpx
@@ -57,6 +59,7 @@ from explainer.llm_wire import (  # noqa: F401  re-exported: stages import these
     Writer,
     price_of,
     usage_tokens,
+    checked_reply,
 )
 
 # --- retry classification ---------------------------------------------------------------
@@ -84,6 +87,7 @@ class _OverBudget(Exception):
 
 
 RETRY_STATUS = {408, 409, 429}
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,6 +151,7 @@ class LLMClient:
         self.prompt_tokens = self.completion_tokens = 0
         self.cost = 0.0
         self.over_budget = 0  # calls not sent because this run's spend reached settings.budget
+        self.stale_cache_rows = 0  # cached answers rejected on reading (asked again, the row dropped)
         self._client: Optional[openai.AsyncOpenAI] = None
         self._sem: Optional[asyncio.Semaphore] = None
         self._flusher: Optional[asyncio.Task[None]] = None
@@ -158,10 +163,7 @@ class LLMClient:
 
     async def __aenter__(self) -> "LLMClient":
         n = self.settings.concurrency
-        # A connection pool smaller than the concurrency silently caps throughput.
-        http = openai.DefaultAsyncHttpxClient(
-            limits=_httpx.Limits(max_connections=n, max_keepalive_connections=n), timeout=self.settings.timeout
-        )
+        http = http_client(n, self.settings.timeout, self.settings.max_response_bytes)
         self._client = openai.AsyncOpenAI(
             base_url=self.base_url, api_key=self._key, max_retries=0, timeout=self.settings.timeout, http_client=http
         )
@@ -170,6 +172,9 @@ class LLMClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
+        if self.stale_cache_rows:
+            _log.warning("%d cached answer(s) were unusable (an older parser's, or damaged) and were asked again",
+                         self.stale_cache_rows)
         try:
             if self._flusher is not None:
                 self._flusher.cancel()
@@ -275,7 +280,7 @@ class LLMClient:
             connection = isinstance(e, _Retryable) and e.connection
             self.failures += 1
             self.connection_failures += connection
-            if isinstance(e, _Fatal) and e.status in (401, 403, 404):
+            if isinstance(e, _Fatal) and (e.status in (401, 403, 404) or 300 <= e.status < 400):
                 self.refusals += 1
                 self.last_refusal = reason
             self._ledger(body["model"], latent, key, st, error=reason)
@@ -303,20 +308,27 @@ class LLMClient:
         st.attempts += 1
         st.cache_hit = False
         if st.attempts == 1 and self.settings.cache:
-            cached = self.writer.cached(key)
+            try:
+                cached = self.writer.cached(key)
+                if cached is not None:
+                    reply, usage = checked_reply(endpoint, cached)
+                    value = parse(reply)
+            except ValueError as e:
+                # A row an older parser accepted, or one damaged: asked again, and replaced (or dropped).
+                st.stale_cache = True
+                self.stale_cache_rows += 1
+                self.writer.execute("DELETE FROM llm_cache WHERE key = ?", [key])
+                raise _Retryable(f"cached answer rejected: {short(e)}", immediate=True) from None
             if cached is not None:
-                try:
-                    value = parse(reply_from(endpoint, cached))
-                except ValueError as e:
-                    st.stale_cache = True  # the parser changed since; replace the entry
-                    raise _Retryable(f"cached answer rejected: {short(e)}", immediate=True) from None
                 st.cache_hit = True
-                st.used_in, st.used_out, st.used_cached = usage_tokens(cached)
+                st.used_in, st.used_out, st.used_cached = usage
                 return value
         data = await self._post(endpoint, body, st)
-        p, c, pc = usage_tokens(data)
-        st.spent_in, st.spent_out, st.spent_cached = _add(st.spent_in, p), _add(st.spent_out, c), _add(st.spent_cached, pc)
-        st.used_in, st.used_out, st.used_cached = _add(st.used_in, p), _add(st.used_out, c), _add(st.used_cached, pc)
+        try:
+            p, c, pc = usage_tokens(data)
+        except ValueError as e:  # not believable: neither priced nor cached; its tokens stay unknown
+            raise _Retryable(f"{self.base_url} sent an unusable 200: {short(e)}") from None
+        self._spend(st, p, c, pc)
         try:
             reply = reply_from(endpoint, data)
         except ValueError as e:  # an error object or no choices in a 200: the server's trouble
@@ -329,6 +341,11 @@ class LLMClient:
             self.writer.put_cache(key, str(body.get("model")), data, replace=st.stale_cache)
         return value
 
+    @staticmethod
+    def _spend(st: _CallState, p: Optional[int], c: Optional[int], pc: Optional[int]) -> None:
+        st.spent_in, st.spent_out, st.spent_cached = _add(st.spent_in, p), _add(st.spent_out, c), _add(st.spent_cached, pc)
+        st.used_in, st.used_out, st.used_cached = _add(st.used_in, p), _add(st.used_out, c), _add(st.used_cached, pc)
+
     async def _post(self, endpoint: str, body: dict[str, Any], st: _CallState) -> dict[str, Any]:
         assert self._client is not None and self._sem is not None
         path = "/chat/completions" if endpoint == "chat" else "/completions"
@@ -340,8 +357,15 @@ class LLMClient:
                 raise _OverBudget()
             t0 = time.perf_counter()
             try:
-                resp = await self._client.post(path, body=body, cast_to=_httpx.Response)
-            except openai.APITimeoutError:
+                # One deadline for connect, headers and the whole body: httpx's own timeout is per
+                # read, so a server dripping a byte per read would hold the call forever.
+                async with asyncio.timeout(self.settings.timeout):
+                    resp = await self._client.post(path, body=body, cast_to=_httpx.Response)
+                    text = resp.text
+            except ResponseTooLarge as e:
+                self.responses += 1
+                raise _Retryable(f"{url} sent a {e}") from None
+            except (openai.APITimeoutError, TimeoutError):
                 raise _Retryable(f"no answer from {url} within {self.settings.timeout:g}s", connection=True) from None
             except openai.APIConnectionError as e:
                 # A reset's cause (ReadError) has an empty message: name its type instead.
@@ -351,12 +375,13 @@ class LLMClient:
                 self.responses += 1
                 status = e.status_code
                 reason = f"{url} answered HTTP {status}: {short(error_message(e))}"
+                if 300 <= status < 400:
+                    reason = redirect_message(url, status, e.response.headers.get("location"))
                 if status in RETRY_STATUS or status >= 500:
                     raise _Retryable(reason, retry_after=parse_retry_after(e.response.headers)) from None
                 raise _Fatal(reason, status) from None
             finally:
                 st.latency += time.perf_counter() - t0
-            text = resp.text
         self.responses += 1
         try:
             data = json.loads(text)
@@ -381,19 +406,3 @@ class LLMClient:
             "latency_s": st.latency, "cost": 0.0 if st.cache_hit else cost, "error": error,
             "created_at": store.now(),
         })
-
-
-def short(e: Any, n: int = 200) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def error_message(e: openai.APIStatusError) -> str:
-    body = e.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-        if isinstance(body.get("message"), str):
-            return body["message"]
-    return e.message

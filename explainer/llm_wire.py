@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -30,6 +31,8 @@ LOOPBACK_KEY = "no-key-needed-for-loopback"
 FLUSH_SECONDS = 1.0
 # Consecutive unreachable calls, with no answer ever received, before a stage gives up.
 UNREACHABLE_AFTER = 3
+# Above any real response's usage (a million-token context is 1e6); keeps every cost finite.
+MAX_USAGE_TOKENS = 10**9
 
 
 # --- small public types ---------------------------------------------------------------
@@ -105,12 +108,41 @@ def is_loopback(url: str) -> bool:
         return False
 
 
+def _count(block: dict[str, Any], name: str, where: str) -> Optional[int]:
+    v = block.get(name)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # some servers write 12.0
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_USAGE_TOKENS:
+        raise ValueError(f"{where}{name} is {str(v)[:40]!r}, not a token count from 0 to {MAX_USAGE_TOKENS:.0e}")
+    return v
+
+
 def usage_tokens(body: Optional[dict[str, Any]]) -> tuple[Optional[int], Optional[int], Optional[int]]:
-    """(prompt, completion, cached prompt) tokens of a response's usage block; None where absent."""
-    usage = body.get("usage") if isinstance(body, dict) and isinstance(body.get("usage"), dict) else {}
+    """(prompt, completion, cached prompt) tokens of a response's usage block; None where absent.
+
+    A usage block that is there but malformed (strings, negatives, absurd counts) is a ValueError:
+    such a response is neither priced nor cached, since its cost would be wrong for good."""
+    if not isinstance(body, dict) or body.get("usage") is None:
+        return None, None, None
+    usage = body["usage"]
+    if not isinstance(usage, dict):
+        raise ValueError(f"usage is {type(usage).__name__}, not an object")
     details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return usage.get("prompt_tokens"), usage.get("completion_tokens"), cached if isinstance(cached, int) else None
+    if details is not None and not isinstance(details, dict):
+        raise ValueError("usage.prompt_tokens_details is not an object")
+    cached = _count(details, "cached_tokens", "usage.prompt_tokens_details.") if details else None
+    return _count(usage, "prompt_tokens", "usage."), _count(usage, "completion_tokens", "usage."), cached
+
+
+def checked_reply(endpoint: str, body: Any) -> tuple[Reply, tuple[Optional[int], Optional[int], Optional[int]]]:
+    """A response body the pipeline can use: its Reply and usage, or a ValueError saying why not.
+    Everything that is cached passes this first, and so does everything read back from the cache."""
+    if not isinstance(body, dict):
+        raise ValueError(f"body is {type(body).__name__}, not a JSON object")
+    usage = usage_tokens(body)
+    return reply_from(endpoint, body), usage
 
 
 def price_of(settings: LLMSettings, prompt_tokens: Optional[int], completion_tokens: Optional[int],
@@ -127,7 +159,12 @@ def price_of(settings: LLMSettings, prompt_tokens: Optional[int], completion_tok
 
 def resolve_endpoint(settings: LLMSettings) -> tuple[str, str]:
     """(base_url, api_key): a remote endpoint without a key is a user error, raised before any call."""
-    base_url = (settings.base_url or DEFAULT_BASE_URL).rstrip("/")
+    base_url = (settings.base_url or DEFAULT_BASE_URL).strip().rstrip("/")
+    parts = urlparse(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        # "localhost:8000/v1" parses as scheme "localhost": without this it reads as a remote host needing a key.
+        raise ExplainerError(f"--base-url {settings.base_url!r} is not an http(s) URL: write it with its scheme, "
+                             f"e.g. http://{base_url.split('://')[-1]} (or https://...)")
     key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
     if key:
         return base_url, key
@@ -199,6 +236,8 @@ def reply_from(endpoint: str, body: dict[str, Any]) -> Reply:
                     raise ValueError("logprobs tokens, text_offset and top_logprobs differ in length")
     except (AttributeError, KeyError, TypeError, ValueError):
         raise ValueError("malformed logprobs") from None
+    if top is not None and any(lp != lp or lp == math.inf for d in top for lp in d.values()):
+        raise ValueError("non-finite logprobs (NaN or +inf)")
     if text is not None and not isinstance(text, str):
         raise ValueError("content is not a string")
     return Reply(text=text, finish_reason=choice.get("finish_reason"), top_logprobs=top, body=body,
@@ -232,14 +271,21 @@ class Writer:
             self.replace_keys.add(key)
 
     def cached(self, key: str) -> Optional[dict[str, Any]]:
+        """The cached response body, None when there is none; a ValueError when the row is not JSON."""
         row = self.cache_rows.get(key)
         if row is not None:
             return json.loads(row["response"])
         if key in self.prefetched:
             text = self.prefetched.pop(key)
-            return None if text is None else json.loads(text)
-        found = self.con.execute("SELECT response FROM llm_cache WHERE key = ?", [key]).fetchone()
-        return json.loads(found[0]) if found else None
+        else:
+            found = self.con.execute("SELECT response FROM llm_cache WHERE key = ?", [key]).fetchone()
+            text = found[0] if found else None
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except (TypeError, ValueError):
+            raise ValueError("the cached row is not JSON") from None
 
     def prefetch(self, keys: Iterable[str]) -> None:
         """Look many keys up at once; each later `cached(key)` of them then skips the DB."""

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from explainer.errors import ExplainerError
+from pydantic import field_validator  # noqa: E402  (apart from the line above: LLMSettings' finite checks)
 
 
 
@@ -194,6 +195,20 @@ class LLMSettings(Section):
     batch_price_factor: float = Field(
         0.5, ge=0, description="with --batch: fraction of price_in/price_out a batch request costs (OpenAI: 0.5)"
     )
+    max_response_bytes: int = Field(
+        8 * 2**20, ge=1024, le=2**31, description="largest response body accepted (after decompression); a larger or "
+        "endless one is cut off and the call retried, so a broken endpoint cannot fill the memory",
+    )
+
+    @field_validator("temperature", "timeout", "backoff", "backoff_max", "retry_after_max", "price_in", "price_out",
+                     "price_cached_in", "budget", "batch_poll", "batch_price_factor")
+    @classmethod
+    def _finite(cls, v: Optional[float]) -> Optional[float]:
+        # inf or nan passes ge=0, and an inf price or budget makes every cost nan: --budget never stops.
+        # The bound keeps a cost (tokens <= 1e9 per call, see llm_wire.usage_tokens) finite.
+        if v is not None and not (0 <= v <= 1e9):
+            raise ValueError("must be a finite number from 0 to 1e9")
+        return v
 
 
 class ExplainSettings(Section):

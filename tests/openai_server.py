@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import email.parser
 import email.policy
+import functools
+import gzip
 import itertools
 import json
 import re
@@ -43,7 +45,7 @@ import pytest
 class Reply:
     """One scripted answer. Build it with the class methods."""
 
-    kind: str = "text"  # text | status | raw | hang | reset | error200
+    kind: str = "text"  # text | status | raw | hang | reset | error200 | endless | drip
     text: Optional[str] = ""
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
@@ -85,6 +87,26 @@ class Reply:
     def reset(cls) -> "Reply":
         """Close the socket with a TCP reset before any byte of the response."""
         return cls(kind="reset")
+
+    @classmethod
+    def endless(cls, chunk: int = 65536) -> "Reply":
+        """A 200 whose chunked body never ends: `chunk`-byte pieces of one JSON string, until the client leaves."""
+        return cls(kind="endless", body=b"a" * chunk)
+
+    @classmethod
+    def drip(cls, every: float = 0.5) -> "Reply":
+        """A 200 announcing a 1 MB body, then one byte of it every `every` seconds (each read is quick)."""
+        return cls(kind="drip", delay=every)
+
+    @classmethod
+    def redirect(cls, status: int = 301, location: str = "https://example.invalid/v1/chat/completions") -> "Reply":
+        return cls(kind="status", status=status, headers={"Location": location}, body=b"")
+
+    @classmethod
+    def gzip_bomb(cls, size: int = 256 * 2**20) -> "Reply":
+        """A 200 whose gzip body is small on the wire and `size` bytes once decompressed."""
+        return cls(kind="raw", status=200, body=_bomb(size),
+                   headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
 
     @classmethod
     def error_in_200(cls, message: str = "upstream overloaded") -> "Reply":
@@ -162,6 +184,11 @@ class ScriptedServer:
         self.batch_requests: list[Request] = []
         self.batch_api = True  # False: /files and /batches answer 404, as vLLM and llama.cpp servers do
         self.batch_api_errors = 0  # this many next /files or /batches requests answer 503 (retry tests)
+        # This many next batches.create calls create the batch, then drop the connection unanswered
+        # (as a client killed right after sending would never see the answer).
+        self.batch_create_drops = 0
+        self.batch_lists = 0  # GET /batches (list) requests served
+        self.moved_to: Optional[str] = None  # set: every request answers 301 to this base + its path after /v1
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
@@ -316,6 +343,21 @@ class ScriptedServer:
                 self._finish_batch(batch)
         return self._public(batch)
 
+    def list_batches(self, path: str) -> dict[str, Any]:
+        """GET /batches?limit=N&after=ID: newest first, as OpenAI lists them."""
+        from urllib.parse import parse_qs, urlparse
+
+        q = parse_qs(urlparse(path).query)
+        limit = int(q.get("limit", ["20"])[0])
+        with self._lock:
+            self.batch_lists += 1
+            ids = list(reversed(self.batches))
+        if "after" in q and q["after"][0] in ids:
+            ids = ids[ids.index(q["after"][0]) + 1:]
+        page = [self._public(self.batches[i]) for i in ids[:limit]]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(ids) > limit}
+
     @staticmethod
     def _public(batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in batch.items() if not k.startswith("_")}
@@ -404,8 +446,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(503, b'{"error": {"message": "scripted outage"}}')
         return True
 
+    def _moved(self, srv: ScriptedServer) -> bool:
+        if srv.moved_to is None:
+            return False
+        if self.command == "POST":
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._send(301, b"", {"Location": srv.moved_to + self.path.split("/v1", 1)[-1]})
+        return True
+
     def do_GET(self) -> None:
         srv: ScriptedServer = self.server.scripted  # type: ignore[attr-defined]
+        if self._moved(srv):
+            return
         path = self.path.split("?")[0].rstrip("/")
         parts = path.split("/")
         if ("/batches/" in path or "/files/" in path) and srv.batch_api and self._batch_fault(srv):
@@ -413,6 +465,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path.endswith("/models"):
             data = {"object": "list", "data": [{"id": srv.model, "object": "model", "created": 0, "owned_by": "tests"}]}
             self._send(200, json.dumps(data).encode())
+        elif srv.batch_api and path.endswith("/batches"):
+            self._send(200, json.dumps(srv.list_batches(self.path)).encode())
         elif srv.batch_api and len(parts) >= 2 and parts[-2] == "batches":
             with srv._lock:
                 srv.requests.append(Request(self.path, None, {k.lower(): v for k, v in self.headers.items()}))
@@ -449,12 +503,22 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if path.endswith("/batches") and isinstance(req.body, dict):
             status, obj = srv.create_batch(req.body)
+            with srv._lock:
+                drop = status == 200 and srv.batch_create_drops > 0
+                srv.batch_create_drops -= drop
+            if drop:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
+                return True
             self._send(status, json.dumps(obj).encode())
             return True
         return False
 
     def do_POST(self) -> None:
         srv: ScriptedServer = self.server.scripted  # type: ignore[attr-defined]
+        if self._moved(srv):
+            return
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
             body = json.loads(raw)
@@ -487,6 +551,9 @@ class _Handler(BaseHTTPRequestHandler):
             srv._stop.wait(reply.delay)
             self.close_connection = True
             return
+        if reply.kind in ("endless", "drip"):
+            self._stream_forever(srv, reply)
+            return
         if reply.kind == "reset":
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
@@ -500,6 +567,46 @@ class _Handler(BaseHTTPRequestHandler):
             return
         make = srv.chat_body if path.endswith("/chat/completions") else srv.completion_body
         self._send(200, json.dumps(make(req, reply)).encode(), reply.headers)
+
+
+    def _stream_forever(self, srv: ScriptedServer, reply: Reply) -> None:
+        """Endless: chunk after chunk; drip: one byte per `delay`. Until the client hangs up or the server stops."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if reply.kind == "endless":
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(2**20))
+        self.end_headers()
+        try:
+            if reply.kind == "endless":
+                head = b'{"id": "'
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(head), head))
+                frame = b"%x\r\n%s\r\n" % (len(reply.body), reply.body)
+                while not srv._stop.is_set():
+                    self.wfile.write(frame)
+            else:
+                for byte in b'{"id": "' + b"a" * (2**20):
+                    if srv._stop.wait(reply.delay):
+                        break
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+        except OSError:
+            pass  # the client gave up, as it should
+
+
+_BOMB_LOCK = threading.Lock()
+
+
+def _bomb(size: int) -> bytes:
+    with _BOMB_LOCK:  # made once per size, not by every handler thread at the same time
+        return _bomb_bytes(size)
+
+
+@functools.lru_cache(maxsize=4)
+def _bomb_bytes(size: int) -> bytes:
+    return gzip.compress(b'{"x": "' + b"a" * size + b'"}', compresslevel=6)
 
 
 def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[bytes, Optional[str]]]:

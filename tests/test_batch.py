@@ -166,6 +166,38 @@ def test_crash_while_polling_resumes_the_same_batch(dbs, llm_server):
     assert sorted(r["latent"] for r in query(db, "SELECT latent FROM llm_calls WHERE batch_id IS NOT NULL")) == [0, 1]
 
 
+def test_a_batch_a_killed_create_left_behind_is_adopted_not_bought_twice(dbs, llm_server):
+    _, db = dbs
+    llm_server.responder = answer_by_content
+    llm_server.batch_create_drops = 1  # the endpoint creates the batch; its answer never arrives
+    with pytest.raises(ExplainerError, match="may have gone through") as e:
+        explain_run(db, batched(llm_server.url))
+    assert len(llm_server.batches) == 1 and query(db, "SELECT * FROM llm_batches") == []
+    (orphan,) = llm_server.batches
+    res = explain_run(db, batched(llm_server.url))
+    assert len(llm_server.batches) == 1 and creates(llm_server) == 1  # found by its metadata, not created again
+    assert res.batch["adopted"] == 1 and res.batch["created"] == 0 and res.batch["batch_ids"] == [orphan]
+    assert "adopts it" in str(e.value)
+    assert explanations(db)[:2] == [(0, "ok", "second-person pronouns"), (1, "ok", "code tokens")]
+    assert llm_server.chat_requests() == [] and len(llm_server.batch_requests) == 2  # each request bought once
+    # Ingested and recorded: a later batch of other requests does not adopt it again.
+    assert query(db, "SELECT batch_id, status FROM llm_batches") == [{"batch_id": orphan, "status": "completed"}]
+
+
+def test_a_batch_that_failed_or_is_recorded_is_never_adopted(dbs, llm_server):
+    _, db = dbs
+    llm_server.responder = answer_by_content
+    llm_server.batch_statuses = ("validating", "failed")
+    llm_server.batch_create_drops = 1
+    with pytest.raises(ExplainerError, match="may have gone through"):
+        explain_run(db, batched(llm_server.url))
+    (orphan,) = llm_server.batches
+    assert llm_server.retrieve_batch(orphan)["status"] == "failed"  # the orphan fails on the endpoint
+    llm_server.batch_statuses = ("validating", "completed")
+    res = explain_run(db, batched(llm_server.url))
+    assert res.batch["adopted"] == 0 and res.batch["created"] == 1 and res.ok == 2
+
+
 def test_no_wait_submits_and_a_rerun_collects(dbs, llm_server):
     _, db = dbs
     llm_server.responder = answer_by_content
@@ -425,3 +457,25 @@ def test_batch_rows_price_cached_prompt_tokens_apart(dbs, llm_server):
     for r in paid:  # settings_for prices prompt and completion tokens at 1 USD per million
         assert r["cached_tokens"] == 3
         assert r["cost"] == pytest.approx((r["prompt_tokens"] - 3 + r["completion_tokens"]) / 1e6 * 0.5)
+
+
+def test_batch_dir_batch_left_unrecorded_is_adopted(dbs, tmp_path):
+    """A kill between the folder batch's creation and its llm_batches row: the rerun adopts it."""
+    _, db = dbs
+    folder = tmp_path / "batches"
+    settings = batched("https://api.openai.com/v1", batch_dir=str(folder))
+    explain_run(db, settings)
+    con = store.connect(db)
+    con.execute("DELETE FROM llm_batches")  # as if killed right after the folder batch was made
+    con.close()
+    run_engine(folder, answer_by_content)
+    res = explain_run(db, settings)
+    assert len(list(folder.glob("*.input.jsonl"))) == 1 and len(list(folder.glob("file-*.jsonl"))) == 0
+    assert res.batch["adopted"] == 1 and res.ok == 2
+
+
+def test_a_redirecting_batch_api_names_where_it_points(dbs, llm_server):
+    _, db = dbs
+    llm_server.moved_to = "https://new.example.invalid/v1"  # every request answers 301 to the same path there
+    with pytest.raises(ExplainerError, match=r"redirected \(HTTP 301\) to https://new.example.invalid/v1/files"):
+        explain_run(db, batched(llm_server.url))

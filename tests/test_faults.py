@@ -137,6 +137,14 @@ def truncated_answer(req: Request) -> Reply:
     return Reply.content((good_answer(req).text or "")[:-7])
 
 
+def usage_fault(req: Request, prompt_tokens: Any) -> Reply:
+    """The good answer with a usage block no ledger can hold."""
+    body = {"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": good_answer(req).text}}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3}}
+    return Reply.raw(json.dumps(body))
+
+
 # Far above a normal answer's time even on a loaded machine: only the scripted hangs time out.
 HANG_TIMEOUT = 1.0
 
@@ -168,12 +176,19 @@ FAULTS: dict[str, tuple[Callable[[Request], Reply], tuple[str, ...], str, int]] 
     "truncated JSON answer": (truncated_answer, ("score",), "answer rejected", 0),
     "wrong number of predictions": (wrong_count, ("score",), "predictions for", 0),
     "non-numeric predictions": (non_numeric, ("score",), "answer rejected", 0),
+    # Issue 17: bodies that never end or drip, bombs, and usage blocks that would poison the cache.
+    "endless body": (lambda r: Reply.endless(), ("explain", "score"), "max_response_bytes", 0),
+    "body dripping a byte per 0.2 s": (lambda r: Reply.drip(0.2), ("explain", "score"), "no answer from", 0),
+    "gzip bomb (16 MB inflated)": (lambda r: Reply.gzip_bomb(16 * 2**20), ("explain", "score"), "max_response_bytes", 0),
+    "usage.prompt_tokens a string": (lambda r: usage_fault(r, "12"), ("explain", "score"), "unusable 200", 0),
+    "usage of 10^30 tokens": (lambda r: usage_fault(r, 10**30), ("explain", "score"), "unusable 200", 0),
+    "negative usage": (lambda r: usage_fault(r, -40), ("explain", "score"), "unusable 200", 0),
 }
 
 
 def fast_llm(url: str, **kw: Any) -> LLMSettings:
     base = dict(base_url=url, model=MODEL, timeout=HANG_TIMEOUT, backoff=0.001, backoff_max=0.004,
-                retry_after_max=0.02, max_attempts=MAX_ATTEMPTS, concurrency=32)
+                retry_after_max=0.02, max_attempts=MAX_ATTEMPTS, concurrency=32, max_response_bytes=2**20)
     return LLMSettings(**{**base, **kw})
 
 
