@@ -96,6 +96,11 @@ class LatentRecord:
         }
 
 
+def score_key(r: dict[str, Any]) -> str:
+    """scorer/mode/model/split of a score row, e.g. simulation/json/gpt-4o-mini/heldout."""
+    return "/".join(str(r.get(k) if r.get(k) is not None else "?") for k in ("scorer", "mode", "model", "split"))
+
+
 def latent_record(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int, *,
                   splits: tuple[str, ...] = ("train", "heldout"), per_kind: int = 10) -> LatentRecord:
     stat_rows = rows(con.execute("SELECT * FROM latents WHERE dict_id = ? AND latent = ?", [dict_id, latent]))
@@ -104,16 +109,20 @@ def latent_record(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int, *,
         raise ExplainerError(f"latent {latent} not found: the dictionary has latents 0..{n - 1}" if n else
                              "the database has no sampled latents (run `explainer sample` first)")
     expl = rows(con.execute(
-        """SELECT e.id, e.explainer, e.model, e.template, e.text, e.round, e.parent_id, e.chosen,
-                  map_from_entries(list({'k': s.scorer || '/' || s.split, 'v': s.score})
-                                   FILTER (WHERE s.score IS NOT NULL)) AS scores
-           FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok'
-           WHERE e.dict_id = ? AND e.latent = ? AND e.status = 'ok'
-           GROUP BY ALL ORDER BY e.id""",
-        [dict_id, latent],
-    ))
+        """SELECT id, explainer, model, template, text, round, parent_id, chosen FROM explanations
+           WHERE dict_id = ? AND latent = ? AND status = 'ok' ORDER BY id""", [dict_id, latent]))
+    # One explanation can hold many scores (json and logprobs modes, an LLM and the n-gram simulator,
+    # two setups, two splits): a list of rows, and a map keyed by everything that tells them apart
+    # but the setup, where the latest row of a key wins (keys are unique by construction).
+    score_rows = rows(con.execute(
+        """SELECT explanation_id, scorer, mode, model, split, score, ci_low, ci_high, baseline, score_top_random,
+                  n_snippets, snippet_set, template_hash, setup_hash
+           FROM scores WHERE dict_id = ? AND latent = ? AND status = 'ok' AND score IS NOT NULL ORDER BY id""",
+        [dict_id, latent]))
     for e in expl:
-        e["scores"] = {k: round(v, 4) for k, v in (e["scores"] or {}).items()}
+        mine = [{k: v for k, v in r.items() if k != "explanation_id"} for r in score_rows if r["explanation_id"] == e["id"]]
+        e["score_rows"] = mine
+        e["scores"] = {score_key(r): round(r["score"], 4) for r in mine}
     ex_rows = con.execute(
         """SELECT x.kind, x.split, x.rank, x.context_id, x.max_act, c.tokens, x.acts
            FROM examples x JOIN contexts c ON c.dict_id = x.dict_id AND c.context_id = x.context_id
