@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import duckdb
 
-from explainer.query import latent_record, rows
+from explainer.query import latent_record, rows, score_text
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1100px}
@@ -26,7 +26,7 @@ th{cursor:pointer;background:#f6f6f6;position:sticky;top:0}input{font-size:1em;p
 
 INDEX_JS = """
 const rows = JSON.parse(document.getElementById('data').textContent);
-let key = 'simulation', desc = true;
+let key = 'validation', desc = true;
 function fmt(v){ if(v===null||v===undefined) return ''; return typeof v==='number' ? (Number.isInteger(v)? v : v.toPrecision(3)) : v; }
 function render(){
   const q = document.getElementById('q').value.toLowerCase();
@@ -36,7 +36,9 @@ function render(){
   document.getElementById('count').textContent = shown.length + ' latents';
   document.getElementById('body').innerHTML = shown.map(r => `<tr><td><a href="latent_${r.latent}.html">${r.latent}</a></td>`+
     `<td>${(r.explanation||'').replace(/&/g,'&amp;').replace(/</g,'&lt;')}</td><td>${r.explainer||''}</td>`+
-    `<td class=num>${fmt(r.simulation)}</td><td class=num>${fmt(r.ngram_simulation)}</td>`+
+    `<td class=num>${fmt(r.validation)}</td><td class=num>${fmt(r.simulation)}</td>`+
+    `<td class=num>${r.ci_low===null||r.ci_low===undefined ? '' : fmt(r.ci_low)+'&ndash;'+fmt(r.ci_high)}</td>`+
+    `<td class=num>${fmt(r.ngram_simulation)}</td>`+
     `<td class=num>${fmt(r.frequency)}</td><td class=num>${fmt(r.max_act)}</td></tr>`).join('');
 }
 document.querySelectorAll('th[data-k]').forEach(th => th.onclick = () => {
@@ -71,7 +73,7 @@ def latent_page(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int) -> st
     if not rec.explanations:
         parts.append("<p><i>none yet</i></p>")
     for e in rec.explanations:
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in e["scores"].items()) or "not scored"
+        scores = score_text(e) or "not scored"
         parts.append(f"<div class=expl>{html.escape(e['text'] or '')}</div>"
                      f"<div class=score>{html.escape(e['explainer'])} / {html.escape(str(e['model']))}: {scores}</div>")
     parts.append("<h2>Examples</h2>")
@@ -89,11 +91,15 @@ def build(con: duckdb.DuckDBPyConnection, dict_id: int, out: Path,
     """Write index.html and latent_N.html into `out`; returns the number of latent pages."""
     out.mkdir(parents=True, exist_ok=True)
     data = rows(con.execute(
-        """SELECT latent, explanation, explainer, simulation, ngram_simulation, frequency, max_act
+        """SELECT latent, explanation, explainer, validation, simulation, ci_low, ci_high, ngram_simulation,
+                  frequency, max_act
            FROM labels WHERE dict_id = ? ORDER BY latent""", [dict_id]))
     name = con.execute("SELECT name FROM dictionaries WHERE id = ?", [dict_id]).fetchone()[0]
     head = ("<tr><th data-k=latent>latent</th><th data-k=explanation>explanation</th><th data-k=explainer>by</th>"
-            "<th data-k=simulation>simulation</th><th data-k=ngram_simulation>n-gram</th>"
+            "<th data-k=validation title='validation simulation score: what chose this label'>validation</th>"
+            "<th data-k=simulation title='held-out simulation score, reported only'>held-out</th>"
+            "<th title='95% bootstrap interval of the held-out score'>95% CI</th>"
+            "<th data-k=ngram_simulation title='the n-gram explanation, same simulator and snippets'>n-gram</th>"
             "<th data-k=frequency>frequency</th><th data-k=max_act>max act</th></tr>")
     payload = json.dumps(data, default=float).replace("</", "<\\/")
     body = (f"<h1>{html.escape(name)}</h1><p><input id=q placeholder='search explanations or a latent number'> "

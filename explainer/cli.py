@@ -228,7 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ui.emit_mapping(res.summary(), as_json=True)
         return 0
     ui.emit(res.stages, as_json=False, title="stages")
-    ui.emit(res.labels, as_json=False, title="labels: best explanation per latent (held-out simulation score)")
+    ui.emit(res.labels, as_json=False, title="labels: best explanation per latent (chosen on validation; held-out score reported)")
     db = s.db
     from explainer import query, store
 

@@ -99,6 +99,8 @@ def show_latent(rec: Any) -> None:
     """A latent's explanations and examples, each token shaded by its activation."""
     from rich.text import Text
 
+    from explainer import query
+
     st = rec.stats
     scale = float(st.get("max_act") or 0.0)
     console.print(f"[bold]latent {rec.latent}[/bold]  frequency {_fmt(st['frequency'])}  "
@@ -106,7 +108,7 @@ def show_latent(rec: Any) -> None:
     if not rec.explanations:
         console.print("[dim]no explanations yet (explainer explain ...)[/dim]")
     for e in rec.explanations:
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in e["scores"].items()) or "not scored"
+        scores = query.score_text(e) or "not scored"
         console.print(f"  [bold]{e['text']}[/bold]  [dim]{e['explainer']}/{e['model']}: {scores}[/dim]")
     current = None
     for x in rec.examples:

@@ -42,7 +42,7 @@ def add_score(con, eid: int, split: str, score: float, *, mode: str = "json", mo
         [mode, split, score, model, setup, snippet_set + split, ci[0], ci[1], eid])
 
 
-def test_labels_select_on_validation_and_only_report_heldout(filled_db: Path) -> None:
+def test_labels_select_on_validation_and_only_report_heldout(filled_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Explanation 1 (LLM) wins on held-out, explanation 2 (n-gram) on validation: validation decides."""
     con = store.connect(filled_db)
     con.execute("DELETE FROM scores")
@@ -58,6 +58,10 @@ def test_labels_select_on_validation_and_only_report_heldout(filled_db: Path) ->
     ranks = dict(con.execute("SELECT explanation_id, rank_for_latent FROM explanation_scores "
                              "WHERE latent = 0 AND split = 'heldout'").fetchall())
     assert ranks == {1: 2, 2: 1}  # explanation_scores ranks by validation as well
+    con.close()
+    assert main(["show", "--db", str(filled_db), "0"]) == 0  # show prints the interval and the baseline
+    assert "simulation/json/sim/heldout 0.600 [0.40, 0.70] (baseline 0.00)" in capsys.readouterr().out
+    con = store.connect(filled_db)
     # The LLM now wins on validation; the n-gram's held-out score on another snippet set is not comparable.
     add_score(con, 1, "validation", 0.95)
     con.execute("UPDATE scores SET snippet_set = 'other' WHERE explanation_id = 2 AND split = 'heldout'")

@@ -334,3 +334,31 @@ def test_evaluate_returns_per_token_predictions_on_validation(db, llm_server):
             score.evaluate(con, settings, 1, 1, "digits", scorer="detection", split="validation")
     finally:
         con.close()
+
+
+def test_both_splits_in_one_run_with_provenance_and_snippet_set_columns(db, llm_server):
+    llm_server.responder = oracle
+    res = run_score(db, make_settings(llm_server, db, scorers="simulation,detection", split="both"))
+    assert res.split == "validation,heldout" and res.requested == 3 * 2 * 2
+    got = rows(db, "SELECT * FROM scores ORDER BY id")
+    # latent 1 (explanation 3) has no validation examples: recorded failures, not scores
+    assert {(r["explanation_id"], r["split"], r["status"]) for r in got} == {
+        (e, sp, "failed" if (e, sp) == (3, "validation") else "ok") for e in (1, 2, 3) for sp in ("validation", "heldout")}
+    assert [r["split"] for r in got if r["explanation_id"] == 1] == ["validation"] * 2 + ["heldout"] * 2
+    sets: dict[tuple, set] = {}
+    for r in got:
+        details = json.loads(r["details"])
+        assert (r["model"], r["template_hash"], r["setup_hash"]) == \
+            ("sim-model", details["template_hash"], details["setup_hash"])
+        assert (r["snippet_set"] is None) == (r["status"] == "failed")  # nothing to score: no snippet set
+        if r["status"] == "ok":
+            # what m005's backfill computes from details, and what the view compares
+            assert r["snippet_set"] == store.snippet_hash([(x["context_id"], x["kind"]) for x in details["snippets"]])
+            assert r["baseline"] == (0.0 if r["scorer"] == "simulation" else 0.5)
+            assert r["score_all"] == (r["score"] if r["scorer"] == "simulation" else None)
+            sets.setdefault((r["latent"], r["scorer"], r["split"]), set()).add(r["snippet_set"])
+    # One snippet set per latent, scorer and split, whichever explanation is scored.
+    assert all(len(v) == 1 for v in sets.values())
+    assert sets[0, "simulation", "validation"] != sets[0, "simulation", "heldout"]
+    again = run_score(db, make_settings(llm_server, db, scorers="simulation,detection", split="both"))
+    assert again.skipped == 12 - 2  # the two failures are retried
