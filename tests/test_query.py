@@ -252,6 +252,12 @@ def test_every_read_verb_after_every_write_path(db_path: Path, tmp_path: Path,
         assert sets["json/llm/validation"] != sets["json/llm/heldout"]
         lab = query.rows(con.execute("SELECT * FROM labels WHERE latent = 0"))[0]
         assert lab["selected_by"] == "simulation/json/sim" and lab["ngram_simulation"] is not None
+        # README's "LLM vs n-gram" query runs and compares one simulator on one snippet set.
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+        sql = re.search(r"-- where does the LLM beat the n-gram baseline\?.*?\n(SELECT.*?;)", readme, re.S).group(1)
+        sql = sql.replace("AND l.score > n.score", "")  # the scripted simulator scores both alike
+        got = query.rows(con.execute(sql))
+        assert got and {r["simulator"] for r in got} == {"sim"}
     finally:
         con.close()
     for verb in (["show", "0"], ["show", "1", "--json"], ["search", "sword"], ["status"],
