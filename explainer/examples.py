@@ -74,7 +74,7 @@ def load(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int], s
     # Arrow then to_pylist() decodes the list columns ~3x faster than fetchall().
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # execute() warns of one extra copy
-        rows = con.execute(
+        table = con.execute(
             """
             WITH e AS (
                 SELECT e.latent, e.kind, e.rank, e.bin, e.max_act, e.acts, e.context_id, c.tokens,
@@ -94,8 +94,9 @@ def load(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int], s
             ORDER BY latent, list_position($ck::VARCHAR[], kind), rank
             """,
             params,
-        ).to_arrow_table().to_pylist()
-    for r in rows:
+        ).to_arrow_table()
+    assert table is not None
+    for r in table.to_pylist():
         out[r["latent"]].append(Example(r["context_id"], r["kind"], r["rank"], float(r["max_act"]), r["tokens"],
                                         [float(a) for a in r["acts"]], r["bin"], split))
     return out
@@ -117,7 +118,7 @@ def simulation_snippets(examples: Sequence[Example]) -> list[Example]:
     return unique([x for x in examples if x.kind in SIM_KINDS])
 
 
-def snippet_set(examples: Sequence[object]) -> Optional[str]:
-    """The short hash naming these snippets (anything with context_id and kind); None when empty."""
-    pairs = [(int(getattr(x, "context_id")), str(getattr(x, "kind"))) for x in examples]
+def snippet_set(examples: Sequence[Example]) -> Optional[str]:
+    """The short hash naming these snippets (store.snippet_hash); None when there are none."""
+    pairs = [(int(x.context_id), str(x.kind)) for x in examples]
     return store.snippet_hash(pairs) if pairs else None

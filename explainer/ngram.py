@@ -154,7 +154,7 @@ def default_limits() -> dict[str, int]:
     """Snippets per kind an n-gram score reads unless told: the LLM scorers' defaults, so both match."""
     from explainer.settings import ScoreSettings
 
-    return examples.counts_of(ScoreSettings(), SCORED_KINDS)
+    return examples.counts_of(ScoreSettings.model_validate({}), SCORED_KINDS)
 
 
 def snippet_data(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int], split: str,

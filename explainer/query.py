@@ -14,7 +14,9 @@ from typing import Any, Optional
 
 import duckdb
 
+from explainer import examples as example_store
 from explainer.errors import ExplainerError
+from explainer.examples import Example
 
 TABLES = ("dictionaries", "contexts", "latents", "examples", "explanations", "scores", "llm_calls", "runs")
 
@@ -65,17 +67,6 @@ def search(con: duckdb.DuckDBPyConnection, query: str, *, dict_id: Optional[int]
     if dict_id is not None:
         params["dict"] = dict_id
     return rows(con.execute(sql, params))
-
-
-@dataclass
-class Example:
-    kind: str
-    split: str
-    rank: int
-    context_id: int
-    max_act: float
-    tokens: list[str]
-    acts: list[float]
 
 
 @dataclass
@@ -138,15 +129,10 @@ def latent_record(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int, *,
         mine = [{k: v for k, v in r.items() if k != "explanation_id"} for r in score_rows if r["explanation_id"] == e["id"]]
         e["score_rows"] = mine
         e["scores"] = {score_key(r): round(r["score"], 4) for r in mine}
-    ex_rows = con.execute(
-        """SELECT x.kind, x.split, x.rank, x.context_id, x.max_act, c.tokens, x.acts
-           FROM examples x JOIN contexts c ON c.dict_id = x.dict_id AND c.context_id = x.context_id
-           WHERE x.dict_id = ? AND x.latent = ? AND list_contains(?, x.split) AND x.rank < ?
-           ORDER BY x.split DESC, CASE x.kind WHEN 'top' THEN 0 WHEN 'quantile' THEN 1
-                    WHEN 'random' THEN 2 ELSE 3 END, x.rank""",
-        [dict_id, latent, list(splits), per_kind],
-    ).fetchall()
-    examples = [Example(r[0], r[1], r[2], r[3], float(r[4]), list(r[5]), [float(a) for a in r[6]]) for r in ex_rows]
+    # The shared loader: per kind the examples the explainer and the scorers read (quantile spread over bins).
+    counts = {k: per_kind for k in example_store.KINDS}
+    examples = [x for split in sorted(splits, reverse=True)
+                for x in example_store.load(con, dict_id, [latent], split, counts)[latent]]
     return LatentRecord(dict_id, latent, stat_rows[0], expl, examples)
 
 

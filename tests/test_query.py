@@ -207,7 +207,8 @@ def test_every_read_verb_after_every_write_path(db_path: Path, tmp_path: Path,
     """One DB written by n-gram explain+score, LLM explain, LLM score in json and logprobs mode
     (so explanations carry scores from several simulators and modes), and the n-gram agent;
     then show, search, status, browse, export and sql over it (issue 17: map keys must be unique)."""
-    from tests.test_ngram import LATENTS, fill_db as fill_splits
+    from tests.test_ngram import LATENTS
+    from tests.test_ngram import fill_db as fill_splits
 
     con = store.connect(db_path)
     fill_splits(con, LATENTS)
