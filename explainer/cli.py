@@ -181,6 +181,7 @@ def query_ngram_summary(con: Any, dict_id: int, latents: list[int]) -> dict[str,
                   count(DISTINCT e.latent) FILTER (WHERE e.status = 'failed'),
                   quantile_cont(s.score, [0.25, 0.5, 0.75])
            FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok' AND s.split = 'heldout'
+                AND s.mode = 'ngram'  -- the n-gram simulator's scores only: one simulator, one snippet set
            WHERE e.dict_id = ? AND e.explainer = 'ngram' AND list_contains(?, e.latent)""",
         [dict_id, latents],
     ).fetchone()

@@ -54,7 +54,8 @@ def search(con: duckdb.DuckDBPyConnection, query: str, *, dict_id: Optional[int]
             GROUP BY tf.id
         )
         SELECT d.latent, d.text AS explanation, d.explainer, d.model, round(r.relevance, 3) AS relevance,
-               max(s.score) FILTER (WHERE s.scorer = 'simulation' AND s.split = 'heldout') AS simulation,
+               -- the latest held-out simulation score (reported; the best of several would flatter)
+               arg_max(s.score, s.id) FILTER (WHERE s.scorer = 'simulation' AND s.split = 'heldout') AS simulation,
                l.frequency, d.dict_id, d.id AS explanation_id
         FROM ranked r JOIN docs d USING (id)
         LEFT JOIN scores s ON s.explanation_id = d.id AND s.status = 'ok'
