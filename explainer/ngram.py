@@ -234,13 +234,14 @@ class ScoreResult:
     scored: int
     failed: int
     skipped: int
-    mean_score: Optional[float]
+    mean_score: Optional[float]  # over the scores of `split` only
     seconds: float
+    split: str = ""
 
     def summary(self) -> dict[str, Any]:
         return {"scorer": "simulation (ngram)", "scored": self.scored, "failed": self.failed,
                 "skipped (already scored)": self.skipped,
-                "mean score": None if self.mean_score is None else round(self.mean_score, 4),
+                f"mean score ({self.split})": None if self.mean_score is None else round(self.mean_score, 4),
                 "seconds": round(self.seconds, 2)}
 
 
@@ -329,10 +330,9 @@ def score_all(con: duckdb.DuckDBPyConnection, dict_id: int, split: str = "heldou
     if split == "both":
         parts = [score_all(con, dict_id, sp, explanation_filter, progress, latents=latents, limits=limits,
                            run_id=run_id) for sp in ("validation", "heldout")]
-        n = sum(p.scored for p in parts)
-        mean = sum(p.mean_score * p.scored for p in parts if p.mean_score is not None) / n if n else None
-        return ScoreResult(n, sum(p.failed for p in parts), sum(p.skipped for p in parts), mean,
-                           sum(p.seconds for p in parts))
+        # Counts add up; the mean is heldout's (a mean over both splits would mix them).
+        return ScoreResult(sum(p.scored for p in parts), sum(p.failed for p in parts), sum(p.skipped for p in parts),
+                           parts[1].mean_score, sum(p.seconds for p in parts), "heldout")
     t0 = time.perf_counter()
     if split == "train":
         raise ExplainerError("scorers read only validation or heldout examples, never train (pass --split heldout)")
@@ -386,7 +386,7 @@ def score_all(con: duckdb.DuckDBPyConnection, dict_id: int, split: str = "heldou
         if progress:
             progress({"done": scored + failed, "total": len(todo)})
     return ScoreResult(scored, failed, len(rows) - len(todo), total / scored if scored else None,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, split)
 
 
 def _insert_scores(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, run_id: Optional[int],

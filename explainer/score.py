@@ -221,7 +221,7 @@ class ScoreResult:
     completion_tokens: int = 0
     cost: float = 0.0
     wall_s: float = 0.0
-    per_scorer: dict[str, ScorerStats] = field(default_factory=dict)
+    per_scorer: dict[str, ScorerStats] = field(default_factory=dict)  # by stat_key: one split per entry
     errors: dict[str, int] = field(default_factory=dict)
     batch: Optional[dict[str, Any]] = None  # what --batch did (batch.BatchOutcome.as_dict())
     estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (llm_pass.estimate)
@@ -230,8 +230,10 @@ class ScoreResult:
         """Mean score per scorer, calls and prompt tokens per latent, failures, wall time."""
         out: dict[str, Any] = {"run": self.run_id, "simulator model": self.model, "split": self.split,
                                "scores written": self.ok, "failed": self.failed, "skipped (already scored)": self.skipped}
-        for name, st in self.per_scorer.items():
+        for key, st in self.per_scorer.items():
+            name, _, split = key.partition(" on ")
             label = f"{name} ({self.mode})" if name == "simulation" else name
+            label += f" on {split}" if split else ""
             out[f"{label}: mean score"] = st.score_sum / st.ok if st.ok else None
             out[f"{label}: scored / failed"] = f"{st.ok} / {st.failed}"
             out[f"{label}: calls per latent"] = st.per_latent(st.calls)
@@ -252,6 +254,11 @@ class ScoreResult:
                                                                    "prompt_tokens", "completion_tokens")},
                                   "latents": len(v.latents)} for k, v in self.per_scorer.items()}
         return data
+
+
+def stat_key(scorer: str, split: str, splits: Sequence[str]) -> str:
+    """Run statistics are kept per split when a run scores two: a mean never mixes them."""
+    return f"{scorer} on {split}" if len(splits) > 1 else scorer
 
 
 @dataclass
@@ -310,7 +317,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     run_id = store.start_run(con, "score", settings.public_dict())
     result = ScoreResult(run_id, dict_id, model, ",".join(splits), s.mode, scorers, requested=requested,
                          skipped=requested - len(jobs),
-                         per_scorer={name: ScorerStats() for name in scorers})
+                         per_scorer={stat_key(name, split, splits): ScorerStats() for name in scorers for split in splits})
     t0 = time.perf_counter()
 
     def stage_pass(make_client: Callable[..., LLMClient], res: ScoreResult, prog: Any) -> None:
@@ -330,6 +337,7 @@ async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id
                      make_client: Callable[..., LLMClient] = LLMClient) -> None:
     s = settings.score
     model = settings.llm.model
+    splits = splits_of(s)
     pending = deque(jobs)
     left: dict[tuple[int, str], int] = {}
     for job in jobs:
@@ -395,7 +403,7 @@ async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id
             "model": model, "template_hash": tpl.sha256, "setup_hash": details["setup_hash"],
             "snippet_set": scored_set(job.scorer, snippets, outcome), **store.stat_columns(job.scorer, score, stats),
         })
-        st = result.per_scorer[job.scorer]
+        st = result.per_scorer[stat_key(job.scorer, job.split, splits)]
         st.calls += spend.calls
         st.prompt_tokens += spend.prompt_tokens or 0
         st.completion_tokens += spend.completion_tokens or 0

@@ -360,5 +360,8 @@ def test_both_splits_in_one_run_with_provenance_and_snippet_set_columns(db, llm_
     # One snippet set per latent, scorer and split, whichever explanation is scored.
     assert all(len(v) == 1 for v in sets.values())
     assert sets[0, "simulation", "validation"] != sets[0, "simulation", "heldout"]
+    summary = res.summary()  # means per split, never mixed
+    assert summary["simulation (json) on heldout: mean score"] == pytest.approx(1.0)
+    assert summary["detection on validation: scored / failed"] == "2 / 1"
     again = run_score(db, make_settings(llm_server, db, scorers="simulation,detection", split="both"))
     assert again.skipped == 12 - 2  # the two failures are retried
