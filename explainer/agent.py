@@ -54,6 +54,8 @@ class ScoreRow:
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
     cost: Optional[float] = None
+    snippet_set: Optional[str] = None  # examples.snippet_set of what it was computed on
+    stats: dict[str, Any] = field(default_factory=dict)  # the scorer's statistics (CONTRACT.md)
 
     @property
     def ok(self) -> bool:
@@ -305,7 +307,8 @@ def queue_rows(writer: Writer, con: duckdb.DuckDBPyConnection, *, dict_id: int, 
                run_id: int, nodes: Sequence[Node], score_meta: dict[str, Any], replace: bool) -> Optional[int]:
     """Queue a latent's explanations and scores for the writer's next transaction; the chosen id.
 
-    Ids come from the sequence up front so parent links can be written in the same insert."""
+    Ids come from the sequence up front so parent links can be written in the same insert.
+    `score_meta` names the simulator (model, template_hash, setup_hash: also the row's columns)."""
     if replace:  # an earlier run stopped inside this latent's loop: its rows are redone here
         sel = "SELECT id FROM explanations WHERE dict_id = ? AND latent = ? AND explainer = 'agent' AND model = ?"
         writer.execute(f"DELETE FROM scores WHERE explanation_id IN ({sel})", [dict_id, latent, model])
@@ -333,10 +336,13 @@ def queue_rows(writer: Writer, con: duckdb.DuckDBPyConnection, *, dict_id: int, 
             writer.add("scores", {
                 "explanation_id": eid, "dict_id": dict_id, "latent": latent, "scorer": "simulation",
                 "mode": sc.mode, "split": split, "score": sc.score,
-                "details": json.dumps({**score_meta, **sc.details, "calls": sc.calls}),
+                "details": json.dumps({**score_meta, **sc.details, "calls": sc.calls,
+                                       **({"stats": sc.stats} if sc.stats else {})}),
                 "n_snippets": sc.n_snippets, "status": sc.status, "error": sc.error, "run_id": run_id,
                 "prompt_tokens": sc.prompt_tokens, "completion_tokens": sc.completion_tokens, "cost": sc.cost,
-                "created_at": now,
+                "created_at": now, "model": score_meta.get("model"), "template_hash": score_meta.get("template_hash"),
+                "setup_hash": score_meta.get("setup_hash"), "snippet_set": sc.snippet_set,
+                **store.stat_columns("simulation", sc.score if sc.ok else None, sc.stats),
             })
     return chosen_id
 

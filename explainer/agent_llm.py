@@ -155,16 +155,23 @@ async def _simulate(client: LLMClient, ctx: _LLMContext, lat: int, text: str,
     try:
         out = await score.score_explanation(client, s, "simulation", ctx.sim_tpl, lat, text, snippets)
     except ScoreFailed as e:
-        return _score_row(s.mode, e.spend, error=e.reason)
-    row = _score_row(out.mode, out.spend)
+        return _score_row(s.mode, e.spend, snippets, error=e.reason)
+    return _ok_row(out, snippets)
+
+
+def _score_row(mode: str, spend: Spend, snippets: Sequence[Snippet], error: Optional[str] = None) -> ScoreRow:
+    return ScoreRow(mode, "failed", error=error, calls=spend.calls, prompt_tokens=spend.prompt_tokens,
+                    completion_tokens=spend.completion_tokens, cost=spend.cost,
+                    snippet_set=score.scored_set("simulation", snippets))
+
+
+def _ok_row(out: Outcome, snippets: Sequence[Snippet]) -> ScoreRow:
+    row = _score_row(out.mode, out.spend, snippets)
     row.status, row.score, row.n_snippets = "ok", out.score, len(out.results)
     row.details = {**out.details, "snippets": score.snippet_records(out)}
+    row.snippet_set = score.scored_set("simulation", snippets, out)
+    row.stats = dict(getattr(out, "stats", None) or {})
     return row
-
-
-def _score_row(mode: str, spend: Spend, error: Optional[str] = None) -> ScoreRow:
-    return ScoreRow(mode, "failed", error=error, calls=spend.calls, prompt_tokens=spend.prompt_tokens,
-                    completion_tokens=spend.completion_tokens, cost=spend.cost)
 
 
 class _LLMLatent:
@@ -212,11 +219,9 @@ class _LLMLatent:
             outcome: Optional[Outcome] = await score.score_explanation(
                 self.ctx.llm, s, "simulation", self.ctx.sim_tpl, self.latent, text, self.val)
             assert outcome is not None
-            row = _score_row(outcome.mode, outcome.spend)
-            row.status, row.score, row.n_snippets = "ok", outcome.score, len(outcome.results)
-            row.details = {**outcome.details, "snippets": score.snippet_records(outcome)}
+            row = _ok_row(outcome, self.val)
         except ScoreFailed as e:
-            outcome, row = None, _score_row(s.mode, e.spend, error=e.reason)
+            outcome, row = None, _score_row(s.mode, e.spend, self.val, error=e.reason)
         self._spent(row.calls, row.prompt_tokens, row.cost)
         self.outcomes[text] = (row, outcome)
         node.validation, node.extra = row, outcome

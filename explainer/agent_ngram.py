@@ -3,7 +3,8 @@
 - Candidates: pattern sets fitted on train (ngram_fit.candidate_sets), the default fit first
   (what `explain --explainer ngram` stores, the one-shot), then the other fitting choices
   interleaved by objective and token mode, so a small k still varies more than the set size.
-- Validation: each set simulated on the validation examples by the n-gram simulator.
+- Validation: each set simulated by the n-gram simulator on the validation snippets of the
+  shared loader (examples.py; score settings' counts), the snippets an LLM simulator reads.
 - Refinement: edits of the best set guided by its worst validation mistakes (agent.misses):
   drop the pattern that predicts a false positive, or append one that covers a false
   negative (the missed token exactly or in any case, the token with the one before it, or
@@ -11,7 +12,7 @@
   pattern predicts; its activation is the mean of the true activations it would take over,
   on train when it matches there, else on validation. Every edit is simulated on
   validation; the round's best edit is that round's refinement.
-- Heldout: the chosen set only, through ngram.score_pattern_sets.
+- Heldout: the chosen set only, on the shared loader's heldout snippets.
 
 "Calls" in the result are pattern sets simulated; tokens and cost stay 0, so the budget's
 token and cost caps never bind here (candidates and rounds still do).
@@ -27,7 +28,7 @@ from typing import Optional, Sequence
 import duckdb
 import numpy as np
 
-from explainer import agent, ngram, prompts, store
+from explainer import agent, examples, ngram, prompts, store
 from explainer.agent import AgentResult, LatentReport, Node, ScoreRow
 from explainer.llm import Writer
 from explainer.ngram import FORMAT, SCORED_KINDS, LatentExamples, Pattern, PatternSet, SimScore
@@ -58,8 +59,10 @@ def _fires(ex: LatentExamples) -> bool:
     return bool((ex.acts[scored_rows(ex, list(SCORED_KINDS))] > 0).any())
 
 
-def _row(sc: SimScore) -> ScoreRow:
-    return ScoreRow("ngram", "ok", sc.score, sc.details(), sc.n_snippets, calls=1, cost=0.0)
+def _row(sc: SimScore, ex: LatentExamples) -> ScoreRow:
+    cols = ngram.score_columns(sc, ex, {})
+    return ScoreRow("ngram", "ok", sc.score, sc.details(), sc.n_snippets, calls=1, cost=0.0,
+                    snippet_set=cols["snippet_set"], stats=dict(getattr(sc, "stats", None) or {}))
 
 
 class _NgramLatent:
@@ -79,7 +82,7 @@ class _NgramLatent:
 
     def _node(self, ps: PatternSet, sc: SimScore, cand: int, rnd: int, parent: Optional[Node]) -> Node:
         node = Node(cand, rnd, parent, FORMAT, None, text=ps.text(), pattern=ps.to_json(), cost=0.0)
-        node.validation, node.extra = _row(sc), ps
+        node.validation, node.extra = _row(sc, self.val), ps
         return node
 
     async def candidate(self, i: int) -> Node:
@@ -145,10 +148,10 @@ class _NgramLatent:
         return self._node(new, sc, best.candidate, round, best)
 
 
-async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, dict_id: int, chunk: Sequence[int],
-                 leftovers: set[int], result: AgentResult, writer: Writer) -> None:
+async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, limits: dict[str, int], dict_id: int,
+                 chunk: Sequence[int], leftovers: set[int], result: AgentResult, writer: Writer) -> None:
     train = ngram.load_split(con, dict_id, "train", chunk)
-    val = ngram.load_split(con, dict_id, "validation", chunk, kinds=SCORED_KINDS, scoring=True)
+    val = ngram.snippet_data(con, dict_id, chunk, "validation", limits)
     have_train, have_val = set(train.latents), set(val.latents)
     work: list[tuple[LatentReport, list[Node], Optional[Node]]] = []
     for lat in chunk:
@@ -165,16 +168,18 @@ async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, dict_id: int,
             nodes, chosen = await agent.search(_NgramLatent(lat, sets, a, val, train), a, rep)
             work.append((rep, nodes, chosen))
     # Heldout is read only here, after every choice in the chunk is made.
-    picked = {rep.latent: [chosen.extra] for rep, _, chosen in work if chosen is not None}
-    held = ngram.score_pattern_sets(con, dict_id, picked, "heldout")
+    picked = [rep.latent for rep, _, chosen in work if chosen is not None]
+    held = ngram.snippet_data(con, dict_id, picked, "heldout", limits)
+    have_held = set(held.latents)
+    meta = {"limits": limits, "model": MODEL, "template_hash": FORMAT, "setup_hash": ngram.setup_hash(limits)}
     for rep, nodes, chosen in work:
         if chosen is not None:
-            got = held.get(rep.latent)
-            chosen.heldout = (_row(got[0]) if got else
+            ex = held.latent(rep.latent) if rep.latent in have_held else None
+            chosen.heldout = (_row(score_examples(chosen.extra, ex, held.index), ex) if ex is not None else
                               ScoreRow("ngram", "failed", error=f"latent {rep.latent} has no heldout examples", cost=0.0))
         agent.finish_latent(rep, nodes, chosen, a)
         rep.chosen_id = agent.queue_rows(writer, con, dict_id=dict_id, latent=rep.latent, model=MODEL,
-                                         run_id=result.run_id, nodes=nodes, score_meta={"limits": None},
+                                         run_id=result.run_id, nodes=nodes, score_meta=meta,
                                          replace=rep.latent in leftovers)
         result.add(rep)
         result.calls += rep.calls_candidates + rep.calls_refine + rep.calls_heldout
@@ -183,6 +188,7 @@ async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, dict_id: int,
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latents: list[int],
         progress: agent.Progress = None) -> AgentResult:
     a = settings.agent
+    limits = examples.counts_of(settings.score, SCORED_KINDS)  # the snippets an LLM simulator would read
     done, leftovers = agent.agent_latents(con, dict_id, MODEL)
     todo = [lat for lat in latents if lat not in done]
     run_id = store.start_run(con, "agent", settings.public_dict())
@@ -191,7 +197,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latent
     with store.recorded_run(con, run_id, result, t0):
         writer = Writer(con)
         for i in range(0, len(todo), CHUNK):
-            asyncio.run(_chunk(con, a, dict_id, todo[i: i + CHUNK], leftovers, result, writer))
+            asyncio.run(_chunk(con, a, limits, dict_id, todo[i: i + CHUNK], leftovers, result, writer))
             writer.flush()  # one transaction per chunk: a killed run keeps the chunks it finished
             if progress is not None:
                 progress({"done": result.chosen + result.failed, "total": len(todo), "chosen": result.chosen,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import duckdb
 
 from explainer.errors import ExplainerError
-from explainer.query import latent_record, rows
+from explainer.query import latent_record, rows, score_text
 from explainer.ui import visible
 
 STYLE = """
@@ -30,7 +30,7 @@ th{cursor:pointer;background:#f6f6f6;position:sticky;top:0}input{font-size:1em;p
 # Rows are built with textContent and setAttribute, never innerHTML: data stays text whatever it holds.
 INDEX_JS = """
 const rows = JSON.parse(document.getElementById('data').textContent);
-let key = 'simulation', desc = true;
+let key = 'validation', desc = true;
 function fmt(v){ if(v===null||v===undefined) return ''; return typeof v==='number' ? String(Number.isInteger(v)? v : v.toPrecision(3)) : String(v); }
 function cell(tr, text, cls){ const td = document.createElement('td'); if(cls) td.className = cls; td.textContent = text; tr.appendChild(td); return td; }
 function render(){
@@ -46,7 +46,9 @@ function render(){
     a.setAttribute('href', 'latent_' + Number(r.latent) + '.html'); a.textContent = String(r.latent);
     cell(tr, '').appendChild(a);
     cell(tr, fmt(r.explanation)); cell(tr, fmt(r.explainer));
-    for (const k of ['simulation', 'ngram_simulation', 'frequency', 'max_act']) cell(tr, fmt(r[k]), 'num');
+    cell(tr, fmt(r.validation), 'num'); cell(tr, fmt(r.simulation), 'num');
+    cell(tr, (r.ci_low===null||r.ci_low===undefined) ? '' : fmt(r.ci_low) + '\u2013' + fmt(r.ci_high), 'num');
+    for (const k of ['ngram_simulation', 'frequency', 'max_act']) cell(tr, fmt(r[k]), 'num');
     return tr; }));
 }
 document.querySelectorAll('th[data-k]').forEach(th => th.onclick = () => {
@@ -105,7 +107,7 @@ def latent_page(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int) -> st
     if not rec.explanations:
         parts.append("<p><i>none yet</i></p>")
     for e in rec.explanations:
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in e["scores"].items()) or "not scored"
+        scores = score_text(e) or "not scored"
         parts.append(f"<div class=expl>{_text(e['text'] or '')}</div>"
                      f"<div class=score>{_text(e['explainer'])} / {_text(e['model'])}: {_text(scores)}</div>")
     parts.append("<h2>Examples</h2>")
@@ -126,11 +128,15 @@ def build(con: duckdb.DuckDBPyConnection, dict_id: int, out: Path,
     except OSError as e:
         raise ExplainerError(f"browse --out {out}: cannot create that folder ({e.strerror or e}); pass another --out") from None
     data = rows(con.execute(
-        """SELECT latent, explanation, explainer, simulation, ngram_simulation, frequency, max_act
+        """SELECT latent, explanation, explainer, validation, simulation, ci_low, ci_high, ngram_simulation,
+                  frequency, max_act
            FROM labels WHERE dict_id = ? ORDER BY latent""", [dict_id]))
     name = con.execute("SELECT name FROM dictionaries WHERE id = ?", [dict_id]).fetchone()[0]
     head = ("<tr><th data-k=latent>latent</th><th data-k=explanation>explanation</th><th data-k=explainer>by</th>"
-            "<th data-k=simulation>simulation</th><th data-k=ngram_simulation>n-gram</th>"
+            "<th data-k=validation title='validation simulation score: what chose this label'>validation</th>"
+            "<th data-k=simulation title='held-out simulation score, reported only'>held-out</th>"
+            "<th title='95% bootstrap interval of the held-out score'>95% CI</th>"
+            "<th data-k=ngram_simulation title='the n-gram explanation, same simulator and snippets'>n-gram</th>"
             "<th data-k=frequency>frequency</th><th data-k=max_act>max act</th></tr>")
     payload = _json_for_script(data)
     body = (f"<h1>{_text(name)}</h1><p><input id=q placeholder='search explanations or a latent number'> "

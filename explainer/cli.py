@@ -138,14 +138,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.agent:
             return _explain_agent(args, s, con, dict_id)
         if s.explain.explainer == "ngram":
-            from explainer import ngram
+            from explainer import examples, ngram
 
             latents = store.select_latents(con, dict_id, s.explain.latents)
             with ui.progress_bar("n-gram explain", enabled=not args.json) as bar:
                 ngram.explain_all(con, dict_id, latents, progress=bar)
-            # The n-gram explanation carries its own simulator, so score it on heldout at once.
+            # The n-gram explanation carries its own simulator, so score it at once: on validation (what
+            # selects labels) and heldout, on the snippets an LLM scorer with these settings reads.
             with ui.progress_bar("n-gram score", enabled=not args.json) as bar:
-                ngram.score_all(con, dict_id, "heldout", progress=bar, latents=latents)
+                ngram.score_all(con, dict_id, "both", progress=bar, latents=latents,
+                                limits=examples.counts_of(s.score, ngram.SCORED_KINDS))
             summary = query_ngram_summary(con, dict_id, latents)
             ui.emit_mapping(summary, as_json=args.json, title="n-gram explanations")
             return 0
@@ -180,6 +182,7 @@ def query_ngram_summary(con: Any, dict_id: int, latents: list[int]) -> dict[str,
                   count(DISTINCT e.latent) FILTER (WHERE e.status = 'failed'),
                   quantile_cont(s.score, [0.25, 0.5, 0.75])
            FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok' AND s.split = 'heldout'
+                AND s.mode = 'ngram'  -- the n-gram simulator's scores only: one simulator, one snippet set
            WHERE e.dict_id = ? AND e.explainer = 'ngram' AND list_contains(?, e.latent)""",
         [dict_id, latents],
     ).fetchone()
@@ -227,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ui.emit_mapping(res.summary(), as_json=True)
         return 0
     ui.emit(res.stages, as_json=False, title="stages")
-    ui.emit(res.labels, as_json=False, title="labels: best explanation per latent (held-out simulation score)")
+    ui.emit(res.labels, as_json=False, title="labels: best explanation per latent (chosen on validation; held-out score reported)")
     db = s.db
     from explainer import query, store
 

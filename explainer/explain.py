@@ -1,6 +1,6 @@
 """`explainer explain`: one LLM call per latent turns its train-split examples into a short explanation.
 
-Only `train`-split examples reach the prompt (enforced in the SQL below), so the
+Only `train`-split examples reach the prompt (the shared loader's SQL reads one split), so the
 held-out split stays unseen for scoring. The run is resumable: a latent that already has
 an `ok` explanation from the same model and template hash is skipped, a latent whose last
 attempt failed is tried again (its failure row is replaced in the same transaction), and
@@ -18,23 +18,15 @@ from typing import Any, Callable, Optional
 import duckdb
 from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
-from explainer import llm_pass, prompts, store
+from explainer import examples as example_store, llm_pass, prompts, store
 from explainer.errors import ExplainerError
+from explainer.examples import Example
 from explainer.llm import CallFailed, LLMClient, Reply, gather_or_cancel, reason_kind, resolve_endpoint
 from explainer.settings import ExplainSettings, Settings
 
 REQUIRED_PLACEHOLDERS = ("top_examples",)
 # Latents whose examples are read in one query: one round trip instead of one per latent.
 CHUNK = 64
-
-
-@dataclass
-class Example:
-    kind: str
-    rank: int
-    max_act: float
-    acts: list[float]
-    tokens: list[str]
 
 
 @dataclass
@@ -137,31 +129,8 @@ def parse_explanation(reply: Reply, max_chars: int = 300) -> str:
 def load_train_examples(con: duckdb.DuckDBPyConnection, dict_id: int, latents: list[int],
                         s: ExplainSettings) -> dict[int, list[Example]]:
     """Top, quantile (spread over bins) and non-activating examples of the train split only."""
-    # Arrow then to_pylist() decodes the list columns ~3x faster than fetchall().
-    rows = con.sql(
-        """
-        WITH e AS (
-            SELECT e.latent, e.kind, e.rank, e.max_act, e.acts, c.tokens,
-                   row_number() OVER (PARTITION BY e.latent, e.kind, e.bin ORDER BY e.rank) AS in_bin,
-                   e.bin
-            FROM examples e
-            JOIN contexts c ON c.dict_id = e.dict_id AND c.context_id = e.context_id
-            WHERE e.dict_id = ? AND list_contains(?, e.latent)
-              AND e.latent BETWEEN ? AND ?   -- lets zone maps skip row groups of other latents
-              AND e.split = 'train' AND c.split = 'train'   -- the explainer never sees held-out text
-              AND e.kind IN ('top', 'quantile', 'nonactivating')
-        )
-        SELECT latent, kind, rank, max_act, acts, tokens FROM e
-        QUALIFY row_number() OVER (PARTITION BY latent, kind ORDER BY in_bin, bin DESC NULLS LAST, rank)
-                <= CASE kind WHEN 'top' THEN ? WHEN 'quantile' THEN ? ELSE ? END
-        ORDER BY latent, kind, rank
-        """,
-        params=[dict_id, latents, min(latents), max(latents), s.n_top, s.n_quantile, s.n_nonactivating],
-    ).to_arrow_table().to_pylist()
-    out: dict[int, list[Example]] = {lat: [] for lat in latents}
-    for r in rows:
-        out[r["latent"]].append(Example(r["kind"], r["rank"], float(r["max_act"]), r["acts"], r["tokens"]))
-    return out
+    counts = {"top": s.n_top, "quantile": s.n_quantile, "nonactivating": s.n_nonactivating}
+    return example_store.load(con, dict_id, latents, "train", counts)
 
 
 def prompt_values(examples: list[Example]) -> Optional[dict[str, str]]:

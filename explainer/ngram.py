@@ -7,8 +7,11 @@ encoding, and results are written per chunk of latents in one transaction each, 
 killed run keeps what it finished and a rerun skips it.
 
 Explanations: explainer='ngram', model='ngram', template='ngram-v1', pattern = the JSON
-of ngram_fit.PatternSet. Scores: scorer='simulation', mode='ngram', on validation or
-heldout only (the SQL refuses train contexts).
+of ngram_fit.PatternSet. Scores: scorer='simulation', mode='ngram', model='ngram', on validation
+or heldout only (the SQL refuses train contexts). Fitting reads whole splits in bulk
+(`load_split`); scoring reads the shared loader's snippets (examples.py, `snippet_data`), the
+very snippets an LLM simulator with the same counts scores (default: score settings' 5/5/5), so
+both scores carry the same `snippet_set` and compare like with like.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from explainer import store
+from explainer import examples, store
 from explainer.errors import ExplainerError
 from explainer.ngram_fit import (  # noqa: F401  (re-exported: the agent and the benchmark use them from here)
     KEY_BASE, ALL_KINDS, FORMAT, MODES, SCORED_KINDS, LatentExamples, Pattern, PatternSet, SimScore, candidate_sets,
@@ -147,6 +150,68 @@ def load_split(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, latents
     )
 
 
+def default_limits() -> dict[str, int]:
+    """Snippets per kind an n-gram score reads unless told: the LLM scorers' defaults, so both match."""
+    from explainer.settings import ScoreSettings
+
+    return examples.counts_of(ScoreSettings.model_validate({}), SCORED_KINDS)
+
+
+def snippet_data(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int], split: str,
+                 limits: Optional[Mapping[str, int]] = None) -> SplitData:
+    """The simulation snippets of `latents` on a scoring split, from the shared loader, as arrays.
+
+    Each context once (top before quantile before random), exactly what an LLM simulator with
+    the same counts reads; `limits` per kind, default `default_limits()`."""
+    counts = default_limits() if limits is None else dict(limits)
+    got = examples.load(con, dict_id, latents, split, counts, scoring=True)
+    snips = {lat: examples.simulation_snippets(got[lat]) for lat in sorted(got)}
+    exact_index: dict[str, int] = {}
+    ctx_row: dict[int, int] = {}
+    ctx_tokens: list[list[str]] = []
+    for rows in snips.values():
+        for x in rows:
+            if x.context_id not in ctx_row:
+                ctx_row[x.context_id] = len(ctx_tokens)
+                ctx_tokens.append(x.tokens)
+                for t in x.tokens:
+                    exact_index.setdefault(t, len(exact_index))
+    if len(exact_index) >= KEY_BASE:
+        raise ExplainerError(f"{len(exact_index)} distinct token strings exceed the n-gram explainer's limit of {KEY_BASE}")
+    width = max((len(t) for t in ctx_tokens), default=0)
+    tok_mat = np.full((len(ctx_tokens), width), -1, dtype=np.int64)
+    for i, toks in enumerate(ctx_tokens):
+        tok_mat[i, :len(toks)] = [exact_index[t] for t in toks]
+    vocab = list(exact_index)
+    norm_index: dict[str, int] = {}
+    norm_of = np.array([norm_index.setdefault(normalize(t), len(norm_index)) for t in vocab] + [-1], dtype=np.int64)
+    flat = [(lat, x) for lat, rows in snips.items() for x in rows]
+    acts = np.zeros((len(flat), width), dtype=np.float32)
+    for i, (_, x) in enumerate(flat):
+        acts[i, :len(x.acts)] = x.acts[:width]
+    ex_ctx = np.array([x.context_id for _, x in flat], dtype=np.int64)
+    return SplitData(
+        split=split, exact_index=exact_index, norm_index=norm_index, vocab=(vocab, list(norm_index)),
+        ctx_exact=tok_mat, ctx_norm=norm_of[tok_mat], ex_latent=np.array([lat for lat, _ in flat], dtype=np.int64),
+        ex_kind=np.asarray([x.kind for _, x in flat], dtype=object), ex_context=ex_ctx,
+        ex_row=np.array([ctx_row[c] for c in ex_ctx.tolist()], dtype=np.int64), ex_acts=acts,
+    )
+
+
+def setup_hash(limits: Mapping[str, int]) -> str:
+    """The n-gram simulator's setup: which snippets it reads (it has no model, template or seed)."""
+    return hashlib.sha256(json.dumps({"limits": dict(limits)}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def score_columns(sc: Optional[SimScore], ex: Optional[LatentExamples], limits: Mapping[str, int]) -> dict[str, Any]:
+    """Provenance and statistics columns of an n-gram simulation score row."""
+    stats = getattr(sc, "stats", None) or {}
+    return {"model": "ngram", "template_hash": FORMAT, "setup_hash": setup_hash(limits),
+            "snippet_set": store.snippet_hash([(int(c), str(k)) for c, k in zip(ex.context_ids, ex.kinds)])
+            if ex is not None and len(ex.context_ids) else None,
+            **store.stat_columns("simulation", None if sc is None else sc.score, stats)}
+
+
 # --- database entry points -------------------------------------------------------------------
 
 Progress = Optional[Callable[[dict[str, Any]], None]]  # {"done", "total"}, as the CLI progress bar takes
@@ -169,13 +234,14 @@ class ScoreResult:
     scored: int
     failed: int
     skipped: int
-    mean_score: Optional[float]
+    mean_score: Optional[float]  # over the scores of `split` only
     seconds: float
+    split: str = ""
 
     def summary(self) -> dict[str, Any]:
         return {"scorer": "simulation (ngram)", "scored": self.scored, "failed": self.failed,
                 "skipped (already scored)": self.skipped,
-                "mean score": None if self.mean_score is None else round(self.mean_score, 4),
+                f"mean score ({self.split})": None if self.mean_score is None else round(self.mean_score, 4),
                 "seconds": round(self.seconds, 2)}
 
 
@@ -235,14 +301,13 @@ def explain_all(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Optional[
 
 def score_pattern_sets(con: duckdb.DuckDBPyConnection, dict_id: int, sets: Mapping[int, Sequence[PatternSet]],
                        split: str = "validation", limits: Optional[Mapping[str, int]] = None) -> dict[int, list[SimScore]]:
-    """Score any pattern sets per latent on validation or heldout (the agent's selection step).
-
-    A latent without examples on the split gets no entry.
+    """Score any pattern sets per latent on validation or heldout (the agent's selection step),
+    on the shared loader's snippets (`snippet_data`). A latent without examples on the split gets no entry.
     """
     out: dict[int, list[SimScore]] = {}
     latents = sorted(sets)
     for chunk in _chunks(latents, 1024):
-        data = load_split(con, dict_id, split, chunk, kinds=SCORED_KINDS, limits=limits, scoring=True)
+        data = snippet_data(con, dict_id, chunk, split, limits)
         have = set(data.latents)
         for latent in chunk:
             if latent in have:
@@ -257,22 +322,30 @@ def score_all(con: duckdb.DuckDBPyConnection, dict_id: int, split: str = "heldou
               run_id: Optional[int] = None) -> ScoreResult:
     """Simulate every explanation that carries an n-gram pattern and store its score.
 
-    `limits` caps the snippets per kind ({"top": 5, ...}, lowest ranks first) so the
-    n-gram scores the same snippets as an LLM scorer with those settings; default all.
-    Explanations already scored by this scorer on this split are skipped.
+    `limits` caps the snippets per kind ({"top": 5, ...}) as the shared loader does for an LLM
+    scorer with those counts; default `default_limits()` (the score settings' defaults).
+    split = "both" scores validation (what selects labels) and then heldout. Explanations
+    already scored by this simulator with these limits on a split are skipped.
     """
+    if split == "both":
+        parts = [score_all(con, dict_id, sp, explanation_filter, progress, latents=latents, limits=limits,
+                           run_id=run_id) for sp in ("validation", "heldout")]
+        # Counts add up; the mean is heldout's (a mean over both splits would mix them).
+        return ScoreResult(sum(p.scored for p in parts), sum(p.failed for p in parts), sum(p.skipped for p in parts),
+                           parts[1].mean_score, sum(p.seconds for p in parts), "heldout")
     t0 = time.perf_counter()
     if split == "train":
         raise ExplainerError("scorers read only validation or heldout examples, never train (pass --split heldout)")
+    counts = default_limits() if limits is None else dict(limits)
     extra = f"AND ({explanation_filter})" if explanation_filter else ""
     lat_sql = "AND list_contains($latents, latent)" if latents is not None else ""
-    params: dict[str, Any] = {"d": dict_id, "s": split}
+    params: dict[str, Any] = {"d": dict_id, "s": split, "sh": setup_hash(counts)}
     if latents is not None:
         params["latents"] = [int(x) for x in latents]
     try:
         rows = con.execute(f"""
             SELECT id, latent, pattern::VARCHAR, id IN (SELECT explanation_id FROM scores WHERE dict_id = $d
-                   AND scorer = 'simulation' AND mode = 'ngram' AND split = $s) AS done
+                   AND scorer = 'simulation' AND mode = 'ngram' AND split = $s AND setup_hash = $sh) AS done
             FROM explanations WHERE dict_id = $d AND status = 'ok' AND pattern IS NOT NULL
                  AND (explainer <> 'agent' OR chosen)  -- an agent's unchosen steps: see score.select_explanations
                  AND json_extract_string(pattern, '$.format') = '{FORMAT}' {lat_sql} {extra}
@@ -289,39 +362,48 @@ def score_all(con: duckdb.DuckDBPyConnection, dict_id: int, split: str = "heldou
     scored = failed = 0
     total = 0.0
     for chunk in _chunks(sorted(by_latent), 1024):
-        data = load_split(con, dict_id, split, chunk, kinds=SCORED_KINDS, limits=limits, scoring=True)
+        data = snippet_data(con, dict_id, chunk, split, counts)
         have = set(data.latents)
-        cols: dict[str, list[Any]] = {k: [] for k in ("explanation_id", "latent", "score", "details",
-                                                      "n_snippets", "status", "error")}
+        out: list[dict[str, Any]] = []
         for latent in chunk:
             ex = data.latent(latent) if latent in have else None
             for eid, ps in by_latent[latent]:
                 s = score_examples(ps, ex, data.index) if ex is not None else None
-                cols["explanation_id"].append(eid)
-                cols["latent"].append(latent)
-                cols["score"].append(None if s is None else s.score)
-                cols["details"].append(None if s is None else json.dumps({**s.details(), "limits": limits or None}))
-                cols["n_snippets"].append(0 if s is None else s.n_snippets)
-                cols["status"].append("failed" if s is None else "ok")
-                cols["error"].append(f"latent {latent} has no {split} examples" if s is None else None)
+                stats = getattr(s, "stats", None) or {}
+                details = None if s is None else {**s.details(), "limits": counts, **({"stats": stats} if stats else {})}
+                out.append({
+                    "explanation_id": eid, "latent": latent, "score": None if s is None else s.score,
+                    "details": None if details is None else json.dumps(details),
+                    "n_snippets": 0 if s is None else s.n_snippets, "status": "failed" if s is None else "ok",
+                    "error": f"latent {latent} has no {split} examples" if s is None else None,
+                    **score_columns(s, ex, counts)})
                 if s is None:
                     failed += 1
                 else:
                     scored += 1
                     total += s.score
-        n = len(cols["latent"])
-        table = pa.table({
-            "explanation_id": pa.array(cols["explanation_id"], pa.int64()),
-            "dict_id": pa.array([dict_id] * n, pa.int32()), "latent": pa.array(cols["latent"], pa.int32()),
-            "scorer": pa.array(["simulation"] * n), "mode": pa.array(["ngram"] * n), "split": pa.array([split] * n),
-            "score": pa.array(cols["score"], pa.float64()), "details": pa.array(cols["details"], pa.string()),
-            "n_snippets": pa.array(cols["n_snippets"], pa.int32()), "status": pa.array(cols["status"]),
-            "error": pa.array(cols["error"], pa.string()), "run_id": pa.array([run_id] * n, pa.int64()),
-            "cost": pa.array([0.0] * n), "created_at": pa.array([store.now()] * n, pa.timestamp("us")),
-        })
-        with store.transaction(con):
-            store.insert_arrow(con, "scores", table)
+        _insert_scores(con, dict_id, split, run_id, out)
         if progress:
             progress({"done": scored + failed, "total": len(todo)})
     return ScoreResult(scored, failed, len(rows) - len(todo), total / scored if scored else None,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, split)
+
+
+def _insert_scores(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, run_id: Optional[int],
+                   out: list[dict[str, Any]]) -> None:
+    n = len(out)
+    if not n:
+        return
+    col = {k: [r[k] for r in out] for k in out[0]}
+    types = {"explanation_id": pa.int64(), "latent": pa.int32(), "score": pa.float64(), "details": pa.string(),
+             "n_snippets": pa.int32(), "error": pa.string(), "snippet_set": pa.string(), "ci_low": pa.float64(),
+             "ci_high": pa.float64(), "baseline": pa.float64(), "score_top_random": pa.float64(),
+             "score_all": pa.float64()}
+    table = pa.table({
+        **{k: pa.array(v, types.get(k)) for k, v in col.items()},
+        "dict_id": pa.array([dict_id] * n, pa.int32()), "scorer": pa.array(["simulation"] * n),
+        "mode": pa.array(["ngram"] * n), "split": pa.array([split] * n), "run_id": pa.array([run_id] * n, pa.int64()),
+        "cost": pa.array([0.0] * n), "created_at": pa.array([store.now()] * n, pa.timestamp("us")),
+    })
+    with store.transaction(con):
+        store.insert_arrow(con, "scores", table)

@@ -3,7 +3,10 @@
 Each stage is already resumable on its own (train checkpoints, sample state files, explain
 and score skip what the DB holds), so a rerun after an interruption continues where it
 stopped. The n-gram baseline explains and scores every latent offline; the LLM explainer and
-simulator run on a chosen set of latents when an endpoint is given (or --local).
+simulator run on a chosen set of latents when an endpoint is given (or --local). Every score is
+taken on validation (what the `labels` view selects on) and heldout (only reported), and the LLM
+simulator scores the n-gram explanations of the chosen latents too, on the same snippets, so
+the LLM-vs-n-gram comparison is like with like.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def llm_latent_selector(con: Any, dict_id: int, n: int) -> str:
 
 def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactory = _no_bar,
         lm: Any = None) -> PipelineResult:
-    from explainer import explain, ngram, sample, score, train
+    from explainer import examples, explain, ngram, sample, score, train
 
     stages: list[dict[str, Any]] = []
 
@@ -89,18 +92,20 @@ def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactor
         with bars("n-gram explain") as bar:
             ngram.explain_all(con, dict_id, progress=bar, run_id=run_id)
         with bars("n-gram score") as bar:
-            ngram.score_all(con, dict_id, "heldout", progress=bar, run_id=run_id)
+            ngram.score_all(con, dict_id, "both", progress=bar, run_id=run_id,
+                            limits=examples.counts_of(settings.score, ngram.SCORED_KINDS))
         n_ok = con.execute("SELECT count(*) FROM explanations WHERE dict_id = ? AND explainer = 'ngram' AND status = 'ok'",
                            [dict_id]).fetchone()[0]
         stages.append({"stage": "n-gram", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
-                       "detail": f"{n_ok} latents explained and scored on heldout"})
+                       "detail": f"{n_ok} latents explained and scored on validation and heldout"})
 
         if llm:
             selector = llm_latent_selector(con, dict_id, llm_latents)
             s = settings.model_copy(deep=True)
             s.explain.latents = selector
             s.score.latents = selector
-            s.score.explanations = "explainer = 'llm'"
+            s.score.explanations = "explainer IN ('llm', 'ngram')"  # like with like: one simulator, one snippet set
+            s.score.split = "both"
             t0 = time.perf_counter()
             with bars("LLM explain") as bar:
                 eres = explain.run(con, s, dict_id, progress=bar)
@@ -112,8 +117,9 @@ def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactor
                                      f"({eres.cache_hits + scres.cache_hits} from cache)"})
         store.finish_run(con, run_id, "done", {"stages": stages})
         labels = [dict(zip([d[0] for d in cur.description], r)) for cur in [con.execute(
-            """SELECT latent, explanation, explainer, round(simulation, 3) AS simulation,
+            """SELECT latent, explanation, explainer, selected_by, round(validation, 3) AS validation,
+                      round(simulation, 3) AS heldout, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
                       round(ngram_simulation, 3) AS ngram, round(frequency, 5) AS frequency
                FROM labels WHERE dict_id = ? AND explanation IS NOT NULL
-               ORDER BY simulation DESC NULLS LAST, latent LIMIT 15""", [dict_id])] for r in cur.fetchall()]
+               ORDER BY validation DESC NULLS LAST, latent LIMIT 15""", [dict_id])] for r in cur.fetchall()]
     return PipelineResult(settings.db, dict_id, stages, labels)

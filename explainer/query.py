@@ -14,7 +14,9 @@ from typing import Any, Optional
 
 import duckdb
 
+from explainer import examples as example_store
 from explainer.errors import ExplainerError
+from explainer.examples import Example
 
 TABLES = ("dictionaries", "contexts", "latents", "examples", "explanations", "scores", "llm_calls", "runs")
 
@@ -54,7 +56,8 @@ def search(con: duckdb.DuckDBPyConnection, query: str, *, dict_id: Optional[int]
             GROUP BY tf.id
         )
         SELECT d.latent, d.text AS explanation, d.explainer, d.model, round(r.relevance, 3) AS relevance,
-               max(s.score) FILTER (WHERE s.scorer = 'simulation' AND s.split = 'heldout') AS simulation,
+               -- the latest held-out simulation score (reported; the best of several would flatter)
+               arg_max(s.score, s.id) FILTER (WHERE s.scorer = 'simulation' AND s.split = 'heldout') AS simulation,
                l.frequency, d.dict_id, d.id AS explanation_id
         FROM ranked r JOIN docs d USING (id)
         LEFT JOIN scores s ON s.explanation_id = d.id AND s.status = 'ok'
@@ -67,17 +70,6 @@ def search(con: duckdb.DuckDBPyConnection, query: str, *, dict_id: Optional[int]
     if dict_id is not None:
         params["dict"] = dict_id
     return rows(con.execute(sql, params))
-
-
-@dataclass
-class Example:
-    kind: str
-    split: str
-    rank: int
-    context_id: int
-    max_act: float
-    tokens: list[str]
-    acts: list[float]
 
 
 @dataclass
@@ -98,6 +90,26 @@ class LatentRecord:
         }
 
 
+def score_key(r: dict[str, Any]) -> str:
+    """scorer/mode/model/split of a score row, e.g. simulation/json/gpt-4o-mini/heldout."""
+    return "/".join(str(r.get(k) if r.get(k) is not None else "?") for k in ("scorer", "mode", "model", "split"))
+
+
+def score_text(expl: dict[str, Any]) -> str:
+    """An explanation's scores for people: the latest per scorer/mode/model/split, with its 95%
+    interval and trivial baseline where recorded, e.g. `simulation/json/m/heldout 0.61 [0.50, 0.72] (baseline 0.00)`."""
+    latest = {score_key(r): r for r in expl.get("score_rows", [])}
+    parts = []
+    for key, r in latest.items():
+        text = f"{key} {r['score']:.3f}"
+        if r.get("ci_low") is not None and r.get("ci_high") is not None:
+            text += f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+        if r.get("baseline") is not None:
+            text += f" (baseline {r['baseline']:.2f})"
+        parts.append(text)
+    return ", ".join(parts)
+
+
 def latent_record(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int, *,
                   splits: tuple[str, ...] = ("train", "heldout"), per_kind: int = 10) -> LatentRecord:
     stat_rows = rows(con.execute("SELECT * FROM latents WHERE dict_id = ? AND latent = ?", [dict_id, latent]))
@@ -106,25 +118,24 @@ def latent_record(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int, *,
         raise ExplainerError(f"latent {latent} not found: the dictionary has latents 0..{n - 1}" if n else
                              "the database has no sampled latents (run `explainer sample` first)")
     expl = rows(con.execute(
-        """SELECT e.id, e.explainer, e.model, e.template, e.text, e.round, e.parent_id, e.chosen,
-                  map_from_entries(list({'k': s.scorer || '/' || s.split, 'v': s.score})
-                                   FILTER (WHERE s.score IS NOT NULL)) AS scores
-           FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok'
-           WHERE e.dict_id = ? AND e.latent = ? AND e.status = 'ok'
-           GROUP BY ALL ORDER BY e.id""",
-        [dict_id, latent],
-    ))
+        """SELECT id, explainer, model, template, text, round, parent_id, chosen FROM explanations
+           WHERE dict_id = ? AND latent = ? AND status = 'ok' ORDER BY id""", [dict_id, latent]))
+    # One explanation can hold many scores (json and logprobs modes, an LLM and the n-gram simulator,
+    # two setups, two splits): a list of rows, and a map keyed by everything that tells them apart
+    # but the setup, where the latest row of a key wins (keys are unique by construction).
+    score_rows = rows(con.execute(
+        """SELECT explanation_id, scorer, mode, model, split, score, ci_low, ci_high, baseline, score_top_random,
+                  n_snippets, snippet_set, template_hash, setup_hash
+           FROM scores WHERE dict_id = ? AND latent = ? AND status = 'ok' AND score IS NOT NULL ORDER BY id""",
+        [dict_id, latent]))
     for e in expl:
-        e["scores"] = {k: round(v, 4) for k, v in (e["scores"] or {}).items()}
-    ex_rows = con.execute(
-        """SELECT x.kind, x.split, x.rank, x.context_id, x.max_act, c.tokens, x.acts
-           FROM examples x JOIN contexts c ON c.dict_id = x.dict_id AND c.context_id = x.context_id
-           WHERE x.dict_id = ? AND x.latent = ? AND list_contains(?, x.split) AND x.rank < ?
-           ORDER BY x.split DESC, CASE x.kind WHEN 'top' THEN 0 WHEN 'quantile' THEN 1
-                    WHEN 'random' THEN 2 ELSE 3 END, x.rank""",
-        [dict_id, latent, list(splits), per_kind],
-    ).fetchall()
-    examples = [Example(r[0], r[1], r[2], r[3], float(r[4]), list(r[5]), [float(a) for a in r[6]]) for r in ex_rows]
+        mine = [{k: v for k, v in r.items() if k != "explanation_id"} for r in score_rows if r["explanation_id"] == e["id"]]
+        e["score_rows"] = mine
+        e["scores"] = {score_key(r): round(r["score"], 4) for r in mine}
+    # The shared loader: per kind the examples the explainer and the scorers read (quantile spread over bins).
+    counts = {k: per_kind for k in example_store.KINDS}
+    examples = [x for split in sorted(splits, reverse=True)
+                for x in example_store.load(con, dict_id, [latent], split, counts)[latent]]
     return LatentRecord(dict_id, latent, stat_rows[0], expl, examples)
 
 

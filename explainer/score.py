@@ -10,7 +10,11 @@ with the reason and a NULL score. Scorers:
   random non-firing tokens. The model says whether the highlights match. Score: accuracy.
 
 Only `heldout` or `validation` text is read: the split is checked here and again in the SQL
-of `load_snippets`, so a train-split context cannot reach a prompt. The stage is resumable:
+of the shared example loader (examples.py), so a train-split context cannot reach a prompt.
+`--set score.split=both` scores validation (what the `labels` view selects on) and then
+heldout (only reported) in one run. Each row records its provenance as columns (model,
+template_hash, setup_hash), the snippets it was computed on (snippet_set) and the score's
+statistics (ci_low, ci_high, baseline, score_top_random, score_all). The stage is resumable:
 a combination already scored ok with the same simulator model, template and setup (snippet
 counts, per_call, seed, temperature) is skipped, a failed
 one is retried (its failure row replaced in the same transaction), and answers already paid
@@ -31,15 +35,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import duckdb
 
-from explainer import llm_pass, prompts, store
+from explainer import examples, llm_pass, prompts, store
 from explainer.errors import ExplainerError
 from explainer.llm import LLMClient, gather_or_cancel, reason_kind, resolve_endpoint
 from explainer.judge import detection_items, fuzzing_items, judge
 from explainer.settings import ScoreSettings, Settings
-from explainer.simulate import KINDS, Outcome, ScoreFailed, Snippet, Spend, check_template, simulate, unique
+from explainer.simulate import Outcome, ScoreFailed, Snippet, Spend, check_template, simulate
 
 SCORERS = ("simulation", "detection", "fuzzing")
-SCORE_SPLITS = ("heldout", "validation")
+SCORE_SPLITS = examples.SCORE_SPLITS
 CHUNK = 256  # latents whose snippets are read in one query
 
 
@@ -56,9 +60,12 @@ def parse_scorers(text: str) -> list[str]:
 
 
 def check_split(split: str) -> None:
-    if split not in SCORE_SPLITS:
-        raise ExplainerError(f"split {split!r} cannot be scored: scorers read heldout or validation only "
-                             "(train is what the explainer saw)")
+    examples.check_split(split)
+
+
+def splits_of(s: ScoreSettings) -> list[str]:
+    """The splits one score run writes, validation first (it is what selects; heldout only reports)."""
+    return ["validation", "heldout"] if s.split == "both" else [s.split]
 
 
 def setup_of(settings: Settings, scorer: str) -> dict[str, Any]:
@@ -99,35 +106,17 @@ def load_template(s: ScoreSettings, scorer: str) -> prompts.Template:
 
 def load_snippets(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int], split: str,
                   s: ScoreSettings) -> dict[int, list[Snippet]]:
-    """Each latent's top, quantile (spread over bins), random and non-activating snippets of `split`."""
+    """Each latent's top, quantile (spread over bins), random and non-activating snippets of `split`,
+    through the shared loader (every scorer and the agent see the same ones)."""
     check_split(split)
-    rows = con.execute(
-        """
-        WITH e AS (
-            SELECT e.latent, e.kind, e.rank, e.bin, e.max_act, e.acts, e.context_id, c.tokens,
-                   row_number() OVER (PARTITION BY e.latent, e.kind, e.bin ORDER BY e.rank) AS in_bin
-            FROM examples e
-            JOIN contexts c ON c.dict_id = e.dict_id AND c.context_id = e.context_id
-            WHERE e.dict_id = $dict AND list_contains($latents, e.latent)
-              AND $split IN ('heldout', 'validation')  -- never train: that text was shown to the explainer
-              AND e.split = $split AND c.split = $split
-              AND len(e.acts) = len(c.tokens)
-        )
-        SELECT latent, kind, rank, max_act, acts, context_id, tokens FROM e
-        QUALIFY row_number() OVER (PARTITION BY latent, kind ORDER BY in_bin, bin DESC NULLS LAST, rank)
-                <= CASE kind WHEN 'top' THEN $top WHEN 'quantile' THEN $quantile
-                             WHEN 'random' THEN $random WHEN 'nonactivating' THEN $non ELSE 0 END
-        ORDER BY latent, kind, rank
-        """,
-        {"dict": dict_id, "latents": list(latents), "split": split, "top": s.n_top, "quantile": s.n_quantile,
-         "random": s.n_random, "non": s.n_nonactivating},
-    ).fetchall()
-    out: dict[int, list[Snippet]] = {lat: [] for lat in latents}
-    for latent, kind, rank, max_act, acts, cid, tokens in rows:
-        out[latent].append(Snippet(cid, kind, rank, float(max_act), list(tokens), [float(a) for a in acts]))
-    for snips in out.values():
-        snips.sort(key=lambda x: (KINDS.index(x.kind) if x.kind in KINDS else 9, x.rank))
-    return out
+    return examples.load(con, dict_id, latents, split, examples.counts_of(s), scoring=True)
+
+
+def scored_set(scorer: str, snippets: Sequence[Snippet], outcome: Optional[Outcome] = None) -> Optional[str]:
+    """snippet_set of a score: the snippets its results are on, or those it was to read (failed)."""
+    if outcome is not None and outcome.results:
+        return examples.snippet_set([r.snippet for r in outcome.results])
+    return examples.snippet_set(examples.simulation_snippets(snippets) if scorer == "simulation" else snippets)
 
 
 def select_explanations(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int],
@@ -157,8 +146,7 @@ async def score_explanation(llm: LLMClient, s: ScoreSettings, scorer: str, tpl: 
     spend = Spend()
     try:
         if scorer == "simulation":
-            sim = unique([x for x in snippets if x.kind in ("top", "quantile", "random")])
-            return await simulate(llm, s, tpl, explanation, sim, latent, spend)
+            return await simulate(llm, s, tpl, explanation, examples.simulation_snippets(snippets), latent, spend)
         items = (detection_items if scorer == "detection" else fuzzing_items)(snippets, latent, s.seed)
         return await judge(llm, s, scorer, tpl, explanation, items, latent, spend)
     except ScoreFailed as e:
@@ -220,7 +208,7 @@ class ScoreResult:
     run_id: int
     dict_id: int
     model: str
-    split: str
+    split: str  # "validation,heldout" with score.split = both
     mode: str
     scorers: list[str]
     requested: int
@@ -233,7 +221,7 @@ class ScoreResult:
     completion_tokens: int = 0
     cost: float = 0.0
     wall_s: float = 0.0
-    per_scorer: dict[str, ScorerStats] = field(default_factory=dict)
+    per_scorer: dict[str, ScorerStats] = field(default_factory=dict)  # by stat_key: one split per entry
     errors: dict[str, int] = field(default_factory=dict)
     batch: Optional[dict[str, Any]] = None  # what --batch did (batch.BatchOutcome.as_dict())
     estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (llm_pass.estimate)
@@ -242,8 +230,10 @@ class ScoreResult:
         """Mean score per scorer, calls and prompt tokens per latent, failures, wall time."""
         out: dict[str, Any] = {"run": self.run_id, "simulator model": self.model, "split": self.split,
                                "scores written": self.ok, "failed": self.failed, "skipped (already scored)": self.skipped}
-        for name, st in self.per_scorer.items():
+        for key, st in self.per_scorer.items():
+            name, _, split = key.partition(" on ")
             label = f"{name} ({self.mode})" if name == "simulation" else name
+            label += f" on {split}" if split else ""
             out[f"{label}: mean score"] = st.score_sum / st.ok if st.ok else None
             out[f"{label}: scored / failed"] = f"{st.ok} / {st.failed}"
             out[f"{label}: calls per latent"] = st.per_latent(st.calls)
@@ -266,6 +256,11 @@ class ScoreResult:
         return data
 
 
+def stat_key(scorer: str, split: str, splits: Sequence[str]) -> str:
+    """Run statistics are kept per split when a run scores two: a mean never mixes them."""
+    return f"{scorer} on {split}" if len(splits) > 1 else scorer
+
+
 @dataclass
 class _Job:
     explanation_id: int
@@ -273,17 +268,18 @@ class _Job:
     text: str
     scorer: str
     retry_failed: bool
+    split: str = "heldout"
 
 
-def _scored(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, model: str) -> dict[tuple, set[str]]:
+def _scored(con: duckdb.DuckDBPyConnection, dict_id: int, splits: list[str], model: str) -> dict[tuple, set[str]]:
     rows = con.execute(
-        """SELECT explanation_id, scorer, mode, details->>'template_hash', details->>'setup_hash', status
-           FROM scores WHERE dict_id = ? AND split = ? AND details->>'model' = ?""",
-        [dict_id, split, model],
+        """SELECT explanation_id, split, scorer, mode, template_hash, setup_hash, status
+           FROM scores WHERE dict_id = ? AND list_contains(?, split) AND model = ?""",
+        [dict_id, splits, model],
     ).fetchall()
     out: dict[tuple, set[str]] = {}
-    for eid, scorer, mode, thash, shash, status in rows:
-        out.setdefault((eid, scorer, mode, thash, shash), set()).add(status)
+    for eid, split, scorer, mode, thash, shash, status in rows:
+        out.setdefault((eid, split, scorer, mode, thash, shash), set()).add(status)
     return out
 
 
@@ -296,7 +292,9 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     after submitting, writing no score (`result.batch["ready"]` is False)."""
     s = settings.score
     scorers = parse_scorers(s.scorers)
-    check_split(s.split)
+    splits = splits_of(s)
+    for split in splits:
+        check_split(split)
     if settings.llm.batch and s.mode == "all_at_once" and "simulation" in scorers:
         raise ExplainerError("--mode all_at_once reads echoed prompt logprobs, which the Batch API does not return; "
                              "run it without --batch (against vLLM or llama.cpp), or use --mode json with --batch")
@@ -306,18 +304,20 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     latents = store.select_latents(con, dict_id, s.latents)
     explanations = select_explanations(con, dict_id, latents, s.explanations)
     model = settings.llm.model
-    done = _scored(con, dict_id, s.split, model)
+    done = _scored(con, dict_id, splits, model)
     jobs: list[_Job] = []
     for eid, latent, text in explanations:
-        for name in scorers:
-            key = (eid, name, mode_of(s, name), templates[name].sha256, _setup_hash(setups[name]))
-            status = done.get(key, set())
-            if "ok" not in status:
-                jobs.append(_Job(eid, latent, text, name, "failed" in status))
+        for split in splits:
+            for name in scorers:
+                key = (eid, split, name, mode_of(s, name), templates[name].sha256, _setup_hash(setups[name]))
+                status = done.get(key, set())
+                if "ok" not in status:
+                    jobs.append(_Job(eid, latent, text, name, "failed" in status, split))
+    requested = len(explanations) * len(scorers) * len(splits)
     run_id = store.start_run(con, "score", settings.public_dict())
-    result = ScoreResult(run_id, dict_id, model, s.split, s.mode, scorers, requested=len(explanations) * len(scorers),
-                         skipped=len(explanations) * len(scorers) - len(jobs),
-                         per_scorer={name: ScorerStats() for name in scorers})
+    result = ScoreResult(run_id, dict_id, model, ",".join(splits), s.mode, scorers, requested=requested,
+                         skipped=requested - len(jobs),
+                         per_scorer={stat_key(name, split, splits): ScorerStats() for name in scorers for split in splits})
     t0 = time.perf_counter()
 
     def stage_pass(make_client: Callable[..., LLMClient], res: ScoreResult, prog: Any) -> None:
@@ -337,24 +337,28 @@ async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id
                      make_client: Callable[..., LLMClient] = LLMClient) -> None:
     s = settings.score
     model = settings.llm.model
+    splits = splits_of(s)
     pending = deque(jobs)
-    left: dict[int, int] = {}
+    left: dict[tuple[int, str], int] = {}
     for job in jobs:
-        left[job.latent] = left.get(job.latent, 0) + 1
-    loaded: dict[int, list[Snippet]] = {}
+        left[job.latent, job.split] = left.get((job.latent, job.split), 0) + 1
+    loaded: dict[tuple[int, str], list[Snippet]] = {}
     last_report = [0.0]
 
     def next_job() -> Optional[tuple[_Job, list[Snippet]]]:
         if not pending:
             return None
         job = pending.popleft()
-        if job.latent not in loaded:
-            chunk = list(dict.fromkeys([job.latent] + [j.latent for j in pending if j.latent not in loaded]))[:CHUNK]
-            loaded.update(load_snippets(con, dict_id, chunk, s.split, s))
-        snippets = loaded[job.latent]
-        left[job.latent] -= 1
-        if left[job.latent] == 0:
-            del loaded[job.latent]  # jobs come sorted by latent: hold only the latents in progress
+        key = (job.latent, job.split)
+        if key not in loaded:
+            chunk = list(dict.fromkeys([job.latent] + [j.latent for j in pending
+                                                       if j.split == job.split and (j.latent, j.split) not in loaded]))
+            got = load_snippets(con, dict_id, chunk[:CHUNK], job.split, s)
+            loaded.update({(lat, job.split): snips for lat, snips in got.items()})
+        snippets = loaded[key]
+        left[key] -= 1
+        if left[key] == 0:
+            del loaded[key]  # jobs come sorted by latent: hold only the latents in progress
         return job, snippets
 
     def report(force: bool = False) -> None:
@@ -372,29 +376,34 @@ async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id
         setup = setups[job.scorer]
         details: dict[str, Any] = {"model": model, "template": tpl.name, "template_hash": tpl.sha256,
                                    "setup": setup, "setup_hash": _setup_hash(setup)}
+        outcome: Optional[Outcome] = None
         try:
             outcome = await score_explanation(llm, s, job.scorer, tpl, job.latent, job.text, snippets)
             spend, score, status, error = outcome.spend, outcome.score, "ok", None
             details.update(outcome.details)
+            stats = getattr(outcome, "stats", None) or {}
+            if stats:
+                details["stats"] = stats
             details["snippets"] = snippet_records(outcome)
             n = len(outcome.results)
         except ScoreFailed as e:
-            spend, score, status, error, n = e.spend, None, "failed", e.reason, None
+            spend, score, status, error, n, stats = e.spend, None, "failed", e.reason, None, {}
         details.update(calls=spend.calls, failed_calls=spend.failed_calls, cache_hits=spend.cache_hits)
         if job.retry_failed:
             llm.writer.execute(
                 """DELETE FROM scores WHERE explanation_id = ? AND scorer = ? AND mode = ? AND split = ?
-                   AND status = 'failed' AND details->>'model' = ? AND details->>'template_hash' = ?
-                   AND details->>'setup_hash' = ?""",
-                [job.explanation_id, job.scorer, mode, s.split, model, tpl.sha256, details["setup_hash"]],
+                   AND status = 'failed' AND model = ? AND template_hash = ? AND setup_hash = ?""",
+                [job.explanation_id, job.scorer, mode, job.split, model, tpl.sha256, details["setup_hash"]],
             )
         llm.writer.add("scores", {
             "explanation_id": job.explanation_id, "dict_id": dict_id, "latent": job.latent, "scorer": job.scorer,
-            "mode": mode, "split": s.split, "score": score, "details": json.dumps(details), "n_snippets": n,
+            "mode": mode, "split": job.split, "score": score, "details": json.dumps(details), "n_snippets": n,
             "status": status, "error": error, "run_id": result.run_id, "prompt_tokens": spend.prompt_tokens,
             "completion_tokens": spend.completion_tokens, "cost": spend.cost, "created_at": store.now(),
+            "model": model, "template_hash": tpl.sha256, "setup_hash": details["setup_hash"],
+            "snippet_set": scored_set(job.scorer, snippets, outcome), **store.stat_columns(job.scorer, score, stats),
         })
-        st = result.per_scorer[job.scorer]
+        st = result.per_scorer[stat_key(job.scorer, job.split, splits)]
         st.calls += spend.calls
         st.prompt_tokens += spend.prompt_tokens or 0
         st.completion_tokens += spend.completion_tokens or 0

@@ -236,8 +236,9 @@ class ScoreSettings(Section):
     explanations: Optional[str] = Field(
         None, description="SQL WHERE over the explanations table choosing which ok explanations to score, e.g. \"explainer = 'llm'\""
     )
-    split: Literal["heldout", "validation"] = Field(
-        "heldout", description="split the scorers read (never train): heldout for final scores, validation for selection"
+    split: Literal["heldout", "validation", "both"] = Field(
+        "heldout", description="split the scorers read (never train): heldout for final scores, validation for "
+        "selection (the labels view picks by it), both: validation then heldout in one run"
     )
     n_top: int = Field(5, ge=0, description="top examples per latent (simulation, detection and fuzzing positives)")
     n_quantile: int = Field(5, ge=0, description="quantile examples per latent, spread over the bins (as n_top)")

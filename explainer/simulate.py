@@ -44,6 +44,7 @@ from pydantic import Field, StrictBool, TypeAdapter, ValidationError
 
 from explainer import prompts
 from explainer.errors import ExplainerError
+from explainer.examples import Example
 from explainer.llm import Answer, CallFailed, LLMClient, Reply
 from explainer.metrics import BOOT_LEVEL, BOOT_N, pearson, simulation_stats
 from explainer.settings import ScoreSettings
@@ -56,16 +57,8 @@ LOGPROBS_END = "Activation:"
 # --- data ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Snippet:
-    """One held-out (or validation) example: its tokens and the latent's true activations."""
-
-    context_id: int
-    kind: str  # top | quantile | random | nonactivating
-    rank: int
-    max_act: float
-    tokens: list[str]
-    acts: list[float]
+# One held-out (or validation) example: the shared record of explainer/examples.py.
+Snippet = Example
 
 
 def unique(snippets: Sequence[Snippet]) -> list[Snippet]:

@@ -124,6 +124,8 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[d
 
 def show_latent(rec: Any) -> None:
     """A latent's explanations and examples, each token shaded by its activation."""
+    from explainer import query
+
     st = rec.stats
     scale = float(st.get("max_act") or 0.0)
     console.print(Text.assemble((f"latent {rec.latent}", "bold"), f"  frequency {_fmt(st['frequency'])}  "
@@ -131,7 +133,7 @@ def show_latent(rec: Any) -> None:
     if not rec.explanations:
         console.print("[dim]no explanations yet (explainer explain ...)[/dim]")
     for e in rec.explanations:
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in e["scores"].items()) or "not scored"
+        scores = query.score_text(e) or "not scored"
         console.print(Text.assemble("  ", literal(e["text"], style="bold"), "  ",
                                     literal(f"{e['explainer']}/{e['model']}: {scores}", style="dim")))
     current = None

@@ -149,7 +149,8 @@ def test_scoring_never_reads_train_contexts(con) -> None:
     train_cid, toks = con.execute("SELECT context_id, tokens FROM contexts WHERE split = 'train' LIMIT 1").fetchone()
     acts = [0.0 if t == " sword" else 5.0 for t in toks]
     con.execute("INSERT INTO examples VALUES (?, 0, 'heldout', 'top', 999, ?, 5.0, ?, NULL)", [dict_id, train_cid, acts])
-    ngram.score_all(con, dict_id)
+    # Limits above the example counts, so that the corrupt row (rank 999) would be read if allowed.
+    ngram.score_all(con, dict_id, limits={"top": 100, "quantile": 100, "random": 100})
     score, n_snippets = con.execute("SELECT score, n_snippets FROM scores").fetchone()
     assert n_snippets == n_before
     assert score == pytest.approx(1.0)

@@ -82,6 +82,18 @@ def test_run_with_an_llm_endpoint_labels_and_scores_the_chosen_latents(
     scored = con.execute("SELECT count(*) FROM scores s JOIN explanations e ON e.id = s.explanation_id "
                          "WHERE e.explainer = 'llm' AND s.scorer = 'simulation' AND s.split = 'heldout'").fetchone()[0]
     costs = con.execute("SELECT sum(calls) FROM costs").fetchone()[0]
+    # Like with like: on each split, the LLM simulator scored the LLM and the n-gram explanation of
+    # every chosen latent on one snippet set, the n-gram simulator the n-gram explanation on that set too.
+    pairs = con.execute("""
+        SELECT e.latent, s.split, count(DISTINCT s.snippet_set), count(DISTINCT (e.explainer, s.mode))
+        FROM scores s JOIN explanations e ON e.id = s.explanation_id
+        WHERE s.scorer = 'simulation' AND s.status = 'ok' AND e.latent IN
+              (SELECT latent FROM explanations WHERE explainer = 'llm' AND status = 'ok')
+        GROUP BY ALL""").fetchall()
+    labels = con.execute("SELECT count(*) FILTER (WHERE selected_by LIKE 'simulation/json/%'), count(*) "
+                         "FROM labels WHERE explainer IS NOT NULL").fetchone()
     con.close()
     assert llm_rows == (5, 5) and scored == 5
     assert costs >= 10
+    assert len(pairs) == 10 and all(n_sets == 1 and n_kinds == 3 for _, _, n_sets, n_kinds in pairs), pairs
+    assert labels[0] == 5  # chosen by the LLM simulator's validation score where it scored both explanations

@@ -12,10 +12,10 @@ from explainer.errors import ExplainerError
 from explainer.explain import REQUIRED_PLACEHOLDERS, Example, prompt_values
 
 EXAMPLES = [
-    Example("top", 0, 4.0, [0, 0, 4.0, 0], ["Thou", " art", " a", " villain"]),
-    Example("top", 1, 2.0, [0, 2.0, 0.1, 0], ["\n", " thee", " well", "!"]),
-    Example("quantile", 0, 1.0, [1.0, 0, 0, 0], ["thy", " hand", ",", " sir"]),
-    Example("nonactivating", 0, 0.0, [0, 0, 0, 0], ["The", " cat", "\tsat", "."]),
+    Example(0, "top", 0, 4.0, ["Thou", " art", " a", " villain"], [0, 0, 4.0, 0]),
+    Example(1, "top", 1, 2.0, ["\n", " thee", " well", "!"], [0, 2.0, 0.1, 0]),
+    Example(2, "quantile", 0, 1.0, ["thy", " hand", ",", " sir"], [1.0, 0, 0, 0]),
+    Example(3, "nonactivating", 0, 0.0, ["The", " cat", "\tsat", "."], [0, 0, 0, 0]),
 ]
 
 GOLDEN_SYSTEM = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import duckdb
@@ -10,20 +11,67 @@ import pytest
 
 from explainer import query, store
 from explainer.cli import main
+from tests.openai_server import Reply, Request, ScriptedServer
 
 
 def test_labels_view_picks_best_explanation_and_ngram_baseline(filled_db: Path) -> None:
     con = store.connect(filled_db)
     rows = query.rows(con.execute("SELECT * FROM labels ORDER BY latent"))
     assert [r["latent"] for r in rows] == [0, 1, 2]
+    # No validation score: nothing is selected by score (held-out never selects); the LLM's
+    # explanation comes before the n-gram's and its held-out score is reported.
     assert rows[0]["explanation"] == "capitalised city names after a preposition"
     assert rows[0]["simulation"] == pytest.approx(0.8)
-    assert rows[0]["ngram_simulation"] == pytest.approx(0.6)
+    assert rows[0]["selected_by"] is None and rows[0]["validation"] is None
+    # These rows record no snippet set, so the n-gram's 0.6 is not known to be on the same text.
+    assert rows[0]["ngram_simulation"] is None
     assert rows[1]["ngram_simulation"] is None
     # A failed explanation never shows up as a label.
     assert rows[2]["explanation"] is None
     costs = query.rows(con.execute("SELECT * FROM costs"))
     assert costs[0]["calls"] == 2 and costs[0]["cache_hits"] == 1 and costs[0]["prompt_tokens"] == 200
+
+
+def add_score(con, eid: int, split: str, score: float, *, mode: str = "json", model: str = "sim",
+              snippet_set: str = "set-a", setup: str = "s1", ci: tuple = (None, None)) -> None:
+    con.execute(
+        """INSERT INTO scores (explanation_id, dict_id, latent, scorer, mode, split, score, status, created_at,
+                               model, template_hash, setup_hash, snippet_set, ci_low, ci_high, baseline)
+           SELECT id, dict_id, latent, 'simulation', ?, ?, ?, 'ok', now(), ?, 't1', ?, ?, ?, ?, 0.0
+           FROM explanations WHERE id = ?""",
+        [mode, split, score, model, setup, snippet_set + split, ci[0], ci[1], eid])
+
+
+def test_labels_select_on_validation_and_only_report_heldout(filled_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Explanation 1 (LLM) wins on held-out, explanation 2 (n-gram) on validation: validation decides."""
+    con = store.connect(filled_db)
+    con.execute("DELETE FROM scores")
+    add_score(con, 1, "validation", 0.5)
+    add_score(con, 2, "validation", 0.7)
+    add_score(con, 1, "heldout", 0.9, ci=(0.8, 0.95))
+    add_score(con, 2, "heldout", 0.6, ci=(0.4, 0.7))
+    lab = query.rows(con.execute("SELECT * FROM labels WHERE latent = 0"))[0]
+    assert lab["explanation_id"] == 2 and lab["explainer"] == "ngram"
+    assert lab["selected_by"] == "simulation/json/sim" and lab["validation"] == pytest.approx(0.7)
+    assert (lab["simulation"], lab["ci_low"], lab["ci_high"], lab["baseline"]) == pytest.approx((0.6, 0.4, 0.7, 0.0))
+    assert lab["ngram_simulation"] == pytest.approx(0.6)
+    ranks = dict(con.execute("SELECT explanation_id, rank_for_latent FROM explanation_scores "
+                             "WHERE latent = 0 AND split = 'heldout'").fetchall())
+    assert ranks == {1: 2, 2: 1}  # explanation_scores ranks by validation as well
+    con.close()
+    assert main(["show", "--db", str(filled_db), "0"]) == 0  # show prints the interval and the baseline
+    assert "simulation/json/sim/heldout 0.600 [0.40, 0.70] (baseline 0.00)" in capsys.readouterr().out
+    con = store.connect(filled_db)
+    # The LLM now wins on validation; the n-gram's held-out score on another snippet set is not comparable.
+    add_score(con, 1, "validation", 0.95)
+    con.execute("UPDATE scores SET snippet_set = 'other' WHERE explanation_id = 2 AND split = 'heldout'")
+    lab = query.rows(con.execute("SELECT * FROM labels WHERE latent = 0"))[0]
+    assert lab["explanation_id"] == 1 and lab["validation"] == pytest.approx(0.95)
+    assert lab["simulation"] == pytest.approx(0.9) and lab["ngram_simulation"] is None
+    # A simulator that scored only one candidate does not select over one that scored both.
+    add_score(con, 1, "validation", 0.99, model="other-sim")
+    assert query.rows(con.execute("SELECT selected_by FROM labels WHERE latent = 0"))[0]["selected_by"] == \
+        "simulation/json/sim"
 
 
 def test_search_ranks_by_relevance(filled_db: Path) -> None:
@@ -137,3 +185,84 @@ def test_the_search_example_run_prints_is_found(filled_db: Path) -> None:
         assert query.search(con, word)
     finally:
         con.close()
+
+
+SIM_LINE = re.compile(r"^Snippet (\d+) \((\d+) tokens\): (\[.*\])$", re.M)
+
+
+def sword_model(req: Request) -> Reply:
+    """Explains every latent as 'sword'; simulates 8 on " sword" (json) or all mass on 8 (logprobs)."""
+    text = req.prompt_text()
+    if "prompt" in req.body:
+        return Reply.logprobs([{"8" if re.findall(r'^Token \d+ of \d+: " sword"', text, re.M) else "0": -0.01,
+                                "x": -5.0}])
+    if "You simulate" in text:
+        return Reply.content(json.dumps({m.group(1): [8 if t == " sword" else 0 for t in json.loads(m.group(3))]
+                                         for m in SIM_LINE.finditer(text)}))
+    return Reply.content("the word sword")
+
+
+def test_every_read_verb_after_every_write_path(db_path: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """One DB written by n-gram explain+score, LLM explain, LLM score in json and logprobs mode
+    (so explanations carry scores from several simulators and modes), and the n-gram agent;
+    then show, search, status, browse, export and sql over it (issue 17: map keys must be unique)."""
+    from tests.test_ngram import LATENTS
+    from tests.test_ngram import fill_db as fill_splits
+
+    con = store.connect(db_path)
+    fill_splits(con, LATENTS)
+    con.close()
+    db = ["--db", str(db_path), "--json"]
+    with ScriptedServer(sword_model) as srv:
+        llm = ["--base-url", srv.url, "--model", "sim", "--set", "llm.backoff=0.001"]
+        assert main(["explain", *db, "--set", "explain.explainer=ngram"]) == 0
+        assert main(["explain", *db, *llm, "--set", "explain.latents=0,1"]) == 0
+        assert main(["score", *db, *llm, "--set", "score.latents=0,1", "--set", "score.split=both"]) == 0
+        assert main(["score", *db, *llm, "--set", "score.latents=0", "--set", "score.mode=logprobs",
+                     "--set", "score.explanations=explainer = 'llm'"]) == 0
+        assert main(["explain", *db, "--agent", "--set", "agent.explainer=ngram", "--set", "agent.candidates=2",
+                     "--set", "agent.max_rounds=1"]) == 0
+    capsys.readouterr()
+    con = store.connect(db_path, read_only=True)
+    try:
+        n_modes = con.execute("SELECT count(DISTINCT (s.mode, s.model)) FROM scores s JOIN explanations e "
+                              "ON e.id = s.explanation_id WHERE e.latent = 0 AND e.explainer = 'llm'").fetchone()[0]
+        assert n_modes == 2  # json and logprobs on one explanation
+        rec = query.latent_record(con, 1, 0)
+        llm_expl = next(e for e in rec.explanations if e["explainer"] == "llm")
+        assert {"simulation/json/sim/heldout", "simulation/json/sim/validation",
+                "simulation/logprobs/sim/heldout"} <= set(llm_expl["scores"])
+        ngram_expl = next(e for e in rec.explanations if e["explainer"] == "ngram")
+        assert {"simulation/ngram/ngram/heldout", "simulation/json/sim/heldout"} <= set(ngram_expl["scores"])
+        assert query.search(con, "sword")
+        assert query.status(con)["scores"]
+        query.export(con, tmp_path / "export")
+        from explainer import browse
+
+        assert browse.build(con, 1, tmp_path / "site") == 5
+        # Like with like: the LLM simulator scored the n-gram and the LLM explanation on one snippet set,
+        # and so did the n-gram simulator when given the same counts.
+        sets = dict(con.execute("""SELECT s.mode || '/' || e.explainer || '/' || s.split, s.snippet_set
+                                   FROM scores s JOIN explanations e ON e.id = s.explanation_id
+                                   WHERE e.latent = 0 AND s.status = 'ok' AND s.mode IN ('json', 'ngram')
+                                     AND e.explainer IN ('llm', 'ngram')""").fetchall())
+        for split in ("validation", "heldout"):
+            assert sets[f"json/llm/{split}"] == sets[f"json/ngram/{split}"] == sets[f"ngram/ngram/{split}"], sets
+            assert sets[f"json/llm/{split}"] is not None
+        assert sets["json/llm/validation"] != sets["json/llm/heldout"]
+        lab = query.rows(con.execute("SELECT * FROM labels WHERE latent = 0"))[0]
+        assert lab["selected_by"] == "simulation/json/sim" and lab["ngram_simulation"] is not None
+        # README's "LLM vs n-gram" query runs and compares one simulator on one snippet set.
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+        sql = re.search(r"-- where does the LLM beat the n-gram baseline\?.*?\n(SELECT.*?;)", readme, re.S).group(1)
+        sql = sql.replace("AND l.score > n.score", "")  # the scripted simulator scores both alike
+        got = query.rows(con.execute(sql))
+        assert got and {r["simulator"] for r in got} == {"sim"}
+    finally:
+        con.close()
+    for verb in (["show", "0"], ["show", "1", "--json"], ["search", "sword"], ["status"],
+                 ["browse", "--out", str(tmp_path / "site2")], ["export", "--out", str(tmp_path / "exp2")],
+                 ["sql", "SELECT * FROM labels"], ["sql", "SELECT * FROM explanation_scores"]):
+        assert main([verb[0], "--db", str(db_path), *verb[1:]]) == 0, verb
+    capsys.readouterr()

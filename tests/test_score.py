@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from explainer import score, store
+from explainer import examples, score, store
 from explainer.errors import ExplainerError
 from explainer.settings import LLMSettings, ScoreSettings, Settings
 from explainer.simulate import ScoreFailed
@@ -212,6 +212,7 @@ def test_train_split_is_refused_in_code_and_in_sql(db, monkeypatch):
             ScoreSettings(split="train")
         # With the Python check removed, the SQL still returns no train row.
         monkeypatch.setattr(score, "check_split", lambda split: None)
+        monkeypatch.setattr(examples, "check_split", lambda split: None)
         assert score.load_snippets(con, 1, [0, 1], "train", ScoreSettings()) == {0: [], 1: []}
         held = score.load_snippets(con, 1, [0], "heldout", ScoreSettings())[0]
         assert [(x.kind, x.context_id) for x in held] == [
@@ -333,3 +334,34 @@ def test_evaluate_returns_per_token_predictions_on_validation(db, llm_server):
             score.evaluate(con, settings, 1, 1, "digits", scorer="detection", split="validation")
     finally:
         con.close()
+
+
+def test_both_splits_in_one_run_with_provenance_and_snippet_set_columns(db, llm_server):
+    llm_server.responder = oracle
+    res = run_score(db, make_settings(llm_server, db, scorers="simulation,detection", split="both"))
+    assert res.split == "validation,heldout" and res.requested == 3 * 2 * 2
+    got = rows(db, "SELECT * FROM scores ORDER BY id")
+    # latent 1 (explanation 3) has no validation examples: recorded failures, not scores
+    assert {(r["explanation_id"], r["split"], r["status"]) for r in got} == {
+        (e, sp, "failed" if (e, sp) == (3, "validation") else "ok") for e in (1, 2, 3) for sp in ("validation", "heldout")}
+    assert [r["split"] for r in got if r["explanation_id"] == 1] == ["validation"] * 2 + ["heldout"] * 2
+    sets: dict[tuple, set] = {}
+    for r in got:
+        details = json.loads(r["details"])
+        assert (r["model"], r["template_hash"], r["setup_hash"]) == \
+            ("sim-model", details["template_hash"], details["setup_hash"])
+        assert (r["snippet_set"] is None) == (r["status"] == "failed")  # nothing to score: no snippet set
+        if r["status"] == "ok":
+            # what m005's backfill computes from details, and what the view compares
+            assert r["snippet_set"] == store.snippet_hash([(x["context_id"], x["kind"]) for x in details["snippets"]])
+            assert r["baseline"] == (0.0 if r["scorer"] == "simulation" else 0.5)
+            assert r["score_all"] == (r["score"] if r["scorer"] == "simulation" else None)
+            sets.setdefault((r["latent"], r["scorer"], r["split"]), set()).add(r["snippet_set"])
+    # One snippet set per latent, scorer and split, whichever explanation is scored.
+    assert all(len(v) == 1 for v in sets.values())
+    assert sets[0, "simulation", "validation"] != sets[0, "simulation", "heldout"]
+    summary = res.summary()  # means per split, never mixed
+    assert summary["simulation (json) on heldout: mean score"] == pytest.approx(1.0)
+    assert summary["detection on validation: scored / failed"] == "2 / 1"
+    again = run_score(db, make_settings(llm_server, db, scorers="simulation,detection", split="both"))
+    assert again.skipped == 12 - 2  # the two failures are retried
