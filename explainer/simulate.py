@@ -369,8 +369,8 @@ async def _simulate_json(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template
 async def _simulate_logprobs(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template, explanation: str,
                              snippets: list[Snippet], latent: Optional[int],
                              spend: Spend) -> tuple[list[list[float]], dict[str, float]]:
-    def ask(sn: Snippet, i: int) -> Awaitable[Answer[tuple[float, float]]]:
-        args = logprobs_prompt(tpl, s, explanation, sn, i)
+    def ask(args: dict[str, Any]) -> Awaitable[Answer[tuple[float, float]]]:
+        args = dict(args)  # popped below; the original stays the dedup key's value
         parse = lambda r: parse_logprobs(r, llm.base_url)  # noqa: E731
         if s.logprobs_api == "completions":
             prompt = args.pop("prompt")
@@ -378,8 +378,17 @@ async def _simulate_logprobs(llm: LLMClient, s: ScoreSettings, tpl: prompts.Temp
         messages = args.pop("messages")
         return llm.chat(messages, latent=latent, parse=parse, **args)
 
-    calls = [ask(sn, i) for sn in snippets for i in range(len(sn.tokens))]
-    values = await gather_answers(calls, spend)
+    # Causal prompts repeat: snippets that open with the same tokens ask the same question
+    # there. Ask each once, or concurrent twins both miss the cache and are paid twice.
+    distinct: dict[str, dict[str, Any]] = {}
+    keyed = []
+    for sn in snippets:
+        for i in range(len(sn.tokens)):
+            args = logprobs_prompt(tpl, s, explanation, sn, i)
+            keyed.append(json.dumps(args, sort_keys=True))
+            distinct.setdefault(keyed[-1], args)
+    answers = dict(zip(distinct, await gather_answers([ask(a) for a in distinct.values()], spend)))
+    values = [answers[k] for k in keyed]
     preds, masses, pos = [], [], 0
     for sn in snippets:
         preds.append([v[0] for v in values[pos : pos + len(sn.tokens)]])

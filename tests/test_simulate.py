@@ -306,3 +306,14 @@ def test_logprobs_rejects_a_token_where_the_digits_get_little_mass(con, llm_serv
     assert ok.details["digit_mass_min"] == pytest.approx(0.02) and ok.results[0].predicted[3] == pytest.approx(6.0)
     assert ok.details["digit_mass"] == pytest.approx((6 + 0.02) / 7, abs=1e-4)
     assert len(llm_server.requests) == 7  # the second run read the cache
+
+
+def test_causal_prompts_shared_by_two_snippets_are_asked_once(con, llm_server):
+    """Both snippets open with "The": the question about that first token is the same one, and
+    is sent once (concurrent twins would both miss the cache and be paid twice)."""
+    llm_server.responder = logprob_responder
+    out = run_sim(con, llm_server, ScoreSettings(mode="logprobs"), snippets=[SNIPPETS[0], SNIPPETS[3]])
+    n = len(SNIPPETS[0].tokens) + len(SNIPPETS[3].tokens)
+    assert len(llm_server.requests) == n - 1 and out.spend.calls == n - 1
+    assert out.results[1].predicted[0] == out.results[0].predicted[0] == pytest.approx(0.1)
+    assert [len(r.predicted) for r in out.results] == [8, 5]
