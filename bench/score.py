@@ -87,7 +87,7 @@ def responder(lo: float, hi: float):
         if "prompt" in req.body or req.body.get("logprobs"):
             return Reply(kind="text", text="3", top_logprobs=[{"0": math.log(0.7), "3": math.log(0.2), "9": math.log(0.1)}],
                          delay=delay)
-        text = req.prompt_text()
+        text = req.question()  # earlier turns are the prompts' worked examples
         sims = SIM.findall(text)
         if sims:
             body = {k: [rng.choice((0, 0, 0, 2, 7)) for _ in range(int(n))] for k, n in sims}

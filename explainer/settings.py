@@ -265,6 +265,15 @@ class ScoreSettings(Section):
     )
     detection_template: str = Field("detection", description="detection prompt: a name in prompts/ or a .txt path")
     fuzzing_template: str = Field("fuzzing", description="fuzzing prompt: a name in prompts/ or a .txt path")
+    # 0.5: below it the model's likelier next token is not a digit at all, and the digits it
+    # did weigh are a tail of top_logprobs; renormalizing them would report a confident number.
+    min_digit_mass: float = Field(
+        0.5, ge=0, le=1,
+        description=(
+            "logprobs and all_at_once modes: reject a score when the probability the model puts on the digits 0-9 "
+            "at any token's slot is below this (the expected digit is never rescaled from a small mass); 0 accepts all"
+        ),
+    )
 
 
 class AgentSettings(Section):

@@ -14,8 +14,10 @@ Two ways to ask, both through the one LLM client (retries, cache, ledger):
 - `all_at_once`: one call per snippet, read from the echoed prompt's logprobs at a slot
   after every token (simulate_echo.py; vLLM and llama.cpp serve it, OpenAI's chat models do not).
 - `logprobs`: one call per token with `max_tokens=1`, the prompt ending exactly
-  "Activation: " (with the space, or digits get ~0 probability). The prediction is the
-  expected digit under the generated token's `top_logprobs`. Echoed prompt logprobs are not
+  "Activation: " (with the space, or digits get ~0 probability) and showing the text up to
+  that token only, as Bills et al. do. The prediction is the expected digit under the
+  generated token's `top_logprobs`; a token where the digits get less than
+  `score.min_digit_mass` rejects the score (as in all_at_once) instead of being rescaled. Echoed prompt logprobs are not
   used: llama.cpp shifts them by one for models without BOS (SmolLM2). This is expensive:
   a 64-token snippet is 64 calls of ~300 prompt tokens, so 15 snippets per latent cost
   ~1k calls and ~0.3M prompt tokens, against 3 calls in json mode.
@@ -257,14 +259,38 @@ def parse_logprobs(reply: Reply, base_url: str) -> tuple[float, float]:
     return expected_digit(reply.top_logprobs[0])
 
 
+def digit_mass(masses: Sequence[Sequence[float]], snippets: Sequence[Snippet], s: ScoreSettings,
+               spend: Spend) -> dict[str, float]:
+    """Mean and least probability on the digits over every token's slot (one list per snippet).
+
+    ScoreFailed when any is below `s.min_digit_mass`: there the model is not answering with a
+    digit, and renormalizing the few digits it weighed would report a prediction it never made."""
+    flat = [m for per in masses for m in per]
+    mean, low = float(np.mean(flat)), min(flat)
+    if low < s.min_digit_mass:
+        j, i = next((j, i) for j, per in enumerate(masses) for i, m in enumerate(per) if m == low)
+        n_low = sum(m < s.min_digit_mass for m in flat)
+        raise ScoreFailed(
+            f"the simulator put {low:.3g} probability on the digits 0-9 at token {i + 1} "
+            f"({snippets[j].tokens[i]!r}) of snippet {j + 1}; {n_low} of {len(flat)} tokens are below "
+            f"score.min_digit_mass = {s.min_digit_mass} (mean {mean:.3g}), so their digits would be rescaled from "
+            "noise: use a simulator model that answers with digits, or --mode json", spend)
+    return {"digit_mass": round(mean, 4), "digit_mass_min": round(low, 4)}
+
+
+def logprobs_values(explanation: str, tokens: Sequence[str], i: int) -> dict[str, Any]:
+    """The logprobs template's values for token i: the text up to and including it and nothing
+    after (as Bills et al.'s token-by-token simulator): a model shown the rest of the snippet
+    could predict from what follows, which a latent of a causal LM never sees."""
+    shown = [prompts.shown(t) for t in tokens[: i + 1]]
+    return {"explanation": explanation, "text": "".join(shown), "token": json.dumps(shown[i], ensure_ascii=False),
+            "before": "".join(shown[max(0, i - 8) : i]).replace('"', "'"), "position": i + 1}
+
+
 def logprobs_prompt(tpl: prompts.Template, s: ScoreSettings, explanation: str, snip: Snippet,
                     i: int) -> dict[str, Any]:
     """Call arguments asking for token i's activation: a prompt or messages ending 'Activation: '."""
-    shown = [prompts.shown(t) for t in snip.tokens]
-    messages = tpl.render(
-        explanation=explanation, text="".join(shown), token=json.dumps(shown[i], ensure_ascii=False),
-        before="".join(shown[max(0, i - 8) : i]).replace('"', "'"), position=i + 1, n_tokens=len(shown),
-    )
+    messages = tpl.render(**logprobs_values(explanation, snip.tokens, i))
     last = messages[-1]["content"].rstrip()
     if not last.endswith(LOGPROBS_END):
         raise ExplainerError(f"template {tpl.path} must end with {LOGPROBS_END!r} (the scorer adds the space)")
@@ -320,10 +346,10 @@ async def simulate(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template, expl
         from explainer.simulate_echo import simulate_all_at_once
 
         preds, mass = await simulate_all_at_once(llm, s, tpl, explanation, snippets, latent, spend)
-        details["digit_mass"] = round(mass, 4)
+        details.update(mass)
     else:
         preds, mass = await _simulate_logprobs(llm, s, tpl, explanation, snippets, latent, spend)
-        details["digit_mass"] = round(mass, 4)
+        details.update(mass)
     results = [SnippetResult(sn, predicted=p) for sn, p in zip(snippets, preds)]
     score, stats = correlation(results)
     details.update(stats)
@@ -369,9 +395,9 @@ async def _simulate_json(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template
 
 async def _simulate_logprobs(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template, explanation: str,
                              snippets: list[Snippet], latent: Optional[int],
-                             spend: Spend) -> tuple[list[list[float]], float]:
-    def ask(sn: Snippet, i: int) -> Awaitable[Answer[tuple[float, float]]]:
-        args = logprobs_prompt(tpl, s, explanation, sn, i)
+                             spend: Spend) -> tuple[list[list[float]], dict[str, float]]:
+    def ask(args: dict[str, Any]) -> Awaitable[Answer[tuple[float, float]]]:
+        args = dict(args)  # popped below; the original stays the dedup key's value
         parse = lambda r: parse_logprobs(r, llm.base_url)  # noqa: E731
         if s.logprobs_api == "completions":
             prompt = args.pop("prompt")
@@ -379,13 +405,23 @@ async def _simulate_logprobs(llm: LLMClient, s: ScoreSettings, tpl: prompts.Temp
         messages = args.pop("messages")
         return llm.chat(messages, latent=latent, parse=parse, **args)
 
-    calls = [ask(sn, i) for sn in snippets for i in range(len(sn.tokens))]
-    values = await gather_answers(calls, spend)
-    preds, pos = [], 0
+    # Causal prompts repeat: snippets that open with the same tokens ask the same question
+    # there. Ask each once, or concurrent twins both miss the cache and are paid twice.
+    distinct: dict[str, dict[str, Any]] = {}
+    keyed = []
+    for sn in snippets:
+        for i in range(len(sn.tokens)):
+            args = logprobs_prompt(tpl, s, explanation, sn, i)
+            keyed.append(json.dumps(args, sort_keys=True))
+            distinct.setdefault(keyed[-1], args)
+    answers = dict(zip(distinct, await gather_answers([ask(a) for a in distinct.values()], spend)))
+    values = [answers[k] for k in keyed]
+    preds, masses, pos = [], [], 0
     for sn in snippets:
         preds.append([v[0] for v in values[pos : pos + len(sn.tokens)]])
+        masses.append([v[1] for v in values[pos : pos + len(sn.tokens)]])
         pos += len(sn.tokens)
-    return preds, float(np.mean([v[1] for v in values]))
+    return preds, digit_mass(masses, snippets, s, spend)
 
 
 def named_scores(results: Sequence[SnippetResult], seed: int = 0) -> dict[str, Optional[float]]:

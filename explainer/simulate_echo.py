@@ -3,7 +3,11 @@
 The prompt lists the snippet one token per line, each followed by a tab and the slot word
 "unknown". /v1/completions with `echo` and `logprobs` returns, for every prompt token, the
 alternatives the model weighed at that position; at a slot those are its guesses for the
-activation digit, and their expected value is the prediction. One call per snippet instead
+activation digit, and their expected value is the prediction. The template's worked examples
+are texts in the same row format with their digits revealed, so the model has seen the slots
+filled in. Where the model puts less than `score.min_digit_mass` on the digits at a slot (it
+expects some other word there), the score is rejected: the expected value would otherwise be
+renormalized from the few digits in the tail of its guesses. One call per snippet instead
 of one per token (`--mode logprobs`), and a single completion token instead of a JSON
 answer (`--mode json`).
 
@@ -24,8 +28,6 @@ import asyncio
 import weakref
 from typing import Awaitable, Optional, Sequence
 
-import numpy as np
-
 from explainer import prompts
 from explainer.errors import ExplainerError
 from explainer.llm import Answer, CallFailed, LLMClient, Reply
@@ -37,6 +39,12 @@ PROBE = ", ".join(str(i) for i in range(1, 41))
 _probes: "weakref.WeakKeyDictionary[LLMClient, asyncio.Task]" = weakref.WeakKeyDictionary()
 
 
+def rows_text(tokens: Sequence[str], values: Sequence[str]) -> str:
+    """One line per token: the token as prompts show it, a tab, then its digit (revealed rows of
+    the demonstrations) or the slot word (rows the model is asked about)."""
+    return "".join(f"{prompts.shown(tok)}\t{v}\n" for tok, v in zip(tokens, values))
+
+
 def render(tpl: prompts.Template, explanation: str, tokens: Sequence[str]) -> tuple[str, list[int]]:
     """The prompt and the character offset of each token's slot in it."""
     messages = tpl.render(explanation=explanation, rows=_SENTINEL, n_tokens=len(tokens))
@@ -44,13 +52,12 @@ def render(tpl: prompts.Template, explanation: str, tokens: Sequence[str]) -> tu
     if prompt.count(_SENTINEL) != 1:
         raise ExplainerError(f"template {tpl.path} must contain {{rows}} exactly once")
     head, tail = prompt.split(_SENTINEL)
-    lines, slots, pos = [], [], len(head)
+    slots, pos = [], len(head)
     for tok in tokens:
         line = f"{prompts.shown(tok)}\t"
         slots.append(pos + len(line))
-        lines.append(f"{line}{SLOT}\n")
         pos += len(line) + len(SLOT) + 1
-    return head + "".join(lines) + tail, slots
+    return head + rows_text(tokens, [SLOT] * len(tokens)) + tail, slots
 
 
 def _offsets(reply: Reply) -> list[int]:
@@ -136,9 +143,10 @@ async def check_endpoint(llm: LLMClient, s: ScoreSettings) -> None:
 
 
 async def simulate_all_at_once(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template, explanation: str,
-                               snippets: Sequence, latent: Optional[int], spend) -> tuple[list[list[float]], float]:
-    """Predictions per snippet and the mean probability mass on digits at the slots."""
-    from explainer.simulate import ScoreFailed, gather_answers
+                               snippets: Sequence, latent: Optional[int], spend) -> tuple[list[list[float]], dict]:
+    """Predictions per snippet and the mean and least probability mass on digits at the slots
+    (ScoreFailed when a slot is under `s.min_digit_mass`)."""
+    from explainer.simulate import ScoreFailed, digit_mass, gather_answers
 
     try:
         await check_endpoint(llm, s)
@@ -152,4 +160,4 @@ async def simulate_all_at_once(llm: LLMClient, s: ScoreSettings, tpl: prompts.Te
 
     values = await gather_answers([ask(sn.tokens) for sn in snippets], spend)
     preds = [[v[0] for v in per] for per in values]
-    return preds, float(np.mean([v[1] for per in values for v in per]))
+    return preds, digit_mass([[v[1] for v in per] for per in values], snippets, s, spend)

@@ -128,6 +128,13 @@ class Request:
             return "\n".join(str(m.get("content", "")) for m in self.body["messages"])
         return str(self.body.get("prompt", ""))
 
+    def question(self) -> str:
+        """What the model is asked now: a chat's last message (earlier user/assistant turns may be
+        worked examples that look just like it), or the whole completion prompt."""
+        if isinstance(self.body, dict) and self.body.get("messages"):
+            return str(self.body["messages"][-1].get("content", ""))
+        return self.prompt_text()
+
 
 Responder = Callable[[Request], Union[Reply, str]]
 

@@ -163,12 +163,12 @@ def scripted(refined: str) -> Callable[[Request], Reply]:
     """Candidates by seed; the refine step answers `refined`; the simulator predicts 9 on quoted words."""
 
     def respond(req: Request) -> Reply:
-        text = req.prompt_text()
+        text, asked = req.prompt_text(), req.question()  # earlier turns are the prompt's worked examples
         if "You simulate" in text:
-            expl = re.search(r"^Explanation of the latent: (.*)$", text, re.M).group(1)
+            expl = re.search(r"^Explanation of the latent: (.*)$", asked, re.M).group(1)
             words = set(re.findall(r'"(.+?)"', expl))
             return Reply.content(json.dumps({m.group(1): [9 if t.strip() in words else 0 for t in json.loads(m.group(3))]
-                                             for m in SIM_LINE.finditer(text)}))
+                                             for m in SIM_LINE.finditer(asked)}))
         if "Your current explanation is:" in text:
             return Reply.content(refined)
         return Reply.content(CANDIDATES[req.body.get("seed")])
@@ -216,7 +216,7 @@ def test_llm_agent_picks_the_best_candidate_and_refines_from_its_mistakes(
 
     refine_req = [r for r in requests if "Your current explanation is:" in r.prompt_text()]
     assert len(refine_req) == 1
-    prompt = refine_req[0].prompt_text()
+    prompt = refine_req[0].question()
     assert 'the words "king" and "queen"' in prompt
     fp = prompt.split("False positives")[1].split("False negatives")[0]
     assert "<<queen>>" in fp and "predicted 9, actual 0" in fp
@@ -230,7 +230,7 @@ def test_llm_agent_picks_the_best_candidate_and_refines_from_its_mistakes(
     sim_req = [(i, r) for i, r in enumerate(requests) if "You simulate" in r.prompt_text()]
     seen: dict[str, list[int]] = {"validation": [], "heldout": []}
     for i, r in sim_req:
-        text = r.prompt_text()
+        text = r.question()
         snippet_splits = {s for m in SIM_LINE.finditer(text) for s, toks in splits.items()
                           if tuple(json.loads(m.group(3))) in toks}
         assert len(snippet_splits) == 1 and "train" not in snippet_splits

@@ -82,7 +82,8 @@ def good_answer(req: Request) -> Reply:
     """The healthy endpoint: "the word tok{i}" as explanation; as simulator, 5 on every tok token."""
     text = req.prompt_text()
     if "You simulate" in text:
-        preds = {m.group(1): [5 if "tok" in t else 0 for t in json.loads(m.group(3))] for m in SIM_LINE.finditer(text)}
+        preds = {m.group(1): [5 if "tok" in t else 0 for t in json.loads(m.group(3))]
+                 for m in SIM_LINE.finditer(req.question())}  # earlier turns are worked examples
         return Reply.content(json.dumps(preds))
     return Reply.content(f"the word tok{latent_of(req)}")
 

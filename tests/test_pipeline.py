@@ -25,9 +25,9 @@ def tiny_args(tiny_lm: Path, tiny_corpus: Path, tmp: Path) -> list[str]:
 def responder(req: Request) -> Reply:
     """Explanations for explain calls; a simulator that predicts 5 on every number token."""
     text = req.prompt_text()
-    if "You simulate" in text:
+    if "You simulate" in text:  # earlier turns are worked examples: answer the last one
         return Reply.content(json.dumps({m.group(1): [5 if t.strip().isdigit() else 0 for t in json.loads(m.group(3))]
-                                         for m in SIM_LINE.finditer(text)}))
+                                         for m in SIM_LINE.finditer(req.question())}))
     return Reply.content("numbers written as digits")
 
 

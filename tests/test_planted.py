@@ -105,8 +105,8 @@ SIM_LINE = re.compile(r"^Snippet (\d+) \((\d+) tokens\): (\[.*\])$", re.M)
 
 def keyword_llm(req) -> str:
     """A scripted model: explains with the most often marked token, simulates by matching that word."""
-    text = req.prompt_text()
-    if "You simulate" in text:
+    text = req.question()  # earlier turns are the prompts' worked examples
+    if "You simulate" in req.prompt_text():
         m = re.search(r'^Explanation of the latent: .*?"(.+?)"', text, re.M)
         word = m.group(1).strip() if m else None
         return json.dumps({g.group(1): [9 if t.strip() == word else 0 for t in json.loads(g.group(3))]

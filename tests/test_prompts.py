@@ -1,15 +1,22 @@
-"""Templates: parsing, placeholder checks, hashing, and the full rendered explainer prompt (golden)."""
+"""Templates: parsing, placeholder checks, hashing, the worked examples, and every rendered prompt (golden files)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import pytest
 
 from explainer import prompts
 from explainer.errors import ExplainerError
+from explainer.agent import Miss, show_misses
 from explainer.explain import REQUIRED_PLACEHOLDERS, Example, prompt_values
+from explainer.settings import ScoreSettings
+from explainer.simulate import Snippet, SnippetResult, logprobs_prompt, snippet_list
+from explainer.simulate_echo import render
+from tests.prompt_demos import DEMOS, ONE_SECTION, demo_text, real_request
 
 EXAMPLES = [
     Example(0, "top", 0, 4.0, ["Thou", " art", " a", " villain"], [0, 0, 4.0, 0]),
@@ -18,35 +25,107 @@ EXAMPLES = [
     Example(3, "nonactivating", 0, 0.0, ["The", " cat", "\tsat", "."], [0, 0, 0, 0]),
 ]
 
-GOLDEN_SYSTEM = (
-    "You are an interpretability researcher studying one latent (feature) of a sparse autoencoder trained on "
-    "a language model's activations. You write short, specific explanations of what makes a latent fire."
-)
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"  # UPDATE_GOLDEN=1 pytest tests/test_prompts.py rewrites them
 
-GOLDEN_USER = """\
-Below are text excerpts on which the latent fires. Tokens where it fires are marked <<like this>>; the "activations" line lists each marked token with its activation on a 0-9 scale (9 is the strongest activation among these excerpts). Unmarked tokens have activation 0.
-
-Strongest activations:
-1. Thou art <<a>> villain
-   activations: "a" 9
-2. \\n <<thee>> <<well>>!
-   activations: "thee" 4, "well" 1
-
-Weaker activations, spread over the latent's range:
-1. <<thy>> hand, sir
-   activations: "thy" 2
-
-Excerpts where the latent does not fire at all, for contrast:
-1. The cat\\tsat.
-
-What does this latent respond to? Consider the marked tokens, the words around them, and what the contrast excerpts lack. Answer with one short phrase or sentence (at most 25 words) describing the pattern, and nothing else."""
+SIM_SNIPPETS = [
+    Snippet(1, "top", 0, 2.0, ["Thou", " art", " a", " villain"], [0, 0, 2.0, 0]),
+    Snippet(2, "random", 0, 0.0, ["\n", " thee", "\twell", "!"], [0, 0, 0, 0]),
+]
 
 
-def test_explain_prompt_golden():
+def _dump(messages: list[dict[str, str]]) -> str:
+    return "".join(f"=== {m['role']} ===\n{m['content']}\n" for m in messages)
+
+
+def rendered(name: str) -> str:
+    """Template `name` rendered with fixed inputs, as the stage that uses it renders it."""
+    tpl = prompts.load(name)
+    if name in ("explain", "refine"):
+        values = prompt_values(EXAMPLES)
+        assert values is not None
+        if name == "refine":
+            toks = [e.tokens for e in EXAMPLES]
+            values = {"explanation": "the word a", "score": "0.25", "top_examples": values["top_examples"],
+                      "false_positives": show_misses([Miss(1, 2, 0, 7.0)], toks),
+                      "false_negatives": show_misses([Miss(2, 0, 2, 0.0)], toks)}
+        return _dump(tpl.render(**values))
+    if name == "simulate":
+        return _dump(tpl.render(explanation="villains", snippets=snippet_list(SIM_SNIPPETS), n_snippets=2))
+    if name in ("detection", "fuzzing"):
+        from explainer.judge import _highlighted, _plain
+
+        items = [SnippetResult(SIM_SNIPPETS[0], highlights=[2]), SnippetResult(SIM_SNIPPETS[1], highlights=[1])]
+        show = _plain if name == "detection" else _highlighted
+        text = "\n\n".join(f"Snippet {k}: {show(it)}" for k, it in enumerate(items, 1))
+        return _dump(tpl.render(explanation="villains", snippets=text, n_snippets=2))
+    if name == "simulate_logprobs":
+        out = []
+        for api in ("completions", "chat"):
+            args = logprobs_prompt(tpl, ScoreSettings(logprobs_api=api), "villains", SIM_SNIPPETS[0], 2)
+            out.append(args["prompt"] + "\n" if api == "completions" else _dump(args["messages"]))
+        return "=== completions prompt ===\n" + out[0] + "=== chat messages ===\n" + out[1]
+    if name == "simulate_all_at_once":
+        prompt, slots = render(tpl, "villains", SIM_SNIPPETS[1].tokens + SIM_SNIPPETS[0].tokens)
+        return f"=== slots at {slots} ===\n{prompt}"
+    raise AssertionError(f"no golden rendering for template {name}: add one")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in prompts.PROMPTS_DIR.glob("*.txt")))
+def test_rendered_prompt_matches_its_golden_file(name):
+    """Every built-in template, rendered: a change to a template (or to how examples are shown)
+    must come with its golden file, so a prompt never changes unnoticed."""
+    got = rendered(name)
+    path = GOLDEN / f"{name}.txt"
+    if UPDATE:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(got)
+    assert path.is_file(), f"no golden file {path}: run UPDATE_GOLDEN=1 pytest tests/test_prompts.py"
+    assert got == path.read_text(), f"{name} renders differently from {path} (UPDATE_GOLDEN=1 rewrites it)"
+
+
+def test_explain_prompt_render_and_hash():
     messages, name, digest = prompts.render("explain", required=REQUIRED_PLACEHOLDERS, **prompt_values(EXAMPLES))
-    assert messages == [{"role": "system", "content": GOLDEN_SYSTEM}, {"role": "user", "content": GOLDEN_USER}]
     assert name == "explain"
     assert digest == hashlib.sha256((prompts.PROMPTS_DIR / "explain.txt").read_bytes()).hexdigest()
+    # The real request is the last turn; the worked examples before it alternate user, assistant.
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 2 + ["user"]
+    assert "1. Thou art <<a>> villain\n   activations: \"a\" 9" in messages[-1]["content"]
+
+
+@pytest.mark.parametrize("name", sorted(DEMOS))
+def test_worked_examples_read_exactly_as_real_requests(name):
+    """Each demonstration is the template's own real request filled with a synthetic latent's
+    examples through the package's formatting code, so it cannot drift from what is sent."""
+    tpl = prompts.load(name)
+    real = real_request(tpl)
+    assert DEMOS[name]()
+    if name in ONE_SECTION:
+        (role, body), = tpl.sections
+        intro = body.split("\n\n")[0]
+        assert body == intro + "\n\n" + escape(demo_text(name, real)) + "\n" + real
+        return
+    got = [(role, text.format()) for role, text in tpl.sections[1:-1]]
+    want = []
+    for values, answer in DEMOS[name]():
+        want += [("user", real.format_map(values)), ("assistant", answer)]
+    assert tpl.sections[0][0] == "system" and tpl.sections[-1][0] == "user" and got == want
+
+
+def escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+@pytest.mark.parametrize("name", ["detection", "fuzzing"])
+def test_judge_prompts_do_not_promise_both_classes(name):
+    """A batch may hold only negatives or only positives: nothing may say "some ... others",
+    and the worked examples include an all-0 and an all-1 answer."""
+    text = rendered(name)
+    for hint in ("on others", "On some", "in the others the highlights were", "about half"):
+        assert hint not in text
+    answers = [json.loads(a) for _, a in DEMOS[name]()]
+    assert any(set(a.values()) == {0} for a in answers) and any(set(a.values()) == {1} for a in answers)
+    assert any(set(a.values()) == {0, 1} for a in answers)
 
 
 def test_empty_sections_say_none():

@@ -96,14 +96,14 @@ def table_of(text: str) -> dict[str, float]:
 
 def oracle(req: Request, *, all_yes: bool = False) -> Reply:
     """Perfect answers: predictions 4x the true activation; yes exactly where the truth is yes."""
-    text = req.prompt_text()
+    text = req.question()  # earlier turns are the prompts' worked examples
     if "prompt" in req.body:  # logprobs mode: all probability on the right digit
         expl = re.findall(r"^Explanation: (.*)$", text, re.M)[-1]
-        token = json.loads(re.findall(r'^Token \d+ of \d+: (".*") \(after', text, re.M)[-1])
+        token = json.loads(re.findall(r'^Last token: (".*")$', text, re.M)[-1])
         digit = int(4 * (DIGIT if "digit" in expl else CITY).get(token, 0.0))
         return Reply.logprobs([{str(digit): -0.01, "x": -5.0}])
     table = table_of(text)
-    if "You simulate" in text:
+    if "You simulate" in req.prompt_text():
         return Reply.content(json.dumps({m.group(1): [int(4 * table.get(t, 0.0)) for t in json.loads(m.group(3))]
                                          for m in SIM_LINE.finditer(text)}))
     answers = {}
@@ -111,7 +111,7 @@ def oracle(req: Request, *, all_yes: bool = False) -> Reply:
         snippet = m.group(2)
         if all_yes:
             answers[m.group(1)] = 1
-        elif "highlighted" in text.split("Explanation of the latent")[0]:  # fuzzing
+        elif "highlighted" in req.prompt_text().split("Explanation of the latent")[0]:  # fuzzing
             marked = re.findall(r"<<(.*?)>>", snippet)
             answers[m.group(1)] = int(bool(marked) and all(" " + w in table for w in marked))
         else:  # detection

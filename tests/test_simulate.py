@@ -37,7 +37,7 @@ SNIPPET_LINE = re.compile(r"^Snippet (\d+) \((\d+) tokens\): (\[.*\])$", re.M)
 
 
 def snippets_in(req: Request) -> list[list[str]]:
-    return [json.loads(m.group(3)) for m in SNIPPET_LINE.finditer(req.prompt_text())]
+    return [json.loads(m.group(3)) for m in SNIPPET_LINE.finditer(req.question())]  # not the worked examples
 
 
 def perfect(req: Request) -> Reply:
@@ -202,12 +202,11 @@ def test_json_mode_asks_enough_tokens_and_optionally_json_format(con, llm_server
 
 # --- logprobs mode over HTTP --------------------------------------------------------------------
 
-TOKEN_LINE = re.compile(r'^Token (\d+) of (\d+): (".*") \(after', re.M)
+TOKEN_LINE = re.compile(r'^Last token: (".*")$', re.M)
 
 
 def target_token(req: Request) -> str:
-    text = req.body["prompt"] if "prompt" in req.body else req.body["messages"][-1]["content"]
-    return json.loads(TOKEN_LINE.findall(text)[-1][2])  # the last one: the few-shot lines come first
+    return json.loads(TOKEN_LINE.findall(req.question())[-1])  # the last one: the worked examples come first
 
 
 def logprob_responder(req: Request) -> Reply:
@@ -269,3 +268,52 @@ def test_logprobs_template_must_end_with_activation(tmp_path):
         check_template(prompts.load(str(bad)), "logprobs")
     check_template(prompts.load("simulate_logprobs"), "logprobs")
     check_template(prompts.load("simulate"), "json")
+
+
+def test_logprobs_prompt_for_token_i_shows_no_later_token():
+    """Causal, as Bills et al.: the request about token i shows tokens[:i+1] and nothing after."""
+    from explainer.simulate import logprobs_prompt
+
+    toks = ["Aq0", " bq1", " cq2", "\ndq3", " eq4", " fq5"]
+    sn = Snippet(0, "top", 0, 1.0, toks, [0.0] * len(toks))
+    tpl = prompts.load("simulate_logprobs")
+    for api in ("completions", "chat"):
+        for i in range(len(toks)):
+            args = logprobs_prompt(tpl, ScoreSettings(logprobs_api=api), "x", sn, i)
+            text = args["prompt"] if api == "completions" else "\n".join(m["content"] for m in args["messages"])
+            shown = [prompts.shown(t) for t in toks]
+            assert f"Text: {''.join(shown[: i + 1])}\n" in text
+            assert not any(t.strip() in text for t in shown[i + 1 :]), (api, i)
+
+
+def thin_digits(mass_on: dict[str, float]):
+    """Digits 8 and 0 (3:1) with total probability `mass_on[token]` (1.0 if absent); the rest on a word."""
+    def respond(req: Request) -> Reply:
+        m = mass_on.get(target_token(req), 1.0)
+        return Reply.logprobs([{" 8": math.log(0.75 * m), " 0": math.log(0.25 * m), " high": math.log(1.0 - m + 1e-12)}])
+    return respond
+
+
+def test_logprobs_rejects_a_token_where_the_digits_get_little_mass(con, llm_server):
+    """A token whose digits get 0.02 of the probability is not rescaled into a confident 6.0."""
+    llm_server.responder = thin_digits({" Rome": 0.02})
+    out = run_sim(con, llm_server, ScoreSettings(mode="logprobs"), snippets=SNIPPETS[1:2])
+    assert isinstance(out, ScoreFailed)
+    assert "0.02 probability on the digits 0-9 at token 4 (' Rome') of snippet 1" in out.reason
+    assert "1 of 7 tokens are below score.min_digit_mass = 0.5" in out.reason
+    assert out.spend.calls == 7  # every call was answered (and cached): rejecting spends nothing more
+    ok = run_sim(con, llm_server, ScoreSettings(mode="logprobs", min_digit_mass=0.01), snippets=SNIPPETS[1:2])
+    assert ok.details["digit_mass_min"] == pytest.approx(0.02) and ok.results[0].predicted[3] == pytest.approx(6.0)
+    assert ok.details["digit_mass"] == pytest.approx((6 + 0.02) / 7, abs=1e-4)
+    assert len(llm_server.requests) == 7  # the second run read the cache
+
+
+def test_causal_prompts_shared_by_two_snippets_are_asked_once(con, llm_server):
+    """Both snippets open with "The": the question about that first token is the same one, and
+    is sent once (concurrent twins would both miss the cache and be paid twice)."""
+    llm_server.responder = logprob_responder
+    out = run_sim(con, llm_server, ScoreSettings(mode="logprobs"), snippets=[SNIPPETS[0], SNIPPETS[3]])
+    n = len(SNIPPETS[0].tokens) + len(SNIPPETS[3].tokens)
+    assert len(llm_server.requests) == n - 1 and out.spend.calls == n - 1
+    assert out.results[1].predicted[0] == out.results[0].predicted[0] == pytest.approx(0.1)
+    assert [len(r.predicted) for r in out.results] == [8, 5]

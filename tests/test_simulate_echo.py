@@ -69,6 +69,8 @@ def test_one_call_per_snippet_reads_the_slots(con, llm_server) -> None:
     assert out.mode == "all_at_once" and out.score == pytest.approx(float(np.corrcoef(
         preds, [a for sn in SNIPPETS for a in sn.acts])[0, 1]), abs=1e-6)
     assert out.spend.calls == len(SNIPPETS)  # the probe is the client's, not this latent's
+    assert out.details["digit_mass_min"] == pytest.approx(0.8)  # "high" takes 0.2 at a city
+    assert out.details["digit_mass"] == pytest.approx((4 * 0.8 + 21 * 1.0) / 25, abs=1e-4)  # 4 cities
     # Rerun: the probe and every snippet come from the cache.
     out2 = run_sim(con, llm_server, s, tpl_name=s.all_at_once_template)
     assert len(llm_server.requests) == len(SNIPPETS) + 1 and out2.score == out.score
@@ -141,3 +143,27 @@ def test_estimate_counts_one_request_per_snippet_and_no_probe(db, llm_server) ->
     settings.llm.estimate = False
     run_score(db, settings)
     assert len(llm_server.requests) == res.estimate["requests"] + 1  # the real run adds the probe
+
+
+def collapsing(toks: list[str], i: int) -> dict[str, float]:
+    """The measured failure: each "unknown" row already in the prompt moves probability from the
+    digits to the slot word, so later rows get little digit mass (0.85 ** rows before)."""
+    if toks[i] == SLOT and i >= 2 and toks[i - 1] == "\t":
+        m = 0.85 ** sum(1 for t in toks[:i] if t == SLOT)
+        return {"8": math.log(0.5 * m), "0": math.log(0.5 * m), SLOT: math.log(1.0 - m + 1e-12)}
+    return guess(toks, i)
+
+
+def test_a_slot_with_little_digit_mass_rejects_the_score(con, llm_server) -> None:
+    """Never a silent number rescaled from ~1% mass: the score fails and says where and why."""
+    llm_server.responder = lambda req: echo_reply(req, collapsing)
+    out = run_sim(con, llm_server, ScoreSettings(mode="all_at_once"), tpl_name="simulate_all_at_once",
+                  snippets=SNIPPETS[:1])
+    assert isinstance(out, ScoreFailed)
+    # 0.85 ** 7 = 0.32 at the 8th row: the 5th row (0.85 ** 4 = 0.52) is the first still accepted
+    assert "probability on the digits 0-9 at token 8 ('.') of snippet 1" in out.reason
+    assert "3 of 8 tokens are below score.min_digit_mass = 0.5" in out.reason
+    ok = run_sim(con, llm_server, ScoreSettings(mode="all_at_once", min_digit_mass=0.3),
+                 tpl_name="simulate_all_at_once", snippets=SNIPPETS[:1])
+    assert ok.details["digit_mass_min"] == pytest.approx(0.85 ** 7, abs=1e-4)
+    assert ok.details["digit_mass"] == pytest.approx(sum(0.85 ** k for k in range(8)) / 8, abs=1e-4)
