@@ -89,7 +89,6 @@ def test_dry_run_deletes_nothing(db, capsys):
     (["--scores", "--where", "1=1) UNION SELECT id FROM explanations --"], "not a SQL condition"),
     (["--scores", "--where", "no_such_column = 1"], "columns:"),
     (["--explanations", "--latents", "1=1); DROP TABLE latents; --"], "not a SQL condition over the latents table"),
-    (["--scores", "--model", "m"], "no model column"),
 ])
 def test_bad_selectors_are_one_line_and_change_nothing(db, capsys, args, message):
     before = counts(db)
