@@ -73,12 +73,18 @@ def setup_of(settings: Settings, scorer: str) -> dict[str, Any]:
     s = settings.score
     setup: dict[str, Any] = {k: getattr(s, k) for k in ("n_top", "n_quantile", "n_random", "n_nonactivating", "seed")}
     setup["temperature"] = settings.llm.temperature
+    # Markers for changes in how a score is computed, so a rerun rescores rows made the old way even when
+    # a custom template kept its hash: shuffled json batches, fuzzing's balanced accuracy, the digit-mass floor.
     if scorer != "simulation" or s.mode == "json":
         setup["per_call"] = s.per_call
+        if scorer == "simulation":
+            setup["order"] = "shuffled"
+        if scorer == "fuzzing":
+            setup["metric"] = "balanced_accuracy"
     elif s.mode == "logprobs":
-        setup.update(top_logprobs=s.top_logprobs, logprobs_api=s.logprobs_api)
+        setup.update(top_logprobs=s.top_logprobs, logprobs_api=s.logprobs_api, min_digit_mass=s.min_digit_mass)
     else:
-        setup["top_logprobs"] = s.top_logprobs
+        setup.update(top_logprobs=s.top_logprobs, min_digit_mass=s.min_digit_mass)
     return setup
 
 
