@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import duckdb
 
+from explainer import selectors
 from explainer.errors import ExplainerError
 
 SPLITS = ("train", "validation", "heldout")
@@ -393,40 +394,62 @@ def register_dictionary(con: duckdb.DuckDBPyConnection, *, name: str, path: str,
 
 # --- latent selectors ---------------------------------------------------------------------
 
-_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
-_LIST = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
-
-
 def select_latents(con: duckdb.DuckDBPyConnection, dict_id: int, selector: str) -> list[int]:
-    """`all`, `7`, `0-99`, `1,5,9`, or a SQL WHERE over the latents table."""
+    """`all`, `7`, `0-99`, `1,5,10-19`, or a SQL condition over the latents table's columns."""
     sel = selector.strip()
     if sel == "all":
         rows = con.execute("SELECT latent FROM latents WHERE dict_id = ? ORDER BY latent", [dict_id]).fetchall()
-    elif m := _RANGE.match(sel):
-        lo, hi = int(m.group(1)), int(m.group(2))
-        rows = con.execute(
-            "SELECT latent FROM latents WHERE dict_id = ? AND latent BETWEEN ? AND ? ORDER BY latent",
-            [dict_id, lo, hi],
-        ).fetchall()
-    elif _LIST.match(sel):
-        wanted = [int(x) for x in sel.split(",")]
-        rows = con.execute(
-            "SELECT latent FROM latents WHERE dict_id = ? AND list_contains(?, latent) ORDER BY latent",
-            [dict_id, wanted],
-        ).fetchall()
+    elif (ranges := selectors.parse_ids(sel)) is not None:
+        # Filtered here, not in SQL: ids beyond INTEGER are simply absent, never a bind error.
+        rows = [r for r in con.execute("SELECT latent FROM latents WHERE dict_id = ? ORDER BY latent",
+                                       [dict_id]).fetchall() if selectors.contains(ranges, r[0])]
     else:
-        try:
-            rows = con.execute(
-                f"SELECT latent FROM latents WHERE dict_id = ? AND ({sel}) ORDER BY latent", [dict_id]
-            ).fetchall()
-        except duckdb.Error as e:
-            msg = str(e).splitlines()[0]
-            raise ExplainerError(
-                f"--latents {selector!r} is not a range, a list, 'all' or a valid SQL WHERE over latents: {msg}"
-            ) from None
+        rows = _select_where(con, dict_id, selector, sel)
     latents = [r[0] for r in rows]
     if not latents:
         raise ExplainerError(
             f"--latents {selector!r} matches no latent (columns: latent, frequency, max_act, mean_act, n_contexts)"
         )
     return latents
+
+
+def _select_where(con: duckdb.DuckDBPyConnection, dict_id: int, selector: str, sel: str) -> list[tuple]:
+    """A SQL condition, accepted only when it is one boolean expression that reads a latents column:
+    `-5`, `1.5` or `true` are valid SQL that would select everything, so they are refused."""
+    cols = [r[0] for r in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'latents' AND schema_name = 'main' "
+        "ORDER BY column_index").fetchall()]
+    grammar = (f"expected {selectors.IDS_GRAMMAR}, or a SQL condition over the latents columns "
+               f"({', '.join(c for c in cols if c != 'dict_id')}), e.g. \"frequency > 1e-4\"")
+    query = f"SELECT latent FROM latents WHERE dict_id = ? AND ({sel}) ORDER BY latent"
+    describe = f"DESCRIBE SELECT ({sel}) AS v FROM latents"
+    try:
+        # `1); DROP TABLE x; SELECT (1` would run three statements: refuse before executing any.
+        if any(len(con.extract_statements(text)) != 1 for text in (query, describe)):
+            raise ExplainerError(f"--latents {selector!r} is not one condition: {grammar}")
+        kind = con.execute(describe).fetchone()[1]  # binds the columns: an unknown one is named here
+        if kind != "BOOLEAN":
+            raise ExplainerError(f"--latents {selector!r} is a value of type {kind}, not a true/false condition: {grammar}")
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [f"SELECT ({sel}) FROM latents"]).fetchone()[0])
+        if tree.get("error") or not _column_refs(tree) & set(cols):
+            raise ExplainerError(f"--latents {selector!r} does not read any latents column: {grammar}")
+        return con.execute(query, [dict_id]).fetchall()
+    except duckdb.Error as e:
+        msg = str(e).splitlines()[0]
+        raise ExplainerError(
+            f"--latents {selector!r} is not a range, a list, 'all' or a valid SQL WHERE over latents: {msg}"
+        ) from None
+
+
+def _column_refs(node: Any) -> set[str]:
+    """Column names referenced anywhere in a json_serialize_sql tree."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        if node.get("class") == "COLUMN_REF" and node.get("column_names"):
+            found.add(str(node["column_names"][-1]).lower())
+        for value in node.values():
+            found |= _column_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= _column_refs(value)
+    return found

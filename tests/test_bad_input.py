@@ -11,9 +11,12 @@ from typing import Any
 import duckdb
 import pytest
 import torch
+import hypothesis
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from explainer.cli import main
+from explainer.errors import ExplainerError
 from tests.conftest import fill_db
 from tests.test_sample import make_sae
 
@@ -311,3 +314,89 @@ def test_changed_sample_settings_point_at_a_flag_that_exists(tiny_lm: Path, tiny
     top = duckdb.connect(str(db), read_only=True).execute(
         "SELECT max(rank) FROM examples WHERE kind = 'top'").fetchone()[0]
     assert top == 2  # the new settings' samples replaced the old ones
+
+
+# --- strict selectors (issue 17: a typo must never become a full-dictionary bill) ---------------------------
+
+LOOSE = ["-5", "1.5", "true", "1=1", "frequency", "'latent'", "NULL"]
+
+
+@pytest.mark.parametrize("verb", ["explain", "score"])
+def test_a_selector_that_is_not_a_condition_over_latents_is_refused(verb: str, filled: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    url = closed_port_url()
+    for sel in LOOSE:
+        fails([verb, "--db", filled, "--base-url", url, "--latents", sel], capsys,
+              f"--latents {sel!r}", "a range (0-99)", "SQL condition over the latents columns")
+    fails([verb, "--db", filled, "--base-url", url, "--latents", "5-2"], capsys, "range 5-2 is reversed", "2-5")
+    # Several statements never run, even the harmless first one.
+    fails([verb, "--db", filled, "--base-url", url, "--latents", "1); DROP TABLE latents; SELECT (1"], capsys,
+          "is not one condition")
+    con = duckdb.connect(str(filled))
+    assert con.execute("SELECT count(*) FROM latents").fetchone()[0] == 3
+    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+
+
+def test_selectors_share_one_grammar(filled: Path) -> None:
+    from explainer import store
+    from explainer.sampler_subset import latent_subset
+
+    con = store.connect(filled)
+    for sel, want in [("all", [0, 1, 2]), ("1", [1]), ("0-1", [0, 1]), (" 2, 0 ", [0, 2]), ("0-0,2", [0, 2]),
+                      ("1-2,0-1", [0, 1, 2]), ("frequency > 0.01", [0, 1]), ("latent IN (SELECT 1)", [1])]:
+        assert store.select_latents(con, 1, sel) == want, sel
+        if not sel.startswith(("f", "l")):
+            got = latent_subset(sel, 3)
+            assert (got.tolist() if got is not None else [0, 1, 2]) == want, sel
+    assert store.select_latents(con, 1, "0-99999999999999") == [0, 1, 2]  # beyond INTEGER: absent, not a crash
+    with pytest.raises(ExplainerError, match="outside 0-2"):
+        latent_subset("0-99999999999999", 3)  # refused before a 10**14-element tensor is made
+
+
+@pytest.mark.parametrize("sel,fragment", [("5-2", "range 5-2 is reversed"), ("-5", "expected all, random:N, or ids"),
+                                          ("1.5", "random:N"), ("true", "random:N"), ("frequency > 0", "random:N"),
+                                          ("random:0", "0 < N <= 64"), ("", "expected all")])
+def test_sample_selector_errors(sel: str, fragment: str, tiny_lm: Path, tiny_corpus: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    sae = make_sae(tmp_path / "sae")
+    db = tmp_path / "x.duckdb"
+    fails(sample_args(tiny_lm, tiny_corpus, sae, db, "--latents", sel), capsys, "sample.latents", fragment)
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(text=st.one_of(
+    st.text(max_size=24),
+    st.from_regex(r"\A-?[0-9 ,.\-]{1,12}\Z"),
+    st.lists(st.sampled_from(["latent", "frequency", "max_act", "true", "NULL", "(", ")", "-", "<", "=", "0.5",
+                              "AND", "OR", "NOT", ";", "'", "1", "5-2", ",", "1e9"]), max_size=6).map(" ".join),
+))
+def test_any_selector_text_is_a_subset_or_one_clear_error(filled_con: Any, text: str) -> None:
+    from explainer import store
+    from explainer.sampler_subset import latent_subset
+
+    try:
+        got = store.select_latents(filled_con, 1, text)
+    except ExplainerError as e:
+        assert "\n" not in str(e)
+    else:
+        assert got and set(got) <= {0, 1, 2}
+        # Only a condition that reads a column can select: a bare constant never does.
+        stripped = text.strip()
+        assert stripped == "all" or any(c.isdigit() for c in stripped) or any(
+            col in stripped.lower() for col in ("latent", "frequency", "n_", "max_act", "mean_act", "quantiles"))
+    try:
+        sub = latent_subset(text, 3)
+    except ExplainerError as e:
+        assert "\n" not in str(e)
+    else:
+        assert sub is None or set(sub.tolist()) <= {0, 1, 2}
+    assert filled_con.execute("SELECT count(*) FROM latents").fetchone()[0] == 3
+
+
+@pytest.fixture(scope="module")
+def filled_con(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from explainer import store
+
+    con = store.connect(fill_db(tmp_path_factory.mktemp("sel") / "sel.duckdb"))
+    yield con
+    con.close()
