@@ -372,3 +372,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
+    except Exception as e:
+        from explainer.errors import environment_message
+
+        msg = environment_message(e)  # a full disk or a damaged file: one line; anything else is a bug
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return 2

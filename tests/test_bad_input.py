@@ -400,3 +400,164 @@ def filled_con(tmp_path_factory: pytest.TempPathFactory) -> Any:
     con = store.connect(fill_db(tmp_path_factory.mktemp("sel") / "sel.duckdb"))
     yield con
     con.close()
+
+
+# --- databases that are not ours, newer, damaged, unwritable, or on a full disk ----------------------------
+
+
+def tables_of(path: Path) -> list[str]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return sorted(r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall())
+    finally:
+        con.close()
+
+
+READ_VERBS = [["status"], ["sql", "SELECT 1"], ["show", "0"], ["search", "king"]]
+WRITE_VERBS = [["explain", "--explainer", "ngram"], ["score", "--base-url", "http://127.0.0.1:9/v1"]]
+
+
+def test_a_duckdb_file_of_another_program_is_refused_and_left_alone(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    foreign = tmp_path / "theirs.duckdb"
+    con = duckdb.connect(str(foreign))
+    con.execute("CREATE TABLE measurements (x INTEGER); INSERT INTO measurements VALUES (1)")
+    con.close()
+    other = tmp_path / "migrating.duckdb"  # another tool's own _migrations table
+    con = duckdb.connect(str(other))
+    con.execute("CREATE TABLE _migrations (version INTEGER); INSERT INTO _migrations VALUES (3)")
+    con.close()
+    for verb in READ_VERBS + WRITE_VERBS:
+        fails([verb[0], "--db", foreign, *verb[1:]], capsys, str(foreign), "not an explainer database")
+        fails([verb[0], "--db", other, *verb[1:]], capsys, str(other), "not an explainer database")
+    assert tables_of(foreign) == ["measurements"]
+    assert tables_of(other) == ["_migrations"]
+
+
+def test_a_database_from_a_newer_explainer_is_refused_before_anything_is_written(
+        filled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    con = duckdb.connect(str(filled))
+    con.execute("INSERT INTO _migrations VALUES ('m099_from_the_future', now())")
+    con.close()
+    for verb in READ_VERBS + WRITE_VERBS:
+        fails([verb[0], "--db", filled, *verb[1:]], capsys, str(filled), "newer explainer", "m099_from_the_future",
+              "upgrade explainer")
+    con = duckdb.connect(str(filled), read_only=True)
+    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate-early", "truncate-late", "zero-block", "garbage"])
+def test_a_damaged_database_is_one_line(damage: str, filled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = filled.read_bytes()
+    if damage == "truncate-early":
+        filled.write_bytes(data[:20_000])
+    elif damage == "truncate-late":
+        filled.write_bytes(data[: len(data) - 300_000])
+    elif damage == "zero-block":
+        filled.write_bytes(data[:12288] + b"\0" * 4096 + data[12288 + 4096:])
+    else:
+        filled.write_bytes(b"not a database at all\n" * 100)
+    size = filled.stat().st_size
+    for verb in READ_VERBS + WRITE_VERBS:
+        fails([verb[0], "--db", filled, *verb[1:]], capsys, str(filled), "restore it from a copy")
+    assert filled.stat().st_size == size  # refused, not repaired into an empty DB
+
+
+def test_a_zero_byte_database_does_not_block_the_next_command(tmp_path: Path) -> None:
+    from explainer import store
+
+    db = tmp_path / "left_by_a_full_disk.duckdb"
+    db.write_bytes(b"")
+    with store.connect(db) as con:
+        assert con.execute("SELECT count(*) FROM _migrations").fetchone()[0] >= 4
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 600 KiB tmpfs (needs root, as on the project's machines); skipped where it cannot be mounted."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (not root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill_up(folder: Path) -> Path:
+    import os
+
+    ballast = folder / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:  # ENOSPC: the disk is full now
+        pass
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def test_a_database_created_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    ballast = fill_up(small_disk)
+    db = small_disk / "new.duckdb"
+    for verb in WRITE_VERBS:
+        fails([verb[0], "--db", db, *verb[1:]], capsys, f"disk full: creating database {db}", "KiB")
+        assert sorted(p.name for p in small_disk.iterdir()) == ["ballast"]
+    ballast.unlink()
+    fails(["explain", "--explainer", "ngram", "--db", db], capsys, "holds no dictionary yet")  # the next run works
+
+
+def test_a_full_disk_while_training_is_one_line_naming_the_file(small_disk: Path, tiny_lm: Path, tiny_corpus: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    args = train_args(tiny_lm, tiny_corpus, small_disk / "sae")
+    args[args.index("--n-latents") + 1] = "4096"  # a 1 MiB checkpoint on a 600 KiB disk
+    fails(args, capsys, str(small_disk / "sae"), "left on its device", "full disk")
+
+
+def test_an_unwritable_folder_is_one_line(tmp_path: Path, filled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "kept.duckdb").write_bytes(filled.read_bytes())
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)], capture_output=True).returncode:
+            pytest.skip("cannot make a read-only bind mount here")
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=False)
+    else:
+        ro.chmod(0o555)
+    try:
+        fails(["explain", "--explainer", "ngram", "--db", ro / "new.duckdb"], capsys, str(ro), "writable")
+        fails(["explain", "--explainer", "ngram", "--db", ro / "sub" / "new.duckdb"], capsys, str(ro / "sub"), "writable")
+        fails(["explain", "--explainer", "ngram", "--db", ro / "kept.duckdb"], capsys, str(ro / "kept.duckdb"), "writable")
+        assert main(["status", "--db", str(ro / "kept.duckdb")]) == 0  # reading needs no write access
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", "-l", str(ro)], check=False)
+        else:
+            ro.chmod(0o755)
+
+
+def test_environment_messages_are_one_line_and_leave_bugs_alone() -> None:
+    import errno
+
+    from explainer.errors import environment_message
+
+    msg = environment_message(OSError(errno.ENOSPC, "No space left on device", "/data/x.bin"))
+    assert msg is not None and "disk full writing /data/x.bin" in msg and "\n" not in msg
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/y.bin")
+        except OSError as inner:
+            raise RuntimeError("wrapper said nothing useful") from inner
+    except RuntimeError as outer:
+        assert "/data/y.bin" in (environment_message(outer) or "")
+    assert environment_message(ValueError("a bug")) is None
+    assert environment_message(KeyError("x")) is None
