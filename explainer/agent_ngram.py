@@ -20,6 +20,7 @@ token and cost caps never bind here (candidates and rounds still do).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from itertools import zip_longest
 from typing import Optional, Sequence
@@ -52,6 +53,30 @@ def candidates(ex: LatentExamples, vocab: tuple[list[str], list[str]]) -> list[P
             seen.add(ps.patterns)
             out.append(ps)
     return out
+
+
+def canonical(split: ngram.SplitData) -> ngram.SplitData:
+    """The same examples with token ids in sorted string order.
+
+    load_split numbers tokens in the order the loaded contexts first show them, so ids depend on
+    which latents were loaded together; fits break ties by id. Sorted ids keep the relative order
+    of any latent's own tokens fixed, so its candidates, choice and scores depend only on it.
+    """
+    (exact, norm) = split.vocab
+    exact_order = sorted(range(len(exact)), key=exact.__getitem__)
+    norm_order = sorted(range(len(norm)), key=norm.__getitem__)
+
+    def remap(order: list[int]) -> np.ndarray:
+        new = np.empty(len(order) + 1, dtype=np.int64)
+        new[np.asarray(order, dtype=np.int64)] = np.arange(len(order), dtype=np.int64)
+        new[-1] = -1  # padding (-1) stays padding
+        return new
+
+    exact_new, norm_new = [exact[i] for i in exact_order], [norm[i] for i in norm_order]
+    return dataclasses.replace(
+        split, vocab=(exact_new, norm_new), exact_index={t: i for i, t in enumerate(exact_new)},
+        norm_index={t: i for i, t in enumerate(norm_new)},
+        ctx_exact=remap(exact_order)[split.ctx_exact], ctx_norm=remap(norm_order)[split.ctx_norm])
 
 
 def _fires(ex: LatentExamples) -> bool:
@@ -147,8 +172,8 @@ class _NgramLatent:
 
 async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, dict_id: int, chunk: Sequence[int],
                  leftovers: set[int], result: AgentResult, writer: Writer) -> None:
-    train = ngram.load_split(con, dict_id, "train", chunk)
-    val = ngram.load_split(con, dict_id, "validation", chunk, kinds=SCORED_KINDS, scoring=True)
+    train = canonical(ngram.load_split(con, dict_id, "train", chunk))
+    val = canonical(ngram.load_split(con, dict_id, "validation", chunk, kinds=SCORED_KINDS, scoring=True))
     have_train, have_val = set(train.latents), set(val.latents)
     work: list[tuple[LatentReport, list[Node], Optional[Node]]] = []
     for lat in chunk:

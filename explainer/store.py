@@ -353,13 +353,15 @@ def _open_message(path: Path, err: Exception, existed: bool) -> str:
 def _check_ours(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
     """Refuse a file that is shorter than its blocks, is not an explainer DB, or is from a newer explainer."""
     if not _wal(path).exists():  # with a WAL the blocks' final place is decided at the next checkpoint
-        row = con.execute("SELECT block_size, total_blocks FROM pragma_database_size() "
+        # Used blocks, not total: DuckDB cuts free blocks off the end of the file, so only a file
+        # shorter than its used blocks is surely truncated.
+        row = con.execute("SELECT block_size, used_blocks FROM pragma_database_size() "
                           "WHERE database_name = current_database()").fetchone()
         want = _HEADER_BYTES + int(row[0]) * int(row[1]) if row is not None else 0
         have = path.stat().st_size
         if have < want:
-            raise ExplainerError(f"database {path} is truncated ({have:,} bytes of the {want:,} its header "
-                                 "describes: a copy cut short or a full disk); restore it from a copy or "
+            raise ExplainerError(f"database {path} is truncated ({have:,} bytes, and its used blocks need at "
+                                 f"least {want:,}: a copy cut short or a full disk); restore it from a copy or "
                                  "pass another --db")
     tables = [r[0] for r in con.execute(
         "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() ORDER BY 1").fetchall()]
