@@ -43,19 +43,3 @@ def parse_ids(text: str, flag: str = "--latents") -> Optional[list[tuple[int, in
         else:
             merged.append((lo, hi))
     return merged
-
-
-def count(ranges: list[tuple[int, int]]) -> int:
-    return sum(hi - lo + 1 for lo, hi in ranges)
-
-
-def contains(ranges: list[tuple[int, int]], latent: int) -> bool:
-    """Whether `latent` lies in the sorted, merged `ranges` (binary search: a selector may hold many)."""
-    lo_i, hi_i = 0, len(ranges)
-    while lo_i < hi_i:
-        mid = (lo_i + hi_i) // 2
-        if ranges[mid][1] < latent:
-            lo_i = mid + 1
-        else:
-            hi_i = mid
-    return lo_i < len(ranges) and ranges[lo_i][0] <= latent

@@ -492,9 +492,13 @@ def select_latents(con: duckdb.DuckDBPyConnection, dict_id: int, selector: str) 
     if sel == "all":
         rows = con.execute("SELECT latent FROM latents WHERE dict_id = ? ORDER BY latent", [dict_id]).fetchall()
     elif (ranges := selectors.parse_ids(sel)) is not None:
-        # Filtered here, not in SQL: ids beyond INTEGER are simply absent, never a bind error.
-        rows = [r for r in con.execute("SELECT latent FROM latents WHERE dict_id = ? ORDER BY latent",
-                                       [dict_id]).fetchall() if selectors.contains(ranges, r[0])]
+        top = 2**31  # latent is an INTEGER: larger ids are simply absent, never a bind error
+        # A range join over the merged (disjoint) ranges: each latent appears once.
+        rows = con.execute(
+            """SELECT l.latent FROM latents l
+               JOIN (SELECT unnest(?::BIGINT[]) AS lo, unnest(?::BIGINT[]) AS hi) r ON l.latent BETWEEN r.lo AND r.hi
+               WHERE l.dict_id = ? ORDER BY l.latent""",
+            [[min(lo, top) for lo, _ in ranges], [min(hi, top) for _, hi in ranges], dict_id]).fetchall()
     else:
         rows = _select_where(con, dict_id, selector, sel)
     latents = [r[0] for r in rows]
@@ -519,10 +523,11 @@ def _select_where(con: duckdb.DuckDBPyConnection, dict_id: int, selector: str, s
         # `1); DROP TABLE x; SELECT (1` would run three statements: refuse before executing any.
         if any(len(con.extract_statements(text)) != 1 for text in (query, describe)):
             raise ExplainerError(f"--latents {selector!r} is not one condition: {grammar}")
-        kind = con.execute(describe).fetchone()[1]  # binds the columns: an unknown one is named here
+        kind = (con.execute(describe).fetchone() or ("", ""))[1]  # binds the columns: an unknown one is named here
         if kind != "BOOLEAN":
             raise ExplainerError(f"--latents {selector!r} is a value of type {kind}, not a true/false condition: {grammar}")
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [f"SELECT ({sel}) FROM latents"]).fetchone()[0])
+        tree = json.loads((con.execute("SELECT json_serialize_sql(?)",
+                                       [f"SELECT ({sel}) FROM latents"]).fetchone() or ("{}",))[0])
         if tree.get("error") or not _column_refs(tree) & set(cols):
             raise ExplainerError(f"--latents {selector!r} does not read any latents column: {grammar}")
         return con.execute(query, [dict_id]).fetchall()

@@ -479,7 +479,8 @@ def small_disk(tmp_path: Path) -> Any:
 
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True,
+                      check=False).returncode:
         pytest.skip("cannot mount a small tmpfs here (not root)")
     try:
         yield disk
@@ -528,7 +529,8 @@ def test_an_unwritable_folder_is_one_line(tmp_path: Path, filled: Path, capsys: 
     ro.mkdir()
     (ro / "kept.duckdb").write_bytes(filled.read_bytes())
     if os.geteuid() == 0:
-        if subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)], capture_output=True).returncode:
+        if subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)], capture_output=True,
+                          check=False).returncode:
             pytest.skip("cannot make a read-only bind mount here")
         subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=False)
     else:

@@ -14,7 +14,7 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from explainer.cli import build_parser, main, settings_from
+from explainer.cli import build_parser, settings_from
 from explainer.errors import ExplainerError
 from explainer.settings import Settings
 from tests.test_bad_input import fails, train_args
