@@ -563,3 +563,30 @@ def test_environment_messages_are_one_line_and_leave_bugs_alone() -> None:
         assert "/data/y.bin" in (environment_message(outer) or "")
     assert environment_message(ValueError("a bug")) is None
     assert environment_message(KeyError("x")) is None
+
+
+def test_a_block_damaged_under_a_running_command_is_one_line(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Damage that opening cannot see (a data block read later) still ends as one line."""
+    from explainer import store
+    from explainer.errors import environment_message
+
+    db = tmp_path / "x.duckdb"
+    con = store.connect(db)
+    con.execute("INSERT INTO llm_cache SELECT 'k' || range, 'm', json_object('x', repeat('y', 200) || range), now() "
+                "FROM range(20000)")
+    con.execute("CHECKPOINT")
+    blocks = sorted({r[0] for r in con.execute(
+        "SELECT block_id FROM pragma_storage_info('llm_cache') WHERE block_id >= 0").fetchall()})
+    con.close()
+    data = bytearray(db.read_bytes())
+    at = 3 * 4096 + blocks[len(blocks) // 2] * 262144
+    data[at + 100: at + 4096] = b"\0" * 3996
+    db.write_bytes(bytes(data))
+    con = duckdb.connect(str(db), read_only=True)
+    with pytest.raises(duckdb.Error) as err:
+        con.execute("SELECT max(length(response::VARCHAR)) FROM llm_cache").fetchall()
+    con.close()
+    msg = environment_message(err.value)
+    assert msg is not None and "is damaged" in msg and "restore it from a copy" in msg and "\n" not in msg
+    fails(["sql", "--db", db, "SELECT max(length(response::VARCHAR)) FROM llm_cache"], capsys, "Corrupt database file")
