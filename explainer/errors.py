@@ -51,7 +51,7 @@ def _one(e: BaseException) -> Optional[str]:
         return (f"writing{where} failed ({first}) with {free_space(path)} left on its device, the usual cause "
                 "being a full disk; free space (or write to another disk) and rerun")
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return f"cannot write{where}: {e.strerror}; choose a writable location"
+        return f"cannot access{where}: {e.strerror}; fix its permissions or choose another location"
     if type(e).__module__.startswith(("duckdb", "_duckdb")) and (
             "Corrupt database file" in text or "Could not read enough bytes" in text):
         return f"a DuckDB file{where} is damaged ({first}); restore it from a copy or pass another --db"

@@ -561,6 +561,8 @@ def test_environment_messages_are_one_line_and_leave_bugs_alone() -> None:
             raise RuntimeError("wrapper said nothing useful") from inner
     except RuntimeError as outer:
         assert "/data/y.bin" in (environment_message(outer) or "")
+    assert "cannot access /etc/x: Permission denied" in (
+        environment_message(PermissionError(errno.EACCES, "Permission denied", "/etc/x")) or "")
     assert environment_message(ValueError("a bug")) is None
     assert environment_message(KeyError("x")) is None
 
