@@ -55,6 +55,7 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str, aliases: di
         if flag in seen:
             flag = f"--{section}-{name.replace('_', '-')}"
         seen.add(flag)
+        parser.set_defaults(_flags={**(parser.get_default("_flags") or {}), f"{section}.{name}": flag})
         choices, is_bool = _flag_type(field.annotation)
         default = field.default if field.default is not None else "none"
         help_text = f"{field.description} (default: {default})"
@@ -81,7 +82,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config, overrides_from(args))
+    return load_settings(args.config, overrides_from(args), flags=getattr(args, "_flags", None))
 
 
 def as_dict(result: Any) -> dict[str, Any]:
@@ -380,3 +381,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
+    except Exception as e:
+        from explainer.errors import environment_message
+
+        msg = environment_message(e)  # a full disk or a damaged file: one line; anything else is a bug
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return 2

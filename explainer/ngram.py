@@ -16,6 +16,7 @@ both scores carry the same `snippet_set` and compare like with like.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -141,13 +142,37 @@ def load_split(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, latents
     inside = cols < width  # acts longer than their tokens would be corrupt data: ignore the excess
     acts[rows[inside], cols[inside]] = values.to_numpy(zero_copy_only=False)[inside]
     ex_ctx = ex.column("context_id").to_numpy()
-    return SplitData(
+    return canonical(SplitData(
         split=split, exact_index={s: i for i, s in enumerate(vocab)}, norm_index=norm_index,
         vocab=(vocab, list(norm_index)),
         ctx_exact=tok_mat, ctx_norm=norm_of[tok_mat], ex_latent=ex.column("latent").to_numpy(),
         ex_kind=np.asarray(ex.column("kind").to_pylist(), dtype=object), ex_context=ex_ctx,
         ex_row=np.searchsorted(ctx_ids, ex_ctx), ex_acts=acts,
-    )
+    ))
+
+
+def canonical(split: SplitData) -> SplitData:
+    """The same examples with token ids in sorted string order.
+
+    Both loaders number tokens in the order the loaded contexts first show them, so ids would depend
+    on which latents were loaded together, and fits break ties by id. Sorted ids keep the relative order
+    of any latent's own tokens fixed, so its candidates, choice and scores depend only on it.
+    """
+    (exact, norm) = split.vocab
+    exact_order = sorted(range(len(exact)), key=exact.__getitem__)
+    norm_order = sorted(range(len(norm)), key=norm.__getitem__)
+
+    def remap(order: list[int]) -> np.ndarray:
+        new = np.empty(len(order) + 1, dtype=np.int64)
+        new[np.asarray(order, dtype=np.int64)] = np.arange(len(order), dtype=np.int64)
+        new[-1] = -1  # padding (-1) stays padding
+        return new
+
+    exact_new, norm_new = [exact[i] for i in exact_order], [norm[i] for i in norm_order]
+    return dataclasses.replace(
+        split, vocab=(exact_new, norm_new), exact_index={t: i for i, t in enumerate(exact_new)},
+        norm_index={t: i for i, t in enumerate(norm_new)},
+        ctx_exact=remap(exact_order)[split.ctx_exact], ctx_norm=remap(norm_order)[split.ctx_norm])
 
 
 def default_limits() -> dict[str, int]:
@@ -190,12 +215,12 @@ def snippet_data(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence
     for i, (_, x) in enumerate(flat):
         acts[i, :len(x.acts)] = x.acts[:width]
     ex_ctx = np.array([x.context_id for _, x in flat], dtype=np.int64)
-    return SplitData(
+    return canonical(SplitData(
         split=split, exact_index=exact_index, norm_index=norm_index, vocab=(vocab, list(norm_index)),
         ctx_exact=tok_mat, ctx_norm=norm_of[tok_mat], ex_latent=np.array([lat for lat, _ in flat], dtype=np.int64),
         ex_kind=np.asarray([x.kind for _, x in flat], dtype=object), ex_context=ex_ctx,
         ex_row=np.array([ctx_row[c] for c in ex_ctx.tolist()], dtype=np.int64), ex_acts=acts,
-    )
+    ))
 
 
 def setup_hash(limits: Mapping[str, int]) -> str:

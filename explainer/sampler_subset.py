@@ -3,16 +3,14 @@ whether their state fits the memory of the device it will live on."""
 
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
 
 import torch
 
 from explainer.errors import ExplainerError
 from explainer.sampler_state import available_bytes, state_bytes
+from explainer.selectors import parse_ids
 from explainer.settings import SampleSettings
-
-_RANGE = re.compile(r"^(\d+)-(\d+)$")
 
 
 def latent_subset(text: str, d_sae: int) -> Optional[torch.Tensor]:
@@ -20,28 +18,20 @@ def latent_subset(text: str, d_sae: int) -> Optional[torch.Tensor]:
     sel = text.strip()
     if sel == "all":
         return None
-    bad = f"sample.latents={text!r}: expected all, random:N, or ids and ranges like 0-999,1500,1502"
+    bad = f"sample.latents={text!r}: expected all, random:N, or ids and ranges: an id (7), a range (0-99) or a comma list (1,5,10-19)"
     if sel.startswith("random:"):
-        n = sel.split(":", 1)[1]
+        n = sel.split(":", 1)[1].strip()
         if not n.isdigit() or not 0 < int(n) <= d_sae:
             raise ExplainerError(f"{bad}, with 0 < N <= {d_sae}")
         # A fixed generator: every shard and every rerun draws the same latents.
-        ids = torch.randperm(d_sae, generator=torch.Generator().manual_seed(0))[: int(n)]
-    else:
-        parts = []
-        for item in sel.split(","):
-            m = _RANGE.match(item.strip())
-            if m:
-                parts.append(torch.arange(int(m.group(1)), int(m.group(2)) + 1))
-            elif item.strip().isdigit():
-                parts.append(torch.tensor([int(item)]))
-            else:
-                raise ExplainerError(bad)
-        ids = torch.cat(parts)
-    ids = ids.unique()
-    if ids.numel() == 0 or int(ids.max()) >= d_sae:
+        return torch.randperm(d_sae, generator=torch.Generator().manual_seed(0))[: int(n)].sort().values
+    ranges = parse_ids(sel, "sample.latents")
+    if ranges is None:
+        raise ExplainerError(bad)
+    # Checked before any tensor is made: a range like 0-10**12 must not allocate first.
+    if ranges[-1][1] >= d_sae:
         raise ExplainerError(f"sample.latents={text!r} names latents outside 0-{d_sae - 1} of this dictionary")
-    return ids
+    return torch.cat([torch.arange(lo, hi + 1) for lo, hi in ranges])
 
 
 def check_fits(sae: Any, ss: SampleSettings, T: int, subset: Optional[torch.Tensor], device: torch.device) -> None:

@@ -8,11 +8,14 @@ The CLI builds its flags from these fields, so a default's description is its --
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+import typing
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from explainer.errors import ExplainerError
 from pydantic import field_validator  # noqa: E402  (apart from the line above: LLMSettings' finite checks)
@@ -24,9 +27,42 @@ def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "explainer"
 
+SEED_MAX = 2**63 - 1  # torch and numpy generators take seeds in [0, 2**63)
+_NUMBER = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+
+
+def _base_type(annotation: Any) -> Any:
+    """int for int and Optional[int], float likewise, else the annotation itself."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if typing.get_origin(annotation) is not None and len(args) == 1 else annotation
+
+
 class Section(BaseModel):
     # A typo in a TOML key or --set must fail loudly, not silently keep the default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No float setting may be inf or nan: `--lr inf` trained an all-NaN dictionary and exited 0.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_numbers(cls, data: Any) -> Any:
+        """`--tokens 1e6` means one million: an integral number written as a float string is an int;
+        `true` is not a number, even where Python would take it as 1."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            kind = _base_type(field.annotation) if field is not None else None
+            if kind in (int, float) and isinstance(value, bool):
+                raise ValueError(f"{name}: {value!r} is not a number")
+            if kind is int and isinstance(value, str) and _NUMBER.match(value):
+                try:
+                    exact = Decimal(value.strip())
+                except InvalidOperation:
+                    continue
+                if exact == exact.to_integral_value() and abs(exact) < Decimal(2) ** 80:
+                    out[name] = int(exact)
+        return out
 
 
 class ModelSettings(Section):
@@ -35,14 +71,14 @@ class ModelSettings(Section):
         description="subject model: a built-in name (smollm2, gemma3-270m), a Hugging Face id or a local directory",
     )
     layer: int = Field(
-        15,
+        15, ge=0, le=4096,
         description="hook the residual stream at the output of this decoder layer (0-based; SmolLM2 has 30)",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the subject model's forward pass"
     )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
-    batch_size: int = Field(8, ge=1, description="contexts per forward pass")
+    batch_size: int = Field(8, ge=1, le=65536, description="contexts per forward pass")
 
 
 class CorpusSettings(Section):
@@ -54,33 +90,34 @@ class CorpusSettings(Section):
         ),
     )
     text_field: str = Field("text", description="field holding the text in JSONL, Parquet and datasets sources")
-    ctx_len: int = Field(64, ge=4, description="tokens per context window (64 as in Gao et al. 2024)")
+    ctx_len: int = Field(64, ge=4, le=2**20, description="tokens per context window (64 as in Gao et al. 2024)")
     validation_fraction: float = Field(
         0.1, ge=0, lt=1, description="fraction of documents reserved for the validation split (agent selection)"
     )
     heldout_fraction: float = Field(
         0.1, ge=0, lt=1, description="fraction of documents reserved for the held-out split (final scores only)"
     )
-    split_seed: int = Field(0, description="seed of the document-level split; keep it fixed across runs")
+    split_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the document-level split; keep it fixed across runs")
 
 
 class TrainSettings(Section):
     out: Path = Field(Path("runs/sae"), description="folder for the trained dictionary (SAELens layout)")
-    n_latents: int = Field(4096, ge=2, description="dictionary width (number of latents)")
-    k: int = Field(32, ge=1, description="active latents per token (TopK)")
-    tokens: int = Field(400_000, ge=1, description="training tokens to stream from the subject model (sized so `explainer run` takes ~10 min on 2 CPU cores)")
+    n_latents: int = Field(4096, ge=2, le=2**48, description="dictionary width (number of latents)")
+    k: int = Field(32, ge=1, le=2**24, description="active latents per token (TopK)")
+    tokens: int = Field(400_000, ge=1, le=2**50, description="training tokens to stream from the subject model (sized so `explainer run` takes ~10 min on 2 CPU cores)")
     batch_tokens: int = Field(
-        4096, ge=1, description="tokens per optimizer step (rounded to whole contexts of ctx_len tokens)"
+        4096, ge=1, le=2**26, description="tokens per optimizer step (rounded to whole contexts of ctx_len tokens)"
     )
     lr: Optional[float] = Field(
-        None, description="Adam learning rate; default 2e-4 / sqrt(n_latents / 16384) as in Gao et al."
+        None, gt=0, le=1, description="Adam learning rate; default 2e-4 / sqrt(n_latents / 16384) as in Gao et al."
     )
-    adam_eps: float = Field(6.25e-10, description="Adam epsilon (Gao et al. 2024)")
+    adam_eps: float = Field(6.25e-10, gt=0, le=1, description="Adam epsilon (Gao et al. 2024)")
     auxk_coef: float = Field(1 / 32, ge=0, description="weight of the AuxK loss on dead latents")
-    k_aux: Optional[int] = Field(None, ge=1, description="latents in the AuxK reconstruction; default d_model / 2")
+    k_aux: Optional[int] = Field(None, ge=1, le=2**24, description="latents in the AuxK reconstruction; default d_model / 2")
     dead_tokens: int = Field(
         100_000,
         ge=1,
+        le=2**50,
         description="a latent not fired for this many tokens counts as dead (10M in the paper; scaled to short runs)",
     )
     multi_topk: bool = Field(False, description="add the Multi-TopK loss (4k latents, weight 1/8)")
@@ -90,39 +127,39 @@ class TrainSettings(Section):
     autocast: Literal["none", "bfloat16"] = Field(
         "none", description="run the SAE step's dense encoder matmul (nearly all its FLOPs) in this dtype"
     )
-    median_samples: int = Field(8192, ge=1, description="activations used for the geometric-median b_pre init")
-    eval_tokens: int = Field(16_384, ge=0, description="held-out tokens for the FVU, L0 and dead-latent metrics")
+    median_samples: int = Field(8192, ge=1, le=2**26, description="activations used for the geometric-median b_pre init")
+    eval_tokens: int = Field(16_384, ge=0, le=2**40, description="held-out tokens for the FVU, L0 and dead-latent metrics")
     ce_tokens: int = Field(
-        4096, ge=0, description="held-out tokens (a prefix of the eval tokens) for the CE-increase metric (3 full-model passes)"
+        4096, ge=0, le=2**40, description="held-out tokens (a prefix of the eval tokens) for the CE-increase metric (3 full-model passes)"
     )
     shuffle_steps: int = Field(
-        8, ge=1, description="optimizer steps whose activations are pooled and shuffled together (decorrelates batches)"
+        8, ge=1, le=2**16, description="optimizer steps whose activations are pooled and shuffled together (decorrelates batches)"
     )
-    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
-    seed: int = Field(0, description="seed for init and data order")
+    checkpoint_every: int = Field(50, ge=1, le=2**40, description="optimizer steps between resumable checkpoints")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for init and data order")
 
 
 class SampleSettings(Section):
-    n_top: int = Field(20, ge=0, description="top-activating examples per latent per split")
-    n_quantile: int = Field(20, ge=0, description="quantile-stratified activating examples per latent per split")
-    n_quantile_bins: int = Field(5, ge=1, description="activation quantile bins the quantile examples are spread over")
-    n_nonactivating: int = Field(20, ge=0, description="examples where the latent is zero on every token, per split")
-    n_random: int = Field(10, ge=0, description="uniformly random contexts per split (shared by all latents)")
+    n_top: int = Field(20, ge=0, le=2**20, description="top-activating examples per latent per split")
+    n_quantile: int = Field(20, ge=0, le=2**20, description="quantile-stratified activating examples per latent per split")
+    n_quantile_bins: int = Field(5, ge=1, le=2**16, description="activation quantile bins the quantile examples are spread over")
+    n_nonactivating: int = Field(20, ge=0, le=2**20, description="examples where the latent is zero on every token, per split")
+    n_random: int = Field(10, ge=0, le=2**20, description="uniformly random contexts per split (shared by all latents)")
     n_reservoir: int = Field(
-        40, ge=0,
+        40, ge=0, le=2**20,
         description="activating contexts kept per latent per split as a uniform sample (with their activations); "
         "quantile examples and activation quantiles come from it; at least n_quantile",
     )
     nonactivating_pool: int = Field(
-        400, ge=0,
+        400, ge=0, le=2**24,
         description="contexts per split kept as a uniform sample shared by all latents; each latent's "
         "non-activating examples come from it (half sharing tokens with its top examples), the random ones too",
     )
     acts_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of the per-token activations held for kept examples while sampling (memory)"
     )
-    tokens: int = Field(200_000, ge=1, description="corpus tokens (all splits) to run through model + dictionary")
-    checkpoint_every: int = Field(256, ge=1, description="batches between resumable checkpoints (a kill loses at most this many)")
+    tokens: int = Field(200_000, ge=1, le=2**50, description="corpus tokens (all splits) to run through model + dictionary")
+    checkpoint_every: int = Field(256, ge=1, le=2**40, description="batches between resumable checkpoints (a kill loses at most this many)")
     shard: str = Field("0/1", description="process shard i of N (i/N) of the contexts; merge shards with `explainer merge`")
     parquet: str = Field(
         "", description="folder to write the sampled contexts to as Parquet (one file per checkpoint) instead of DB "
@@ -137,7 +174,7 @@ class SampleSettings(Section):
         "or random:N (a fixed random draw); memory scales with their number, so a subset fits a huge dictionary",
     )
     max_active: int = Field(
-        256, ge=1, description="ReLU and JumpReLU dictionaries (no fixed k): active latents kept per token; a token "
+        256, ge=1, le=2**24, description="ReLU and JumpReLU dictionaries (no fixed k): active latents kept per token; a token "
         "with more is an error naming the count, never a silent cut",
     )
 
@@ -152,17 +189,17 @@ class LLMSettings(Section):
         description="API key; read from OPENAI_API_KEY, never stored in the DB, logs or errors; not needed for 127.0.0.1/localhost",
     )
     model: str = Field("gpt-4o-mini", description="model name sent to the endpoint")
-    temperature: float = Field(0.0, ge=0, description="sampling temperature")
-    max_tokens: int = Field(300, ge=1, description="completion token limit per call")
-    timeout: float = Field(60.0, gt=0, description="seconds before one request is abandoned and retried")
-    concurrency: int = Field(16, ge=1, description="requests in flight at once")
+    temperature: float = Field(0.0, ge=0, le=100, description="sampling temperature")
+    max_tokens: int = Field(300, ge=1, le=2**24, description="completion token limit per call")
+    timeout: float = Field(60.0, gt=0, le=7 * 86400, description="seconds before one request is abandoned and retried")
+    concurrency: int = Field(16, ge=1, le=4096, description="requests in flight at once")
     max_attempts: int = Field(
-        5, ge=1, description="attempts per call (errors and rejected answers alike) before it is recorded as failed"
+        5, ge=1, le=1000, description="attempts per call (errors and rejected answers alike) before it is recorded as failed"
     )
-    backoff: float = Field(1.0, ge=0, description="seconds before the first retry; doubles per attempt, with jitter")
-    backoff_max: float = Field(30.0, ge=0, description="longest wait between two attempts, unless Retry-After asks for more")
+    backoff: float = Field(1.0, ge=0, le=86400, description="seconds before the first retry; doubles per attempt, with jitter")
+    backoff_max: float = Field(30.0, ge=0, le=86400, description="longest wait between two attempts, unless Retry-After asks for more")
     retry_after_max: float = Field(
-        120.0, ge=0, description="longest Retry-After wait honoured; a server asking for more waits this long"
+        120.0, ge=0, le=86400, description="longest Retry-After wait honoured; a server asking for more waits this long"
     )
     cache: bool = Field(True, description="answer repeated calls from the llm_cache table instead of the endpoint")
     price_in: float = Field(0.0, ge=0, description="USD per million prompt tokens, for the cost ledger")
@@ -187,7 +224,7 @@ class LLMSettings(Section):
     batch_wait: bool = Field(
         True, description="with --batch: poll until the batch ends; --no-batch-wait returns after submitting (rerun to collect)"
     )
-    batch_poll: float = Field(30.0, gt=0, description="with --batch: seconds between status checks of a running batch")
+    batch_poll: float = Field(30.0, gt=0, le=86400, description="with --batch: seconds between status checks of a running batch")
     batch_dir: str = Field(
         "", description="with --batch: exchange the batch files through this folder instead of the Batch API, for "
         "offline engines such as `vllm run-batch` (writes DIR/<batch>.input.jsonl, reads DIR/<batch>.output.jsonl)",
@@ -215,9 +252,9 @@ class ExplainSettings(Section):
     explainer: Literal["llm", "ngram"] = Field("llm", description="llm asks the endpoint; ngram is the offline N2G baseline")
     template: str = Field("explain", description="prompt template name in prompts/ or a path to a .txt file")
     latents: str = Field("all", description="which latents: all, 3, 0-99, 1,5,9, or a SQL WHERE over latents")
-    n_top: int = Field(10, ge=0, description="top train-split examples shown to the explainer")
-    n_quantile: int = Field(10, ge=0, description="quantile train-split examples shown to the explainer")
-    n_nonactivating: int = Field(4, ge=0, description="non-activating train-split contrast examples shown")
+    n_top: int = Field(10, ge=0, le=10_000, description="top train-split examples shown to the explainer")
+    n_quantile: int = Field(10, ge=0, le=10_000, description="quantile train-split examples shown to the explainer")
+    n_nonactivating: int = Field(4, ge=0, le=10_000, description="non-activating train-split contrast examples shown")
     max_chars: int = Field(300, ge=10, description="longest explanation accepted; longer answers are retried, then failed")
 
 
@@ -240,11 +277,11 @@ class ScoreSettings(Section):
         "heldout", description="split the scorers read (never train): heldout for final scores, validation for "
         "selection (the labels view picks by it), both: validation then heldout in one run"
     )
-    n_top: int = Field(5, ge=0, description="top examples per latent (simulation, detection and fuzzing positives)")
-    n_quantile: int = Field(5, ge=0, description="quantile examples per latent, spread over the bins (as n_top)")
-    n_random: int = Field(5, ge=0, description="random contexts per latent (simulation; detection negatives where the latent is 0)")
-    n_nonactivating: int = Field(5, ge=0, description="non-activating examples per latent (detection negatives)")
-    per_call: int = Field(5, ge=1, description="snippets per call in json simulation, detection and fuzzing")
+    n_top: int = Field(5, ge=0, le=10_000, description="top examples per latent (simulation, detection and fuzzing positives)")
+    n_quantile: int = Field(5, ge=0, le=10_000, description="quantile examples per latent, spread over the bins (as n_top)")
+    n_random: int = Field(5, ge=0, le=10_000, description="random contexts per latent (simulation; detection negatives where the latent is 0)")
+    n_nonactivating: int = Field(5, ge=0, le=10_000, description="non-activating examples per latent (detection negatives)")
+    per_call: int = Field(5, ge=1, le=1000, description="snippets per call in json simulation, detection and fuzzing")
     top_logprobs: int = Field(
         10, ge=1, le=20, description="alternatives per token in logprobs and all_at_once modes (OpenAI completions allow 5)"
     )
@@ -255,7 +292,7 @@ class ScoreSettings(Section):
     json_response_format: bool = Field(
         False, description="send response_format={type: json_object} with json answers (some endpoints reject it)"
     )
-    seed: int = Field(0, description="seed for snippet order, detection/fuzzing batches and moved fuzzing highlights")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for snippet order, detection/fuzzing batches and moved fuzzing highlights")
     simulation_template: str = Field("simulate", description="json-mode simulator prompt: a name in prompts/ or a .txt path")
     logprobs_template: str = Field(
         "simulate_logprobs", description="logprobs-mode simulator prompt (must end with 'Activation:')"
@@ -282,21 +319,21 @@ class AgentSettings(Section):
     explainer: Optional[Literal["llm", "ngram"]] = Field(
         None, description="llm asks the endpoint; ngram chooses among fitted pattern sets offline; none follows explain.explainer"
     )
-    candidates: int = Field(4, ge=1, description="candidate explanations per latent (best-of-k), each scored on validation")
+    candidates: int = Field(4, ge=1, le=1000, description="candidate explanations per latent (best-of-k), each scored on validation")
     templates: Optional[str] = Field(
         None, description="comma list of explainer templates the candidates cycle through; none uses explain.template"
     )
     temperature: float = Field(
-        0.7, ge=0,
+        0.7, ge=0, le=100,
         description="sampling temperature of the candidates after the first per template (which uses llm.temperature)",
     )
-    max_rounds: int = Field(2, ge=0, description="refinement rounds at most (0: best-of-k only)")
+    max_rounds: int = Field(2, ge=0, le=1000, description="refinement rounds at most (0: best-of-k only)")
     min_improvement: float = Field(
         0.01, ge=0, description="stop refining when a round raises the validation score by less than this"
     )
     refine_template: str = Field("refine", description="refinement prompt: a name in prompts/ or a .txt path")
-    n_false_positives: int = Field(5, ge=0, description="worst false positives (validation) shown to the refine step")
-    n_false_negatives: int = Field(5, ge=0, description="worst false negatives (validation) shown to the refine step")
+    n_false_positives: int = Field(5, ge=0, le=10_000, description="worst false positives (validation) shown to the refine step")
+    n_false_negatives: int = Field(5, ge=0, le=10_000, description="worst false negatives (validation) shown to the refine step")
     max_prompt_tokens: Optional[int] = Field(
         None, ge=1, description="per latent: stop proposing and refining once the loop's calls used this many prompt tokens"
     )
@@ -315,6 +352,16 @@ class Settings(Section):
     explain: ExplainSettings = Field(default_factory=ExplainSettings)
     score: ScoreSettings = Field(default_factory=ScoreSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+
+    @model_validator(mode="after")
+    def _train_split_left(self) -> "Settings":
+        c = self.corpus
+        if c.validation_fraction + c.heldout_fraction >= 1:
+            raise ValueError(
+                f"--validation-fraction {c.validation_fraction} + --heldout-fraction {c.heldout_fraction} = "
+                f"{c.validation_fraction + c.heldout_fraction:g} leaves no document for the train split; "
+                "keep their sum below 1 (e.g. 0.1 each)")
+        return self
 
     def public_dict(self) -> dict[str, Any]:
         """Settings as JSON-able data with the API key left out, for storing with a run."""
@@ -358,19 +405,60 @@ def _valid_keys(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def one_line(err: ValidationError) -> str:
+_NUMERIC_ERRORS = {"int_parsing", "int_from_float", "int_type", "float_parsing", "float_type", "finite_number",
+                   "greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def allowed_range(field: Any) -> str:
+    """`an integer from 2 to 281,474,976,710,656`, `a finite number > 0 and <= 1`: what a numeric field takes."""
+    kind = "an integer" if _base_type(field.annotation) is int else "a finite number"
+    bounds = {op: getattr(m, op) for m in field.metadata for op in ("gt", "ge", "lt", "le") if hasattr(m, op)}
+    fmt = (lambda v: f"{v:,}") if kind == "an integer" else (lambda v: f"{v:g}")
+    if "ge" in bounds and "le" in bounds and kind == "an integer":
+        return f"{kind} from {fmt(bounds['ge'])} to {fmt(bounds['le'])}"
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    limits = [f"{ops[k]} {fmt(v)}" for k, v in bounds.items()]
+    return kind + (" " + " and ".join(limits) if limits else "")
+
+
+def _field(loc: tuple) -> Any:
+    model: Any = Settings
+    field = None
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(str(part))
+        if field is None:
+            return None
+        model = field.annotation
+    return field
+
+
+def one_line(err: ValidationError, flags: Optional[dict[str, str]] = None) -> str:
+    """Each problem as `--flag VALUE (section.field): must be RANGE`, never pydantic's multi-line dump.
+
+    `flags` maps section.field to the flag the command line gave it (they differ between verbs);
+    a setting without one is named as `section.field=VALUE`, as --set and the config file write it.
+    """
     parts = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"])
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc)
+        field = _field(loc)
         if e["type"] == "extra_forbidden":
-            keys = _valid_keys(tuple(e["loc"]))
+            keys = _valid_keys(loc)
             parts.append(f"{where}: unknown setting" + (f" (valid here: {', '.join(keys)})" if keys else ""))
+        elif e["type"] in _NUMERIC_ERRORS and field is not None and len(loc) == 2:
+            value = e["input"] if isinstance(e["input"], str) else repr(e["input"])
+            flag = (flags or {}).get(where)
+            named = f"{flag} {value} ({where})" if flag else f"{where}={value}"
+            parts.append(f"{named}: must be {allowed_range(field)}")
         else:
-            parts.append(f"{where}: {e['msg']}")
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts)
 
 
-def load_settings(path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None) -> Settings:
+def load_settings(path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None,
+                  flags: Optional[dict[str, str]] = None) -> Settings:
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -389,4 +477,4 @@ def load_settings(path: Optional[Path] = None, overrides: Optional[dict[str, Any
         return Settings.model_validate(merged)
     except ValidationError as e:
         src = f" (in {path} or flags)" if path else ""
-        raise ExplainerError(f"invalid settings{src}: {one_line(e)}") from None
+        raise ExplainerError(f"invalid settings{src}: {one_line(e, flags)}") from None

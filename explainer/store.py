@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import duckdb
 
-from explainer.errors import ExplainerError
+from explainer import selectors
+from explainer.errors import ExplainerError, free_space
 
 SPLITS = ("train", "validation", "heldout")
 KINDS = ("top", "quantile", "nonactivating", "random")
@@ -472,22 +473,114 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open (creating if needed) and migrate the DB; a lock held elsewhere is a user error."""
+    """Open (creating if needed) and migrate the DB; a lock held elsewhere is a user error.
+
+    Refused before anything is written: a DuckDB file of another program, one from a newer
+    explainer, a truncated one. A file this call created is removed again if opening fails
+    (a full disk), so no empty file blocks the next run.
+    """
     path = Path(path)
-    if read_only and not path.exists():
+    if not read_only and path.is_file() and path.stat().st_size == 0 and not _wal(path).exists():
+        path.unlink()  # zero bytes hold nothing: what a creation on a full disk used to leave behind
+    existed = path.exists()
+    if read_only and not existed:
         raise ExplainerError(f"database {path} does not exist (run `explainer sample` first, or pass --db)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExplainerError(f"cannot create the folder {path.parent} for database {path}: {e.strerror}; "
+                             "pass a --db in a writable folder") from None
     try:
         con = duckdb.connect(str(path), read_only=read_only)
-    except duckdb.IOException as e:
-        if "lock" in str(e).lower():
-            raise ExplainerError(_lock_message(path, e)) from None
-        raise ExplainerError(f"cannot open database {path}: {e}") from None
     except duckdb.Error as e:
-        raise ExplainerError(f"{path} is not a usable DuckDB file ({e}); pass another --db") from None
-    if not read_only:
-        migrate(con)
+        _remove_created(path, existed)
+        raise ExplainerError(_open_message(path, e, existed)) from None
+    try:
+        _check_ours(con, path, read_only)
+        if not read_only:
+            migrate(con)
+    except BaseException as e:
+        con.close()
+        _remove_created(path, existed)
+        if isinstance(e, duckdb.Error):
+            raise ExplainerError(_open_message(path, e, existed)) from None
+        raise
     return con
+
+
+def _wal(path: Path) -> Path:
+    return path.with_name(path.name + ".wal")
+
+
+def _remove_created(path: Path, existed: bool) -> None:
+    if existed:
+        return
+    for p in (path, _wal(path)):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def _open_message(path: Path, err: Exception, existed: bool) -> str:
+    text = str(err)
+    first = text.splitlines()[0] if text else type(err).__name__
+    if "Could not set lock" in text:
+        return _lock_message(path, err)
+    if "No space left on device" in text:
+        if not existed:
+            return (f"disk full: creating database {path} needs about {_NEW_DB_BYTES // 1024} KiB on its device "
+                    f"({free_space(str(path))} free); nothing was left behind: free space or pass a --db on another disk")
+        return f"disk full while opening database {path} ({free_space(str(path))} free); free space and rerun"
+    for reason in ("Permission denied", "Read-only file system"):
+        if reason in text:
+            where = f"the folder {path.parent}" if not existed else f"database {path}"
+            return f"cannot write {where} ({reason.lower()}); pass a --db in a writable folder, or copy the file there"
+    if existed and ("not a valid DuckDB database" in text or "Could not read enough bytes" in text
+                    or "Corrupt database file" in text or "checksum" in text):
+        return f"database {path} is damaged or not a DuckDB file ({first}); restore it from a copy or pass another --db"
+    return f"cannot open database {path}: {first}"
+
+
+def _check_ours(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
+    """Refuse a file that is shorter than its blocks, is not an explainer DB, or is from a newer explainer."""
+    if not _wal(path).exists():  # with a WAL the blocks' final place is decided at the next checkpoint
+        # Used blocks, not total: DuckDB cuts free blocks off the end of the file, so only a file
+        # shorter than its used blocks is surely truncated.
+        row = con.execute("SELECT block_size, used_blocks FROM pragma_database_size() "
+                          "WHERE database_name = current_database()").fetchone()
+        want = _HEADER_BYTES + int(row[0]) * int(row[1]) if row is not None else 0
+        have = path.stat().st_size
+        if have < want:
+            raise ExplainerError(f"database {path} is truncated ({have:,} bytes, and its used blocks need at "
+                                 f"least {want:,}: a copy cut short or a full disk); restore it from a copy or "
+                                 "pass another --db")
+    tables = [r[0] for r in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() ORDER BY 1").fetchall()]
+    known = {fn.__name__ for fn in MIGRATIONS}
+    if tables and "_migrations" not in tables:
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise ExplainerError(f"{path} is a DuckDB file of another program (tables: {shown}), not an explainer "
+                             "database; explainer adds no tables to it: pass another --db")
+    if "_migrations" in tables:
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM _migrations").fetchall()}
+        except duckdb.Error:
+            names = {"?"}  # no `name` column: someone else's table
+        if names and not names & known:
+            raise ExplainerError(f"{path} has a _migrations table that is not explainer's, so it is not an "
+                                 "explainer database; pass another --db")
+        newer = sorted(names - known)
+        if newer:
+            raise ExplainerError(f"database {path} was written by a newer explainer (schema steps this version "
+                                 f"does not know: {', '.join(newer)}); upgrade explainer to use it")
+    elif read_only:
+        raise ExplainerError(f"database {path} holds no explainer tables yet (run `explainer sample` first, "
+                             "or pass another --db)")
+
+
+_HEADER_BYTES = 3 * 4096  # DuckDB's file header and two database headers, before the first block
+_NEW_DB_BYTES = _HEADER_BYTES + 3 * 262144  # a freshly migrated explainer DB (measured: 798,720 bytes)
 
 
 @contextmanager
@@ -585,40 +678,67 @@ def register_dictionary(con: duckdb.DuckDBPyConnection, *, name: str, path: str,
 
 # --- latent selectors ---------------------------------------------------------------------
 
-_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
-_LIST = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
-
-
 def select_latents(con: duckdb.DuckDBPyConnection, dict_id: int, selector: str) -> list[int]:
-    """`all`, `7`, `0-99`, `1,5,9`, or a SQL WHERE over the latents table."""
+    """`all`, `7`, `0-99`, `1,5,10-19`, or a SQL condition over the latents table's columns."""
     sel = selector.strip()
     if sel == "all":
         rows = con.execute("SELECT latent FROM latents WHERE dict_id = ? ORDER BY latent", [dict_id]).fetchall()
-    elif m := _RANGE.match(sel):
-        lo, hi = int(m.group(1)), int(m.group(2))
+    elif (ranges := selectors.parse_ids(sel)) is not None:
+        top = 2**31  # latent is an INTEGER: larger ids are simply absent, never a bind error
+        # A range join over the merged (disjoint) ranges: each latent appears once.
         rows = con.execute(
-            "SELECT latent FROM latents WHERE dict_id = ? AND latent BETWEEN ? AND ? ORDER BY latent",
-            [dict_id, lo, hi],
-        ).fetchall()
-    elif _LIST.match(sel):
-        wanted = [int(x) for x in sel.split(",")]
-        rows = con.execute(
-            "SELECT latent FROM latents WHERE dict_id = ? AND list_contains(?, latent) ORDER BY latent",
-            [dict_id, wanted],
-        ).fetchall()
+            """SELECT l.latent FROM latents l
+               JOIN (SELECT unnest(?::BIGINT[]) AS lo, unnest(?::BIGINT[]) AS hi) r ON l.latent BETWEEN r.lo AND r.hi
+               WHERE l.dict_id = ? ORDER BY l.latent""",
+            [[min(lo, top) for lo, _ in ranges], [min(hi, top) for _, hi in ranges], dict_id]).fetchall()
     else:
-        try:
-            rows = con.execute(
-                f"SELECT latent FROM latents WHERE dict_id = ? AND ({sel}) ORDER BY latent", [dict_id]
-            ).fetchall()
-        except duckdb.Error as e:
-            msg = str(e).splitlines()[0]
-            raise ExplainerError(
-                f"--latents {selector!r} is not a range, a list, 'all' or a valid SQL WHERE over latents: {msg}"
-            ) from None
+        rows = _select_where(con, dict_id, selector, sel)
     latents = [r[0] for r in rows]
     if not latents:
         raise ExplainerError(
             f"--latents {selector!r} matches no latent (columns: latent, frequency, max_act, mean_act, n_contexts)"
         )
     return latents
+
+
+def _select_where(con: duckdb.DuckDBPyConnection, dict_id: int, selector: str, sel: str) -> list[tuple]:
+    """A SQL condition, accepted only when it is one boolean expression that reads a latents column:
+    `-5`, `1.5` or `true` are valid SQL that would select everything, so they are refused."""
+    cols = [r[0] for r in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'latents' AND schema_name = 'main' "
+        "ORDER BY column_index").fetchall()]
+    grammar = (f"expected {selectors.IDS_GRAMMAR}, or a SQL condition over the latents columns "
+               f"({', '.join(c for c in cols if c != 'dict_id')}), e.g. \"frequency > 1e-4\"")
+    query = f"SELECT latent FROM latents WHERE dict_id = ? AND ({sel}) ORDER BY latent"
+    describe = f"DESCRIBE SELECT ({sel}) AS v FROM latents"
+    try:
+        # `1); DROP TABLE x; SELECT (1` would run three statements: refuse before executing any.
+        if any(len(con.extract_statements(text)) != 1 for text in (query, describe)):
+            raise ExplainerError(f"--latents {selector!r} is not one condition: {grammar}")
+        kind = (con.execute(describe).fetchone() or ("", ""))[1]  # binds the columns: an unknown one is named here
+        if kind != "BOOLEAN":
+            raise ExplainerError(f"--latents {selector!r} is a value of type {kind}, not a true/false condition: {grammar}")
+        tree = json.loads((con.execute("SELECT json_serialize_sql(?)",
+                                       [f"SELECT ({sel}) FROM latents"]).fetchone() or ("{}",))[0])
+        if tree.get("error") or not _column_refs(tree) & set(cols):
+            raise ExplainerError(f"--latents {selector!r} does not read any latents column: {grammar}")
+        return con.execute(query, [dict_id]).fetchall()
+    except duckdb.Error as e:
+        msg = str(e).splitlines()[0]
+        raise ExplainerError(
+            f"--latents {selector!r} is not a range, a list, 'all' or a valid SQL WHERE over latents: {msg}"
+        ) from None
+
+
+def _column_refs(node: Any) -> set[str]:
+    """Column names referenced anywhere in a json_serialize_sql tree."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        if node.get("class") == "COLUMN_REF" and node.get("column_names"):
+            found.add(str(node["column_names"][-1]).lower())
+        for value in node.values():
+            found |= _column_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= _column_refs(value)
+    return found

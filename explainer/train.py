@@ -302,9 +302,11 @@ def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = 
 
     from explainer.corpus import load_documents
     from explainer.lm import load_model
+    from explainer.sizing import check_train_fits
 
     report({"stage": "loading model"})
     lm = load_model(settings.model)
+    check_train_fits(ts, ctx_len, lm.d_model, torch.device(lm.device))  # before any dictionary tensor exists
     documents = load_documents(settings.corpus)
     meta = {"model_name": settings.model.name, "hook_name": lm.hook, "hook_layer": settings.model.layer,
             "context_size": ctx_len}

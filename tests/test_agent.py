@@ -291,3 +291,71 @@ def test_llm_agent_refuses_a_refine_template_without_the_mistakes(db: Path, tmp_
         assert main(llm_args(db, srv.url, "--refine-template", str(bad))) == 2
         assert srv.requests == []
     assert "{false_positives}" in capsys.readouterr().err
+
+
+# --- determinism: a latent's result depends only on that latent and the seed ----------------------------
+
+
+def chosen_results(con: duckdb.DuckDBPyConnection) -> dict[int, tuple[Any, ...]]:
+    rows = con.execute("""
+        SELECT e.latent, e.text, e.pattern, e.candidate, e.round,
+               max(s.score) FILTER (WHERE s.split = 'validation'), max(s.score) FILTER (WHERE s.split = 'heldout')
+        FROM explanations e JOIN scores s ON s.explanation_id = e.id
+        WHERE e.explainer = 'agent' AND e.chosen GROUP BY ALL ORDER BY e.latent""").fetchall()
+    return {r[0]: r[1:] for r in rows}
+
+
+def tie_db(path: Path) -> Path:
+    """Latent 1 fires equally on "x" and "y", a tie its pattern search breaks by token id. Token ids
+    come from the contexts loaded together: with latent 0's context first "x" is seen first, alone
+    "y" is. A result that depends on its neighbours shows here."""
+    con = store.connect(path)
+    con.execute("INSERT INTO dictionaries (name, path, model, hook, d_in, d_sae, k, fingerprint, config, created_at) "
+                "VALUES ('toy', '/x', 'tiny', 'layers.1', 32, 2, 1, 'fp', '{}', now())")
+    contexts = [  # (split, tokens)
+        ("train", ["x", "a", "b", "c"]), ("train", ["y", "a", "x", "c"]), ("train", ["x", "b", "y", "a"]),
+        ("train", ["c", "b", "a", "c"]),
+        ("validation", ["x", "a", "b", "c"]), ("validation", ["y", "x", "a", "b"]), ("validation", ["a", "y", "c", "x"]),
+        ("validation", ["c", "a", "b", "c"]),
+        ("heldout", ["x", "c", "b", "a"]), ("heldout", ["b", "y", "x", "c"]), ("heldout", ["a", "b", "c", "c"]),
+    ]
+    for cid, (split, toks) in enumerate(contexts):
+        con.execute("INSERT INTO contexts VALUES (1, ?, ?, ?, ?, ?)", [cid, f"doc{cid}", split, list(range(4)), toks])
+    examples = [  # (latent, split, kind, rank, context, acts)
+        (0, "train", "top", 0, 0, [1.0, 0, 0, 0]), (0, "train", "random", 0, 3, [0.0, 0, 0, 0]),
+        (1, "train", "top", 0, 1, [1.0, 0, 1.0, 0]), (1, "train", "top", 1, 2, [1.0, 0, 1.0, 0]),
+        (1, "train", "random", 0, 3, [0.0, 0, 0, 0]),
+        (0, "validation", "top", 0, 4, [1.0, 0, 0, 0]), (0, "validation", "random", 0, 7, [0.0, 0, 0, 0]),
+        (1, "validation", "top", 0, 5, [1.0, 1.0, 0, 0]), (1, "validation", "top", 1, 6, [0.0, 1.0, 0, 1.0]),
+        (1, "validation", "random", 0, 7, [0.0, 0, 0, 0]),
+        (0, "heldout", "top", 0, 8, [1.0, 0, 0, 0]), (0, "heldout", "random", 0, 10, [0.0, 0, 0, 0]),
+        (1, "heldout", "top", 0, 9, [0.0, 1.0, 1.0, 0]), (1, "heldout", "random", 0, 10, [0.0, 0, 0, 0]),
+    ]
+    for latent, split, kind, rank, cid, acts in examples:
+        con.execute("INSERT INTO examples VALUES (1, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                    [latent, split, kind, rank, cid, max(acts), acts])
+    for latent in (0, 1):
+        con.execute("INSERT INTO latents VALUES (1, ?, 0.1, 10, 100, 3, 1.0, 1.0, [0.5, 1.0, 1.0])", [latent])
+    con.close()
+    return path
+
+
+def test_ngram_agent_result_for_a_latent_does_not_depend_on_its_neighbours(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from explainer import agent_ngram
+
+    runs: dict[str, dict[int, tuple[Any, ...]]] = {}
+    for name, latents, chunk in [("together", "all", 256), ("alone", "1", 256), ("chunk1", "all", 1),
+                                 ("reversed", "1,0", 256)]:
+        monkeypatch.setattr(agent_ngram, "CHUNK", chunk)
+        with store.connect(tie_db(tmp_path / f"{name}.duckdb")) as con:
+            agent.run(con, Settings(explain={"latents": latents}, agent={"explainer": "ngram"}), 1)
+            runs[name] = chosen_results(con)
+    assert set(runs["together"]) == {0, 1}
+    for name in ("alone", "chunk1", "reversed"):
+        assert runs[name][1] == runs["together"][1], name
+    # A kill between chunks and a rerun: the second run only does what the first left.
+    with store.connect(tie_db(tmp_path / "rerun.duckdb")) as con:
+        agent.run(con, Settings(explain={"latents": "0"}, agent={"explainer": "ngram"}), 1)
+        agent.run(con, Settings(explain={"latents": "all"}, agent={"explainer": "ngram"}), 1)
+        assert chosen_results(con) == runs["together"]

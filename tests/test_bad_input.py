@@ -11,9 +11,12 @@ from typing import Any
 import duckdb
 import pytest
 import torch
+import hypothesis
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from explainer.cli import main
+from explainer.errors import ExplainerError
 from tests.conftest import fill_db
 from tests.test_sample import make_sae
 
@@ -311,3 +314,281 @@ def test_changed_sample_settings_point_at_a_flag_that_exists(tiny_lm: Path, tiny
     top = duckdb.connect(str(db), read_only=True).execute(
         "SELECT max(rank) FROM examples WHERE kind = 'top'").fetchone()[0]
     assert top == 2  # the new settings' samples replaced the old ones
+
+
+# --- strict selectors (issue 17: a typo must never become a full-dictionary bill) ---------------------------
+
+LOOSE = ["-5", "1.5", "true", "1=1", "frequency", "'latent'", "NULL"]
+
+
+@pytest.mark.parametrize("verb", ["explain", "score"])
+def test_a_selector_that_is_not_a_condition_over_latents_is_refused(verb: str, filled: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    url = closed_port_url()
+    for sel in LOOSE:
+        fails([verb, "--db", filled, "--base-url", url, "--latents", sel], capsys,
+              f"--latents {sel!r}", "a range (0-99)", "SQL condition over the latents columns")
+    fails([verb, "--db", filled, "--base-url", url, "--latents", "5-2"], capsys, "range 5-2 is reversed", "2-5")
+    # Several statements never run, even the harmless first one.
+    fails([verb, "--db", filled, "--base-url", url, "--latents", "1); DROP TABLE latents; SELECT (1"], capsys,
+          "is not one condition")
+    con = duckdb.connect(str(filled))
+    assert con.execute("SELECT count(*) FROM latents").fetchone()[0] == 3
+    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+
+
+def test_selectors_share_one_grammar(filled: Path) -> None:
+    from explainer import store
+    from explainer.sampler_subset import latent_subset
+
+    con = store.connect(filled)
+    for sel, want in [("all", [0, 1, 2]), ("1", [1]), ("0-1", [0, 1]), (" 2, 0 ", [0, 2]), ("0-0,2", [0, 2]),
+                      ("1-2,0-1", [0, 1, 2]), ("frequency > 0.01", [0, 1]), ("latent IN (SELECT 1)", [1])]:
+        assert store.select_latents(con, 1, sel) == want, sel
+        if not sel.startswith(("f", "l")):
+            got = latent_subset(sel, 3)
+            assert (got.tolist() if got is not None else [0, 1, 2]) == want, sel
+    assert store.select_latents(con, 1, "0-99999999999999") == [0, 1, 2]  # beyond INTEGER: absent, not a crash
+    with pytest.raises(ExplainerError, match="outside 0-2"):
+        latent_subset("0-99999999999999", 3)  # refused before a 10**14-element tensor is made
+
+
+@pytest.mark.parametrize("sel,fragment", [("5-2", "range 5-2 is reversed"), ("-5", "expected all, random:N, or ids"),
+                                          ("1.5", "random:N"), ("true", "random:N"), ("frequency > 0", "random:N"),
+                                          ("random:0", "0 < N <= 64"), ("", "expected all")])
+def test_sample_selector_errors(sel: str, fragment: str, tiny_lm: Path, tiny_corpus: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    sae = make_sae(tmp_path / "sae")
+    db = tmp_path / "x.duckdb"
+    fails(sample_args(tiny_lm, tiny_corpus, sae, db, "--latents", sel), capsys, "sample.latents", fragment)
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(text=st.one_of(
+    st.text(max_size=24),
+    st.from_regex(r"\A-?[0-9 ,.\-]{1,12}\Z"),
+    st.lists(st.sampled_from(["latent", "frequency", "max_act", "true", "NULL", "(", ")", "-", "<", "=", "0.5",
+                              "AND", "OR", "NOT", ";", "'", "1", "5-2", ",", "1e9"]), max_size=6).map(" ".join),
+))
+def test_any_selector_text_is_a_subset_or_one_clear_error(filled_con: Any, text: str) -> None:
+    from explainer import store
+    from explainer.sampler_subset import latent_subset
+
+    try:
+        got = store.select_latents(filled_con, 1, text)
+    except ExplainerError as e:
+        assert "\n" not in str(e)
+    else:
+        assert got and set(got) <= {0, 1, 2}
+        # Only a condition that reads a column can select: a bare constant never does.
+        stripped = text.strip()
+        assert stripped == "all" or any(c.isdigit() for c in stripped) or any(
+            col in stripped.lower() for col in ("latent", "frequency", "n_", "max_act", "mean_act", "quantiles"))
+    try:
+        sub = latent_subset(text, 3)
+    except ExplainerError as e:
+        assert "\n" not in str(e)
+    else:
+        assert sub is None or set(sub.tolist()) <= {0, 1, 2}
+    assert filled_con.execute("SELECT count(*) FROM latents").fetchone()[0] == 3
+
+
+@pytest.fixture(scope="module")
+def filled_con(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from explainer import store
+
+    con = store.connect(fill_db(tmp_path_factory.mktemp("sel") / "sel.duckdb"))
+    yield con
+    con.close()
+
+
+# --- databases that are not ours, newer, damaged, unwritable, or on a full disk ----------------------------
+
+
+def tables_of(path: Path) -> list[str]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return sorted(r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall())
+    finally:
+        con.close()
+
+
+READ_VERBS = [["status"], ["sql", "SELECT 1"], ["show", "0"], ["search", "king"]]
+WRITE_VERBS = [["explain", "--explainer", "ngram"], ["score", "--base-url", "http://127.0.0.1:9/v1"]]
+
+
+def test_a_duckdb_file_of_another_program_is_refused_and_left_alone(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    foreign = tmp_path / "theirs.duckdb"
+    con = duckdb.connect(str(foreign))
+    con.execute("CREATE TABLE measurements (x INTEGER); INSERT INTO measurements VALUES (1)")
+    con.close()
+    other = tmp_path / "migrating.duckdb"  # another tool's own _migrations table
+    con = duckdb.connect(str(other))
+    con.execute("CREATE TABLE _migrations (version INTEGER); INSERT INTO _migrations VALUES (3)")
+    con.close()
+    for verb in READ_VERBS + WRITE_VERBS:
+        fails([verb[0], "--db", foreign, *verb[1:]], capsys, str(foreign), "not an explainer database")
+        fails([verb[0], "--db", other, *verb[1:]], capsys, str(other), "not an explainer database")
+    assert tables_of(foreign) == ["measurements"]
+    assert tables_of(other) == ["_migrations"]
+
+
+def test_a_database_from_a_newer_explainer_is_refused_before_anything_is_written(
+        filled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    con = duckdb.connect(str(filled))
+    con.execute("INSERT INTO _migrations VALUES ('m099_from_the_future', now())")
+    con.close()
+    for verb in READ_VERBS + WRITE_VERBS:
+        fails([verb[0], "--db", filled, *verb[1:]], capsys, str(filled), "newer explainer", "m099_from_the_future",
+              "upgrade explainer")
+    con = duckdb.connect(str(filled), read_only=True)
+    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate-early", "truncate-late", "zero-block", "garbage"])
+def test_a_damaged_database_is_one_line(damage: str, filled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = filled.read_bytes()
+    if damage == "truncate-early":
+        filled.write_bytes(data[:20_000])
+    elif damage == "truncate-late":
+        filled.write_bytes(data[: len(data) - 300_000])
+    elif damage == "zero-block":
+        filled.write_bytes(data[:12288] + b"\0" * 4096 + data[12288 + 4096:])
+    else:
+        filled.write_bytes(b"not a database at all\n" * 100)
+    size = filled.stat().st_size
+    for verb in READ_VERBS + WRITE_VERBS:
+        fails([verb[0], "--db", filled, *verb[1:]], capsys, str(filled), "restore it from a copy")
+    assert filled.stat().st_size == size  # refused, not repaired into an empty DB
+
+
+def test_a_zero_byte_database_does_not_block_the_next_command(tmp_path: Path) -> None:
+    from explainer import store
+
+    db = tmp_path / "left_by_a_full_disk.duckdb"
+    db.write_bytes(b"")
+    with store.connect(db) as con:
+        assert con.execute("SELECT count(*) FROM _migrations").fetchone()[0] >= 4
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 600 KiB tmpfs (needs root, as on the project's machines); skipped where it cannot be mounted."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True,
+                      check=False).returncode:
+        pytest.skip("cannot mount a small tmpfs here (not root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill_up(folder: Path) -> Path:
+    import os
+
+    ballast = folder / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:  # ENOSPC: the disk is full now
+        pass
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def test_a_database_created_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    ballast = fill_up(small_disk)
+    db = small_disk / "new.duckdb"
+    for verb in WRITE_VERBS:
+        fails([verb[0], "--db", db, *verb[1:]], capsys, f"disk full: creating database {db}", "KiB")
+        assert sorted(p.name for p in small_disk.iterdir()) == ["ballast"]
+    ballast.unlink()
+    fails(["explain", "--explainer", "ngram", "--db", db], capsys, "holds no dictionary yet")  # the next run works
+
+
+def test_a_full_disk_while_training_is_one_line_naming_the_file(small_disk: Path, tiny_lm: Path, tiny_corpus: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    args = train_args(tiny_lm, tiny_corpus, small_disk / "sae")
+    args[args.index("--n-latents") + 1] = "4096"  # a 1 MiB checkpoint on a 600 KiB disk
+    fails(args, capsys, str(small_disk / "sae"), "left on its device", "full disk")
+
+
+def test_an_unwritable_folder_is_one_line(tmp_path: Path, filled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "kept.duckdb").write_bytes(filled.read_bytes())
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)], capture_output=True,
+                          check=False).returncode:
+            pytest.skip("cannot make a read-only bind mount here")
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=False)
+    else:
+        ro.chmod(0o555)
+    try:
+        fails(["explain", "--explainer", "ngram", "--db", ro / "new.duckdb"], capsys, str(ro), "writable")
+        fails(["explain", "--explainer", "ngram", "--db", ro / "sub" / "new.duckdb"], capsys, str(ro / "sub"), "writable")
+        fails(["explain", "--explainer", "ngram", "--db", ro / "kept.duckdb"], capsys, str(ro / "kept.duckdb"), "writable")
+        assert main(["status", "--db", str(ro / "kept.duckdb")]) == 0  # reading needs no write access
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", "-l", str(ro)], check=False)
+        else:
+            ro.chmod(0o755)
+
+
+def test_environment_messages_are_one_line_and_leave_bugs_alone() -> None:
+    import errno
+
+    from explainer.errors import environment_message
+
+    msg = environment_message(OSError(errno.ENOSPC, "No space left on device", "/data/x.bin"))
+    assert msg is not None and "disk full writing /data/x.bin" in msg and "\n" not in msg
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/y.bin")
+        except OSError as inner:
+            raise RuntimeError("wrapper said nothing useful") from inner
+    except RuntimeError as outer:
+        assert "/data/y.bin" in (environment_message(outer) or "")
+    assert "cannot access /etc/x: Permission denied" in (
+        environment_message(PermissionError(errno.EACCES, "Permission denied", "/etc/x")) or "")
+    assert environment_message(ValueError("a bug")) is None
+    assert environment_message(KeyError("x")) is None
+
+
+def test_a_block_damaged_under_a_running_command_is_one_line(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Damage that opening cannot see (a data block read later) still ends as one line."""
+    from explainer import store
+    from explainer.errors import environment_message
+
+    db = tmp_path / "x.duckdb"
+    con = store.connect(db)
+    con.execute("INSERT INTO llm_cache SELECT 'k' || range, 'm', json_object('x', repeat('y', 200) || range), now() "
+                "FROM range(20000)")
+    con.execute("CHECKPOINT")
+    blocks = sorted({r[0] for r in con.execute(
+        "SELECT block_id FROM pragma_storage_info('llm_cache') WHERE block_id >= 0").fetchall()})
+    con.close()
+    data = bytearray(db.read_bytes())
+    at = 3 * 4096 + blocks[len(blocks) // 2] * 262144
+    data[at + 100: at + 4096] = b"\0" * 3996
+    db.write_bytes(bytes(data))
+    con = duckdb.connect(str(db), read_only=True)
+    with pytest.raises(duckdb.Error) as err:
+        con.execute("SELECT max(length(response::VARCHAR)) FROM llm_cache").fetchall()
+    con.close()
+    msg = environment_message(err.value)
+    assert msg is not None and "is damaged" in msg and "restore it from a copy" in msg and "\n" not in msg
+    fails(["sql", "--db", db, "SELECT max(length(response::VARCHAR)) FROM llm_cache"], capsys, "Corrupt database file")
