@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -369,5 +370,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        again = list(sys.argv[1:] if argv is None else argv) + (["--resume"] if getattr(args, "resume", True) is False else [])
+        print(f"interrupted; continue where it stopped with: explainer {shlex.join(again)}", file=sys.stderr)
         return 130
