@@ -288,6 +288,20 @@ def _start(settings: Settings, lm: Any, documents: list, meta: dict, dist: Any, 
     return _Run(trainer, scale, rule, torch.zeros(ctx_len, dtype=torch.long)), {"epoch": 0, "next_id": 0}
 
 
+def _block(settings: Settings, lm: Any, ids: Tensor, dist: Any, r: _Run, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A shuffle block's training inputs, their outlier flags and their positions in their contexts."""
+    ts, ctx_len = settings.train, settings.corpus.ctx_len
+    if dist.active:
+        mine = _activations(lm, dist.shard(ids), settings.model.batch_size).reshape(-1, ctx_len, lm.d_model)
+        acts = dist.gather_rows(mine, len(ids)).reshape(-1, lm.d_model)
+    else:
+        acts = _activations(lm, ids, settings.model.batch_size)
+    outlier = r.rule.mask(acts)
+    acts = _prepare(acts, ts, r.scale)
+    perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed((ts.seed % 2**31) * 2**32 + block))
+    return acts[perm.to(acts.device)], outlier[perm.to(outlier.device)].cpu(), perm % ctx_len
+
+
 def _outlier_state(r: _Run) -> dict[str, Any]:
     return {"factor": r.rule.factor, "median_norm": r.rule.median_norm, "positions": r.outlier_positions}
 
@@ -337,17 +351,7 @@ def _run(settings: Settings, report: Progress, resume: bool, out: Path, dist: An
         # The last block is cut to the steps left, so no activations are computed in vain.
         block_steps = min(spb, total_steps - block * spb)
         block_start = stream.position
-        ids = stream.take(ctx_per_step * block_steps)
-        if dist.active:
-            mine = _activations(lm, dist.shard(ids), settings.model.batch_size).reshape(-1, ctx_len, lm.d_model)
-            acts = dist.gather_rows(mine, len(ids)).reshape(-1, lm.d_model)
-        else:
-            acts = _activations(lm, ids, settings.model.batch_size)
-        outlier = r.rule.mask(acts)
-        acts = _prepare(acts, ts, r.scale)
-        perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed((ts.seed % 2**31) * 2**32 + block))
-        acts, outlier = acts[perm.to(acts.device)], outlier[perm.to(outlier.device)].cpu()
-        where = perm % ctx_len
+        acts, outlier, where = _block(settings, lm, stream.take(ctx_per_step * block_steps), dist, r, block)
         for j in range(trainer.steps - block * spb, block_steps):
             rows = slice(j * step_tokens, (j + 1) * step_tokens)
             keep = ~outlier[rows]
