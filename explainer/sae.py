@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from explainer.errors import ExplainerError
 from explainer.sae_files import (  # noqa: F401  (hub_id, resolve_dictionary: used through this module)
-    CFG_FILE, GEMMA_SCOPE_FILE, hub_id, positive_int, read_cfg, read_tensors, resolve_dictionary,
+    CFG_FILE, GEMMA_SCOPE_FILE, carry_over, hub_id, positive_int, read_cfg, read_tensors, recover_folder,
+    resolve_dictionary, save_siblings,
 )
 from explainer.sparse_ops import Workspace, select_latents, sparse_decode, sparse_forward
 
@@ -262,41 +263,6 @@ def fingerprint(sae: TopKSAE) -> str:
     return h.hexdigest()
 
 
-def _carry_over(src: Path, dst: Path, written: set[str]) -> None:
-    """Hard-link (copy where links fail) what `src` holds besides the new dictionary's files into `dst`."""
-    for entry in src.iterdir():
-        if entry.name in written:
-            continue
-        target = dst / entry.name
-        if entry.is_dir() and not entry.is_symlink():
-            target.mkdir()
-            _carry_over(entry, target, set())
-            continue
-        try:
-            os.link(entry, target, follow_symlinks=False)
-        except OSError:
-            shutil.copy2(entry, target, follow_symlinks=False)
-
-
-def _siblings(folder: Path) -> tuple[Path, Path, Path]:
-    """The temporary folders of a save: being written, complete, and the replaced one."""
-    return tuple(folder.parent / f".{folder.name}.{what}" for what in ("saving", "ready", "old"))  # type: ignore[return-value]
-
-
-def recover_folder(folder: Path) -> None:
-    """Finish or undo a save that was killed: afterwards `folder` is the old or the new dictionary, whole."""
-    folder = Path(folder)
-    saving, ready, old = _siblings(folder)
-    if not folder.exists():
-        for candidate in (ready, old):  # the new one if it was complete, else the one it replaced
-            if candidate.is_dir():
-                os.rename(candidate, folder)
-                break
-    for leftover in (saving, ready, old):
-        if leftover.exists():
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
 def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = None, cfg: Optional[dict] = None,
                     extra: Optional[dict[str, str]] = None) -> Path:
     """Write `sae` in the SAELens layout, atomically: a kill mid-save leaves the previous folder or the new one.
@@ -311,7 +277,7 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
     recover_folder(folder)
     if folder.exists() and not folder.is_dir():
         raise ExplainerError(f"{folder} is a file; choose a folder path for the dictionary")
-    saving, ready, old = _siblings(folder)
+    saving, ready, old = save_siblings(folder)
     saving.mkdir()
     tensors = {
         "W_enc": sae.W_enc.detach().float().contiguous().cpu(),
@@ -346,7 +312,7 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
     for name, text in (extra or {}).items():
         (saving / name).write_text(text)
     if folder.is_dir():
-        _carry_over(folder, saving, written)
+        carry_over(folder, saving, written)
     os.rename(saving, ready)  # complete: from here on recover_folder prefers it
     if folder.exists():
         os.rename(folder, old)
