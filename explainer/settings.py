@@ -92,8 +92,8 @@ class TrainSettings(Section):
     median_samples: int = Field(8192, ge=1, description="activations used for the geometric-median b_pre init")
     eval_tokens: int = Field(16_384, ge=0, description="held-out tokens for the FVU, L0 and dead-latent metrics")
     ce_tokens: int = Field(
-        16_384, ge=0, description="held-out tokens (a prefix of the eval tokens) for the CE-increase metric and its 95% "
-        "interval over contexts (3 full-model passes; 16,384 = 256 contexts of 64 tokens)"
+        16_384, ge=0, description="held-out tokens (a prefix of the eval tokens) for the CE-increase metric and its 95 "
+        "percent interval over contexts (3 full-model passes; 16,384 = 256 contexts of 64 tokens)"
     )
     shuffle_steps: int = Field(
         8, ge=1, description="optimizer steps whose activations are pooled and shuffled together (decorrelates batches)"
