@@ -25,7 +25,7 @@ def _eval_contexts(lm: Any, settings: Settings, documents: list, n_ctx: int) -> 
     """The first n_ctx held-out contexts (validation ones when the corpus has no held-out split)."""
     from explainer.corpus import iter_contexts
 
-    split, rows = "heldout", []
+    split, rows = "heldout", []  # type: tuple[str, list[list[int]]]
     for split in ("heldout", "validation"):
         rows = []
         for ctx in iter_contexts(settings.corpus, lm.tokenizer, splits=(split,), documents=documents):
