@@ -91,7 +91,8 @@ def demo(tokens: int | None) -> None:
         start = time.perf_counter()
         res = train.run(s)
         wall = time.perf_counter() - start
-    keys = ("fvu", "l0", "dead_fraction", "ce_increase", "ce_increase_zero_ablation", "ce_recovered")
+    keys = ("fvu", "fvu_all", "n_outlier_tokens", "l0", "dead_fraction", "ce_increase", "ce_increase_ci95",
+            "ce_increase_zero_ablation", "ce_recovered")
     print(f"demo: {res.tokens:,} tokens, {s.train.n_latents} latents, k={s.train.k}, {s.model.name} {s.model.layer}: "
           f"{wall:.0f} s wall, training {res.seconds:.0f} s ({res.tokens_per_s:,.0f} tok/s)")
     print("demo metrics:", json.dumps({k: res.metrics.get(k) for k in keys}))

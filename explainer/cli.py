@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -379,7 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {visible(str(e), keep='')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        again = list(sys.argv[1:] if argv is None else argv) + (["--resume"] if getattr(args, "resume", True) is False else [])
+        print(f"interrupted; continue where it stopped with: explainer {shlex.join(again)}", file=sys.stderr)
         return 130
     except Exception as e:
         from explainer.errors import environment_message

@@ -163,9 +163,13 @@ class SubjectModel:
             handle.remove()
         return captured[0][:, self.n_prefix :].float()
 
-    @torch.inference_mode()
     def ce_loss(self, ids: torch.Tensor, splice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> float:
         """Mean next-token cross-entropy over ids; `splice` replaces the hooked activations."""
+        return float(self.ce_losses(ids, splice).mean())
+
+    @torch.inference_mode()
+    def ce_losses(self, ids: torch.Tensor, splice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """Mean next-token cross-entropy of each context [B] (for intervals paired by context)."""
 
         def hook(_mod: Any, _inp: Any, out: Any) -> Any:
             hidden = out[0] if isinstance(out, tuple) else out
@@ -178,7 +182,9 @@ class SubjectModel:
             full = self._with_prefix(ids)
             logits = self.model(input_ids=full, use_cache=False).logits[:, self.n_prefix :-1].float()
             target = full[:, self.n_prefix + 1 :]
-            return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1)))
+            per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                          reduction="none")
+            return per_token.view(target.shape).mean(1).cpu()
         finally:
             if handle is not None:
                 handle.remove()

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +27,8 @@ from torch import Tensor, nn
 
 from explainer.errors import ExplainerError
 from explainer.sae_files import (  # noqa: F401  (hub_id, resolve_dictionary: used through this module)
-    CFG_FILE, GEMMA_SCOPE_FILE, hub_id, positive_int, read_cfg, read_tensors, resolve_dictionary,
+    CFG_FILE, GEMMA_SCOPE_FILE, carry_over, hub_id, positive_int, read_cfg, read_tensors, recover_folder,
+    resolve_dictionary, save_siblings,
 )
 from explainer.sparse_ops import Workspace, select_latents, sparse_decode, sparse_forward
 
@@ -42,11 +44,21 @@ class SAEOutput:
     indices: Tensor  # [N, k]
     aux_values: Tensor  # [N, k_aux] top dead latents (AuxK); [N, 0] when none are dead
     aux_indices: Tensor
-    aux_x_hat: Optional[Tensor]  # their decoding without b_dec (predicts the residual); None when none
+    aux_x_hat: Optional[Tensor]  # their decoding without b_dec (predicts the residual; b_dec still gets gradient)
     multi_x_hat: Optional[Tensor]  # reconstruction from the top multi_k latents (Multi-TopK)
 
 
 ACTIVATIONS = ("topk", "relu", "jumprelu")
+NORMALIZATIONS = ("none", "layer_norm")  # SAELens' normalize_activations values we apply at run time
+LN_EPS = 1e-5
+
+
+def layer_norm(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """OpenAI's and SAELens' per-token LN: ((x - mu) / (std + eps), mu, std), std with Bessel's correction."""
+    mu = x.mean(dim=-1, keepdim=True)
+    centered = x - mu
+    std = centered.std(dim=-1, keepdim=True)
+    return centered / (std + LN_EPS), mu, std
 SAELENS_ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
 
 
@@ -63,10 +75,14 @@ class TopKSAE(nn.Module):
     """
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, device: Any = None, cfg: Optional[dict] = None,
-                 activation: str = "topk"):
+                 activation: str = "topk", normalize: str = "none"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ExplainerError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        if normalize not in NORMALIZATIONS:
+            raise ExplainerError(f"normalize_activations {normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
+        # layer_norm: encode() normalises each token first and reconstruct() undoes it with the same mu/std.
+        self.normalize = normalize
         if not 1 <= k < d_sae and not (activation != "topk" and k == d_sae):
             raise ExplainerError(f"k={k} must be at least 1 and below the number of latents ({d_sae}); lower --k")
         self.d_in, self.d_sae, self.k, self.activation = d_in, d_sae, k, activation
@@ -96,6 +112,8 @@ class TopKSAE(nn.Module):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values [..., k], indices [..., k]) of the active latents of activations x [..., d_in]."""
         flat = x.reshape(-1, self.d_in).to(self.W_dec.dtype)
+        if self.normalize == "layer_norm":
+            flat = layer_norm(flat)[0]
         if self.activation == "topk":
             _, values, indices, *_ = sparse_forward(flat, self.W_enc, self.b_enc, None, self.b_dec, self.k)
         else:
@@ -132,11 +150,21 @@ class TopKSAE(nn.Module):
         """Reference decoder: a dense [.., d_sae] x [d_sae, d_in] matmul."""
         return latents @ self.W_dec + self.b_dec
 
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """x_hat for activations of any leading shape, in x's dtype (used to splice into the LM)."""
+    def encode_decode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(values, indices, x_hat) for activations x [..., d_in]; x_hat in x's space and dtype.
+
+        With layer_norm the decoding is de-normalised by each token's own mu and std."""
         with torch.no_grad():
             values, indices = self.encode(x)
-            return self.decode(values, indices).to(x.dtype)
+            x_hat = self.decode(values, indices)
+            if self.normalize == "layer_norm":
+                _, mu, std = layer_norm(x.to(x_hat.dtype))
+                x_hat = x_hat * std + mu
+            return values, indices, x_hat.to(x.dtype)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """x_hat for activations of any leading shape, in x's dtype (used to splice into the LM)."""
+        return self.encode_decode(x)[2]
 
     def forward(
         self,
@@ -184,7 +212,8 @@ class TopKSAE(nn.Module):
 
         values, z = latents(sets[0])
         aux_values, z_aux = latents(sets[1])
-        aux = z_aux @ self.W_dec if sets[1].shape[1] else None
+        # + b_dec - b_dec.detach(): the value of the bias-free decoding, with b_dec's gradient path (see sparse_ops).
+        aux = z_aux @ self.W_dec + self.b_dec - self.b_dec.detach() if sets[1].shape[1] else None
         multi = self.decode_dense(latents(sets[2])[1]) if sets[2].shape[1] else None
         return SAEOutput(self.decode_dense(z), values, sets[0], aux_values, sets[1], aux, multi)
 
@@ -207,7 +236,7 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def folded(self, scale: float) -> "TopKSAE":
         """A copy that takes raw activations x where this one took x * scale; latents unchanged."""
-        out = TopKSAE(self.d_in, self.d_sae, self.k, device=self.device, cfg=self.cfg)
+        out = TopKSAE(self.d_in, self.d_sae, self.k, device=self.device, cfg=self.cfg, normalize=self.normalize)
         out.W_enc.copy_(self.W_enc * scale)
         out.b_enc.copy_(self.b_enc)
         out.W_dec.copy_(self.W_dec / scale)
@@ -227,24 +256,29 @@ def fingerprint(sae: TopKSAE) -> str:
     else:  # k is only how many codes per token are kept, not part of the dictionary
         h.update(f"{sae.activation}:{sae.d_in}:{sae.d_sae}".encode())
         tensors += [sae.threshold] if sae.threshold is not None else []
+    if sae.normalize != "none":  # the same weights map other inputs; "none" keeps earlier fingerprints
+        h.update(f"normalize:{sae.normalize}".encode())
     for t in tensors:
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = None, cfg: Optional[dict] = None,
+                    extra: Optional[dict[str, str]] = None) -> Path:
+    """Write `sae` in the SAELens layout, atomically: a kill mid-save leaves the previous folder or the new one.
 
-
-def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = None, cfg: Optional[dict] = None) -> Path:
-    """Write `sae` in the SAELens layout; cfg.json is written last, so its presence means complete.
-
-    `sparsity` is the log10 firing frequency per latent (SAELens' sparsity.safetensors).
+    The files are written into a sibling folder that then replaces `folder` by rename; what the old
+    folder held besides the dictionary (a training checkpoint) is carried over as hard links.
+    `sparsity` is the log10 firing frequency per latent (SAELens' sparsity.safetensors); `extra` maps
+    further file names to their text (metrics.json), saved with the dictionary.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ExplainerError(f"{folder} is a file; choose a folder path for the dictionary")
+    saving, ready, old = save_siblings(folder)
+    saving.mkdir()
     tensors = {
         "W_enc": sae.W_enc.detach().float().contiguous().cpu(),
         "b_enc": sae.b_enc.detach().float().cpu(),
@@ -252,10 +286,10 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
         "b_dec": sae.b_dec.detach().float().cpu(),
         **({"threshold": sae.threshold.detach().float().cpu()} if sae.threshold is not None else {}),
     }
-    _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    save_file(tensors, str(saving / WEIGHTS_FILE))
+    written = {WEIGHTS_FILE, CFG_FILE, SPARSITY_FILE, *(extra or {})}  # never carried over from the old folder
     if sparsity is not None:
-        log_freq = sparsity.detach().float().cpu().contiguous()
-        _atomic_write(folder / SPARSITY_FILE, lambda p: save_file({"sparsity": log_freq}, str(p)))
+        save_file({"sparsity": sparsity.detach().float().cpu().contiguous()}, str(saving / SPARSITY_FILE))
     meta = {**sae.cfg, **(cfg or {})}
     full = {
         "architecture": SAELENS_ARCH[sae.activation],
@@ -265,8 +299,8 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
-        # Any input scaling is already folded into the weights, so readers must not rescale.
-        "normalize_activations": "none",
+        # Any constant input scale is already folded into the weights; layer_norm is per token, applied at run time.
+        "normalize_activations": sae.normalize,
         "reshape_activations": "none",
         **{key: meta.get(key) for key in ("model_name", "hook_name", "hook_layer", "context_size")},
         "prepend_bos": True,
@@ -274,7 +308,16 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
     }
     for key, value in meta.items():  # our own keys; never override the layout keys above
         full.setdefault(key, value)
-    _atomic_write(folder / CFG_FILE, lambda p: p.write_text(json.dumps(full, indent=2) + "\n"))
+    (saving / CFG_FILE).write_text(json.dumps(full, indent=2) + "\n")
+    for name, text in (extra or {}).items():
+        (saving / name).write_text(text)
+    if folder.is_dir():
+        carry_over(folder, saving, written)
+    os.rename(saving, ready)  # complete: from here on recover_folder prefers it
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(ready, folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
@@ -283,6 +326,8 @@ def load_dictionary(path: str | Path, device: Any = "cpu", max_active: int = 256
     EleutherAI sparsify folder or a Gemma Scope params.npz folder, local or on the Hugging Face
     hub (owner/repo/folder). `max_active`: codes kept per token for ReLU and JumpReLU ones."""
     folder = resolve_dictionary(path)
+    if not folder.exists() and folder.parent.is_dir():
+        recover_folder(folder)  # a save killed between its two renames
     if not folder.exists():
         raise ExplainerError(f"dictionary folder {folder} does not exist (train one with `explainer train`)")
     if not (folder / CFG_FILE).is_file() and (folder / GEMMA_SCOPE_FILE).is_file():
@@ -320,10 +365,11 @@ def _load_saelens(folder: Path, cfg: dict, cfg_path: Path, max_active: int) -> T
         k = positive_int({"k": k}, "k", cfg_path)
     else:
         k = min(max_active, d_sae)
-    if cfg.get("normalize_activations", "none") not in ("none", None):
+    normalize = cfg.get("normalize_activations") or "none"
+    if normalize not in NORMALIZATIONS:
         raise ExplainerError(
             f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} needs a run-time scale this "
-            "loader does not apply; fold the scale into the weights and set it to 'none'"
+            "loader does not apply; fold the scale into the weights and set it to 'none' (layer_norm is supported)"
         )
     if cfg.get("rescale_acts_by_decoder_norm"):
         raise ExplainerError(f"{cfg_path}: rescale_acts_by_decoder_norm=true is not supported")
@@ -337,7 +383,7 @@ def _load_saelens(folder: Path, cfg: dict, cfg_path: Path, max_active: int) -> T
         # Ours always subtracts b_dec before encoding; compensate in the encoder bias.
         b_enc = b_enc + t["b_dec"].float() @ t["W_enc"].float()
     return _build(d_in, d_sae, k, t["W_enc"].float(), b_enc, t["W_dec"], t["b_dec"], {**cfg, "format": "saelens"},
-                  activation, t.get("threshold"))
+                  activation, t.get("threshold"), normalize)
 
 
 def _load_gemma_scope(folder: Path, max_active: int) -> TopKSAE:
@@ -386,10 +432,10 @@ def _load_sparsify(folder: Path, cfg: dict, cfg_path: Path) -> TopKSAE:
 
 
 def _build(d_in, d_sae, k, W_enc, b_enc, W_dec, b_dec, cfg, activation: str = "topk",
-           threshold: Optional[Tensor] = None) -> TopKSAE:
+           threshold: Optional[Tensor] = None, normalize: str = "none") -> TopKSAE:
     if activation == "topk" and k >= d_sae:
         raise ExplainerError(f"dictionary config says k={k} with only {d_sae} latents; the config is corrupt")
-    sae = TopKSAE(d_in, d_sae, k, cfg=cfg, activation=activation)
+    sae = TopKSAE(d_in, d_sae, k, cfg=cfg, activation=activation, normalize=normalize)
     with torch.no_grad():
         sae.W_enc.copy_(W_enc)
         sae.b_enc.copy_(b_enc)

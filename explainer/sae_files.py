@@ -7,6 +7,8 @@ there read files one way, with one set of error messages.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -114,3 +116,41 @@ def resolve_dictionary(path: str | Path) -> Path:
         raise ExplainerError(f"dictionary {path}: hub repository {repo} has no {sub or '.'}/{CFG_FILE}; "
                              "name the folder holding the dictionary, e.g. owner/repo/layers.6")
     return folder
+
+
+# --- atomic saves (sae.save_dictionary) ------------------------------------------------------
+
+
+def carry_over(src: Path, dst: Path, written: set[str]) -> None:
+    """Hard-link (copy where links fail) what `src` holds besides the new dictionary's files into `dst`."""
+    for entry in src.iterdir():
+        if entry.name in written:
+            continue
+        target = dst / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            target.mkdir()
+            carry_over(entry, target, set())
+            continue
+        try:
+            os.link(entry, target, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(entry, target, follow_symlinks=False)
+
+
+def save_siblings(folder: Path) -> tuple[Path, Path, Path]:
+    """The temporary folders of a save: being written, complete, and the replaced one."""
+    return tuple(folder.parent / f".{folder.name}.{what}" for what in ("saving", "ready", "old"))  # type: ignore[return-value]
+
+
+def recover_folder(folder: Path) -> None:
+    """Finish or undo a save that was killed: afterwards `folder` is the old or the new dictionary, whole."""
+    folder = Path(folder)
+    saving, ready, old = save_siblings(folder)
+    if not folder.exists():
+        for candidate in (ready, old):  # the new one if it was complete, else the one it replaced
+            if candidate.is_dir():
+                os.rename(candidate, folder)
+                break
+    for leftover in (saving, ready, old):
+        if leftover.exists():
+            shutil.rmtree(leftover, ignore_errors=True)

@@ -30,6 +30,7 @@ import torch
 from explainer import store
 from explainer.corpus import Context, iter_contexts, load_documents
 from explainer.errors import ExplainerError
+from explainer.outliers import OutlierRule, add_histograms, position_histogram
 from explainer.sample_parquet import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sampler_select import write_results
 from explainer.sampler_subset import check_fits, latent_subset
@@ -58,6 +59,7 @@ class SampleResult:
     wall_s: float
     state_path: Optional[str] = None
     warnings: list[str] = field(default_factory=list)
+    n_outlier_tokens: Optional[int] = None  # tokens the dictionary's outlier rule left out (None: it has none)
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,7 +118,8 @@ def check_dictionary(sae: Any, lm: Any, ss: SampleSettings) -> list[str]:
     return warnings
 
 
-def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool) -> tuple[str, dict[str, Any]]:
+def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
+            rule: Optional[OutlierRule] = None) -> tuple[str, dict[str, Any]]:
     """What determines the results; a saved state or a finished run counts only if it matches."""
     # Where the output goes does not change it; max_active only matters without a fixed k.
     exclude = {"checkpoint_every", "shard", "force_layer", "parquet"} | ({"max_active"} if topk else set())
@@ -124,6 +127,8 @@ def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool) -> tuple[
         "fingerprint": fingerprint, "model": lm.name, "layer": lm.layer, "dtype": str(lm.dtype),
         "corpus": settings.corpus.model_dump(mode="json"),
         "sample": settings.sample.model_dump(mode="json", exclude=exclude),
+        # Only when there is a rule, so dictionaries without one keep their earlier config keys.
+        **({"outliers": rule.cfg()} if rule is not None else {}),
     }
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16], cfg
 
@@ -261,13 +266,17 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     dict_id = store.register_dictionary(
         con, name=name, path="/".join(hub).strip("/") if hub else str(sae_path.resolve()), model=lm.name, hook=lm.hook, d_in=sae.d_in,
         d_sae=sae.d_sae, k=sae.k, fingerprint=fp, config=sae.cfg)
-    key, cfg = _config(settings, lm, fp, sae.activation == "topk")
+    # Tokens the dictionary was trained without (outliers.py) are left out of its statistics and
+    # examples: its codes there are extrapolations, often 5-100x the activations it was trained on,
+    # which would fill the top examples of the latents that happen to fire on them.
+    rule = OutlierRule.from_cfg(sae.cfg)
+    key, cfg = _config(settings, lm, fp, sae.activation == "topk", rule)
 
     prev = _previous(con, dict_id, name, key, shard_text, resume)
     if prev is not None:
         return SampleResult(dict_id, name, shard_text, prev["complete"], True, prev["n_contexts"], prev["n_tokens"],
                             prev.get("dead_latents"), prev.get("median_frequency"), db_bytes(con), 0.0,
-                            time.perf_counter() - t0, prev.get("state_path"), warnings)
+                            time.perf_counter() - t0, prev.get("state_path"), warnings, prev.get("n_outlier_tokens"))
     limit = math.ceil(ss.tokens / T)
     if limit > M31:  # context ids share an int64 with a 31-bit hash in the sketches
         raise ExplainerError(f"sample.tokens={ss.tokens:,} is over 2^31 contexts of {T} tokens; lower --tokens")
@@ -313,6 +322,12 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     def process(batch: list[Context]) -> None:
         acts = lm.activations(torch.tensor([c.token_ids for c in batch], dtype=torch.long))
         vals, idx = sae.encode(acts)
+        if rule is not None:
+            outlier = rule.mask(acts)
+            vals = vals.masked_fill(outlier[..., None].to(vals.device), 0)
+            state.meta["n_outlier_tokens"] = state.meta.get("n_outlier_tokens", 0) + int(outlier.sum())
+            state.meta["outlier_positions"] = add_histograms(state.meta.get("outlier_positions", {}),
+                                                             position_histogram(outlier))
         split = torch.tensor([split_index[c.split] for c in batch], device=vals.device)
         cids = torch.tensor([c.context_id for c in batch], device=vals.device)
         idx = idx.long()
@@ -350,6 +365,8 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
             state.meta["complete"] = True
             result = {"dict_id": dict_id, "dict_name": name, "config_key": key, "shard": shard_text,
                       "n_contexts": summary_counts(state), "n_tokens": int(state.n_tokens.sum()),
+                      **({"n_outlier_tokens": state.meta.get("n_outlier_tokens", 0),
+                          "outlier_positions": state.meta.get("outlier_positions", {})} if rule is not None else {}),
                       "tokens_per_s": (int(state.n_contexts.sum()) - done_before) * T / (time.perf_counter() - t_loop)}
             if shard[1] == 1:
                 with store.transaction(con):
@@ -372,4 +389,5 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
         raise
     return SampleResult(dict_id, name, shard_text, result["complete"], False, result["n_contexts"],
                         result["n_tokens"], result["dead_latents"], result["median_frequency"], db_bytes(con),
-                        result["tokens_per_s"], time.perf_counter() - t0, result.get("state_path"), warnings)
+                        result["tokens_per_s"], time.perf_counter() - t0, result.get("state_path"), warnings,
+                        result.get("n_outlier_tokens"))

@@ -331,6 +331,12 @@ def merge_states(a: SampleState, b: SampleState) -> SampleState:
         raise ValueError(f"cannot merge sampler states: both hold shard(s) {sorted(overlap)}")
     meta = dict(a.meta, shards=sorted(set(a.meta["shards"]) | set(b.meta["shards"])),
                 complete=bool(a.meta.get("complete")) and bool(b.meta.get("complete")))
+    if "n_outlier_tokens" in a.meta or "n_outlier_tokens" in b.meta:  # counted by sample.py's outlier rule
+        meta["n_outlier_tokens"] = a.meta.get("n_outlier_tokens", 0) + b.meta.get("n_outlier_tokens", 0)
+        positions = dict(a.meta.get("outlier_positions", {}))
+        for pos, n in b.meta.get("outlier_positions", {}).items():
+            positions[pos] = positions.get(pos, 0) + n
+        meta["outlier_positions"] = positions
     ta, tb = a.tensors(), b.tensors()
     out = {name: ta[name] + tb[name] for name in ("n_tokens", "n_contexts", "n_fired", "sum_act", "n_ctx_fired")}
     out["max_act"] = torch.maximum(a.max_act, b.max_act)

@@ -130,13 +130,25 @@ class TrainSettings(Section):
     median_samples: int = Field(8192, ge=1, le=2**26, description="activations used for the geometric-median b_pre init")
     eval_tokens: int = Field(16_384, ge=0, le=2**40, description="held-out tokens for the FVU, L0 and dead-latent metrics")
     ce_tokens: int = Field(
-        4096, ge=0, le=2**40, description="held-out tokens (a prefix of the eval tokens) for the CE-increase metric (3 full-model passes)"
+        16_384, ge=0, le=2**40, description="held-out tokens (a prefix of the eval tokens) for the CE-increase metric and its 95 "
+        "percent interval over contexts (3 full-model passes; 16,384 = 256 contexts of 64 tokens)"
     )
     shuffle_steps: int = Field(
         8, ge=1, le=2**16, description="optimizer steps whose activations are pooled and shuffled together (decorrelates batches)"
     )
     checkpoint_every: int = Field(50, ge=1, le=2**40, description="optimizer steps between resumable checkpoints")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for init and data order")
+    outlier_factor: float = Field(
+        10.0, ge=0, allow_inf_nan=False,
+        description="a token whose activation norm exceeds this multiple of the median norm (measured on the b_pre "
+        "init sample) is an outlier: left out of SAE training, of the headline FVU/L0 (fvu_all keeps it) and of "
+        "sample's statistics; 0 keeps every token. 10 because on SmolLM2 layer 15 ordinary tokens stay below 2x the "
+        "median (168) while the outliers, all at position 0, reach 12-160x and carry most of the variance",
+    )
+    normalize: Literal["none", "layernorm"] = Field(
+        "none", description="layernorm: normalise each token to mean 0, std 1 before encoding and undo it after "
+        "decoding, as OpenAI's released TopK SAEs do (cfg.json normalize_activations=layer_norm, read by SAELens)",
+    )
 
 
 class SampleSettings(Section):

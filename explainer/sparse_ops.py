@@ -170,7 +170,7 @@ class _SparseSAE(torch.autograd.Function):
     """Encoder + TopK (+ AuxK, Multi-TopK) + sparse decoder, with one shared sparse backward.
 
     Outputs per latent set (main, aux, multi): (decoded [N, d] or [N, 0], values, indices). The aux
-    set decodes without b_dec (it predicts a residual). Backward sorts all selected (token, latent)
+    set decodes without b_dec (it predicts a residual) but passes its gradient to b_dec. Backward sorts all selected (token, latent)
     pairs by latent once and builds the W_enc and W_dec gradients from that one order.
     """
 
@@ -251,8 +251,11 @@ class _SparseSAE(torch.autograd.Function):
             # Through x - b_dec: -sum_t grad_centered[t] = -grad_b_enc @ W_enc^T, one pass over W_enc
             # instead of gathering k encoder rows per token.
             grad_bdec = -(W_enc @ grad_benc)
-            for _, _, g_dec, s in sets:
-                if g_dec is not None and s != 1:
+            # Every decoding feeds b_dec's gradient, the AuxK one included: as in OpenAI's reference,
+            # the aux reconstruction is decode(aux) + b_dec against the target resid + b_dec.detach(),
+            # the same value as the bias-free decoding against resid, but with b_dec on the path.
+            for _, _, g_dec, _ in sets:
+                if g_dec is not None:
                     grad_bdec = grad_bdec + g_dec.sum(0)
         if not need_benc:
             grad_benc = None

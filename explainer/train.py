@@ -9,9 +9,9 @@ Multi-TopK. `Trainer` is the SAE step alone (tested and benchmarked on synthetic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +21,12 @@ import torch
 from torch import Tensor
 
 from explainer.errors import ExplainerError
-from explainer.sae import TopKSAE, log10_frequency, save_dictionary
+from explainer.outliers import OutlierRule, position_histogram
+from explainer.sae import TopKSAE, layer_norm, log10_frequency, recover_folder, save_dictionary
 from explainer.settings import Settings, TrainSettings
+from explainer.train_files import CHECKPOINT, METRICS, _check_finite, _check_out, _locked, _save_checkpoint  # noqa: F401
 
 Progress = Callable[[dict[str, Any]], None]
-CHECKPOINT = Path("checkpoint") / "state.pt"
-METRICS = "metrics.json"
 
 
 def default_lr(n_latents: int) -> float:
@@ -230,46 +230,9 @@ def _run_identity(settings: Settings) -> dict[str, Any]:
     return {"model": model, "corpus": settings.corpus.model_dump(mode="json"), "train": train}
 
 
-def _check_out(out: Path, resume: bool) -> Optional[dict[str, Any]]:
-    """The checkpoint to resume from, None for a fresh run; refuse to overwrite another run."""
-    ckpt = out / CHECKPOINT
-    if ckpt.is_file():
-        if not resume:
-            state = "a finished" if (out / METRICS).is_file() else "an unfinished"
-            raise ExplainerError(f"{out} already holds {state} training run; pass --resume to continue it or choose another --out")
-        try:
-            return torch.load(ckpt, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for a truncated or garbled pickle
-            raise ExplainerError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); delete {ckpt.parent} to start over") from None
-    if out.exists() and not out.is_dir():
-        raise ExplainerError(f"--out {out} is a file; choose a folder path for the dictionary")
-    if out.is_dir() and any(out.iterdir()):
-        what = "a dictionary" if (out / "cfg.json").exists() else "other files"
-        raise ExplainerError(f"{out} already holds {what} but no resumable run; choose another --out")
-    return None
-
-
-def _save_checkpoint(out: Path, trainer: Trainer, identity: dict, scale: float, position: dict, meta: dict) -> None:
-    path = out / CHECKPOINT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "version": 1, "identity": json.dumps(identity, sort_keys=True), "trainer": trainer.state_dict(),
-        "scale": scale, "position": position, "meta": json.dumps(meta), "rng": torch.get_rng_state(),
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = False) -> TrainResult:
     """Train, evaluate and save a dictionary to settings.train.out; resumable with resume=True."""
-    ts, report = settings.train, progress or (lambda _info: None)
+    ts = settings.train
     if ts.k >= ts.n_latents:
         raise ExplainerError(f"k={ts.k} must be below the number of latents ({ts.n_latents}); lower --k or raise --n-latents")
     from explainer.distributed import setup
@@ -280,7 +243,71 @@ def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = 
         settings = settings.model_copy(deep=True)
         settings.model.device = device
         if not dist.main:
-            report = lambda _info: None  # noqa: E731  one progress bar, rank 0's
+            progress = None  # one progress bar, rank 0's
+    with _locked(out) if dist.main else contextlib.nullcontext():
+        if dist.main:
+            recover_folder(out)  # a save killed between its two renames
+        return _run(settings, progress or (lambda _info: None), resume, out, dist)
+
+
+@dataclass
+class _Run:
+    """What the training loop carries besides the trainer, all of it saved in the checkpoint."""
+    trainer: Trainer
+    scale: float
+    rule: OutlierRule
+    outlier_positions: Tensor  # [ctx_len] outlier tokens left out of training, by position
+
+
+def _prepare(x: Tensor, ts: TrainSettings, scale: float) -> Tensor:
+    """Raw activations -> what the SAE trains on: optionally LayerNorm'ed, times the norm scale."""
+    return (layer_norm(x)[0] if ts.normalize == "layernorm" else x) * scale
+
+
+def _start(settings: Settings, lm: Any, documents: list, meta: dict, dist: Any, state: Optional[dict]) -> tuple[_Run, dict]:
+    """A fresh run (b_pre init on a sample) or the checkpoint's; returns it and the stream position."""
+    ts, ctx_len = settings.train, settings.corpus.ctx_len
+    sae = TopKSAE(lm.d_model, ts.n_latents, ts.k, device=lm.device, cfg=meta)
+    if state is not None:
+        trainer = Trainer(sae, ts, all_reduce=dist.all_reduce, rank=dist.rank, world=dist.world)
+        trainer.load_state_dict(state["trainer"])
+        torch.set_rng_state(state["rng"])
+        o = state["outliers"]
+        rule = OutlierRule(float(o["factor"]), float(o["median_norm"]))
+        return _Run(trainer, float(state["scale"]), rule, o["positions"].clone()), dict(state["position"])
+    sample_stream = ContextStream(settings, lm.tokenizer, documents)
+    ids = sample_stream.take(math.ceil(ts.median_samples / ctx_len))
+    sample = _activations(lm, ids, settings.model.batch_size)[: ts.median_samples]
+    rule = OutlierRule.measure(ts.outlier_factor, sample.cpu())
+    sample = _prepare(sample[~rule.mask(sample)], ts, 1.0)  # the init describes the tokens trained on
+    scale = math.sqrt(lm.d_model) / float(sample.norm(dim=1).mean().clamp_min(1e-12))
+    sae.init_tied(torch.Generator().manual_seed(ts.seed))
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(sample * scale))
+    trainer = Trainer(sae, ts, all_reduce=dist.all_reduce, rank=dist.rank, world=dist.world)
+    return _Run(trainer, scale, rule, torch.zeros(ctx_len, dtype=torch.long)), {"epoch": 0, "next_id": 0}
+
+
+def _block(settings: Settings, lm: Any, ids: Tensor, dist: Any, r: _Run, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A shuffle block's training inputs, their outlier flags and their positions in their contexts."""
+    ts, ctx_len = settings.train, settings.corpus.ctx_len
+    if dist.active:
+        mine = _activations(lm, dist.shard(ids), settings.model.batch_size).reshape(-1, ctx_len, lm.d_model)
+        acts = dist.gather_rows(mine, len(ids)).reshape(-1, lm.d_model)
+    else:
+        acts = _activations(lm, ids, settings.model.batch_size)
+    outlier = r.rule.mask(acts)
+    acts = _prepare(acts, ts, r.scale)
+    perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed((ts.seed % 2**31) * 2**32 + block))
+    return acts[perm.to(acts.device)], outlier[perm.to(outlier.device)].cpu(), perm % ctx_len
+
+
+def _outlier_state(r: _Run) -> dict[str, Any]:
+    return {"factor": r.rule.factor, "median_norm": r.rule.median_norm, "positions": r.outlier_positions}
+
+
+def _run(settings: Settings, report: Progress, resume: bool, out: Path, dist: Any) -> TrainResult:
+    ts = settings.train
     state = _check_out(out, resume)
     dist.barrier()  # every rank has looked at --out before rank 0 writes into it
     identity = _run_identity(settings)
@@ -296,9 +323,10 @@ def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = 
             raise ExplainerError(f"{out} holds a run with other settings ({'; '.join(diff) or 'unknown'}); "
                                  "resume with the same settings or choose another --out")
         done = int(state["trainer"]["steps"])
-        if done >= total_steps and (out / METRICS).is_file():
+        if done >= total_steps and (out / METRICS).is_file() and (out / "cfg.json").is_file():
             metrics = json.loads((out / METRICS).read_text())
-            return TrainResult(out, metrics, done, done * step_tokens, 0.0, float(metrics.get("tokens_per_s", 0.0)), True)
+            return TrainResult(out, metrics, done, int(state["trainer"]["tokens"]), 0.0,
+                               float(metrics.get("tokens_per_s", 0.0)), True)
 
     from explainer.corpus import load_documents
     from explainer.lm import load_model
@@ -310,27 +338,12 @@ def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = 
     documents = load_documents(settings.corpus)
     meta = {"model_name": settings.model.name, "hook_name": lm.hook, "hook_layer": settings.model.layer,
             "context_size": ctx_len}
-
     if state is None:
         report({"stage": "b_pre init"})
-        sample_stream = ContextStream(settings, lm.tokenizer, documents)
-        ids = sample_stream.take(math.ceil(ts.median_samples / ctx_len))
-        sample = _activations(lm, ids, settings.model.batch_size)[: ts.median_samples]
-        scale = math.sqrt(lm.d_model) / float(sample.norm(dim=1).mean().clamp_min(1e-12))
-        sae = TopKSAE(lm.d_model, ts.n_latents, ts.k, device=lm.device, cfg=meta)
-        sae.init_tied(torch.Generator().manual_seed(ts.seed))
-        with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(sample * scale))
-        trainer = Trainer(sae, ts, all_reduce=dist.all_reduce, rank=dist.rank, world=dist.world)
-        position = {"epoch": 0, "next_id": 0}
-        if dist.main:
-            _save_checkpoint(out, trainer, identity, scale, position, meta)
-    else:
-        sae = TopKSAE(lm.d_model, ts.n_latents, ts.k, device=lm.device, cfg=meta)
-        trainer = Trainer(sae, ts, all_reduce=dist.all_reduce, rank=dist.rank, world=dist.world)
-        trainer.load_state_dict(state["trainer"])
-        scale, position = float(state["scale"]), dict(state["position"])
-        torch.set_rng_state(state["rng"])
+    r, position = _start(settings, lm, documents, meta, dist, state)
+    trainer = r.trainer
+    if state is None and dist.main:
+        _save_checkpoint(out, trainer, identity, r.scale, position, meta, _outlier_state(r))
 
     stream = ContextStream(settings, lm.tokenizer, documents, **position)
     spb = ts.shuffle_steps
@@ -340,105 +353,65 @@ def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = 
         # The last block is cut to the steps left, so no activations are computed in vain.
         block_steps = min(spb, total_steps - block * spb)
         block_start = stream.position
-        ids = stream.take(ctx_per_step * block_steps)
-        if dist.active:
-            mine = _activations(lm, dist.shard(ids), settings.model.batch_size).reshape(-1, ctx_len, lm.d_model)
-            acts = dist.gather_rows(mine, len(ids)).reshape(-1, lm.d_model) * scale
-        else:
-            acts = _activations(lm, ids, settings.model.batch_size) * scale
-        perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed((ts.seed % 2**31) * 2**32 + block))
-        acts = acts[perm.to(acts.device)]
+        acts, outlier, where = _block(settings, lm, stream.take(ctx_per_step * block_steps), dist, r, block)
         for j in range(trainer.steps - block * spb, block_steps):
-            stats = trainer.step(acts[j * step_tokens : (j + 1) * step_tokens])
+            rows = slice(j * step_tokens, (j + 1) * step_tokens)
+            keep = ~outlier[rows]
+            # Outliers leave the batch before the step, so they weigh neither the loss nor its variance normaliser.
+            r.outlier_positions += torch.bincount(where[rows][~keep], minlength=ctx_len)
+            if bool(keep.any()):
+                stats = trainer.step(acts[rows][keep.to(acts.device)])
+                if not math.isfinite(stats["loss"]):
+                    _check_finite(trainer, stats["loss"])
+            else:
+                trainer.steps += 1
             if dist.main and (trainer.steps % ts.checkpoint_every == 0 or trainer.steps == total_steps):
                 # Mid-block checkpoints point at the block's start: resuming recomputes the block and skips ahead.
                 pos = stream.position if trainer.steps % spb == 0 else block_start
-                _save_checkpoint(out, trainer, identity, scale, pos, meta)
+                _save_checkpoint(out, trainer, identity, r.scale, pos, meta, _outlier_state(r))
             elapsed = time.perf_counter() - started
-            report({"stage": "train", "tokens": trainer.tokens, "total": total_steps * step_tokens, **stats,
-                    "tok_s": (trainer.tokens - tokens_before) / max(elapsed, 1e-9)})
+            report({"stage": "train", "tokens": trainer.steps * step_tokens, "total": total_steps * step_tokens,
+                    **stats, "tok_s": (trainer.tokens - tokens_before) / max(elapsed, 1e-9)})
     seconds = time.perf_counter() - started
     tok_s = (trainer.tokens - tokens_before) / max(seconds, 1e-9)
+    _check_finite(trainer)
 
     if not dist.main:
         dist.barrier()  # rank 0 evaluates and writes; the others wait for it
         metrics = {"rank": dist.rank, "tokens_per_s": round(tok_s, 1)}
         return TrainResult(out, metrics, trainer.steps, trainer.tokens, seconds, tok_s, state is not None)
-    raw = sae.folded(scale)
-    report({"stage": "eval"})
-    metrics, eval_counts, eval_tokens = evaluate(lm, raw, settings, documents)
-    metrics.update({
-        "dead_fraction": float(trainer.dead_mask().float().mean()), "train_tokens": trainer.tokens,
-        "steps": trainer.steps, "final_train_fvu": stats.get("fvu"), "train_seconds": round(seconds, 3),
-        "tokens_per_s": round(tok_s, 1), "activation_scale": scale, "lr": trainer.lr, "world_size": dist.world,
-    })
-    counts, n = (eval_counts, eval_tokens) if eval_tokens else (trainer.fire_counts, trainer.tokens)
-    cfg = {"activation_scale_folded": scale, "trained_tokens": trainer.tokens, "corpus": settings.corpus.source,
-           "sparsity_source": "heldout" if eval_tokens else "train", "seed": ts.seed}
-    save_dictionary(raw, out, sparsity=log10_frequency(counts.cpu(), n), cfg=cfg)
-    _write_json(out / METRICS, metrics)
+    metrics = _finish(settings, lm, documents, r, out, seconds, tok_s, stats, dist.world, report)
     dist.barrier()
     return TrainResult(out, metrics, trainer.steps, trainer.tokens, seconds, tok_s, state is not None)
 
 
-# --- evaluation ---------------------------------------------------------------------------------
+def _finish(settings: Settings, lm: Any, documents: list, r: _Run, out: Path, seconds: float, tok_s: float,
+            stats: dict, world: int, report: Progress) -> dict[str, Any]:
+    """Evaluate the folded dictionary on held-out tokens and save it with its metrics, in one rename."""
+    from explainer.train_eval import evaluate
 
-
-@torch.no_grad()
-def evaluate(lm: Any, sae: TopKSAE, settings: Settings, documents: list) -> tuple[dict[str, Any], Tensor, int]:
-    """FVU, L0 and firing on held-out tokens; CE increase of splicing x_hat vs zero-ablating the layer.
-
-    Returns (metrics, per-latent fire counts, tokens evaluated).
-    """
-    from explainer.corpus import iter_contexts
-
-    ts, ctx_len, bs = settings.train, settings.corpus.ctx_len, settings.model.batch_size
-    counts = torch.zeros(sae.d_sae, dtype=torch.long)
-    n_ctx = math.ceil(ts.eval_tokens / ctx_len)
-    if n_ctx == 0:
-        return {}, counts, 0
-    split, rows = "heldout", []
-    for split in ("heldout", "validation"):
-        rows = []
-        for ctx in iter_contexts(settings.corpus, lm.tokenizer, splits=(split,), documents=documents):
-            rows.append(ctx.token_ids)
-            if len(rows) >= n_ctx:
-                break
-        if rows:
-            break
-    if not rows:
-        return {"eval_split": None}, counts, 0
-    ids = torch.tensor(rows, dtype=torch.long)
-    sse, sq, n, l0 = 0.0, 0.0, 0, 0.0
-    total = torch.zeros(sae.d_in, dtype=torch.float64)
-    for i in range(0, len(ids), bs):
-        x = lm.activations(ids[i : i + bs]).reshape(-1, sae.d_in).to(sae.device)
-        values, indices = sae.encode(x)
-        x_hat = sae.decode(values, indices)
-        sse += float((x_hat - x).double().pow(2).sum())
-        sq += float(x.double().pow(2).sum())
-        total += x.double().sum(0).cpu()
-        n += x.shape[0]
-        active = values > 0
-        l0 += float(active.sum())
-        counts += torch.bincount(indices[active].cpu(), minlength=sae.d_sae)
-    variance = sq - float(total.pow(2).sum()) / n
-    metrics: dict[str, Any] = {
-        "eval_split": split, "eval_tokens": n, "fvu": sse / variance if variance > 0 else float("nan"),
-        "l0": l0 / n, "never_fired_eval_fraction": float((counts == 0).float().mean()),
-    }
-    n_ce = min(len(ids), math.ceil(ts.ce_tokens / ctx_len))
-    if n_ce:
-        ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-        splices = {"clean": None, "spliced": sae.reconstruct, "zero": torch.zeros_like}
-        for i in range(0, n_ce, bs):
-            batch = ids[i : min(i + bs, n_ce)]
-            for key, fn in splices.items():
-                ce[key] += lm.ce_loss(batch, splice=fn) * len(batch) / n_ce
-        inc, zero_inc = ce["spliced"] - ce["clean"], ce["zero"] - ce["clean"]
-        metrics.update({
-            "ce_tokens": n_ce * ctx_len, "ce_clean": ce["clean"], "ce_spliced": ce["spliced"],
-            "ce_zero_ablation": ce["zero"], "ce_increase": inc, "ce_increase_zero_ablation": zero_inc,
-            "ce_recovered": 1 - inc / zero_inc if zero_inc > 0 else None,
-        })
-    return metrics, counts, n
+    ts, trainer = settings.train, r.trainer
+    raw = r.trainer.sae.folded(r.scale)
+    raw.normalize = "layer_norm" if ts.normalize == "layernorm" else "none"
+    raw.cfg.update(r.rule.cfg())
+    report({"stage": "eval"})
+    metrics, eval_counts, eval_tokens = evaluate(lm, raw, settings, documents, r.rule)
+    train_outliers = position_histogram(r.outlier_positions[None])
+    metrics.update({
+        "dead_fraction": float(trainer.dead_mask().float().mean()), "train_tokens": trainer.tokens,
+        "train_outlier_tokens": int(r.outlier_positions.sum()), "train_outlier_positions": train_outliers,
+        "steps": trainer.steps, "final_train_fvu": stats.get("fvu"), "train_seconds": round(seconds, 3),
+        "tokens_per_s": round(tok_s, 1), "activation_scale": r.scale, "lr": trainer.lr, "world_size": world,
+        "normalize": ts.normalize, "outlier_rule": r.rule.cfg(),
+    })
+    metrics.setdefault("computed_on", {})["train_tokens, final_train_fvu, dead_fraction"] = (
+        "train split, ordinary tokens only (outlier tokens are left out of every training batch)")
+    counts, n = (eval_counts, eval_tokens) if eval_tokens else (trainer.fire_counts, trainer.tokens)
+    cfg = {"activation_scale_folded": r.scale, "trained_tokens": trainer.tokens, "corpus": settings.corpus.source,
+           "sparsity_source": "heldout" if eval_tokens else "train", "seed": ts.seed,
+           "train_outlier_tokens": int(r.outlier_positions.sum()), "train_outlier_positions": train_outliers,
+           "eval_outlier_tokens": metrics.get("n_outlier_tokens"),
+           "eval_outlier_positions": metrics.get("outlier_positions", {})}
+    save_dictionary(raw, out, sparsity=log10_frequency(counts.cpu(), n), cfg=cfg,
+                    extra={METRICS: json.dumps(metrics, indent=2) + "\n"})
+    return metrics

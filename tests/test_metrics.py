@@ -198,3 +198,24 @@ def test_judge_stats_baseline_is_always_yes_balanced_accuracy() -> None:
     lo, hi = balanced_accuracy_ci([1, 0, 1, 0, 0, 1], [1, 1, 1, 0, 0, 0], seed=3)
     assert lo is not None and hi is not None and lo <= classify([1, 0, 1, 0, 0, 1], [1, 1, 1, 0, 0, 0]).balanced_accuracy <= hi
     assert balanced_accuracy_ci([], []) == (None, None)
+
+
+def test_training_metrics_interval_helpers() -> None:
+    """The ΔCE interval: Student's t quantile and a mean's 95% interval over independent contexts."""
+    import torch
+
+    from explainer.outliers import OutlierRule, mean_ci95, position_histogram, t_quantile_975
+
+    for df, t in [(10, 2.228139), (30, 2.042272), (1000, 1.962339)]:
+        assert t_quantile_975(df) == pytest.approx(t, abs=2e-4)
+    mean, lo, hi = mean_ci95(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]))
+    # sd of 1..11 = sqrt(11), t(10) = 2.228139
+    assert mean == 6 and hi - mean == pytest.approx(2.228139 * 11**0.5 / 11**0.5, abs=1e-3) and lo == 12 - hi
+    assert mean_ci95(torch.tensor([3.0]))[1:] == (None, None)
+    rule = OutlierRule(factor=10, median_norm=2.0)
+    x = torch.ones(2, 3, 4)  # norm 2
+    x[1, 0] *= 100
+    assert rule.mask(x).tolist() == [[False] * 3, [True, False, False]]
+    assert position_histogram(rule.mask(x)) == {"0": 1}
+    assert OutlierRule.from_cfg(rule.cfg()) == rule and OutlierRule.from_cfg({}) is None
+    assert not OutlierRule(0, 2.0).mask(x).any()

@@ -323,3 +323,102 @@ def test_gemma_scope_npz_folder(tmp_path: Path) -> None:
     np.savez(folder / "params.npz", **{k: v.numpy() for k, v in arrays.items() if k != "threshold"})
     with pytest.raises(ExplainerError, match="no array 'threshold'"):
         load_dictionary(folder)
+
+
+@pytest.mark.parametrize("decoder", ["sparse", "dense"])
+def test_auxk_gradient_reaches_b_dec_as_in_the_reference(decoder: str) -> None:
+    """OpenAI's reference decodes the AuxK latents with b_dec (target: residual + b_dec.detach()), so the AuxK
+    loss has the same value as a bias-free decoding but also trains b_dec. Hand-written with plain autograd."""
+    import copy
+
+    from explainer.settings import TrainSettings
+    from explainer.train import Trainer
+
+    g = torch.Generator().manual_seed(3)
+    sae = TopKSAE(16, 64, 4)
+    sae.init_tied(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(16, generator=g))
+        sae.b_enc.copy_(torch.randn(64, generator=g) * 0.1)
+    ref = copy.deepcopy(sae)
+    coef, k_aux = 1 / 32, 8
+    trainer = Trainer(sae, TrainSettings(n_latents=64, k=4, lr=1e-3, dead_tokens=5, auxk_coef=coef, k_aux=k_aux,
+                                         decoder=decoder))
+    trainer.since_fired[::2] = 10  # half the latents dead
+    x = torch.randn(32, 16, generator=g) * 3 + 1
+    stats = trainer.step(x)
+    assert stats["auxk"] > 0
+
+    dead = torch.arange(0, 64, 2)
+    pre = (x - ref.b_dec) @ ref.W_enc + ref.b_enc
+    top = pre.topk(4, dim=1)
+    recons = torch.zeros(32, 64).scatter(1, top.indices, top.values.relu()) @ ref.W_dec + ref.b_dec
+    aux = pre[:, dead].topk(k_aux, dim=1)
+    aux_recons = torch.zeros(32, 64).scatter(1, dead[aux.indices], aux.values.relu()) @ ref.W_dec + ref.b_dec
+    target = x - recons.detach() + ref.b_dec.detach()
+    loss = ((recons - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    loss = loss + coef * ((aux_recons - target) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()
+    loss.backward()
+    assert torch.allclose(sae.b_dec.grad, ref.b_dec.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_layer_norm_dictionary_round_trips(tmp_path: Path) -> None:
+    """normalize_activations=layer_norm (OpenAI's TopK SAEs, SAELens' value name) survives save and load."""
+    g = torch.Generator().manual_seed(0)
+    sae = TopKSAE(16, 64, 4, normalize="layer_norm")
+    sae.init_tied(g)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(16, generator=g) * 0.1)
+    x = torch.randn(10, 16, generator=g) * 50 + 7
+    values, indices, x_hat = sae.encode_decode(x)
+    # By hand: SAELens' run-time LN in, the same mu/std out.
+    mu, std = x.mean(-1, keepdim=True), (x - x.mean(-1, keepdim=True)).std(-1, keepdim=True)
+    plain = TopKSAE(16, 64, 4)
+    plain.load_state_dict(sae.state_dict())
+    manual = plain.reconstruct((x - mu) / (std + 1e-5)) * std + mu
+    assert torch.allclose(x_hat, manual, atol=1e-4)
+    save_dictionary(sae, tmp_path / "ln")
+    assert json.loads((tmp_path / "ln" / "cfg.json").read_text())["normalize_activations"] == "layer_norm"
+    back = load_dictionary(tmp_path / "ln")
+    assert back.normalize == "layer_norm"
+    assert torch.equal(back.reconstruct(x), x_hat)
+    assert torch.equal(back.encode(x)[1], indices)
+    assert fingerprint(back) != fingerprint(plain)
+
+
+def test_a_failed_save_leaves_the_previous_dictionary_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from explainer import sae as sae_mod
+
+    def make(k: int, seed: int) -> TopKSAE:
+        s = TopKSAE(16, 64, k)
+        s.init_tied(torch.Generator().manual_seed(seed))
+        return s
+
+    first = make(4, 0)
+    save_dictionary(first, tmp_path / "d")
+    (tmp_path / "d" / "notes.txt").write_text("kept")  # e.g. a training checkpoint: carried over
+    with pytest.raises(TypeError):  # cfg.json cannot be written: the weights already were, in place, before
+        save_dictionary(make(8, 1), tmp_path / "d", cfg={"unserialisable": object()})
+    back = load_dictionary(tmp_path / "d")
+    assert back.k == 4 and torch.equal(back.W_dec, first.W_dec)
+
+    # Killed between its two renames: the folder is briefly absent; the next save or load finishes the swap.
+    second, real_rename, calls = make(8, 2), os.rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(sae_mod.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_dictionary(second, tmp_path / "d")
+    monkeypatch.setattr(sae_mod.os, "rename", real_rename)
+    assert not (tmp_path / "d").exists()
+    back = load_dictionary(tmp_path / "d")
+    assert back.k == 8 and torch.equal(back.W_dec, second.W_dec)
+    assert (tmp_path / "d" / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

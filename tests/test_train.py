@@ -169,3 +169,156 @@ def test_bad_inputs_are_one_line_errors(tiny_lm: Path, tiny_corpus: Path, tmp_pa
     run(settings_for(tiny_lm, tiny_corpus, tmp_path / "c", tokens=256))
     with pytest.raises(ExplainerError, match="train.k"):
         run(settings_for(tiny_lm, tiny_corpus, tmp_path / "c", tokens=256, k=8), resume=True)
+
+
+# --- outlier tokens, metrics with intervals, hardening (issues 16 and 17) -------------------------
+
+
+@pytest.fixture(scope="module")
+def outlier_lm(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with the embedding of "the" scaled 400x: its residual norm is an outlier wherever it occurs,
+    as SmolLM2's first-position tokens are (~160x the median)."""
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("outlier_lm")
+    shutil.copytree(tiny_lm, folder, dirs_exist_ok=True)
+    model = LlamaForCausalLM.from_pretrained(tiny_lm)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    the = AutoTokenizer.from_pretrained(tiny_lm).convert_tokens_to_ids("the")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[the] *= 400
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_outliers_are_left_out_of_training_and_reported_beside_the_fvu(
+        outlier_lm: Path, tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from explainer.lm import load_model
+    from explainer.train_eval import _eval_contexts
+
+    seen: list[float] = []
+    real_step = Trainer.step
+
+    def step(self: Trainer, x: torch.Tensor) -> dict:
+        seen.append(float(x.norm(dim=1).max()) / float(x.norm(dim=1).median()))
+        return real_step(self, x)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    s = settings_for(outlier_lm, tiny_corpus, tmp_path / "sae", eval_tokens=512, ce_tokens=512)
+    m = run(s).metrics
+    assert max(seen) < 10, "an outlier token reached a training batch"
+    assert m["train_outlier_tokens"] > 0 and m["n_outlier_tokens"] > 0
+    assert sum(m["outlier_positions"].values()) == m["n_outlier_tokens"]
+    assert m["eval_tokens"] + m["n_outlier_tokens"] == m["eval_tokens_all"] == 512
+    assert list(m).index("fvu_all") == list(m).index("fvu") + 1  # side by side in the CLI's table
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["outlier_factor"] == 10 and cfg["outlier_threshold"] == pytest.approx(10 * cfg["outlier_median_norm"])
+    assert cfg["eval_outlier_tokens"] == m["n_outlier_tokens"] and cfg["train_outlier_tokens"] > 0
+    assert "fvu_all" in m["computed_on"] and "ce_*" in m["computed_on"]
+
+    # fvu and fvu_all by hand from the saved dictionary and the rule in its cfg.json
+    sae, lm = load_dictionary(tmp_path / "sae"), load_model(s.model)
+    _, rows = _eval_contexts(lm, s, _docs(s), 512 // 16)
+    x = lm.activations(torch.tensor(rows)).reshape(-1, 32)
+    x_hat = sae.reconstruct(x)
+    ordinary = x.norm(dim=1) <= cfg["outlier_threshold"]
+    assert int((~ordinary).sum()) == m["n_outlier_tokens"]
+
+    def fvu(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((a - b) ** 2).sum() / ((a - a.mean(0)) ** 2).sum())
+
+    assert m["fvu"] == pytest.approx(fvu(x[ordinary], x_hat[ordinary]), rel=1e-3)
+    assert m["fvu_all"] == pytest.approx(fvu(x, x_hat), rel=1e-3)
+    assert m["fvu"] != pytest.approx(m["fvu_all"], rel=0.05)
+
+
+def _docs(s: Settings) -> list:
+    from explainer.corpus import load_documents
+
+    return load_documents(s.corpus)
+
+
+def test_ce_increase_has_a_paired_interval_over_at_least_256_default_contexts(
+        tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    assert TrainSettings().ce_tokens // CorpusSettings().ctx_len >= 256
+    m = run(settings_for(tiny_lm, tiny_corpus, tmp_path / "sae", eval_tokens=512, ce_tokens=512)).metrics
+    lo, hi = m["ce_increase_ci95"]
+    assert m["ce_contexts"] == 32 and lo < m["ce_increase"] < hi
+    assert m["ce_increase"] == pytest.approx(m["ce_spliced"] - m["ce_clean"], abs=1e-6)
+    assert m["ce_increase_zero_ablation_ci95"][0] < m["ce_increase_zero_ablation"]
+
+
+def test_sample_leaves_outlier_tokens_out_by_the_dictionary_rule(
+        outlier_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    import duckdb
+
+    from explainer import sample, store
+    from explainer.settings import SampleSettings
+
+    s = settings_for(outlier_lm, tiny_corpus, tmp_path / "sae")
+    run(s)
+    s.sample = SampleSettings(tokens=3000, n_top=5, n_quantile=5, n_reservoir=5, n_nonactivating=5, n_random=3,
+                              nonactivating_pool=20)
+    with store.connect(tmp_path / "db.duckdb") as con:
+        res = sample.run(con, s, tmp_path / "sae")
+        assert res.n_outlier_tokens and res.n_outlier_tokens > 0
+        # The outlier token ("the") never shows an activation in any example.
+        rows = con.execute("SELECT c.tokens, e.acts FROM examples e JOIN contexts c USING (dict_id, context_id)"
+                           ).fetchall()
+    assert rows
+    for tokens, acts in rows:
+        for tok, act in zip(tokens, acts):
+            if tok.strip() == "the":
+                assert act == 0, (tok, act)
+    _ = duckdb
+
+
+def test_a_second_run_on_the_same_out_fails_at_once(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    import os
+
+    from explainer.train import _locked
+
+    out = tmp_path / "sae"
+    with _locked(out):
+        with pytest.raises(ExplainerError, match=f"{out}.*in use.*pid {os.getpid()}"):
+            run(settings_for(tiny_lm, tiny_corpus, out))
+    assert not out.exists()
+    run(settings_for(tiny_lm, tiny_corpus, out, tokens=256))  # released on exit
+
+
+def test_a_diverging_run_stops_with_one_line_instead_of_saving_nan(
+        tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExplainerError, match="diverged.*lower --lr"):
+        run(settings_for(tiny_lm, tiny_corpus, tmp_path / "sae", lr=1e30))
+    assert not (tmp_path / "sae" / "cfg.json").exists()
+
+
+def test_layernorm_training_writes_a_dictionary_saelens_and_sample_reproduce(
+        tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    import json
+
+    res = run(settings_for(tiny_lm, tiny_corpus, tmp_path / "sae", normalize="layernorm"))
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["normalize_activations"] == "layer_norm" and res.metrics["normalize"] == "layernorm"
+    assert 0 < res.metrics["fvu"] < 1
+    sae = load_dictionary(tmp_path / "sae")
+    assert sae.normalize == "layer_norm"
+
+
+def test_ctrl_c_in_train_names_the_command_that_continues(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from explainer import cli, train
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", interrupted)
+    out = tmp_path / "my sae"
+    assert cli.main(["train", "--out", str(out), "--k", "8"]) == 130
+    err = capsys.readouterr().err
+    assert f"explainer train --out '{out}' --k 8 --resume" in err
