@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from explainer import corpus_read
 from explainer.errors import ExplainerError
+from explainer.near_dups import SpanTable
 from explainer.settings import CorpusSettings, cache_dir
 
 
@@ -181,29 +182,18 @@ def load_documents(settings: CorpusSettings) -> Documents:
 # --- packing -------------------------------------------------------------------------------
 
 
-def iter_contexts(
-    settings: CorpusSettings,
-    tokenizer: Any,
-    splits: Iterable[str] = ("train",),
-    start: int = 0,
-    shard: tuple[int, int] = (0, 1),
-    documents: Optional[Iterable[tuple[str, str]]] = None,
-) -> Iterator[Context]:
-    """Yield contexts of exactly ctx_len tokens, in global id order, from the chosen splits.
-
-    Documents of one split are concatenated (separated by EOS) and cut into windows, so a
-    window never mixes splits. `start` skips ids below it (resume); `shard=(i, n)` keeps
-    ids with id % n == i.
-    """
-    wanted = set(splits)
-    docs = documents if documents is not None else load_documents(settings)
+def _packed(settings: CorpusSettings, tokenizer: Any, docs: Iterable[tuple[str, str]],
+            stop: Optional[int]) -> Iterator[tuple[int, str, str, list[int]]]:
+    """(context id, first doc id, split, token ids) of every context below `stop`, in id order.
+    The token list is reused: copy it before the next step."""
     n = settings.ctx_len
     sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
     buffers: dict[str, list[int]] = {"train": [], "validation": [], "heldout": []}
     first_doc: dict[str, Optional[str]] = {s: None for s in buffers}
     next_id = 0
-    i_shard, n_shard = shard
     for doc_id, text in docs:
+        if stop is not None and next_id >= stop:
+            return
         split = split_of(doc_id, settings)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + sep
         buf = buffers[split]
@@ -216,11 +206,56 @@ def iter_contexts(
             pos += take
             cid = next_id
             next_id += 1
-            if split in wanted and cid >= start and cid % n_shard == i_shard:
-                yield Context(cid, first_doc[split] or doc_id, split, list(buf))
+            if stop is None or cid < stop:
+                yield cid, first_doc[split] or doc_id, split, buf
             buf.clear()
             first_doc[split] = doc_id if pos < len(ids) else None
         buf.extend(ids[pos:])
+
+
+def train_spans(settings: CorpusSettings, tokenizer: Any, docs: Iterable[tuple[str, str]],
+                stop: Optional[int]) -> SpanTable:
+    """Hashed dedup_span-token spans of every train context below `stop` (the whole split if None)."""
+    table = SpanTable(settings.dedup_span)
+    for _, _, split, ids in _packed(settings, tokenizer, docs, stop):
+        if split == "train":
+            table.add(ids)
+    return table
+
+
+def iter_contexts(
+    settings: CorpusSettings,
+    tokenizer: Any,
+    splits: Iterable[str] = ("train",),
+    start: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    documents: Optional[Iterable[tuple[str, str]]] = None,
+    stop: Optional[int] = None,
+    dropped: Optional[dict[str, int]] = None,
+) -> Iterator[Context]:
+    """Yield contexts of exactly ctx_len tokens, in global id order, from the chosen splits.
+
+    Documents of one split are concatenated (separated by EOS) and cut into windows, so a
+    window never mixes splits. `start` skips ids below it (resume); `shard=(i, n)` keeps
+    ids with id % n == i; ids from `stop` on are never read.
+
+    A validation or held-out context that shares a settings.dedup_span-token span with any
+    train context below `stop` (the whole train split without one) is skipped, and counted
+    per split in `dropped`; its id stays taken, so train ids, resumes and shards agree
+    whatever the setting. Passing `stop` also bounds that first pass over the corpus.
+    """
+    wanted = set(splits)
+    docs = documents if documents is not None else load_documents(settings)
+    spans = train_spans(settings, tokenizer, docs, stop) if settings.dedup_span and wanted - {"train"} else None
+    i_shard, n_shard = shard
+    for cid, doc_id, split, ids in _packed(settings, tokenizer, docs, stop):
+        if split not in wanted or cid < start or cid % n_shard != i_shard:
+            continue
+        if spans is not None and split != "train" and spans.shares(ids):
+            if dropped is not None:
+                dropped[split] = dropped.get(split, 0) + 1
+            continue
+        yield Context(cid, doc_id, split, list(ids))
 
 
 def count_contexts(settings: CorpusSettings, tokenizer: Any, documents: Optional[Iterable[tuple[str, str]]] = None) -> dict[str, int]:

@@ -217,3 +217,82 @@ def test_any_jsonl_lines_load_or_raise_explainer_error(tmp_path: Path, lines: li
         _load(src)
     except ExplainerError as e:
         assert str(src) in str(e)
+
+
+# --- near-duplicates across splits ------------------------------------------------------------------
+
+
+def _doc_named(prefix: str, split: str, cs: CorpusSettings) -> str:
+    return next(f"{prefix}{i}.txt" for i in range(1000) if split_of(f"{prefix}{i}.txt", cs) == split)
+
+
+def _windows(ids: list[int], n: int) -> set[tuple[int, ...]]:
+    return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+
+
+def _dup_corpus(folder: Path, cs: CorpusSettings) -> None:
+    """Filler documents plus one passage in a train, a held-out and (in part) a validation document."""
+    import random
+
+    from tests.conftest import WORDS, make_corpus_text
+
+    rng = random.Random(1)
+    passage = " ".join(rng.choice(WORDS) for _ in range(300))  # a docstring copied into two modules
+    (folder / _doc_named("t", "train", cs)).write_text(passage)
+    (folder / _doc_named("h", "heldout", cs)).write_text("the king speaks . " + passage)
+    (folder / _doc_named("v", "validation", cs)).write_text(" ".join(passage.split()[40:240]))
+    for i, text in enumerate(make_corpus_text(20, seed=3)):
+        (folder / f"other{i}.txt").write_text(text)
+
+
+def test_heldout_context_repeating_a_train_span_is_dropped_and_counted(tiny_lm: Path, tmp_path: Path) -> None:
+    lm = load_model(ModelSettings(name=str(tiny_lm), layer=0))
+    cs = CorpusSettings(source=str(tmp_path), ctx_len=64, validation_fraction=0.2, heldout_fraction=0.2)
+    _dup_corpus(tmp_path, cs)
+    all_splits = ("train", "validation", "heldout")
+    kept_all = list(iter_contexts(cs.model_copy(update={"dedup_span": 0}), lm.tokenizer, splits=all_splits))
+    dropped: dict[str, int] = {}
+    kept = list(iter_contexts(cs, lm.tokenizer, splits=all_splits, dropped=dropped))
+    train = set().union(*(_windows(c.token_ids, 16) for c in kept if c.split == "train"))
+    shared = [c.context_id for c in kept_all if c.split != "train" and _windows(c.token_ids, 16) & train]
+    assert len(shared) >= 4  # the corpus does hold near-duplicates...
+    for c in kept:  # ...and none is left in validation or held-out
+        assert c.split == "train" or not _windows(c.token_ids, 16) & train, c
+    assert {c.context_id for c in kept_all} - {c.context_id for c in kept} == set(shared)
+    assert sum(dropped.values()) == len(shared) and set(dropped) == {"validation", "heldout"}
+    # Train contexts and every id are untouched; resume, shards and stop agree with the full pass.
+    assert [c for c in kept_all if c.split == "train"] == [c for c in kept if c.split == "train"]
+    assert list(iter_contexts(cs, lm.tokenizer, splits=all_splits, start=9)) == [c for c in kept if c.context_id >= 9]
+    assert list(iter_contexts(cs, lm.tokenizer, splits=all_splits, shard=(1, 2))) == [
+        c for c in kept if c.context_id % 2 == 1]
+    stop = kept[-1].context_id // 2
+    short = list(iter_contexts(cs, lm.tokenizer, splits=all_splits, stop=stop))
+    assert short and all(c.context_id < stop for c in short)
+
+
+def test_span_table_finds_exactly_the_shared_windows() -> None:
+    from explainer.near_dups import SpanTable, span_hashes
+
+    t = SpanTable(4)
+    t.add(list(range(100, 120)))
+    assert t.shares([1, 2, 105, 106, 107, 108, 3]) and not t.shares([105, 106, 107, 109])
+    assert not t.shares([1, 2, 3]) and len(t) == 17
+    assert len(set(span_hashes(list(range(5000)), 16).tolist())) == 4985
+
+
+def test_sample_records_how_many_near_duplicates_it_dropped(tiny_lm: Path, tmp_path: Path) -> None:
+    from explainer import store
+    from explainer.cli import main
+    from tests.test_sample import make_sae
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _dup_corpus(corpus, CorpusSettings(source=str(corpus), validation_fraction=0.2, heldout_fraction=0.2))
+    db, sae = tmp_path / "x.duckdb", make_sae(tmp_path / "sae")
+    assert main(["sample", "--model", str(tiny_lm), "--layer", "1", "--corpus", str(corpus), "--ctx-len", "64",
+                 "--sae", str(sae), "--db", str(db), "--set", "sample.tokens=6400", "--set", "sample.n_top=3",
+                 "--set", "corpus.validation_fraction=0.2", "--set", "corpus.heldout_fraction=0.2", "--json"]) == 0
+    with store.connect(db) as con:
+        (result,) = con.execute("SELECT result FROM runs WHERE stage = 'sample' AND status = 'done'").fetchone()
+    dropped = json.loads(result)["near_duplicates_dropped"]
+    assert dropped.get("heldout", 0) >= 2 and dropped.get("validation", 0) >= 1 and "train" not in dropped
