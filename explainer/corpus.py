@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
+
 from explainer import corpus_read
 from explainer.errors import ExplainerError
 from explainer.near_dups import SpanTable
@@ -123,10 +125,31 @@ class Documents:
     """A corpus's (doc_id, text) pairs, read afresh from the source on every iteration.
 
     Files are streamed (see corpus_read), so memory stays bounded by one document however
-    large the corpus; iterate it as often as needed. Empty documents are skipped."""
+    large the corpus; iterate it as often as needed. Empty documents are skipped.
+
+    Token ids are kept for the first CACHED_TOKENS tokens of one tokenizer, so the passes a
+    run makes over the same prefix (the sampler's plan, the near-duplicate table, the
+    sampling itself) tokenize it once."""
+
+    CACHED_TOKENS = 16_000_000  # 64 MB of int32
 
     def __init__(self, source: str, make: Callable[[], Iterable[tuple[str, str]]]) -> None:
         self.source, self._make = source, make
+        self._tokenizer: Any = None
+        self._ids: dict[str, np.ndarray] = {}
+        self._n_cached = 0
+
+    def token_ids(self, tokenizer: Any, doc_id: str, text: str) -> list[int]:
+        if tokenizer is not self._tokenizer:
+            self._tokenizer, self._ids, self._n_cached = tokenizer, {}, 0
+        got = self._ids.get(doc_id)
+        if got is not None:
+            return got.tolist()
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self._n_cached + len(ids) <= self.CACHED_TOKENS:
+            self._ids[doc_id] = np.asarray(ids, dtype=np.int64 if ids and max(ids) >= 2**31 else np.int32)
+            self._n_cached += len(ids)
+        return ids
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return ((d, t) for d, t in self._make() if t.strip())
@@ -195,7 +218,8 @@ def _packed(settings: CorpusSettings, tokenizer: Any, docs: Iterable[tuple[str, 
         if stop is not None and next_id >= stop:
             return
         split = split_of(doc_id, settings)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+        ids = (docs.token_ids(tokenizer, doc_id, text) if isinstance(docs, Documents)
+               else tokenizer(text, add_special_tokens=False)["input_ids"]) + sep
         buf = buffers[split]
         if first_doc[split] is None:
             first_doc[split] = doc_id
@@ -216,7 +240,7 @@ def _packed(settings: CorpusSettings, tokenizer: Any, docs: Iterable[tuple[str, 
 def train_spans(settings: CorpusSettings, tokenizer: Any, docs: Iterable[tuple[str, str]],
                 stop: Optional[int]) -> SpanTable:
     """Hashed dedup_span-token spans of every train context below `stop` (the whole split if None)."""
-    table = SpanTable(settings.dedup_span)
+    table = SpanTable(settings.dedup_span, getattr(tokenizer, "eos_token_id", None))
     for _, _, split, ids in _packed(settings, tokenizer, docs, stop):
         if split == "train":
             table.add(ids)
@@ -240,7 +264,8 @@ def iter_contexts(
     ids with id % n == i; ids from `stop` on are never read.
 
     A validation or held-out context that shares a settings.dedup_span-token span with any
-    train context below `stop` (the whole train split without one) is skipped, and counted
+    train context below `stop` (the whole train split without one; spans across a document
+    boundary do not count, see near_dups.SpanTable) is skipped, and counted
     per split in `dropped`; its id stays taken, so train ids, resumes and shards agree
     whatever the setting. Passing `stop` also bounds that first pass over the corpus.
     """

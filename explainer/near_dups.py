@@ -9,7 +9,7 @@ drops one extra context. The table is a sorted uint64 array: 8 bytes per train t
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -18,8 +18,9 @@ _MULT = np.random.default_rng(0x5EED).integers(1, 2**63, size=4096, dtype=np.uin
 _COMPACT = 1 << 20  # merge pending hashes into the table every ~1M spans, so duplicates never pile up
 
 
-def span_hashes(ids: Sequence[int], n: int) -> np.ndarray:
-    """uint64 hash of every window of n consecutive token ids (empty when fewer than n)."""
+def span_hashes(ids: Sequence[int], n: int, boundary: Optional[int] = None) -> np.ndarray:
+    """uint64 hash of every window of n consecutive token ids (empty when fewer than n),
+    leaving out windows that hold the `boundary` token (the end-of-document separator)."""
     a = np.asarray(ids, dtype=np.uint64)
     if n < 1 or len(a) < n or n > len(_MULT):
         return np.zeros(0, np.uint64)
@@ -28,20 +29,26 @@ def span_hashes(ids: Sequence[int], n: int) -> np.ndarray:
         h ^= h >> np.uint64(31)
         h *= np.uint64(0x9E3779B97F4A7C15)
         h ^= h >> np.uint64(29)
+    if boundary is not None:
+        h = h[~sliding_window_view(a == np.uint64(boundary), n).any(axis=1)]
     return h
 
 
 class SpanTable:
-    """The set of n-token spans of the contexts added; `shares` asks if a context holds one."""
+    """The set of n-token spans of the contexts added; `shares` asks if a context holds one.
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    Spans across a document boundary are left out: a copied passage lies inside one document,
+    while the end of one and the start of the next ("_Exeunt_" then "### SCENE II." in the
+    plays) repeat by format alone, and matching them would strip held-out of every scene break."""
+
+    def __init__(self, n: int, boundary: Optional[int] = None) -> None:
+        self.n, self.boundary = n, boundary
         self.table = np.zeros(0, np.uint64)
         self._pending: list[np.ndarray] = []
         self._n_pending = 0
 
     def add(self, ids: Sequence[int]) -> None:
-        h = span_hashes(ids, self.n)
+        h = span_hashes(ids, self.n, self.boundary)
         self._pending.append(h)
         self._n_pending += len(h)
         if self._n_pending >= _COMPACT:
@@ -54,7 +61,7 @@ class SpanTable:
 
     def shares(self, ids: Sequence[int]) -> bool:
         self._compact()
-        h = span_hashes(ids, self.n)
+        h = span_hashes(ids, self.n, self.boundary)
         if not len(h) or not len(self.table):
             return False
         i = np.minimum(np.searchsorted(self.table, h), len(self.table) - 1)

@@ -226,8 +226,9 @@ def _doc_named(prefix: str, split: str, cs: CorpusSettings) -> str:
     return next(f"{prefix}{i}.txt" for i in range(1000) if split_of(f"{prefix}{i}.txt", cs) == split)
 
 
-def _windows(ids: list[int], n: int) -> set[tuple[int, ...]]:
-    return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+def _windows(ids: list[int], n: int, boundary: int = 2) -> set[tuple[int, ...]]:
+    """Windows inside one document (the tiny tokenizer's EOS, the separator, is id 2)."""
+    return {w for i in range(len(ids) - n + 1) if boundary not in (w := tuple(ids[i : i + n]))}
 
 
 def _dup_corpus(folder: Path, cs: CorpusSettings) -> None:
@@ -278,6 +279,10 @@ def test_span_table_finds_exactly_the_shared_windows() -> None:
     assert t.shares([1, 2, 105, 106, 107, 108, 3]) and not t.shares([105, 106, 107, 109])
     assert not t.shares([1, 2, 3]) and len(t) == 17
     assert len(set(span_hashes(list(range(5000)), 16).tolist())) == 4985
+    # A span across a document boundary (the separator token) is format, not a copied passage.
+    b = SpanTable(4, boundary=0)
+    b.add([100, 101, 0, 102, 103, 104, 105])
+    assert len(b) == 1 and b.shares([9, 102, 103, 104, 105]) and not b.shares([101, 0, 102, 103])
 
 
 def test_sample_records_how_many_near_duplicates_it_dropped(tiny_lm: Path, tmp_path: Path) -> None:
