@@ -137,6 +137,16 @@ def _text_of(rec: Any, field: str, where: str) -> str:
     text = rec[field]
     if not isinstance(text, str):
         raise ExplainerError(f"{where}: field {field!r} is {_kind(text)}, not a string; fix the record or pass --text-field")
+    return _encodable(text, where)
+
+
+def _encodable(text: str, where: str) -> str:
+    """JSON's \\ud800 escapes decode to lone surrogates, which the tokenizer rejects with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ExplainerError(f"{where}: the text holds a lone surrogate ({text[e.start:e.end]!a}), which is not "
+                             "Unicode text; fix the record") from None
     return text
 
 
@@ -194,7 +204,7 @@ def parquet(path: Path, field: str) -> Iterator[Doc]:
                     raise ExplainerError(f"corpus file {shown} row {row}: column {field!r} is {_kind(text)}, "
                                          "not a string; fix the row or pass --text-field")
                 if text.strip():
-                    yield from _pieces(f"{path.name}#{row}", text)
+                    yield from _pieces(f"{path.name}#{row}", _encodable(text, f"corpus file {shown} row {row}"))
                 row += 1
     except (pa.ArrowException, OSError, ValueError) as e:
         raise ExplainerError(f"corpus file {shown} is damaged near row {row} ({str(e)[:160]}); "

@@ -301,3 +301,11 @@ def test_sample_records_how_many_near_duplicates_it_dropped(tiny_lm: Path, tmp_p
         (result,) = con.execute("SELECT result FROM runs WHERE stage = 'sample' AND status = 'done'").fetchone()
     dropped = json.loads(result)["near_duplicates_dropped"]
     assert dropped.get("heldout", 0) >= 2 and dropped.get("validation", 0) >= 1 and "train" not in dropped
+
+
+def test_lone_surrogate_in_jsonl_is_an_error_not_a_tokenizer_crash(tiny_lm: Path, tmp_path: Path) -> None:
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "king queen"}\n{"text": "king \\ud800 queen"}\n')
+    lm = load_model(ModelSettings(name=str(tiny_lm), layer=0))
+    with pytest.raises(ExplainerError, match=rf"{f} line 2: the text holds a lone surrogate"):
+        list(iter_contexts(CorpusSettings(source=str(f), ctx_len=4), lm.tokenizer, splits=("train", "heldout")))
