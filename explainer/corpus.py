@@ -136,18 +136,19 @@ class Documents:
     def __init__(self, source: str, make: Callable[[], Iterable[tuple[str, str]]]) -> None:
         self.source, self._make = source, make
         self._tokenizer: Any = None
-        self._ids: dict[str, np.ndarray] = {}
+        self._ids: dict[tuple[str, int], np.ndarray] = {}
         self._n_cached = 0
 
     def token_ids(self, tokenizer: Any, doc_id: str, text: str) -> list[int]:
         if tokenizer is not self._tokenizer:
             self._tokenizer, self._ids, self._n_cached = tokenizer, {}, 0
-        got = self._ids.get(doc_id)
+        key = (doc_id, hash(text))  # the text too: nothing promises a source's ids are unique
+        got = self._ids.get(key)
         if got is not None:
             return got.tolist()
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if self._n_cached + len(ids) <= self.CACHED_TOKENS:
-            self._ids[doc_id] = np.asarray(ids, dtype=np.int64 if ids and max(ids) >= 2**31 else np.int32)
+            self._ids[key] = np.asarray(ids, dtype=np.int64 if ids and max(ids) >= 2**31 else np.int32)
             self._n_cached += len(ids)
         return ids
 
