@@ -1,9 +1,11 @@
 """Planted-feature benchmark and n-gram throughput.
 
-    python bench/planted.py [--db runs/planted.duckdb] [--tokens 200000] [--scale 2048]
+    python bench/planted.py [--db runs/planted.duckdb] [--tokens 200000] [--base-url URL --model NAME] [--scale 2048]
 
 1. Runs the planted benchmark (explainer.planted.run_planted) on the default corpus with the
-   default model's tokenizer and prints per-latent scores and the summary.
+   default model's tokenizer and prints per-latent scores, a per-class table (the n-gram on
+   its own simulator; with --base-url, the LLM simulator's scores of the n-gram's and the
+   LLM's explanations beside it) and the summary.
 2. With --scale N, times the n-gram explainer and scorer on N synthetic latents written
    beside the planted dictionary: each fires on one frequent token (magnitude 1-2) plus
    random noise tokens, with the sampler's example counts per split (20 top, 20 quantile,
@@ -89,11 +91,13 @@ def main() -> None:
     ap.add_argument("--db", type=Path, default=Path("runs/planted.duckdb"))
     ap.add_argument("--tokens", type=int, default=200_000, help="corpus tokens to sample")
     ap.add_argument("--scale", type=int, default=0, help="also time the n-gram explainer on this many latents")
+    ap.add_argument("--base-url", default=None, help="also explain and simulate with this OpenAI-compatible endpoint")
+    ap.add_argument("--model", default=None, help="the endpoint's model name (llm.model)")
     args = ap.parse_args()
 
-    settings = Settings(sample={"tokens": args.tokens})
+    settings = Settings(sample={"tokens": args.tokens}, llm={"model": args.model} if args.model else {})
     t0 = time.perf_counter()
-    res = run_planted(args.db, settings)
+    res = run_planted(args.db, settings, base_url=args.base_url)
     print(f"planted benchmark: {time.perf_counter() - t0:.1f} s ({res.n_tokens:,} tokens, contexts {res.n_contexts})")
     print(f"{'latent':>6} {'feature':<14} {'category':<11} {'score':>6} {'prec':>5} {'rec':>5}  explanation")
     for r in res.rows:
@@ -101,6 +105,11 @@ def main() -> None:
         pr = "-" if r.precision is None else f"{r.precision:.2f}"
         rc = "-" if r.recall is None else f"{r.recall:.2f}"
         print(f"{r.latent:>6} {r.feature:<14} {r.category:<11} {sc:>6} {pr:>5} {rc:>5}  {r.explanation}")
+    print("\nper feature class: mean held-out simulation (n = latents with a score)")
+    print(f"{'class':<11} {'latents':>7} {'ngram':>6} {'>=0.7':>5} {'ngram/LLM sim':>14} {'LLM/LLM sim':>12}")
+    for c in res.by_class():
+        cells = [f"{c[k]:.3f} ({c[k + ' n']})" if c[k] is not None else "-" for k in ("ngram, LLM sim", "llm, LLM sim")]
+        print(f"{c['class']:<11} {c['latents']:>7} {c['ngram']:>6.3f} {c['ngram good']:>5} {cells[0]:>14} {cells[1]:>12}")
     print(json.dumps(res.summary(), indent=1, default=str))
 
     if args.scale:

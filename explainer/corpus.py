@@ -15,12 +15,14 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
+
+from explainer import corpus_read
 from explainer.errors import ExplainerError
+from explainer.near_dups import SpanTable
 from explainer.settings import CorpusSettings, cache_dir
-
-TEXT_SUFFIXES = (".txt", ".md", ".rst")
 
 
 @dataclass(frozen=True)
@@ -119,40 +121,66 @@ def _parse_docstrings(root: Path, files: list[Path]) -> list[tuple[str, str]]:
     return docs
 
 
-def _paragraph_docs(name: str, text: str, min_chars: int = 2000) -> list[tuple[str, str]]:
-    """A single text file becomes documents of whole paragraphs, so it can still be split."""
-    docs, cur = [], []
-    size = 0
-    for para in text.split("\n\n"):
-        cur.append(para)
-        size += len(para)
-        if size >= min_chars:
-            docs.append((f"{name}#{len(docs)}", "\n\n".join(cur)))
-            cur, size = [], 0
-    if cur and "".join(cur).strip():
-        docs.append((f"{name}#{len(docs)}", "\n\n".join(cur)))
-    return docs
+class Documents:
+    """A corpus's (doc_id, text) pairs, read afresh from the source on every iteration.
+
+    Files are streamed (see corpus_read), so memory stays bounded by one document however
+    large the corpus; iterate it as often as needed. Empty documents are skipped.
+
+    Token ids are kept for the first CACHED_TOKENS tokens of one tokenizer, so the passes a
+    run makes over the same prefix (the sampler's plan, the near-duplicate table, the
+    sampling itself) tokenize it once."""
+
+    CACHED_TOKENS = 16_000_000  # 64 MB of int32
+
+    def __init__(self, source: str, make: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        self.source, self._make = source, make
+        self._tokenizer: Any = None
+        self._ids: dict[tuple[str, int], np.ndarray] = {}
+        self._n_cached = 0
+
+    def token_ids(self, tokenizer: Any, doc_id: str, text: str) -> list[int]:
+        if tokenizer is not self._tokenizer:
+            self._tokenizer, self._ids, self._n_cached = tokenizer, {}, 0
+        key = (doc_id, hash(text))  # the text too: nothing promises a source's ids are unique
+        got = self._ids.get(key)
+        if got is not None:
+            return got.tolist()
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self._n_cached + len(ids) <= self.CACHED_TOKENS:
+            self._ids[key] = np.asarray(ids, dtype=np.int64 if ids and max(ids) >= 2**31 else np.int32)
+            self._n_cached += len(ids)
+        return ids
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return ((d, t) for d, t in self._make() if t.strip())
+
+    def __repr__(self) -> str:
+        return f"Documents({self.source!r})"
 
 
-def _records_docs(name: str, records: Iterable[dict], field: str) -> list[tuple[str, str]]:
-    docs = []
-    for i, rec in enumerate(records):
-        if field not in rec:
-            keys = ", ".join(sorted(rec)[:8])
-            raise ExplainerError(f"{name} record {i} has no field {field!r} (it has: {keys}); pass --text-field")
-        text = rec[field]
-        if isinstance(text, str) and text.strip():
-            docs.append((f"{name}#{i}", text))
-    return docs
+def _file_docs(path: Path, field: str) -> Callable[[], Iterable[tuple[str, str]]]:
+    if path.is_dir():
+        return lambda: corpus_read.folder(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return lambda: corpus_read.jsonl(path, field)
+    if suffix == ".parquet":
+        return lambda: corpus_read.parquet(path, field)
+    return lambda: corpus_read.text_file(path, path.name)
 
 
-def load_documents(settings: CorpusSettings) -> list[tuple[str, str]]:
-    """All (doc_id, text) pairs of the source, in a deterministic order that mixes sources."""
+def load_documents(settings: CorpusSettings) -> Documents:
+    """All (doc_id, text) pairs of the source, in a deterministic order that mixes sources.
+
+    Fails here if the source is missing or holds no text; a bad record further in fails,
+    naming its file and line, when an iteration reaches it."""
     src = settings.source
     if src == "builtin":
         docs = _shakespeare() + _docstrings()
         # Interleave prose and technical text so any prefix of the stream holds both.
         docs.sort(key=lambda d: _unit_hash("order", d[0]))
+        out = Documents(src, lambda: docs)
     elif src.startswith("hf:"):
         try:
             import datasets
@@ -164,70 +192,35 @@ def load_documents(settings: CorpusSettings) -> list[tuple[str, str]]:
             raise ExplainerError(f"--corpus {src}: cannot load a datasets dataset from disk: {e}") from None
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[next(iter(ds))]
-        docs = _records_docs(src, ds, settings.text_field)
+        out = Documents(src, lambda: corpus_read.records(src, ds, settings.text_field))
     else:
         path = Path(src).expanduser()
         if not path.exists():
             raise ExplainerError(f"corpus {src} not found (pass a file, a folder, hf:PATH, or builtin)")
-        try:
-            if path.is_dir():
-                files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
-                docs = [(p.relative_to(path).as_posix(), p.read_text(encoding="utf-8")) for p in files]
-            elif path.suffix == ".jsonl":
-                with path.open(encoding="utf-8") as f:
-                    recs = [json.loads(line) for line in f if line.strip()]
-                docs = _records_docs(path.name, recs, settings.text_field)
-            elif path.suffix == ".parquet":
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(path)
-                if settings.text_field not in table.column_names:
-                    raise ExplainerError(
-                        f"{src} has no column {settings.text_field!r} "
-                        f"(columns: {', '.join(table.column_names)}); pass --text-field"
-                    )
-                texts = table.column(settings.text_field).to_pylist()
-                docs = [(f"{path.name}#{i}", t) for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
-            else:
-                docs = _paragraph_docs(path.name, path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise ExplainerError(f"corpus {src} is not UTF-8 text ({e}); convert it or pass another --corpus") from None
-        except json.JSONDecodeError as e:
-            raise ExplainerError(f"corpus {src} is not valid JSONL ({e})") from None
-    docs = [(d, t) for d, t in docs if t.strip()]
-    if not docs:
+        out = Documents(src, _file_docs(path, settings.text_field))
+    if next(iter(out), None) is None:
         raise ExplainerError(f"corpus {src} holds no text (pass a corpus with at least one non-empty document)")
-    return docs
+    return out
 
 
 # --- packing -------------------------------------------------------------------------------
 
 
-def iter_contexts(
-    settings: CorpusSettings,
-    tokenizer: Any,
-    splits: Iterable[str] = ("train",),
-    start: int = 0,
-    shard: tuple[int, int] = (0, 1),
-    documents: Optional[list[tuple[str, str]]] = None,
-) -> Iterator[Context]:
-    """Yield contexts of exactly ctx_len tokens, in global id order, from the chosen splits.
-
-    Documents of one split are concatenated (separated by EOS) and cut into windows, so a
-    window never mixes splits. `start` skips ids below it (resume); `shard=(i, n)` keeps
-    ids with id % n == i.
-    """
-    wanted = set(splits)
-    docs = documents if documents is not None else load_documents(settings)
+def _packed(settings: CorpusSettings, tokenizer: Any, docs: Iterable[tuple[str, str]],
+            stop: Optional[int]) -> Iterator[tuple[int, str, str, list[int]]]:
+    """(context id, first doc id, split, token ids) of every context below `stop`, in id order.
+    The token list is reused: copy it before the next step."""
     n = settings.ctx_len
     sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
     buffers: dict[str, list[int]] = {"train": [], "validation": [], "heldout": []}
     first_doc: dict[str, Optional[str]] = {s: None for s in buffers}
     next_id = 0
-    i_shard, n_shard = shard
     for doc_id, text in docs:
+        if stop is not None and next_id >= stop:
+            return
         split = split_of(doc_id, settings)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+        ids = (docs.token_ids(tokenizer, doc_id, text) if isinstance(docs, Documents)
+               else tokenizer(text, add_special_tokens=False)["input_ids"]) + sep
         buf = buffers[split]
         if first_doc[split] is None:
             first_doc[split] = doc_id
@@ -238,14 +231,60 @@ def iter_contexts(
             pos += take
             cid = next_id
             next_id += 1
-            if split in wanted and cid >= start and cid % n_shard == i_shard:
-                yield Context(cid, first_doc[split] or doc_id, split, list(buf))
+            if stop is None or cid < stop:
+                yield cid, first_doc[split] or doc_id, split, buf
             buf.clear()
             first_doc[split] = doc_id if pos < len(ids) else None
         buf.extend(ids[pos:])
 
 
-def count_contexts(settings: CorpusSettings, tokenizer: Any, documents: Optional[list[tuple[str, str]]] = None) -> dict[str, int]:
+def train_spans(settings: CorpusSettings, tokenizer: Any, docs: Iterable[tuple[str, str]],
+                stop: Optional[int]) -> SpanTable:
+    """Hashed dedup_span-token spans of every train context below `stop` (the whole split if None)."""
+    table = SpanTable(settings.dedup_span, getattr(tokenizer, "eos_token_id", None))
+    for _, _, split, ids in _packed(settings, tokenizer, docs, stop):
+        if split == "train":
+            table.add(ids)
+    return table
+
+
+def iter_contexts(
+    settings: CorpusSettings,
+    tokenizer: Any,
+    splits: Iterable[str] = ("train",),
+    start: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    documents: Optional[Iterable[tuple[str, str]]] = None,
+    stop: Optional[int] = None,
+    dropped: Optional[dict[str, int]] = None,
+) -> Iterator[Context]:
+    """Yield contexts of exactly ctx_len tokens, in global id order, from the chosen splits.
+
+    Documents of one split are concatenated (separated by EOS) and cut into windows, so a
+    window never mixes splits. `start` skips ids below it (resume); `shard=(i, n)` keeps
+    ids with id % n == i; ids from `stop` on are never read.
+
+    A validation or held-out context that shares a settings.dedup_span-token span with any
+    train context below `stop` (the whole train split without one; spans across a document
+    boundary do not count, see near_dups.SpanTable) is skipped, and counted
+    per split in `dropped`; its id stays taken, so train ids, resumes and shards agree
+    whatever the setting. Passing `stop` also bounds that first pass over the corpus.
+    """
+    wanted = set(splits)
+    docs = documents if documents is not None else load_documents(settings)
+    spans = train_spans(settings, tokenizer, docs, stop) if settings.dedup_span and wanted - {"train"} else None
+    i_shard, n_shard = shard
+    for cid, doc_id, split, ids in _packed(settings, tokenizer, docs, stop):
+        if split not in wanted or cid < start or cid % n_shard != i_shard:
+            continue
+        if spans is not None and split != "train" and spans.shares(ids):
+            if dropped is not None:
+                dropped[split] = dropped.get(split, 0) + 1
+            continue
+        yield Context(cid, doc_id, split, list(ids))
+
+
+def count_contexts(settings: CorpusSettings, tokenizer: Any, documents: Optional[Iterable[tuple[str, str]]] = None) -> dict[str, int]:
     """How many contexts each split yields (tokenizes the whole corpus)."""
     counts = {"train": 0, "validation": 0, "heldout": 0}
     for c in iter_contexts(settings, tokenizer, splits=counts.keys(), documents=documents):

@@ -14,10 +14,8 @@ token: exact as long as no token fires all n features, which the model checks pe
 from __future__ import annotations
 
 import json
-import re
-import string
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,92 +24,10 @@ import torch
 
 from explainer.errors import ExplainerError
 from explainer.metrics import auroc
-
-Strings = np.ndarray  # [B, T] of str
-FeatureFn = Callable[[Strings], np.ndarray]
-
-
-@dataclass(frozen=True)
-class Feature:
-    name: str
-    category: str  # token | bigram | next-token | graded | case | class | context
-    truth: str  # the correct explanation in words
-    fn: FeatureFn = field(repr=False)
-
-
-def _prev(s: Strings, k: int = 1) -> Strings:
-    out = np.full(s.shape, "", dtype=object)
-    out[:, k:] = s[:, :-k]
-    return out
-
-
-def per_string(f: Callable[[str], float]) -> FeatureFn:
-    """A feature of the token alone, computed once per distinct string in the batch."""
-
-    def fn(s: Strings) -> np.ndarray:
-        uniq, inv = np.unique(s.astype(str), return_inverse=True)
-        return np.array([f(u) for u in uniq], dtype=np.float32)[inv].reshape(s.shape)
-
-    return fn
-
-
-def token(tok: str, value: float = 1.0) -> FeatureFn:
-    return lambda s: np.where(s == tok, value, 0.0).astype(np.float32)
-
-
-def bigram(prev: str, tok: str, value: float = 1.0) -> FeatureFn:
-    return lambda s: np.where((_prev(s) == prev) & (s == tok), value, 0.0).astype(np.float32)
-
-
-def after(prev: str, value: float = 1.0) -> FeatureFn:
-    return lambda s: np.where(_prev(s) == prev, value, 0.0).astype(np.float32)
-
-
-def graded_bigram(prev: str, tok: str, low: float = 1.0, high: float = 3.0) -> FeatureFn:
-    return lambda s: np.where(s == tok, np.where(_prev(s) == prev, high, low), 0.0).astype(np.float32)
-
-
-def inside_quotes(quote: str = '"') -> FeatureFn:
-    """Tokens after an odd number of quote characters in the window, not themselves holding one."""
-
-    def fn(s: Strings) -> np.ndarray:
-        q = np.vectorize(lambda x: x.count(quote), otypes=[np.int64])(s) if s.size else np.zeros(s.shape, np.int64)
-        before = np.cumsum(q, axis=1) - q
-        return ((before % 2 == 1) & (q == 0)).astype(np.float32)
-
-    return fn
-
-
-def digit_value(x: str) -> float:
-    t = x.strip()
-    return 1.0 + int(t[-1]) / 9.0 if t.isdigit() and t.isascii() else 0.0
-
-
-def default_features() -> list[Feature]:
-    """Features for byte-level BPE tokenizers (SmolLM2, Gemma), on the builtin corpus."""
-    return [
-        Feature("the", "token", 'the token " the"', token(" the")),
-        Feature("king", "token", 'the token " king"', token(" king")),
-        Feature("love", "token", 'the token " love"', token(" love")),
-        Feature("question", "token", 'the token "?"', token("?")),
-        Feature("of_the", "bigram", '" the" right after " of"', bigram(" of", " the")),
-        Feature("comma_and", "bigram", '" and" right after ","', bigram(",", " and")),
-        Feature("after_my", "next-token", 'any token right after " my"', after(" my")),
-        Feature("line_start", "next-token", "the first token of a line (right after a newline)", after("\n")),
-        Feature("the_graded", "graded", '" the", three times stronger right after " of"', graded_bigram(" of", " the")),
-        Feature("the_any_case", "case", '"the" in any case, with or without a leading space',
-                per_string(lambda x: float(x.strip().lower() == "the"))),
-        Feature("digit", "class", "digits, stronger for larger digits", per_string(digit_value)),
-        Feature("capitalized", "class", "capitalised words (an upper-case letter, then lower case)",
-                per_string(lambda x: float(bool(re.fullmatch(r"[A-Z][a-z]+", x.strip()))))),
-        Feature("all_caps", "class", "all-capital words of two or more letters",
-                per_string(lambda x: float(bool(re.fullmatch(r"[A-Z]{2,}", x.strip()))))),
-        Feature("punctuation", "class", "punctuation-only tokens",
-                per_string(lambda x: float(bool(x.strip()) and all(c in string.punctuation for c in x.strip())))),
-        Feature("ing_suffix", "class", 'words ending in "ing"',
-                per_string(lambda x: float(x.strip().isalpha() and len(x.strip()) > 4 and x.strip().lower().endswith("ing")))),
-        Feature("in_quotes", "context", "tokens inside double quotes", inside_quotes('"')),
-    ]
+from explainer.planted_features import (  # noqa: F401  (the benchmark's public names)
+    ANIMALS, COLOURS, KINSHIP, NUMBER_WORDS, Feature, after, after_word, bigram, default_features, digit_value,
+    graded_bigram, inside_quotes, per_string, position, token, word_class,
+)
 
 
 class PlantedModel:
@@ -196,6 +112,7 @@ class LatentRow:
     train_score: Optional[float]
     llm_explanation: Optional[str] = None  # only with --base-url
     llm_simulation: Optional[float] = None  # the LLM simulator's score of llm_explanation (heldout)
+    ngram_llm_simulation: Optional[float] = None  # the LLM simulator's score of the n-gram's explanation (heldout)
 
 
 @dataclass
@@ -228,24 +145,44 @@ class PlantedResult:
     def table(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]
 
+    def by_class(self) -> list[dict[str, Any]]:
+        """Per feature class, mean held-out simulation of the n-gram explanation (n-gram simulator;
+        an unexplained latent counts 0) beside, with --base-url, the LLM simulator's scores of the
+        n-gram's and the LLM's explanations (mean over the latents scored, their count in n)."""
+        out = []
+        for cat in dict.fromkeys(r.category for r in self.rows):
+            rows = [r for r in self.rows if r.category == cat]
+            row: dict[str, Any] = {"class": cat, "latents": len(rows),
+                                   "ngram": _mean([r.score or 0.0 for r in rows]),
+                                   "ngram good": sum((r.score or 0.0) >= GOOD for r in rows)}
+            for key, attr in (("ngram, LLM sim", "ngram_llm_simulation"), ("llm, LLM sim", "llm_simulation")):
+                vals = [getattr(r, attr) for r in rows if getattr(r, attr) is not None]
+                row[key], row[f"{key} n"] = _mean(vals), len(vals)
+            out.append(row)
+        return out
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"db": self.db, "tokens": self.n_tokens, "planted latents": len(self.rows)}
         for ex, frac in self.fraction_good.items():
             out[f"{ex}: fraction with simulation >= {GOOD}"] = round(frac, 4)
         for s in self.separation:
             out[f"{s.explainer}/{s.scorer}({s.mode}): matched vs shuffled AUROC"] = s.auroc
-        by_cat: dict[str, list[float]] = {}
-        for r in self.rows:
-            by_cat.setdefault(r.category, []).append(r.score if r.score is not None else 0.0)
-        for cat, vals in by_cat.items():
-            out[f"ngram mean score, {cat} latents"] = round(float(np.mean(vals)), 4)
+        for c in self.by_class():
+            out[f"ngram mean score, {c['class']} latents"] = c["ngram"]
+            for key in ("ngram, LLM sim", "llm, LLM sim"):
+                if c[f"{key} n"]:
+                    out[f"{key.split(',')[0]} explanation, LLM simulator mean, {c['class']} latents"] = c[key]
         out["notes"] = "; ".join(self.notes) if self.notes else None
         out["seconds"] = round(self.wall_s, 1)
         return out
 
     def to_json(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k not in ("rows", "separation")},
-                "rows": self.table(), "separation": [asdict(s) for s in self.separation]}
+                "rows": self.table(), "separation": [asdict(s) for s in self.separation], "by_class": self.by_class()}
+
+
+def _mean(vals: list[float]) -> Optional[float]:
+    return round(float(np.mean(vals)), 4) if vals else None
 
 
 def _separation(explainer: str, scorer: str, mode: str, matched: list[float], shuffled: list[float]) -> Separation:
@@ -340,9 +277,11 @@ def _llm_stage(con: Any, dict_id: int, n: int, settings: Any, base_url: str, pro
             seps.append(_separation(explainer, scorer, mode, matched, shuffled))
             if scorer == "simulation":
                 fractions[f"{explainer}/{scorer}({mode})"] = float(np.mean([x >= GOOD for x in matched]))
-                if explainer == "llm":
-                    for r in rows:
+                for r in rows:
+                    if explainer == "llm":
                         r.llm_explanation, r.llm_simulation = texts.get(r.latent), got.get(r.latent)
+                    else:
+                        r.ngram_llm_simulation = got.get(r.latent)
     return fractions, seps, notes
 
 

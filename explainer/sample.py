@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import duckdb
 import torch
@@ -166,10 +166,12 @@ def summary_counts(state: SampleState) -> dict[str, int]:
 # --- run -------------------------------------------------------------------------------------
 
 
-def _plan(settings: Settings, tokenizer: Any, docs: list, limit: int, ss: SampleSettings) -> tuple[dict[str, int], list[str]]:
-    """Contexts per split among the first `limit`; a split that gets none is an error."""
+def _plan(settings: Settings, tokenizer: Any, docs: Iterable, limit: int, ss: SampleSettings,
+          dropped: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """Contexts per split among the first `limit`; a split that gets none is an error.
+    Fills `dropped` with the near-duplicates of train contexts left out per split."""
     counts = {s: 0 for s in SPLITS}
-    for c in iter_contexts(settings.corpus, tokenizer, splits=SPLITS, documents=docs):
+    for c in iter_contexts(settings.corpus, tokenizer, splits=SPLITS, documents=docs, stop=limit, dropped=dropped):
         if c.context_id >= limit:
             break
         counts[c.split] += 1
@@ -282,7 +284,8 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
         raise ExplainerError(f"sample.tokens={ss.tokens:,} is over 2^31 contexts of {T} tokens; lower --tokens")
     check_fits(sae, ss, T, subset, lm.device)
     docs = load_documents(settings.corpus)
-    counts, notes = _plan(settings, lm.tokenizer, docs, limit, ss)  # bad input fails before any delete
+    dropped: dict[str, int] = {}
+    counts, notes = _plan(settings, lm.tokenizer, docs, limit, ss, dropped)  # bad input fails before any delete
     warnings += notes
     db_file = _db_file(con)
     dict_row = con.execute(f"SELECT {', '.join(DICT_FIELDS)} FROM dictionaries WHERE id = ?", [dict_id]).fetchone()
@@ -350,7 +353,8 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
         with torch.inference_mode():
             batch: list[Context] = []
             n_batches = 0
-            for c in iter_contexts(settings.corpus, lm.tokenizer, splits=SPLITS, start=start, shard=shard, documents=docs):
+            for c in iter_contexts(settings.corpus, lm.tokenizer, splits=SPLITS, start=start, shard=shard, documents=docs,
+                                   stop=limit):
                 if c.context_id >= limit:
                     break
                 batch.append(c)
@@ -367,6 +371,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
                       "n_contexts": summary_counts(state), "n_tokens": int(state.n_tokens.sum()),
                       **({"n_outlier_tokens": state.meta.get("n_outlier_tokens", 0),
                           "outlier_positions": state.meta.get("outlier_positions", {})} if rule is not None else {}),
+                      "near_duplicates_dropped": dropped,
                       "tokens_per_s": (int(state.n_contexts.sum()) - done_before) * T / (time.perf_counter() - t_loop)}
             if shard[1] == 1:
                 with store.transaction(con):

@@ -98,6 +98,10 @@ class CorpusSettings(Section):
         0.1, ge=0, lt=1, description="fraction of documents reserved for the held-out split (final scores only)"
     )
     split_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the document-level split; keep it fixed across runs")
+    dedup_span: int = Field(
+        16, ge=0, le=2**16, description="drop validation/held-out contexts sharing a span of this many tokens with a train "
+        "context (near-duplicates, e.g. docstrings copied across stdlib modules); 0 keeps them"
+    )
 
 
 class TrainSettings(Section):

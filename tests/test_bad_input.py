@@ -592,3 +592,34 @@ def test_a_block_damaged_under_a_running_command_is_one_line(tmp_path: Path,
     msg = environment_message(err.value)
     assert msg is not None and "is damaged" in msg and "restore it from a copy" in msg and "\n" not in msg
     fails(["sql", "--db", db, "SELECT max(length(response::VARCHAR)) FROM llm_cache"], capsys, "Corrupt database file")
+
+
+# --- corpora: a bad record or file is one line naming the file and the line/row (issue 17.9) --------
+
+
+@pytest.mark.parametrize("name, content, fragments", [
+    ("c.jsonl", b'{"text": "the king speaks"}\n17\n', ("c.jsonl line 2 is a JSON int", "one JSON object per line")),
+    ("c.jsonl", b'{"text": "the king speaks"}\n["a"]\n', ("c.jsonl line 2 is a JSON list",)),
+    ("c.jsonl", b'{"text": "a"}\n{"text": 3}\n', ("c.jsonl line 2: field 'text' is a int, not a string",)),
+    ("c.parquet", b"PAR1 not really parquet PAR1", ("c.parquet is not a readable Parquet file",)),
+    ("c.txt", b"the king \xff\xfe speaks", ("c.txt is not UTF-8",)),
+])
+def test_bad_corpus_record_is_one_line_naming_file_and_line(tiny_lm: Path, tmp_path: Path, name: str,
+                                                            content: bytes, fragments: tuple[str, ...],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / name
+    corpus.write_bytes(content)
+    fails(train_args(tiny_lm, corpus, tmp_path / "sae"), capsys, str(corpus), *fragments)
+
+
+def test_bad_file_in_a_corpus_folder_is_named(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    folder = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, folder)
+    bad = folder / "aa" / "Bad.TXT"  # sorts first: a run reads only the prefix it needs
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x80\x81 latin-1 text")
+    fails(sample_args(tiny_lm, folder, make_sae(tmp_path / "sae"), tmp_path / "x.duckdb"), capsys,
+          f"corpus file {bad} is not UTF-8")

@@ -14,7 +14,8 @@ import torch
 from explainer import store
 from explainer.errors import ExplainerError
 from explainer.planted import (
-    Feature, PlantedModel, after, bigram, digit_value, inside_quotes, per_string, run_planted, token,
+    ANIMALS, COLOURS, KINSHIP, NUMBER_WORDS, Feature, PlantedModel, after, after_word, bigram, default_features,
+    digit_value, inside_quotes, per_string, position, run_planted, token, word_class,
 )
 from explainer.settings import Settings
 from tests.openai_server import llm_server  # noqa: F401
@@ -137,3 +138,69 @@ def test_llm_path_explains_and_checks_llm_scorers(tokenizer, tiny_corpus: Path, 
     # It also reads the n-gram's text ('fires on "king" (strong)'): the scorer is checked apart from the explainer.
     assert seps[("ngram", "simulation", "json")].auroc is not None
     assert res.rows[0].llm_explanation == 'the word "king"' and res.rows[0].llm_simulation == pytest.approx(1.0)
+
+
+# --- features outside the n-gram's hypothesis class ----------------------------------------------
+
+
+def test_word_class_position_and_long_range_features_fire_where_they_should() -> None:
+    s = np.array([[" Dog", "cat", " horse", "the", " HORSE", " catalog"]], dtype=object)
+    assert word_class(ANIMALS)(s).tolist() == [[1, 1, 1, 0, 1, 0]]
+    words = np.array([[" Red", " father", " twenty", " grey", " sister", " one"]], dtype=object)
+    assert word_class(COLOURS)(words).tolist() == [[1, 0, 0, 1, 0, 0]]
+    assert word_class(KINSHIP)(words).tolist() == [[0, 1, 0, 0, 1, 0]]
+    assert word_class(NUMBER_WORDS)(words).tolist() == [[0, 0, 1, 0, 0, 1]]
+    grid = np.full((2, 5), " x", dtype=object)
+    assert position(3)(grid).tolist() == [[3, 2, 1, 0, 0]] * 2
+    assert position(3)(grid[:, :2]).tolist() == [[3, 2]] * 2
+    text = np.array([[" I", " love", " you", " and", " Love", " me"],
+                     [" no", " trigger", " here", " at", " all", " ."],
+                     [" a", " b", " c", " d", " e", " love"]], dtype=object)
+    # Strictly after the first "love", however far; the trigger itself and earlier tokens do not fire.
+    assert after_word(("love",))(text).tolist() == [[0, 0, 1, 1, 1, 1], [0] * 6, [0] * 6]
+    assert inside_quotes('"')(np.array([[" a", ' "', " b", " c", '"', " d"]], dtype=object)).tolist() == [
+        [0, 0, 1, 1, 0, 0]]
+
+
+def test_default_features_cover_classes_beyond_ngrams() -> None:
+    feats = default_features()
+    assert len({f.name for f in feats}) == len(feats)
+    cats = Counter(f.category for f in feats)
+    assert cats["semantic"] == 4 and cats["position"] == 1 and cats["long-range"] == 1 and cats["context"] == 1
+    s = np.array([[" The", " dog", " of", " the", " red", " king", " loves", " love", " my", " father", " two",
+                   ' "', "Hello", " singing", "?", " 7"]], dtype=object)
+    acts = np.stack([f.fn(s) for f in feats], axis=-1)
+    assert acts.shape == (1, 16, len(feats)) and not (acts > 0).all(axis=-1).any()
+    fired = {f.name for i, f in enumerate(feats) if acts[0, :, i].any()}
+    assert {"animals", "colours", "kinship", "number_words", "first_tokens", "after_love"} <= fired
+
+
+WIDE = FEATURES + [
+    Feature("colours", "semantic", "colour words", word_class(("red", "blue", "green"))),
+    Feature("first", "position", "the first two tokens", position(2)),
+    Feature("after_love", "long-range", 'tokens after "love" appeared earlier', after_word(("love",))),
+]
+
+
+def test_benchmark_reports_ngram_and_llm_side_by_side_per_class(tokenizer, tiny_corpus: Path, db_path: Path,
+                                                                llm_server) -> None:
+    llm_server.responder = keyword_llm
+    s = settings(tiny_corpus)
+    s.llm.model = "test-model"
+    s.llm.backoff = 0.001
+    res = run_planted(db_path, s, base_url=llm_server.url, features=WIDE, tokenizer=tokenizer)
+    rows = {r.feature: r for r in res.rows}
+    # The identity dictionary reproduces the new features exactly: position fires in every context.
+    assert rows["first"].frequency == pytest.approx(2 / 16, abs=1e-6)
+    assert rows["king"].ngram_llm_simulation is not None
+    by = {c["class"]: c for c in res.by_class()}
+    assert set(by) == {"token", "bigram", "next-token", "class", "context", "semantic", "position", "long-range"}
+    for c in by.values():
+        assert c["ngram"] is not None and c["llm, LLM sim n"] + c["ngram, LLM sim n"] >= 1
+    assert by["token"]["ngram"] >= 0.9 and by["position"]["latents"] == 1
+    # The n-gram cannot state position or long-range context; it is far from its token-latent score there.
+    assert by["position"]["ngram"] < 0.9 and by["long-range"]["ngram"] < 0.9
+    summary = res.summary()
+    assert "ngram mean score, long-range latents" in summary
+    assert "llm explanation, LLM simulator mean, token latents" in summary
+    assert res.to_json()["by_class"] == res.by_class()
