@@ -66,7 +66,7 @@ def levels(sn: Snippet, max_act: float) -> list[int]:
 
 def explain_demos() -> list[Demo]:
     def ex(sn: Snippet, rank: int) -> Example:
-        return Example(sn.kind, rank, sn.max_act, sn.acts, sn.tokens)
+        return Example(sn.context_id, sn.kind, rank, sn.max_act, sn.tokens, sn.acts)
 
     return [(prompt_values([ex(s, i) for i, s in enumerate(UNITS_TRAIN)]) or {}, UNITS),
             (prompt_values([ex(s, i) for i, s in enumerate(PARENS_TRAIN)]) or {}, PARENS)]

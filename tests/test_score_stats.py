@@ -47,7 +47,7 @@ KIND_OF = {s.context_id: s.kind for s in SNIPPETS}
 
 
 def shown_snippets(req: Request) -> list[list[str]]:
-    return [json.loads(m.group(3)) for m in SIM_LINE.finditer(req.prompt_text())]
+    return [json.loads(m.group(3)) for m in SIM_LINE.finditer(req.question())]
 
 
 def simulator(scale: float = 4.0):
@@ -207,7 +207,7 @@ def test_ngram_and_llm_simulators_share_the_statistics(con, llm_server):
 
 
 def always_yes(req: Request) -> Reply:
-    return Reply.content(json.dumps({m.group(1): 1 for m in JUDGE_LINE.finditer(req.prompt_text())}))
+    return Reply.content(json.dumps({m.group(1): 1 for m in JUDGE_LINE.finditer(req.question())}))
 
 
 def test_always_yes_fuzzing_scores_half_not_three_fifths(con, llm_server):
@@ -232,7 +232,7 @@ def test_judge_interval_brackets_a_mixed_judge(con, llm_server):
     # Says yes exactly on Paris snippets: right on the top ones and every negative, wrong on Rome.
     def respond(req: Request) -> Reply:
         return Reply.content(json.dumps({m.group(1): int("Paris" in m.group(2))
-                                         for m in JUDGE_LINE.finditer(req.prompt_text())}))
+                                         for m in JUDGE_LINE.finditer(req.question())}))
 
     llm_server.responder = respond
     out = run_judge(con, llm_server, ScoreSettings(per_call=3), "detection", SNIPPETS)
