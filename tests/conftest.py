@@ -11,6 +11,13 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# CI replays the same generated cases every run (a failure there is reproducible from its log);
+# locally hypothesis keeps exploring. No deadline anywhere: the 2 shared cores make timings noise.
+hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+hypothesis_settings.register_profile("dev", deadline=None)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 # Set before any fixture imports transformers: huggingface_hub reads it at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -293,8 +293,11 @@ def test_a_second_run_on_the_same_out_fails_at_once(tiny_lm: Path, tiny_corpus: 
 
 def test_a_diverging_run_stops_with_one_line_instead_of_saving_nan(
         tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    settings = settings_for(tiny_lm, tiny_corpus, tmp_path / "sae")
+    # Settings refuse lr > 1, so the guard behind them is reached only by going around validation.
+    settings.train = settings.train.model_copy(update={"lr": 1e30})
     with pytest.raises(ExplainerError, match="diverged.*lower --lr"):
-        run(settings_for(tiny_lm, tiny_corpus, tmp_path / "sae", lr=1e30))
+        run(settings)
     assert not (tmp_path / "sae" / "cfg.json").exists()
 
 
