@@ -9,6 +9,7 @@ import dataclasses
 import json
 import re
 import sys
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -93,6 +94,10 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[d
     if not enabled:
         yield lambda _info: None
         return
+    if not err_console.is_terminal:
+        with _progress_lines(visible(description, keep="")) as update:
+            yield update
+        return
     # markup=False: descriptions and stats carry stage names and values, which are data.
     columns = [
         TextColumn("{task.description}", style="bold", markup=False),
@@ -120,6 +125,37 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[d
             prog.update(task, completed=done, total=total, stats=stats, count=count)
 
         yield update
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+@contextmanager
+def _progress_lines(description: str) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Progress for logs and pipes: a bar's redraws would be lost or garble a file, so one plain
+    line when a stage starts, every PROGRESS_EVERY_S, and the last state when it ends."""
+    last: dict[str, Any] = {"at": None, "line": None}
+
+    def line(info: dict[str, Any]) -> str:
+        done, total = info.get("done", info.get("tokens")), info.get("total")
+        count = f"{done:,.0f}/{total:,.0f}" if done is not None and total else (f"{done:,.0f}" if done is not None else "")
+        stage = f": {info['stage']}" if "stage" in info else ""
+        stats = "  ".join(f"{k}={_fmt(v)}" for k, v in info.items() if k not in ("done", "tokens", "total", "stage"))
+        return visible(f"{description}{stage} {count} {stats}".strip(), keep="")
+
+    def update(info: Any) -> None:
+        if not isinstance(info, dict):
+            info = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(info)
+        last["line"] = line(info)
+        now = time.monotonic()
+        if last["at"] is None or now - last["at"] >= PROGRESS_EVERY_S:
+            last["at"] = now
+            err_console.print(Text(last["line"]), soft_wrap=True)
+            last["line"] = None
+
+    yield update
+    if last["line"] is not None:
+        err_console.print(Text(last["line"]), soft_wrap=True)
 
 
 def show_latent(rec: Any) -> None:

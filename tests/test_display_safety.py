@@ -334,3 +334,20 @@ def test_browse_into_a_file_is_one_line(filled_db: Path, tmp_path: Path, capsys:
     assert main(["browse", "--db", str(filled_db), "--out", str(tmp_path / "afile"), "--json"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "afile" in err and "--out" in err
+
+
+def test_progress_is_a_line_every_30_s_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    """Logs and pipes get plain progress lines (first, one per PROGRESS_EVERY_S, last), never bar redraws."""
+    from explainer import ui
+
+    clock = [1000.0]
+    monkeypatch.setattr(ui.time, "monotonic", lambda: clock[0])
+    with ui.progress_bar("train") as update:
+        for step in range(1, 8):
+            update({"stage": "train", "tokens": step * 100, "total": 700, "fvu": 0.5, "note": "[bold]x\x1b"})
+            clock[0] += 10.0
+    err = capsys.readouterr().err.splitlines()
+    # updates at t=0..60 s: lines at 0, 30 and 60 s; the last update (t=60) was printed, so no extra final line
+    assert len(err) == 3, err
+    assert err[0].startswith("train: train 100/700") and "700/700" in err[-1]
+    assert "[bold]x\\x1b" in err[0] and "\x1b" not in "".join(err)
