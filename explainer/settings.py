@@ -108,7 +108,7 @@ class TrainSettings(Section):
     out: Path = Field(Path("runs/sae"), description="folder for the trained dictionary (SAELens layout)")
     n_latents: int = Field(4096, ge=2, le=2**48, description="dictionary width (number of latents)")
     k: int = Field(32, ge=1, le=2**24, description="active latents per token (TopK)")
-    tokens: int = Field(400_000, ge=1, le=2**50, description="training tokens to stream from the subject model (sized so `explainer run` takes ~10 min on 2 CPU cores)")
+    tokens: int = Field(400_000, ge=1, le=2**50, description="training tokens to stream from the subject model (sized so `explainer run` trains in ~4-9 min on 2 CPU cores, depending on the CPU)")
     batch_tokens: int = Field(
         4096, ge=1, le=2**26, description="tokens per optimizer step (rounded to whole contexts of ctx_len tokens)"
     )
