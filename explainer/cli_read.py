@@ -73,7 +73,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from explainer import query, store, ui
 
     with store.connect(_db(args), read_only=True) as con:
-        dict_id = store.dictionary_id(con, args.dict)
+        # Without --dict, search every dictionary (rows carry dict_id): refusing would make a user
+        # name one before knowing which holds the label they are looking for.
+        dict_id = store.dictionary_id(con, args.dict) if args.dict is not None else None
         found = query.search(con, args.query, dict_id=dict_id, limit=args.limit)
     ui.emit(found, as_json=args.json, title=f"explanations matching {args.query!r}")
     return 0

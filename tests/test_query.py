@@ -223,6 +223,11 @@ def test_every_read_verb_after_every_write_path(db_path: Path, tmp_path: Path,
                      "--set", "score.explanations=explainer = 'llm'"]) == 0
         assert main(["explain", *db, "--agent", "--set", "agent.explainer=ngram", "--set", "agent.candidates=2",
                      "--set", "agent.max_rounds=1"]) == 0
+        # The Batch API path writes through the same rows: explain and score latent 2 in one batch each.
+        batch = ["--batch", "--batch-poll", "0.001"]
+        assert main(["explain", *db, *llm, *batch, "--set", "explain.latents=2"]) == 0
+        assert main(["score", *db, *llm, *batch, "--set", "score.latents=2",
+                     "--set", "score.explanations=explainer = 'llm'"]) == 0
     capsys.readouterr()
     con = store.connect(db_path, read_only=True)
     try:
@@ -261,8 +266,31 @@ def test_every_read_verb_after_every_write_path(db_path: Path, tmp_path: Path,
         assert got and {r["simulator"] for r in got} == {"sim"}
     finally:
         con.close()
-    for verb in (["show", "0"], ["show", "1", "--json"], ["search", "sword"], ["status"],
+    con = store.connect(db_path, read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM llm_batches").fetchone()[0] == 2
+        assert con.execute("SELECT count(*) FROM scores s JOIN explanations e ON e.id = s.explanation_id "
+                           "WHERE e.latent = 2 AND e.explainer = 'llm' AND s.status = 'ok'").fetchone()[0] == 1
+    finally:
+        con.close()
+    for verb in (["show", "0"], ["show", "1", "--json"], ["show", "2"], ["search", "sword"], ["status"],
                  ["browse", "--out", str(tmp_path / "site2")], ["export", "--out", str(tmp_path / "exp2")],
                  ["sql", "SELECT * FROM labels"], ["sql", "SELECT * FROM explanation_scores"]):
+        assert main([verb[0], "--db", str(db_path), *verb[1:]]) == 0, verb
+    # A second dictionary in the same DB, explained and scored by the n-gram: every read verb still works,
+    # those that work on one dictionary with --dict.
+    con = store.connect(db_path)
+    with store.transaction(con):
+        d2 = store.register_dictionary(con, name="t2", path="-", model="m", hook="h", d_in=1, d_sae=len(LATENTS),
+                                       k=1, fingerprint="f2", config={})
+        for table in ("contexts", "latents", "examples"):
+            cols = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall() if r[0] != "dict_id"]
+            con.execute(f"INSERT INTO {table} (dict_id, {', '.join(cols)}) SELECT ?, {', '.join(cols)} "
+                        f"FROM {table} WHERE dict_id = 1", [d2])
+    con.close()
+    assert main(["explain", *db, "--dict", "t2", "--set", "explain.explainer=ngram"]) == 0
+    for verb in (["show", "0", "--dict", "t2"], ["show", "0", "--dict", "t"], ["search", "sword", "--dict", "t2"],
+                 ["search", "sword"], ["status"], ["browse", "--dict", "t2", "--out", str(tmp_path / "site3")],
+                 ["export", "--out", str(tmp_path / "exp3")], ["sql", "SELECT dict_id, count(*) FROM labels GROUP BY 1"]):
         assert main([verb[0], "--db", str(db_path), *verb[1:]]) == 0, verb
     capsys.readouterr()
