@@ -28,8 +28,8 @@ from explainer.metrics import BOOT_LEVEL, BOOT_N, classify, judge_stats
 from explainer.settings import ScoreSettings
 from explainer.simulate import (
     KINDS, Outcome, ScoreFailed, Snippet, SnippetResult, Spend, batches, gather_answers, json_params, parse_verdicts,
-    unique,
 )
+from explainer.examples import unique
 
 
 def _activating(snippets: Sequence[Snippet]) -> list[Snippet]:

@@ -63,18 +63,6 @@ LOGPROBS_END = "Activation:"
 Snippet = Example
 
 
-def unique(snippets: Sequence[Snippet]) -> list[Snippet]:
-    """First occurrence of each context: a random context can also be a top or non-activating one."""
-    seen: set[int] = set()
-    out = []
-    for x in snippets:
-        if x.context_id not in seen:
-            seen.add(x.context_id)
-            out.append(x)
-    return out
-
-
-
 @dataclass
 class SnippetResult:
     """What a scorer asked about one snippet and what the model said."""
