@@ -137,6 +137,7 @@ class Documents:
         self.source, self._make = source, make
         self._tokenizer: Any = None
         self._ids: dict[tuple[str, int], np.ndarray] = {}
+        self._span_tables: dict[tuple[str, int, Optional[int]], Any] = {}  # corpus.train_spans
         self._n_cached = 0
 
     def token_ids(self, tokenizer: Any, doc_id: str, text: str) -> list[int]:
@@ -240,11 +241,19 @@ def _packed(settings: CorpusSettings, tokenizer: Any, docs: Iterable[tuple[str, 
 
 def train_spans(settings: CorpusSettings, tokenizer: Any, docs: Iterable[tuple[str, str]],
                 stop: Optional[int]) -> SpanTable:
-    """Hashed dedup_span-token spans of every train context below `stop` (the whole split if None)."""
+    """Hashed dedup_span-token spans of every train context below `stop` (the whole split if None).
+
+    Kept on a Documents object per (settings, tokenizer, stop): a sample run reads the corpus
+    twice (plan, then stream) and would otherwise hash the whole train split twice."""
+    key = (settings.model_dump_json(), id(tokenizer), stop)
+    cache = docs._span_tables if isinstance(docs, Documents) else {}
+    if key in cache:
+        return cache[key]
     table = SpanTable(settings.dedup_span, getattr(tokenizer, "eos_token_id", None))
     for _, _, split, ids in _packed(settings, tokenizer, docs, stop):
         if split == "train":
             table.add(ids)
+    cache[key] = table
     return table
 
 
