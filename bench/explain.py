@@ -4,16 +4,21 @@
 
 For each concurrency: latents/min of `explain.run` on synthetic latents (10 top + 10
 quantile + 4 non-activating examples of 64 tokens each, as the defaults), LLM calls and
-prompt tokens per latent, and two ratios taken in the same run: against the bound
-concurrency / latency, and against the bare `openai` client posting the same number of
-calls at the same concurrency. The server runs in its own process so its threads do not
-take the GIL from the client. Target (docs/targets): >= 50% of the bound at 32.
+prompt tokens per latent (whitespace words), and two ratios taken in the same run: against
+the bound concurrency / latency, and against the bare `openai` client posting the same
+number of calls at the same concurrency. The server runs in its own process so its threads
+do not take the GIL from the client. Target (docs/targets): >= 50% of the bound at 32.
+Last, the rendered prompts themselves: SmolLM2 BPE tokens per prompt (if `explainer` has
+cached the model), the share that is the template's fixed worked examples, and the bytes of
+one Batch API line, which sets how many requests fit a batch file.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import random
 import subprocess
 import sys
@@ -21,13 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import duckdb
 import openai
 import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from explainer import explain, store  # noqa: E402
+from explainer import explain, prompts, store  # noqa: E402
 from explainer.settings import ExplainSettings, LLMSettings, Settings  # noqa: E402
 
 try:
@@ -98,6 +104,31 @@ async def bare_client(url: str, concurrency: int, n_calls: int) -> float:
     return 60 * n_calls / wall, 1000 * cpu / n_calls
 
 
+def prompt_sizes(con: duckdb.DuckDBPyConnection, dict_id: int, n: int) -> str:
+    """Mean BPE tokens and batch-line bytes of the first n latents' explain prompts."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = Path(base) / "explainer" / "models" / "smollm2" / "tokenizer.json"
+    tpl = prompts.load(ExplainSettings().template)
+    rendered = [m for _, m in explain._prepare(con, dict_id, list(range(n)), ExplainSettings(), tpl) if m]
+    # The body the Batch API line carries (batch_clients.Spool.add); custom_id is a 64-hex cache key.
+    size = sum(len(json.dumps({"custom_id": "0" * 64, "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"model": "gpt-4o-mini", "messages": m, "temperature": 0.0, "max_tokens": 300}},
+                              ensure_ascii=False, separators=(",", ":")).encode()) + 1 for m in rendered) / len(rendered)
+    out = f"rendered prompts ({len(rendered)} latents): {size / 1000:.1f} KB per batch line"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path))
+
+        def count(msgs: list[dict[str, str]]) -> int:  # ~4 tokens of chat template per message
+            return sum(len(tok.encode(m["content"]).ids) + 4 for m in msgs)
+
+        total = sum(count(m) for m in rendered) / len(rendered)
+        fixed = sum(count(m[:-1]) for m in rendered) / len(rendered)  # every turn before the last is the template's
+        out += f", {total:,.0f} SmolLM2 BPE tokens per prompt, of which {fixed:,.0f} precede the latent's own turn"
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency", type=float, default=0.2, help="seconds the server waits before each answer")
@@ -138,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
             res = explain.run(con, s, dict_id)
             print(f"cached rerun at {c}: {60 * res.ok / res.wall_s:.0f} latents/min, "
                   f"{res.cache_hits}/{res.calls} cache hits, {res.prompt_tokens} prompt tokens spent")
+            print(prompt_sizes(con, dict_id, min(64, sizes[c])))
             con.close()
     finally:
         proc.stdin.close()  # type: ignore[union-attr]

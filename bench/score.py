@@ -5,9 +5,10 @@ OpenAI-compatible server that answers every call validly after an injected laten
 
 A synthetic DB holds, per latent, per-kind held-out snippets of --ctx-len tokens and one
 explanation. Each scorer runs as `explainer score` would (score.run: the real openai client,
-the cache and the ledger). Prompt tokens are counted twice: as the server reports them
-(whitespace words, the test server's convention) and with a real BPE tokenizer (SmolLM2's
-tokenizer.json, if `explainer` has cached the model) over the exact request texts.
+the cache and the ledger). Prompt and completion tokens are counted twice: as the server
+reports them (whitespace words, the test server's convention) and with a real BPE tokenizer
+(SmolLM2's tokenizer.json, if `explainer` has cached the model) over the exact request texts
+and the answers the server gave.
 References printed beside: EleutherAI delphi's defaults (detection + fuzzing ~41 calls and
 ~40k prompt tokens per latent) and SAEBench's autointerp (2 calls per latent).
 """
@@ -72,7 +73,8 @@ SIM = re.compile(r"^Snippet (\d+) \((\d+) tokens\):", re.M)
 JUDGE = re.compile(r"^Snippet (\d+): ", re.M)
 
 
-def responder(lo: float, hi: float):
+def responder(lo: float, hi: float, answers: list[str]):
+    """Valid answers after a random delay; each answer's text goes into `answers` for BPE counts."""
     rng = random.Random(1)
 
     def slot(toks: list[str], i: int) -> dict[str, float]:
@@ -83,8 +85,10 @@ def responder(lo: float, hi: float):
     def answer(req: Request) -> Reply:
         delay = rng.uniform(lo, hi)
         if req.body.get("echo"):
+            answers.append("0")  # max_tokens=1: one generated token besides the echoed prompt
             return echo_reply(req, slot, delay=delay)
         if "prompt" in req.body or req.body.get("logprobs"):
+            answers.append("3")
             return Reply(kind="text", text="3", top_logprobs=[{"0": math.log(0.7), "3": math.log(0.2), "9": math.log(0.1)}],
                          delay=delay)
         text = req.question()  # earlier turns are the prompts' worked examples
@@ -93,7 +97,8 @@ def responder(lo: float, hi: float):
             body = {k: [rng.choice((0, 0, 0, 2, 7)) for _ in range(int(n))] for k, n in sims}
         else:
             body = {k: rng.randint(0, 1) for k in JUDGE.findall(text)}
-        return Reply(kind="text", text=json.dumps(body), delay=delay)
+        answers.append(json.dumps(body))
+        return Reply(kind="text", text=answers[-1], delay=delay)
 
     return answer
 
@@ -108,10 +113,12 @@ def load_tokenizer() -> Optional[Any]:
     return Tokenizer.from_file(str(path))
 
 
-def bpe_tokens(tok: Any, req: Request) -> int:
+def bpe_tokens(tok: Any, req: Request, fixed: bool = False) -> int:
+    """BPE tokens of a request; fixed: only the turns before the last (the template's worked examples)."""
     if "messages" in req.body:  # ~4 tokens of chat template per message
-        return sum(len(tok.encode(m["content"]).ids) + 4 for m in req.body["messages"])
-    return len(tok.encode(req.body["prompt"]).ids)
+        msgs = req.body["messages"][:-1] if fixed else req.body["messages"]
+        return sum(len(tok.encode(m["content"]).ids) + 4 for m in msgs)
+    return 0 if fixed else len(tok.encode(req.body["prompt"]).ids)
 
 
 def main() -> None:
@@ -134,14 +141,16 @@ def main() -> None:
           f"{args.ctx_len} tokens; {args.per_call} snippets per call; latency {args.latency[0]}-{args.latency[1]} s; "
           f"concurrency {args.concurrency}")
     print(f"# prompt tokens: server = whitespace words; bpe = "
-          f"{'SmolLM2 tokenizer over the request texts' if tok else 'n/a (SmolLM2 not cached)'}")
+          f"{'SmolLM2 tokenizer over the request texts' if tok else 'n/a (SmolLM2 not cached)'}; "
+          f"fixed = bpe of the chat turns before the last (system + worked examples, the same in every call)")
     header = f"{'scorer':<26}{'latents':>8}{'snippets':>9}{'calls/lat':>10}{'prompt tok/lat (server)':>25}" \
-             f"{'(bpe)':>9}{'compl tok/lat':>14}{'wall s/lat':>11}{'failed':>7}"
+             f"{'(bpe)':>9}{'fixed':>8}{'compl tok/lat':>14}{'(bpe)':>7}{'wall s/lat':>11}{'failed':>7}"
     print(header)
     for scorer, mode, n in configs:
         if n <= 0:
             continue
-        with tempfile.TemporaryDirectory() as tmp, ScriptedServer(responder(*args.latency)) as srv:
+        answers: list[str] = []
+        with tempfile.TemporaryDirectory() as tmp, ScriptedServer(responder(*args.latency, answers)) as srv:
             db = Path(tmp) / "bench.duckdb"
             build_db(db, n, k, args.ctx_len)
             llm = LLMSettings(base_url=srv.url, model="bench-model", concurrency=args.concurrency, timeout=30,
@@ -156,9 +165,11 @@ def main() -> None:
             n_snip = con.execute("SELECT avg(n_snippets) FROM scores WHERE status = 'ok'").fetchone()[0]
             con.close()
             bpe = sum(bpe_tokens(tok, r) for r in srv.requests) / n if tok else float("nan")
+            fixed = sum(bpe_tokens(tok, r, fixed=True) for r in srv.requests) / n if tok else float("nan")
+            bpe_out = sum(len(tok.encode(a).ids) for a in answers) / n if tok else float("nan")
             label = f"{scorer} ({mode})" if scorer == "simulation" else scorer
             print(f"{label:<26}{n:>8}{(n_snip or 0):>9.0f}{res.calls / n:>10.1f}{res.prompt_tokens / n:>25,.0f}"
-                  f"{bpe:>9,.0f}{res.completion_tokens / n:>14,.0f}{wall / n:>11.2f}{res.failed:>7}")
+                  f"{bpe:>9,.0f}{fixed:>8,.0f}{res.completion_tokens / n:>14,.0f}{bpe_out:>7,.0f}{wall / n:>11.2f}{res.failed:>7}")
     print("# reference: delphi defaults, detection + fuzzing: ~41 calls and ~40,000 prompt tokens per latent")
     print("# reference: SAEBench autointerp: 2 calls per latent (one generation, one scoring)")
     print("# wall s/lat is the run's wall time over its latents at the given concurrency (latents run in parallel)")
