@@ -88,19 +88,21 @@ def _rows(lat: Tensor, rank: Tensor, cid: Tensor, max_act: Tensor, acts: Tensor,
 def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_nonactivating: int,
                  n_random: int, tokens: TokenTable) -> dict[str, dict[str, Any]]:
     """Rows of each example kind for split index s (per-kind dicts of tensors); `state` went through sort_slots()."""
-    L, T = state.d_sae, int(state.meta["ctx_len"])
+    L = state.d_sae
     sl = slice(s * L, (s + 1) * L)
-    ids = latent_ids(state)
-    out: dict[str, dict[str, Any]] = {}
-
     tk = state.top_key[sl]
-    t_valid = tk >= 0
-    t_cid = top_cid(tk)
+    t_valid, t_cid = tk >= 0, top_cid(tk)
     lat, rank = t_valid.nonzero(as_tuple=True)
-    out["top"] = _rows(lat, rank, t_cid[lat, rank], top_max(tk)[lat, rank], state.top_acts[sl][lat, rank])
+    top = _rows(lat, rank, t_cid[lat, rank], top_max(tk)[lat, rank], state.top_acts[sl][lat, rank])
+    return {"top": top, "quantile": _quantile(state, sl, t_valid, t_cid, n_quantile, n_bins),
+            "nonactivating": _nonactivating(state, s, t_valid, t_cid, n_nonactivating, tokens),
+            "random": _random(state, s, n_random)}
 
-    # Quantile: equal-count bins over the reservoir minus the top examples, n_quantile
-    # evenly spaced order statistics (the reservoir is already a uniform sample).
+
+def _quantile(state: SampleState, sl: slice, t_valid: Tensor, t_cid: Tensor, n_quantile: int,
+              n_bins: int) -> dict[str, Any]:
+    """Equal-count bins over the reservoir minus the top examples, n_quantile evenly spaced
+    order statistics (the reservoir is already a uniform sample)."""
     rk = state.res_key[sl]
     r_cid = sketch_cid(rk)
     in_top = ((r_cid.unsqueeze(2) == t_cid.unsqueeze(1)) & t_valid.unsqueeze(1)).any(2)
@@ -114,25 +116,35 @@ def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_
     lat, rank = ok.nonzero(as_tuple=True)
     slot = pick[lat, rank]
     bins = (pos * n_bins // m.clamp(min=1))[lat, rank]
-    out["quantile"] = _rows(lat, rank, r_cid[lat, slot], state.res_max[sl][lat, slot],
-                            state.res_acts[sl][lat, slot], bins)
+    return _rows(lat, rank, r_cid[lat, slot], state.res_max[sl][lat, slot], state.res_acts[sl][lat, slot], bins)
 
-    # Non-activating: pool contexts where the latent is zero everywhere, alternating hard
-    # ones (holding a token the top examples peak on, so scorers test specificity) and plain
-    # ones in the latent's own hash order.
-    n_h = min(HARD_TOKENS, tk.shape[1])
-    peak_tok = torch.full(tk.shape, -1, dtype=torch.int64)
+
+def _hard_tokens(top_acts: Tensor, t_valid: Tensor, t_cid: Tensor, tokens: TokenTable) -> tuple[Tensor, Tensor]:
+    """Per latent, up to HARD_TOKENS tokens its top examples peak on, most often first, and how
+    often ([L, n_h] each; token -1 and count 0 where there are fewer)."""
+    n_top = t_valid.shape[1]
+    peak_tok = torch.full(t_valid.shape, -1, dtype=torch.int64)
     if t_valid.any():
-        peak_pos = state.top_acts[sl][t_valid].float().argmax(-1, keepdim=True)
+        peak_pos = top_acts[t_valid].float().argmax(-1, keepdim=True)
         peak_tok[t_valid] = tokens.of(t_cid[t_valid]).gather(1, peak_pos).squeeze(1)
     same = peak_tok.unsqueeze(2) == peak_tok.unsqueeze(1)
     count = (same & t_valid.unsqueeze(1)).sum(2) * t_valid
     first = ~(same & torch.ones(same.shape[1:], dtype=torch.bool).tril(-1)).any(2)
-    score = torch.where(t_valid & first, count * (tk.shape[1] + 1) - torch.arange(tk.shape[1]), -1)
-    best, j = score.topk(n_h, dim=1)
-    hard_tok = torch.where(best > 0, peak_tok.gather(1, j), -1)  # [L, n_h]
-    hard_cnt = torch.where(best > 0, count.gather(1, j), 0)
+    score = torch.where(t_valid & first, count * (n_top + 1) - torch.arange(n_top), -1)
+    best, j = score.topk(min(HARD_TOKENS, n_top), dim=1)
+    return torch.where(best > 0, peak_tok.gather(1, j), -1), torch.where(best > 0, count.gather(1, j), 0)
 
+
+def _nonactivating(state: SampleState, s: int, t_valid: Tensor, t_cid: Tensor, n_nonactivating: int,
+                   tokens: TokenTable) -> dict[str, Any]:
+    """Pool contexts where the latent is zero everywhere, alternating hard ones (holding a token
+    the top examples peak on, so scorers test specificity) and plain ones in the latent's own
+    hash order; topped up from the zero sketch."""
+    L, T = state.d_sae, int(state.meta["ctx_len"])
+    sl = slice(s * L, (s + 1) * L)
+    hard_tok, hard_cnt = _hard_tokens(state.top_acts[sl], t_valid, t_cid, tokens)
+    n_h = hard_tok.shape[1]
+    ids = latent_ids(state)
     pk = state.pool_key[s]
     nq = int((pk < EMPTY).sum())
     q_cid = sketch_cid(pk[:nq])
@@ -163,15 +175,21 @@ def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_
         cids.append(q_cid[pick[lat, rank]])
     lat, rank, cid = (torch.cat(x) if x else torch.zeros(0, dtype=torch.long) for x in (lats, ranks, cids))
     lat, rank, cid = _top_up(state.zero_key[sl], lat, rank, cid, n_nonactivating)
-    out["nonactivating"] = _rows(lat, rank, cid, torch.zeros(len(cid)), torch.zeros(len(cid), T))
+    return _rows(lat, rank, cid, torch.zeros(len(cid)), torch.zeros(len(cid), T))
 
-    nr = min(n_random, nq)
+
+def _random(state: SampleState, s: int, n_random: int) -> dict[str, Any]:
+    """The first n_random pool contexts, the same for every latent, with each latent's activations."""
+    L, T = state.d_sae, int(state.meta["ctx_len"])
+    pk = state.pool_key[s]
+    nr = min(n_random, int((pk < EMPTY).sum()))
+    q_cid = sketch_cid(pk[:nr])
+    k = state.pool_vals.shape[-1]
     dense = torch.zeros(nr * T, L)
     dense.scatter_(1, state.pool_idx[s, :nr].reshape(-1, k).long(), state.pool_vals[s, :nr].reshape(-1, k))
     acts = dense.view(nr, T, L).permute(2, 0, 1).reshape(L * nr, T)
-    out["random"] = _rows(torch.arange(L).repeat_interleave(nr), torch.arange(nr).repeat(L),
-                          q_cid[:nr].repeat(L), acts.amax(1) if nr else torch.zeros(0), acts)
-    return out
+    return _rows(torch.arange(L).repeat_interleave(nr), torch.arange(nr).repeat(L),
+                 q_cid.repeat(L), acts.amax(1) if nr else torch.zeros(0), acts)
 
 
 def _top_up(zero_key: Tensor, lat: Tensor, rank: Tensor, cid: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,16 +1,80 @@
-"""Sizing a sampler run before it starts: which latents it keeps (sample.latents) and
-whether their state fits the memory of the device it will live on."""
+"""Checks before a sampler run starts, so bad input fails before hours of work: the
+dictionary reads this model's hook, the corpus yields every split, which latents it keeps
+(sample.latents), and whether their state fits the memory of the device it will live on."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import re
+from typing import Any, Iterable, Optional
 
 import torch
 
+from explainer.corpus import iter_contexts
 from explainer.errors import ExplainerError
-from explainer.sampler_state import available_bytes, state_bytes
+from explainer.sampler_state import SPLITS, available_bytes, state_bytes
 from explainer.selectors import parse_ids
-from explainer.settings import SampleSettings
+from explainer.settings import SampleSettings, Settings
+
+
+def _hook_layer(cfg: dict) -> Optional[int]:
+    layer = cfg.get("hook_layer")
+    if isinstance(layer, int) and not isinstance(layer, bool):
+        return layer
+    m = re.search(r"(?:layers|blocks|h|layer)\.(\d+)", str(cfg.get("hook_name") or ""))
+    return int(m.group(1)) if m else None
+
+
+def check_dictionary(sae: Any, lm: Any, ss: SampleSettings) -> list[str]:
+    """Refuse a dictionary that cannot read this model's hook; return warnings for the rest."""
+    if sae.d_in != lm.d_model:
+        raise ExplainerError(
+            f"dictionary width d_in={sae.d_in} does not match {lm.name} (d_model={lm.d_model} at {lm.hook}); "
+            "pass the model the dictionary was trained on with --model, or another --sae"
+        )
+    warnings = []
+    layer = _hook_layer(sae.cfg)
+    if layer is None:
+        warnings.append(f"the dictionary's config names no layer; assuming it reads {lm.hook}")
+    elif layer != lm.layer:
+        msg = f"the dictionary was trained at layer {layer} but the model is hooked at layer {lm.layer}"
+        if not ss.force_layer:
+            raise ExplainerError(f"{msg}; pass --layer {layer}, or --force-layer to sample anyway")
+        warnings.append(msg + " (--force-layer)")
+    trained_on = sae.cfg.get("model_name")
+    if trained_on and trained_on != lm.name:
+        warnings.append(f"the dictionary's config names model {trained_on!r}; sampling {lm.name!r}")
+    return warnings
+
+
+def plan_contexts(settings: Settings, tokenizer: Any, docs: Iterable, limit: int, ss: SampleSettings,
+          dropped: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """Contexts per split among the first `limit`; a split that gets none is an error.
+    Fills `dropped` with the near-duplicates of train contexts left out per split."""
+    counts = {s: 0 for s in SPLITS}
+    for c in iter_contexts(settings.corpus, tokenizer, splits=SPLITS, documents=docs, stop=limit, dropped=dropped):
+        if c.context_id >= limit:
+            break
+        counts[c.split] += 1
+    cs = settings.corpus
+    wanted = {"train": 1 - cs.validation_fraction - cs.heldout_fraction,
+              "validation": cs.validation_fraction, "heldout": cs.heldout_fraction}
+    if sum(counts.values()) == 0:
+        raise ExplainerError(
+            f"corpus {cs.source} yields no context of {cs.ctx_len} tokens; use a larger corpus or a smaller --ctx-len"
+        )
+    for split, n in counts.items():
+        if n == 0 and wanted[split] > 0:
+            also = f", or set corpus.{split}_fraction=0" if split != "train" else ""
+            raise ExplainerError(
+                f"split {split!r} got no contexts from the first {limit * cs.ctx_len:,} tokens of corpus {cs.source}; "
+                f"raise --tokens or use a larger corpus{also}"
+            )
+    notes = []
+    need = max(ss.n_top, ss.n_quantile, ss.n_nonactivating, ss.n_random)
+    for split, n in counts.items():
+        if 0 < n < need:
+            notes.append(f"split {split!r} has only {n} contexts, fewer than the {need} examples per latent requested")
+    return counts, notes
 
 
 def latent_subset(text: str, d_sae: int) -> Optional[torch.Tensor]:
