@@ -34,9 +34,10 @@ from explainer.sample_parquet import DICT_FIELDS, DbContexts, ParquetContexts, p
 from explainer.sample_runs import (
     db_bytes, db_file, done_runs, parse_shard, previous_result, state_path, summary_counts,
 )
+from explainer.sampler_latents import LatentMap
 from explainer.sampler_select import write_results
 from explainer.sampler_state import (
-    M31, SPLITS, SampleState, latent_ids, load_state, new_state, one_thread, save_state, update,
+    M31, SPLITS, SampleState, load_state, new_state, one_thread, save_state, update,
 )
 from explainer.sampler_subset import check_dictionary, check_fits, latent_subset, plan_contexts
 from explainer.settings import Settings
@@ -135,7 +136,7 @@ class _Job:
     lm: Any
     sae: Any
     rule: Optional[OutlierRule]       # tokens the dictionary was trained without (outliers.py)
-    subset: Optional[torch.Tensor]    # sample.latents: the dictionary ids kept (None: all)
+    latents: LatentMap                # dictionary latents <-> state rows (sample.latents)
     dict_id: int
     name: str
     fingerprint: str
@@ -171,7 +172,7 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
     sae = load_dictionary(sae_path, max_active=ss.max_active)
     lm = lm if lm is not None else load_model(settings.model)
     warnings = check_dictionary(sae, lm, ss)
-    subset = latent_subset(ss.latents, sae.d_sae)  # bad input fails before anything is written
+    latents = LatentMap.keep(latent_subset(ss.latents, sae.d_sae), sae.d_sae)  # bad input fails before any write
     sae = sae.to(lm.device).eval()
     fp = fingerprint(sae)
     name = dict_name or ("/".join(hub).strip("/") if hub else sae_path.resolve().name)
@@ -183,7 +184,7 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
     # which would fill the top examples of the latents that happen to fire on them.
     rule = OutlierRule.from_cfg(sae.cfg)
     key, cfg = _config(settings, lm, fp, sae.activation == "topk", rule)
-    return _Job(settings, lm, sae, rule, subset, dict_id, name, fp, key, cfg, shard, warnings)
+    return _Job(settings, lm, sae, rule, latents, dict_id, name, fp, key, cfg, shard, warnings)
 
 
 @dataclass
@@ -199,8 +200,7 @@ class _Stream:
     spath: Optional[Path]             # the state file (None: an in-memory DB keeps none)
     state: SampleState
     pending: _Pending
-    row_of: Optional[torch.Tensor]    # dictionary latent -> state row, with a subset
-    ids: torch.Tensor                 # latent_ids(state) on the model's device
+    ids: torch.Tensor                 # the global latent id of each state row, on the model's device
     done_before: int = 0              # contexts a resumed state had already counted
     t_loop: float = 0.0
 
@@ -243,11 +243,7 @@ class _Stream:
             state.meta["n_outlier_tokens"] = state.meta.get("n_outlier_tokens", 0) + int(outlier.sum())
             state.meta["outlier_positions"] = add_histograms(state.meta.get("outlier_positions", {}),
                                                              position_histogram(outlier))
-        idx = idx.long()
-        if self.row_of is not None:
-            idx = self.row_of[idx]
-            vals = vals.masked_fill(idx == state.d_sae - 1, 0)
-        return vals, idx
+        return job.latents.to_rows(vals, idx)
 
     def process(self, batch: list[Context], progress: Optional[Progress]) -> None:
         state, T = self.state, self.job.settings.corpus.ctx_len
@@ -275,7 +271,7 @@ def _prepare(con: duckdb.DuckDBPyConnection, job: _Job, resume: bool) -> _Stream
     limit = math.ceil(ss.tokens / T)
     if limit > M31:  # context ids share an int64 with a 31-bit hash in the sketches
         raise ExplainerError(f"sample.tokens={ss.tokens:,} is over 2^31 contexts of {T} tokens; lower --tokens")
-    check_fits(job.sae, ss, T, job.subset, lm.device)
+    check_fits(job.sae, ss, T, job.latents, lm.device)
     docs = load_documents(settings.corpus)
     dropped: dict[str, int] = {}
     counts, notes = plan_contexts(settings, lm.tokenizer, docs, limit, ss, dropped)
@@ -289,20 +285,15 @@ def _prepare(con: duckdb.DuckDBPyConnection, job: _Job, resume: bool) -> _Stream
         spath = state_path(db_path, job.fingerprint, job.shard) if db_path is not None else None
     state = _saved_state(con, spath, job.dict_id, job.name, job.key, contexts, resume, lm.device) or _new_state(job)
     total = len(range(job.shard[0], min(limit, sum(counts.values())), job.shard[1])) * T
-    # Dictionary latent -> state row; latents outside the subset go to the sink row with value 0.
-    row_of = None
-    if job.subset is not None:
-        row_of = torch.full((job.sae.d_sae,), len(job.subset), dtype=torch.long, device=lm.device)
-        row_of[job.subset.to(lm.device)] = torch.arange(len(job.subset), device=lm.device)
     return _Stream(con, job, docs, limit, total, dropped, contexts, spath, state, _Pending(contexts, lm.token_strings),
-                   row_of, latent_ids(state, lm.device))
+                   job.latents.hash_ids(lm.device))
 
 
 def _new_state(job: _Job) -> SampleState:
-    ss, subset = job.settings.sample, job.subset
+    ss = job.settings.sample
     meta = {"config_key": job.key, "config": job.cfg, "n_shards": job.shard[1], "shards": [job.shard[0]],
-            "next_context": 0, "complete": False, **({"latents": subset.tolist()} if subset is not None else {})}
-    return new_state(d_sae=job.sae.d_sae if subset is None else len(subset) + 1, ctx_len=job.settings.corpus.ctx_len,
+            "next_context": 0, "complete": False, **job.latents.meta()}
+    return new_state(d_sae=job.latents.n_rows, ctx_len=job.settings.corpus.ctx_len,
                      k=job.sae.k, n_top=ss.n_top, n_reservoir=ss.n_reservoir,
                      n_pool=max(ss.nonactivating_pool, ss.n_random), n_zero=ss.n_nonactivating,
                      acts_dtype=getattr(torch, ss.acts_dtype), device=job.lm.device, meta=meta)

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from explainer import store
+from explainer.sampler_latents import LatentMap
 from explainer.sampler_state import (
-    EMPTY, M31, S, SPLITS, SampleState, hash31, latent_ids, one_thread, sketch_cid, sort_slots, top_cid, top_max,
+    EMPTY, M31, S, SPLITS, SampleState, hash31, one_thread, sketch_cid, sort_slots, top_cid, top_max,
 )
 from explainer.settings import SampleSettings
 
@@ -144,7 +145,7 @@ def _nonactivating(state: SampleState, s: int, t_valid: Tensor, t_cid: Tensor, n
     sl = slice(s * L, (s + 1) * L)
     hard_tok, hard_cnt = _hard_tokens(state.top_acts[sl], t_valid, t_cid, tokens)
     n_h = hard_tok.shape[1]
-    ids = latent_ids(state)
+    ids = LatentMap.of_state(state).hash_ids()
     pk = state.pool_key[s]
     nq = int((pk < EMPTY).sum())
     q_cid = sketch_cid(pk[:nq])
@@ -221,13 +222,6 @@ def _ranks(keys: Tensor) -> Tensor:
 # --- DB rows -------------------------------------------------------------------------------
 
 
-def _to_dictionary_ids(rows: dict[str, Any], subset: Tensor) -> dict[str, Any]:
-    keep = rows["latent"] < len(subset)
-    out = {k: (v[keep] if isinstance(v, Tensor) else v) for k, v in rows.items()}
-    out["latent"] = subset[out["latent"].long()]
-    return out
-
-
 def kept_ids(state: SampleState) -> np.ndarray:
     """Context ids whose tokens building examples looks up: top examples and the shared pool."""
     tk, pk = state.top_key.cpu(), state.pool_key.cpu()
@@ -281,11 +275,8 @@ def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleSta
         state = state.to(cpu)
         sort_slots(state)  # in place: the caller is done with the state
         lat = latent_rows(state)
-    subset = state.meta.get("latents")
-    if subset is not None:  # state rows -> the dictionary's latent ids; the sink row is dropped
-        n = len(subset)
-        lat = {k: v[:n] for k, v in lat.items()}
-        lat["latent"] = np.asarray(subset, dtype=np.int32)
+    latents = LatentMap.of_state(state)  # state rows -> the dictionary's latent ids; the sink row is dropped
+    lat = {**{k: v[:latents.n_latents] for k, v in lat.items()}, "latent": latents.latents()}
     store.insert_arrow(con, "latents", pa.table({
         "dict_id": pa.array([dict_id] * len(lat["latent"]), pa.int32()),
         **{k: v for k, v in lat.items() if k != "quantiles"},
@@ -296,8 +287,7 @@ def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleSta
             kinds = example_rows(state, s, n_quantile=ss.n_quantile, n_bins=ss.n_quantile_bins,
                                  n_nonactivating=ss.n_nonactivating, n_random=ss.n_random, tokens=tokens)
         for kind, rows in kinds.items():
-            if subset is not None:
-                rows = _to_dictionary_ids(rows, torch.tensor(subset, dtype=torch.int32))
+            rows = latents.to_dictionary(rows)
             if len(rows["latent"]):
                 store.insert_arrow(con, "examples", _examples_table(dict_id, split, kind, rows))
     freq = torch.from_numpy(lat["frequency"])

@@ -11,6 +11,7 @@ import torch
 
 from explainer.corpus import iter_contexts
 from explainer.errors import ExplainerError
+from explainer.sampler_latents import LatentMap
 from explainer.sampler_state import SPLITS, available_bytes, state_bytes
 from explainer.selectors import parse_ids
 from explainer.settings import SampleSettings, Settings
@@ -98,15 +99,15 @@ def latent_subset(text: str, d_sae: int) -> Optional[torch.Tensor]:
     return torch.cat([torch.arange(lo, hi + 1) for lo, hi in ranges])
 
 
-def check_fits(sae: Any, ss: SampleSettings, T: int, subset: Optional[torch.Tensor], device: torch.device) -> None:
+def check_fits(sae: Any, ss: SampleSettings, T: int, latents: LatentMap, device: torch.device) -> None:
     """Refuse a state that cannot fit before hours of work, not with an out-of-memory kill during them."""
-    need = state_bytes(d_sae=sae.d_sae if subset is None else len(subset) + 1, ctx_len=T, k=sae.k, n_top=ss.n_top,
+    need = state_bytes(d_sae=latents.n_rows, ctx_len=T, k=sae.k, n_top=ss.n_top,
                        n_reservoir=ss.n_reservoir, n_pool=max(ss.nonactivating_pool, ss.n_random),
                        n_zero=ss.n_nonactivating, acts_bytes=2 if ss.acts_dtype == "float16" else 4)
     free = available_bytes(device)
     if free is not None and need > 0.8 * free:
         raise ExplainerError(
-            f"the sampler state needs {need / 2**30:.1f} GiB for {sae.d_sae if subset is None else len(subset):,} "
+            f"the sampler state needs {need / 2**30:.1f} GiB for {latents.n_latents:,} "
             f"latents, and {device.type} has {free / 2**30:.1f} GiB free; keep a subset (--latents random:N), "
             "lower --n-top/--n-reservoir, or use a larger machine"
         )
