@@ -115,7 +115,8 @@ class TopKSAE(nn.Module):
         if self.normalize == "layer_norm":
             flat = layer_norm(flat)[0]
         if self.activation == "topk":
-            _, values, indices, *_ = sparse_forward(flat, self.W_enc, self.b_enc, None, self.b_dec, self.k)
+            out = sparse_forward(flat, self.W_enc, self.b_enc, None, self.b_dec, self.k)
+            values, indices = out.values, out.indices
         else:
             values, indices = self._encode_thresholded(flat)
         return values.view(*x.shape[:-1], self.k), indices.view(*x.shape[:-1], self.k)
@@ -186,13 +187,13 @@ class TopKSAE(nn.Module):
             raise ExplainerError(f"training supports TopK dictionaries only; this one is {self.activation}")
         if dense:
             return self._forward_dense(x, dead, k_aux, multi_k, mm_dtype)
-        x_hat, values, indices, aux, aux_values, aux_indices, multi, _, _ = sparse_forward(
+        f = sparse_forward(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
             dead=dead, k_aux=k_aux, multi_k=multi_k, mm_dtype=mm_dtype, workspace=self.workspace,
             unit_decoder=project_decoder_grad,
         )
-        return SAEOutput(x_hat, values, indices, aux_values, aux_indices,
-                         aux if aux.shape[1] else None, multi if multi.shape[1] else None)
+        return SAEOutput(f.x_hat, f.values, f.indices, f.aux_values, f.aux_indices,
+                         f.aux_x_hat if f.aux_x_hat.shape[1] else None, f.multi_x_hat if f.multi_x_hat.shape[1] else None)
 
     def _forward_dense(self, x, dead, k_aux, multi_k, mm_dtype) -> SAEOutput:
         dtype, centered = mm_dtype or x.dtype, x - self.b_dec
