@@ -13,7 +13,7 @@ from explainer.corpus import iter_contexts
 from explainer.errors import ExplainerError
 from explainer.sampler_latents import LatentMap
 from explainer.sampler_state import SPLITS, available_bytes, state_bytes
-from explainer.selectors import parse_ids
+from explainer import selectors
 from explainer.settings import SampleSettings, Settings
 
 
@@ -80,17 +80,16 @@ def plan_contexts(settings: Settings, tokenizer: Any, docs: Iterable, limit: int
 
 def latent_subset(text: str, d_sae: int) -> Optional[torch.Tensor]:
     """Sorted dictionary ids for sample.latents (all, random:N, or ids and ranges: 0-999,1500), or None for all."""
-    sel = text.strip()
-    if sel == "all":
+    sel = selectors.parse(text, "sample.latents")
+    if sel.kind == "all":
         return None
     bad = f"sample.latents={text!r}: expected all, random:N, or ids and ranges: an id (7), a range (0-99) or a comma list (1,5,10-19)"
-    if sel.startswith("random:"):
-        n = sel.split(":", 1)[1].strip()
-        if not n.isdigit() or not 0 < int(n) <= d_sae:
+    if sel.kind == "random":
+        if sel.n is None or not 0 < sel.n <= d_sae:
             raise ExplainerError(f"{bad}, with 0 < N <= {d_sae}")
         # A fixed generator: every shard and every rerun draws the same latents.
-        return torch.randperm(d_sae, generator=torch.Generator().manual_seed(0))[: int(n)].sort().values
-    ranges = parse_ids(sel, "sample.latents")
+        return torch.randperm(d_sae, generator=torch.Generator().manual_seed(0))[: sel.n].sort().values
+    ranges = sel.ranges
     if ranges is None:
         raise ExplainerError(bad)
     # Checked before any tensor is made: a range like 0-10**12 must not allocate first.

@@ -264,10 +264,14 @@ class LLMSettings(Section):
         return v
 
 
+# A list of ids is what code passes (pipeline.py) and what a TOML file may write: latents = [3, 17].
+LATENTS_HELP = "which latents: all, 3, 0-99, 1,5,9, a SQL WHERE over latents, or in TOML a list of ids"
+
+
 class ExplainSettings(Section):
     explainer: Literal["llm", "ngram"] = Field("llm", description="llm asks the endpoint; ngram is the offline N2G baseline")
     template: str = Field("explain", description="prompt template name in prompts/ or a path to a .txt file")
-    latents: str = Field("all", description="which latents: all, 3, 0-99, 1,5,9, or a SQL WHERE over latents")
+    latents: str | list[int] = Field("all", description=LATENTS_HELP)
     n_top: int = Field(10, ge=0, le=10_000, description="top train-split examples shown to the explainer")
     n_quantile: int = Field(10, ge=0, le=10_000, description="quantile train-split examples shown to the explainer")
     n_nonactivating: int = Field(4, ge=0, le=10_000, description="non-activating train-split contrast examples shown")
@@ -285,7 +289,7 @@ class ScoreSettings(Section):
             "/v1/completions; one call per snippet; vLLM, llama.cpp)"
         ),
     )
-    latents: str = Field("all", description="which latents: all, 3, 0-99, 1,5,9, or a SQL WHERE over latents")
+    latents: str | list[int] = Field("all", description=LATENTS_HELP)
     explanations: Optional[str] = Field(
         None, description="SQL WHERE over the explanations table choosing which ok explanations to score, e.g. \"explainer = 'llm'\""
     )

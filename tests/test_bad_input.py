@@ -353,6 +353,17 @@ def test_selectors_share_one_grammar(filled: Path) -> None:
         latent_subset("0-99999999999999", 3)  # refused before a 10**14-element tensor is made
 
 
+def test_a_list_of_ids_selects_like_its_text_and_random_n_is_for_sample_only(filled: Path) -> None:
+    from explainer import store
+
+    con = store.connect(filled)
+    assert store.select_latents(con, 1, [2, 0, 2, 7]) == store.select_latents(con, 1, "0,2,7") == [0, 2]
+    with pytest.raises(ExplainerError, match="matches no latent"):
+        store.select_latents(con, 1, [])
+    with pytest.raises(ExplainerError, match="random:N picks the latents `sample` keeps"):
+        store.select_latents(con, 1, "random:2")
+
+
 @pytest.mark.parametrize("sel,fragment", [("5-2", "range 5-2 is reversed"), ("-5", "expected all, random:N, or ids"),
                                           ("1.5", "random:N"), ("true", "random:N"), ("frequency > 0", "random:N"),
                                           ("random:0", "0 < N <= 64"), ("", "expected all")])
