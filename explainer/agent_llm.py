@@ -24,7 +24,7 @@ from explainer.errors import ExplainerError
 from explainer.explain import load_train_examples, parse_explanation, prompt_values
 from explainer.llm import Answer, CallFailed, LLMClient, gather_or_cancel, resolve_endpoint
 from explainer.settings import Settings
-from explainer.simulate import Outcome, ScoreFailed, Snippet, Spend
+from explainer.score_types import Outcome, ScoreFailed, Snippet, Spend
 
 REFINE_REQUIRED = ("explanation", "false_positives", "false_negatives")
 SIM_KINDS = ("top", "quantile", "random")  # the snippets the simulation score is computed on
