@@ -11,7 +11,7 @@ import pytest
 
 from explainer import prompts
 from explainer.errors import ExplainerError
-from explainer.agent import Miss, show_misses
+from explainer.agent_loop import Miss, show_misses
 from explainer.explain import REQUIRED_PLACEHOLDERS, Example, prompt_values
 from explainer.settings import ScoreSettings
 from explainer.score_types import Snippet, SnippetResult
