@@ -166,7 +166,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     from explainer import ui
-    from explainer.settings import load_settings
+    from explainer.settings_load import load_settings
 
     db = Path(args.db or load_settings(args.config, {}).db)
     if not db.exists():

@@ -279,7 +279,7 @@ def test_truncated_sampler_checkpoint_on_resume(tiny_lm: Path, tiny_corpus: Path
     """The sampler's state file beside the DB, truncated (a disk that filled up, a bad copy)."""
     from explainer import sample as sample_mod
     from explainer import store
-    from explainer.settings import load_settings
+    from explainer.settings_load import load_settings
 
     sae = make_sae(tmp_path / "sae")
     db = tmp_path / "x.duckdb"
