@@ -161,7 +161,8 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
           dict_name: Optional[str]) -> _Job:
     """Load and check the dictionary against the model and settings, and register it."""
     from explainer.lm import load_model
-    from explainer.sae import fingerprint, hub_id, load_dictionary, resolve_dictionary
+    from explainer.sae_files import hub_id, resolve_dictionary
+    from explainer.sae_formats import fingerprint, load_dictionary
 
     ss = settings.sample
     shard = parse_shard(ss.shard)

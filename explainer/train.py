@@ -22,7 +22,9 @@ from torch import Tensor
 
 from explainer.errors import ExplainerError
 from explainer.outliers import OutlierRule, position_histogram
-from explainer.sae import TopKSAE, layer_norm, log10_frequency, recover_folder, save_dictionary
+from explainer.sae import TopKSAE, layer_norm
+from explainer.sae_files import recover_folder
+from explainer.sae_formats import log10_frequency, save_dictionary
 from explainer.settings import Settings, TrainSettings
 from explainer.train_files import CHECKPOINT, METRICS, _check_finite, _check_out, _locked, _save_checkpoint  # noqa: F401
 

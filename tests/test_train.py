@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from explainer.errors import ExplainerError
-from explainer.sae import TopKSAE, load_dictionary
+from explainer.sae import TopKSAE
+from explainer.sae_formats import load_dictionary
 from explainer.settings import CorpusSettings, ModelSettings, Settings, TrainSettings
 from explainer.train import Trainer, geometric_median, run
 
