@@ -333,7 +333,7 @@ def test_auxk_gradient_reaches_b_dec_as_in_the_reference(decoder: str) -> None:
     import copy
 
     from explainer.settings import TrainSettings
-    from explainer.train import Trainer
+    from explainer.train_step import Trainer
 
     g = torch.Generator().manual_seed(3)
     sae = TopKSAE(16, 64, 4)
