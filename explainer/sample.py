@@ -284,7 +284,9 @@ def _prepare(con: duckdb.DuckDBPyConnection, job: _Job, resume: bool) -> _Stream
         spath: Optional[Path] = contexts.state_path
     else:
         spath = state_path(db_path, job.fingerprint, job.shard) if db_path is not None else None
-    state = _saved_state(con, spath, job.dict_id, job.name, job.key, contexts, resume, lm.device) or _new_state(job)
+    state = _saved_state(con, spath, job.dict_id, job.name, job.key, contexts, resume, lm.device)
+    if state is None:
+        state = _new_state(job)
     total = len(range(job.shard[0], min(limit, sum(counts.values())), job.shard[1])) * T
     return _Stream(con, job, docs, limit, total, dropped, contexts, spath, state, _Pending(contexts, lm.token_strings),
                    job.latents.hash_ids(lm.device))
