@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from explainer import agent, ngram, score, store
+from explainer import agent, agent_loop, ngram, score, store
 from explainer.planted import default_features, run_planted
 from explainer.settings import Settings
 
@@ -69,7 +69,7 @@ def heldout_llm(con: Any, s: Settings, dict_id: int, picks: dict[int, Optional[t
     return out
 
 
-def report(name: str, res: agent.AgentResult, one: dict[int, float], best: dict[int, float],
+def report(name: str, res: agent_loop.AgentResult, one: dict[int, float], best: dict[int, float],
            features: list[Any], calls_unit: str) -> dict[str, Any]:
     reps = {r.latent: r for r in res.latents}
     print(f"\n== {name}: heldout simulation score per latent ==")

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from explainer import sample, store  # noqa: E402
 from explainer.corpus import iter_contexts, load_documents  # noqa: E402
 from explainer.lm import load_model  # noqa: E402
-from explainer.sae import TopKSAE, save_dictionary  # noqa: E402
+from explainer.sae import TopKSAE  # noqa: E402
+from explainer.sae_formats import save_dictionary  # noqa: E402
 from explainer.settings import CorpusSettings, ModelSettings, SampleSettings, Settings  # noqa: E402
 
 

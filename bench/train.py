@@ -26,7 +26,7 @@ import torch
 
 from explainer.sae import TopKSAE
 from explainer.settings import TrainSettings
-from explainer.train import Trainer
+from explainer.train_step import Trainer
 
 
 def interleaved(steps: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, float]:

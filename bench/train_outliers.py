@@ -3,7 +3,7 @@
     python bench/train_outliers.py --tokens 65536 --every 16384
 
 The LM forward dominates a run's cost, so this runs it once: it collects --tokens train-split
-activations and the first --eval-tokens held-out ones, then trains two SAEs with train.Trainer
+activations and the first --eval-tokens held-out ones, then trains two SAEs with train_step.Trainer
 from the same init seed on the same shuffled batches, one on every token (the recipe before
 outlier exclusion) and one with outlier tokens removed from every batch (and from the b_pre /
 scale init sample). Every --every tokens both are evaluated on the same held-out tokens:
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from explainer import train
+from explainer import train, train_step
 from explainer.corpus import iter_contexts, load_documents
 from explainer.lm import load_model
 from explainer.outliers import OutlierRule
@@ -71,8 +71,8 @@ def main() -> None:
         sae = TopKSAE(lm.d_model, ts.n_latents, ts.k)
         sae.init_tied(torch.Generator().manual_seed(ts.seed))
         with torch.no_grad():
-            sae.b_dec.copy_(train.geometric_median(init * scale))
-        arms[name] = (train.Trainer(sae, ts), scale, exclude)
+            sae.b_dec.copy_(train_step.geometric_median(init * scale))
+        arms[name] = (train_step.Trainer(sae, ts), scale, exclude)
     perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed(ts.seed))
     keep_all = ~rule.mask(acts)
     points = []

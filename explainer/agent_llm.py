@@ -18,13 +18,13 @@ from typing import Any, Optional, Sequence
 import duckdb
 
 from explainer import prompts, score, store
-from explainer.agent import AgentResult, LatentReport, Node, Progress, ScoreRow, failed_node, finish_latent, misses, \
+from explainer.agent_loop import AgentResult, LatentReport, Node, Progress, ScoreRow, failed_node, finish_latent, misses, \
     agent_latents, queue_rows, search, show_misses
 from explainer.errors import ExplainerError
 from explainer.explain import load_train_examples, parse_explanation, prompt_values
 from explainer.llm import Answer, CallFailed, LLMClient, gather_or_cancel, resolve_endpoint
 from explainer.settings import Settings
-from explainer.simulate import Outcome, ScoreFailed, Snippet, Spend
+from explainer.score_types import Outcome, ScoreFailed, Snippet, Spend
 
 REFINE_REQUIRED = ("explanation", "false_positives", "false_negatives")
 SIM_KINDS = ("top", "quantile", "random")  # the snippets the simulation score is computed on
@@ -61,7 +61,7 @@ def _load_templates(settings: Settings) -> tuple[list[prompts.Template], prompts
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latents: list[int],
         progress: Progress = None) -> AgentResult:
-    """The agent over `latents` with the LLM explainer; see explainer/agent.py for the loop."""
+    """The agent over `latents` with the LLM explainer; see explainer/agent_loop.py for the loop."""
     if settings.llm.estimate:
         raise ExplainerError("--estimate cannot foresee the agent loop (each round depends on the answers to the "
                              "last); estimate a plain `explain` and multiply by about agent.k + agent.rounds")

@@ -5,7 +5,7 @@
   interleaved by objective and token mode, so a small k still varies more than the set size.
 - Validation: each set simulated by the n-gram simulator on the validation snippets of the
   shared loader (examples.py; score settings' counts), the snippets an LLM simulator reads.
-- Refinement: edits of the best set guided by its worst validation mistakes (agent.misses):
+- Refinement: edits of the best set guided by its worst validation mistakes (agent_loop.misses):
   drop the pattern that predicts a false positive, or append one that covers a false
   negative (the missed token exactly or in any case, the token with the one before it, or
   any token after the one before it). An appended pattern only fills tokens no earlier
@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 import duckdb
 import numpy as np
 
-from explainer import agent, examples, ngram, prompts, store
-from explainer.agent import AgentResult, LatentReport, Node, ScoreRow
+from explainer import agent_loop, examples, ngram, prompts, store
+from explainer.agent_loop import AgentResult, LatentReport, Node, ScoreRow
 from explainer.llm import Writer
 from explainer.ngram import FORMAT, SCORED_KINDS, LatentExamples, Pattern, PatternSet, SimScore
 from explainer.ngram_fit import candidate_sets, fit, match, score_examples, scored_rows, simulate
@@ -105,7 +105,7 @@ class _NgramLatent:
         pred = simulate(ps, ex, self.val_index)[rows]
         max_act = float(acts.max())
         levels = [prompts.discretize(row.tolist(), max_act) for row in pred]
-        fps, fns = agent.misses(acts.tolist(), levels, max_act, self.a.n_false_positives, self.a.n_false_negatives)
+        fps, fns = agent_loop.misses(acts.tolist(), levels, max_act, self.a.n_false_positives, self.a.n_false_negatives)
         edits: list[tuple[str, PatternSet]] = []
         for m in fps:
             r = rows[m.row]
@@ -159,13 +159,13 @@ async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, limits: dict[
         sets = candidates(train.latent(lat), train.vocab) if lat in have_train else []
         if not sets:
             rep.stop = rep.detail = "no train-split example where the latent fires (dead latent, or sample more tokens)"
-            work.append((rep, [agent.failed_node(rep.detail, FORMAT)], None))
+            work.append((rep, [agent_loop.failed_node(rep.detail, FORMAT)], None))
         elif lat not in have_val or not _fires(val.latent(lat)):
             rep.stop = rep.detail = ("no validation example where the latent fires: nothing to select on "
                                      "(sample more tokens or raise corpus.validation_fraction)")
-            work.append((rep, [agent.failed_node(rep.detail, FORMAT)], None))
+            work.append((rep, [agent_loop.failed_node(rep.detail, FORMAT)], None))
         else:
-            nodes, chosen = await agent.search(_NgramLatent(lat, sets, a, val, train), a, rep)
+            nodes, chosen = await agent_loop.search(_NgramLatent(lat, sets, a, val, train), a, rep)
             work.append((rep, nodes, chosen))
     # Heldout is read only here, after every choice in the chunk is made.
     picked = [rep.latent for rep, _, chosen in work if chosen is not None]
@@ -177,8 +177,8 @@ async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, limits: dict[
             ex = held.latent(rep.latent) if rep.latent in have_held else None
             chosen.heldout = (_row(score_examples(chosen.extra, ex, held.index), ex) if ex is not None else
                               ScoreRow("ngram", "failed", error=f"latent {rep.latent} has no heldout examples", cost=0.0))
-        agent.finish_latent(rep, nodes, chosen, a)
-        rep.chosen_id = agent.queue_rows(writer, con, dict_id=dict_id, latent=rep.latent, model=MODEL,
+        agent_loop.finish_latent(rep, nodes, chosen, a)
+        rep.chosen_id = agent_loop.queue_rows(writer, con, dict_id=dict_id, latent=rep.latent, model=MODEL,
                                          run_id=result.run_id, nodes=nodes, score_meta=meta,
                                          replace=rep.latent in leftovers)
         result.add(rep)
@@ -186,10 +186,10 @@ async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, limits: dict[
 
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latents: list[int],
-        progress: agent.Progress = None) -> AgentResult:
+        progress: agent_loop.Progress = None) -> AgentResult:
     a = settings.agent
     limits = examples.counts_of(settings.score, SCORED_KINDS)  # the snippets an LLM simulator would read
-    done, leftovers = agent.agent_latents(con, dict_id, MODEL)
+    done, leftovers = agent_loop.agent_latents(con, dict_id, MODEL)
     todo = [lat for lat in latents if lat not in done]
     run_id = store.start_run(con, "agent", settings.public_dict())
     result = AgentResult(run_id, dict_id, "ngram", MODEL, requested=len(latents), skipped=len(latents) - len(todo))

@@ -46,7 +46,8 @@ import duckdb
 import pyarrow as pa
 
 from explainer import store
-from explainer.batch_api import BatchApi, Refused, batch_key, read_line
+from explainer.batch_api import BatchApi, batch_key, read_line
+from explainer.batch_wire import Refused
 from explainer.batch_clients import URLS, Collector, Deferred, Finisher, Spool
 from explainer.errors import ExplainerError
 from explainer.llm import LLMClient, price_of, usage_tokens

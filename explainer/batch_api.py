@@ -11,6 +11,8 @@ import duckdb
 import openai
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
+from explainer.batch_files import FolderClient
+from explainer.batch_wire import Refused
 from explainer.errors import ExplainerError
 from explainer.llm import checked_reply, error_message, resolve_endpoint, short
 from explainer.llm_http import redirect_message
@@ -24,13 +26,6 @@ class _Transient(Exception):
     pass
 
 
-class Refused(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 class BatchApi:
     """files/batches calls with the LLM layer's retry settings; refusals become user errors."""
 
@@ -38,8 +33,6 @@ class BatchApi:
         self.settings = settings
         self.client: Any
         if settings.batch_dir:  # an offline engine answers through a folder (batch_files.py)
-            from explainer.batch_files import FolderClient
-
             self.client = FolderClient(settings.batch_dir)
             self.base_url, self._key = self.client.base_url, ""
             return

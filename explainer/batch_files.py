@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from explainer.batch_wire import Refused
 from explainer.errors import ExplainerError
 
 
@@ -48,8 +49,6 @@ class _Batches:
         self.folder = folder
 
     def create(self, *, input_file_id: str, endpoint: str, completion_window: str, metadata: dict) -> Any:
-        from explainer.batch_api import Refused
-
         bid = f"batch-{uuid.uuid4().hex[:16]}"
         src = self.folder / f"{input_file_id}.jsonl"
         if not src.exists():
@@ -75,8 +74,6 @@ class _Batches:
         return SimpleNamespace(data=found, has_next_page=lambda: False)
 
     def retrieve(self, bid: str) -> Any:
-        from explainer.batch_api import Refused
-
         if not (self.folder / f"{bid}.json").exists():
             raise Refused(404, f"batch {bid} is not in {self.folder}")
         n_in = len(_lines(self.folder / f"{bid}.input.jsonl"))

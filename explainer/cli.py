@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional, Sequence
 from explainer import forget
 from explainer.cli_read import cmd_browse, cmd_export, cmd_search, cmd_show, cmd_sql, cmd_status
 from explainer.errors import ExplainerError
-from explainer.settings import Settings, deep_merge, load_settings, parse_assignment
+from explainer.settings import Settings
+from explainer.settings_load import deep_merge, load_settings, parse_assignment
 
 # Flags whose natural name differs from the field name. Keyed by (section, field).
 ALIASES = {

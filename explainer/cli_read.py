@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from explainer.errors import ExplainerError
-from explainer.settings import load_settings
+from explainer.settings_load import load_settings
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

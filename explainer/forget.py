@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import duckdb
 
-from explainer import store
+from explainer import selectors, store
 from explainer.errors import ExplainerError
 
 KINDS = {"cache": ("llm_cache", "key"), "explanations": ("explanations", "id"), "scores": ("scores", "id")}
@@ -116,7 +115,7 @@ def run(con: duckdb.DuckDBPyConnection, sel: Selector, *, dry_run: bool = False)
     dict_id = store.dictionary_id(con, sel.dict_name) if needs_dict else None
     latents = None
     if sel.latents is not None and dict_id is not None:
-        if not re.fullmatch(r"\s*(all|[\d\s,-]*)\s*", sel.latents):
+        if selectors.parse(sel.latents).kind == "sql":
             # A SQL --latents runs on this writable connection: one SELECT over latents, nothing else.
             _checked_where(con, "latents", "latent", sel.latents, "--latents")
         latents = store.select_latents(con, dict_id, sel.latents)
@@ -167,7 +166,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     from explainer import ui
-    from explainer.settings import load_settings
+    from explainer.settings_load import load_settings
 
     db = Path(args.db or load_settings(args.config, {}).db)
     if not db.exists():

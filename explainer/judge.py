@@ -26,9 +26,8 @@ from explainer import prompts
 from explainer.llm import LLMClient
 from explainer.metrics import BOOT_LEVEL, BOOT_N, classify, judge_stats
 from explainer.settings import ScoreSettings
-from explainer.simulate import (
-    KINDS, Outcome, ScoreFailed, Snippet, SnippetResult, Spend, batches, gather_answers, json_params, parse_verdicts,
-)
+from explainer.score_answers import batches, json_params, parse_verdicts
+from explainer.score_types import KINDS, Outcome, ScoreFailed, Snippet, SnippetResult, Spend, gather_answers
 from explainer.examples import unique
 
 

@@ -45,15 +45,15 @@ def _trained(out: Path) -> bool:
     return (out / "cfg.json").is_file() and (out / "sae_weights.safetensors").is_file() and (out / "metrics.json").is_file()
 
 
-def llm_latent_selector(con: Any, dict_id: int, n: int) -> str:
-    """The n most frequently firing latents as an explicit list (a stable, reproducible choice)."""
+def most_frequent_latents(con: Any, dict_id: int, n: int) -> list[int]:
+    """The n most frequently firing latents (a stable, reproducible choice)."""
     rows = con.execute(
         "SELECT latent FROM latents WHERE dict_id = ? AND n_fired > 0 ORDER BY frequency DESC, latent LIMIT ?",
         [dict_id, n],
     ).fetchall()
     if not rows:
         raise ExplainerError("no latent fired during sampling, so there is nothing to explain (train longer or check --layer)")
-    return ",".join(str(r[0]) for r in rows)
+    return [r[0] for r in rows]
 
 
 def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactory = _no_bar,
@@ -100,10 +100,10 @@ def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactor
                        "detail": f"{n_ok} latents explained and scored on validation and heldout"})
 
         if llm:
-            selector = llm_latent_selector(con, dict_id, llm_latents)
+            chosen = most_frequent_latents(con, dict_id, llm_latents)
             s = settings.model_copy(deep=True)
-            s.explain.latents = selector
-            s.score.latents = selector
+            s.explain.latents = chosen
+            s.score.latents = chosen
             s.score.explanations = "explainer IN ('llm', 'ngram')"  # like with like: one simulator, one snippet set
             s.score.split = "both"
             t0 = time.perf_counter()

@@ -68,7 +68,8 @@ class PlantedModel:
 
 
 def save_identity_dictionary(folder: Path, model: PlantedModel) -> Path:
-    from explainer.sae import TopKSAE, save_dictionary
+    from explainer.sae import TopKSAE
+    from explainer.sae_formats import save_dictionary
 
     n = model.d_model
     cfg = {"model_name": model.name, "hook_name": model.hook, "hook_layer": model.layer,

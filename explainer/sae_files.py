@@ -1,7 +1,7 @@
 """Reading dictionary files: safetensors with checks, cfg.json, and Hugging Face hub folders.
 
-Kept apart from sae.py (the model and its own format) so the loaders of other tools' formats
-there read files one way, with one set of error messages.
+Kept apart from sae_formats.py (which formats hold what) so its loaders of our own and
+other tools' formats read files one way, with one set of error messages.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def resolve_dictionary(path: str | Path) -> Path:
     return folder
 
 
-# --- atomic saves (sae.save_dictionary) ------------------------------------------------------
+# --- atomic saves (sae_formats.save_dictionary) ----------------------------------------------
 
 
 def carry_over(src: Path, dst: Path, written: set[str]) -> None:

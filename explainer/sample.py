@@ -18,11 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import duckdb
 import torch
@@ -32,12 +31,16 @@ from explainer.corpus import Context, iter_contexts, load_documents
 from explainer.errors import ExplainerError
 from explainer.outliers import OutlierRule, add_histograms, position_histogram
 from explainer.sample_parquet import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
-from explainer.sampler_select import write_results
-from explainer.sampler_subset import check_fits, latent_subset
-from explainer.sampler_state import (
-    M31, SPLITS, SampleState, latent_ids, load_state, new_state, one_thread, save_state, update,
+from explainer.sample_runs import (
+    db_bytes, db_file, done_runs, parse_shard, previous_result, state_path, summary_counts,
 )
-from explainer.settings import SampleSettings, Settings
+from explainer.sampler_latents import LatentMap
+from explainer.sampler_select import write_results
+from explainer.sampler_state import (
+    M31, SPLITS, SampleState, load_state, new_state, one_thread, save_state, update,
+)
+from explainer.sampler_subset import check_dictionary, check_fits, latent_subset, plan_contexts
+from explainer.settings import Settings
 
 Progress = Callable[[dict[str, Any]], None]
 FLOAT16_MAX = 65504.0
@@ -65,59 +68,6 @@ class SampleResult:
         return asdict(self)
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
-        raise ExplainerError(f"--shard {text!r}: expected i/N with 0 <= i < N, e.g. 0/4")
-    return int(m.group(1)), int(m.group(2))
-
-
-def _db_file(con: duckdb.DuckDBPyConnection) -> Optional[Path]:
-    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
-    return Path(row[0]) if row and row[0] and row[0] != ":memory:" else None
-
-
-def db_bytes(con: duckdb.DuckDBPyConnection) -> int:
-    path = _db_file(con)
-    if path is None:
-        return 0
-    return sum(p.stat().st_size for p in (path, path.with_name(path.name + ".wal")) if p.exists())
-
-
-def state_path(db_file: Path, fingerprint: str, shard: tuple[int, int]) -> Path:
-    return db_file.with_name(db_file.name + ".sample") / f"{fingerprint[:16]}-{shard[0]}of{shard[1]}.pt"
-
-
-def _hook_layer(cfg: dict) -> Optional[int]:
-    layer = cfg.get("hook_layer")
-    if isinstance(layer, int) and not isinstance(layer, bool):
-        return layer
-    m = re.search(r"(?:layers|blocks|h|layer)\.(\d+)", str(cfg.get("hook_name") or ""))
-    return int(m.group(1)) if m else None
-
-
-def check_dictionary(sae: Any, lm: Any, ss: SampleSettings) -> list[str]:
-    """Refuse a dictionary that cannot read this model's hook; return warnings for the rest."""
-    if sae.d_in != lm.d_model:
-        raise ExplainerError(
-            f"dictionary width d_in={sae.d_in} does not match {lm.name} (d_model={lm.d_model} at {lm.hook}); "
-            "pass the model the dictionary was trained on with --model, or another --sae"
-        )
-    warnings = []
-    layer = _hook_layer(sae.cfg)
-    if layer is None:
-        warnings.append(f"the dictionary's config names no layer; assuming it reads {lm.hook}")
-    elif layer != lm.layer:
-        msg = f"the dictionary was trained at layer {layer} but the model is hooked at layer {lm.layer}"
-        if not ss.force_layer:
-            raise ExplainerError(f"{msg}; pass --layer {layer}, or --force-layer to sample anyway")
-        warnings.append(msg + " (--force-layer)")
-    trained_on = sae.cfg.get("model_name")
-    if trained_on and trained_on != lm.name:
-        warnings.append(f"the dictionary's config names model {trained_on!r}; sampling {lm.name!r}")
-    return warnings
-
-
 def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
             rule: Optional[OutlierRule] = None) -> tuple[str, dict[str, Any]]:
     """What determines the results; a saved state or a finished run counts only if it matches."""
@@ -131,16 +81,6 @@ def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
         **({"outliers": rule.cfg()} if rule is not None else {}),
     }
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16], cfg
-
-
-def done_runs(con: duckdb.DuckDBPyConnection, dict_id: int) -> list[tuple[int, dict]]:
-    rows = con.execute("SELECT id, result FROM runs WHERE stage = 'sample' AND status = 'done' ORDER BY id").fetchall()
-    out = []
-    for rid, result in rows:
-        res = json.loads(result) if result else {}
-        if res.get("dict_id") == dict_id:
-            out.append((rid, res))
-    return out
 
 
 # --- contexts rows ----------------------------------------------------------------------
@@ -159,59 +99,7 @@ class _Pending:
         self.rows = []
 
 
-def summary_counts(state: SampleState) -> dict[str, int]:
-    return {split: int(n) for split, n in zip(SPLITS, state.n_contexts.tolist())}
-
-
 # --- run -------------------------------------------------------------------------------------
-
-
-def _plan(settings: Settings, tokenizer: Any, docs: Iterable, limit: int, ss: SampleSettings,
-          dropped: dict[str, int]) -> tuple[dict[str, int], list[str]]:
-    """Contexts per split among the first `limit`; a split that gets none is an error.
-    Fills `dropped` with the near-duplicates of train contexts left out per split."""
-    counts = {s: 0 for s in SPLITS}
-    for c in iter_contexts(settings.corpus, tokenizer, splits=SPLITS, documents=docs, stop=limit, dropped=dropped):
-        if c.context_id >= limit:
-            break
-        counts[c.split] += 1
-    cs = settings.corpus
-    wanted = {"train": 1 - cs.validation_fraction - cs.heldout_fraction,
-              "validation": cs.validation_fraction, "heldout": cs.heldout_fraction}
-    if sum(counts.values()) == 0:
-        raise ExplainerError(
-            f"corpus {cs.source} yields no context of {cs.ctx_len} tokens; use a larger corpus or a smaller --ctx-len"
-        )
-    for split, n in counts.items():
-        if n == 0 and wanted[split] > 0:
-            also = f", or set corpus.{split}_fraction=0" if split != "train" else ""
-            raise ExplainerError(
-                f"split {split!r} got no contexts from the first {limit * cs.ctx_len:,} tokens of corpus {cs.source}; "
-                f"raise --tokens or use a larger corpus{also}"
-            )
-    notes = []
-    need = max(ss.n_top, ss.n_quantile, ss.n_nonactivating, ss.n_random)
-    for split, n in counts.items():
-        if 0 < n < need:
-            notes.append(f"split {split!r} has only {n} contexts, fewer than the {need} examples per latent requested")
-    return counts, notes
-
-
-def _previous(con: duckdb.DuckDBPyConnection, dict_id: int, name: str, key: str, shard: str,
-              resume: bool) -> Optional[dict]:
-    """The result of a finished identical run (a no-op), or None; refuses to mix settings."""
-    done = done_runs(con, dict_id)
-    if not resume:
-        return None
-    same = [res for _, res in done if res.get("config_key") == key and res.get("shard") in (shard, "merged")]
-    if same:
-        return same[-1]
-    if any(res.get("config_key") != key for _, res in done):
-        raise ExplainerError(
-            f"dictionary {name!r} was already sampled into this DB with other settings; pass --restart to replace "
-            "its samples, or use another --db"
-        )
-    return None
 
 
 def _saved_state(con: duckdb.DuckDBPyConnection, path: Optional[Path], dict_id: int, name: str, key: str,
@@ -241,19 +129,43 @@ def _saved_state(con: duckdb.DuckDBPyConnection, path: Optional[Path], dict_id: 
     return state
 
 
-def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str, *, lm: Any = None,
-        dict_name: Optional[str] = None, resume: bool = True, progress: Optional[Progress] = None) -> SampleResult:
-    """Sample this dictionary's examples into the DB; resumes a killed run, no-op when done.
+@dataclass
+class _Job:
+    """What one sample run works with, fixed before any row is written."""
+    settings: Settings
+    lm: Any
+    sae: Any
+    rule: Optional[OutlierRule]       # tokens the dictionary was trained without (outliers.py)
+    latents: LatentMap                # dictionary latents <-> state rows (sample.latents)
+    dict_id: int
+    name: str
+    fingerprint: str
+    key: str                          # config_key: a state or finished run counts only if it matches
+    cfg: dict[str, Any]
+    shard: tuple[int, int]
+    warnings: list[str]
 
-    resume=False (--restart) discards this dictionary's earlier samples and any checkpoint.
-    """
+    @property
+    def shard_text(self) -> str:
+        return f"{self.shard[0]}/{self.shard[1]}"
+
+    def result(self, con: duckdb.DuckDBPyConnection, res: dict[str, Any], t0: float, already: bool) -> SampleResult:
+        """The SampleResult of a run's result row (this run's, or an earlier identical run's)."""
+        return SampleResult(self.dict_id, self.name, self.shard_text, res["complete"], already, res["n_contexts"],
+                            res["n_tokens"], res.get("dead_latents"), res.get("median_frequency"), db_bytes(con),
+                            0.0 if already else res["tokens_per_s"], time.perf_counter() - t0,
+                            res.get("state_path"), self.warnings, res.get("n_outlier_tokens"))
+
+
+def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str, lm: Any,
+          dict_name: Optional[str]) -> _Job:
+    """Load and check the dictionary against the model and settings, and register it."""
     from explainer.lm import load_model
-    from explainer.sae import fingerprint, hub_id, load_dictionary, resolve_dictionary
+    from explainer.sae_files import hub_id, resolve_dictionary
+    from explainer.sae_formats import fingerprint, load_dictionary
 
-    t0 = time.perf_counter()
-    ss, T = settings.sample, settings.corpus.ctx_len
+    ss = settings.sample
     shard = parse_shard(ss.shard)
-    shard_text = f"{shard[0]}/{shard[1]}"
     if ss.n_reservoir < ss.n_quantile:
         raise ExplainerError(f"sample.n_reservoir={ss.n_reservoir} is below n_quantile={ss.n_quantile}; raise it")
     hub = hub_id(sae_path)
@@ -261,7 +173,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     sae = load_dictionary(sae_path, max_active=ss.max_active)
     lm = lm if lm is not None else load_model(settings.model)
     warnings = check_dictionary(sae, lm, ss)
-    subset = latent_subset(ss.latents, sae.d_sae)  # bad input fails before anything is written
+    latents = LatentMap.keep(latent_subset(ss.latents, sae.d_sae), sae.d_sae)  # bad input fails before any write
     sae = sae.to(lm.device).eval()
     fp = fingerprint(sae)
     name = dict_name or ("/".join(hub).strip("/") if hub else sae_path.resolve().name)
@@ -273,126 +185,169 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     # which would fill the top examples of the latents that happen to fire on them.
     rule = OutlierRule.from_cfg(sae.cfg)
     key, cfg = _config(settings, lm, fp, sae.activation == "topk", rule)
+    return _Job(settings, lm, sae, rule, latents, dict_id, name, fp, key, cfg, shard, warnings)
 
-    prev = _previous(con, dict_id, name, key, shard_text, resume)
-    if prev is not None:
-        return SampleResult(dict_id, name, shard_text, prev["complete"], True, prev["n_contexts"], prev["n_tokens"],
-                            prev.get("dead_latents"), prev.get("median_frequency"), db_bytes(con), 0.0,
-                            time.perf_counter() - t0, prev.get("state_path"), warnings, prev.get("n_outlier_tokens"))
-    limit = math.ceil(ss.tokens / T)
-    if limit > M31:  # context ids share an int64 with a 31-bit hash in the sketches
-        raise ExplainerError(f"sample.tokens={ss.tokens:,} is over 2^31 contexts of {T} tokens; lower --tokens")
-    check_fits(sae, ss, T, subset, lm.device)
-    docs = load_documents(settings.corpus)
-    dropped: dict[str, int] = {}
-    counts, notes = _plan(settings, lm.tokenizer, docs, limit, ss, dropped)  # bad input fails before any delete
-    warnings += notes
-    db_file = _db_file(con)
-    dict_row = con.execute(f"SELECT {', '.join(DICT_FIELDS)} FROM dictionaries WHERE id = ?", [dict_id]).fetchone()
-    contexts = sink(con, dict_id, shard, ss.parquet, dict(zip(DICT_FIELDS, dict_row)))
-    if isinstance(contexts, ParquetContexts):
-        spath: Optional[Path] = contexts.state_path
-    else:
-        spath = state_path(db_file, fp, shard) if db_file is not None else None
-    state = _saved_state(con, spath, dict_id, name, key, contexts, resume, lm.device)
-    total = len(range(shard[0], min(limit, sum(counts.values())), shard[1])) * T
-    if state is None:
-        meta = {"config_key": key, "config": cfg, "n_shards": shard[1], "shards": [shard[0]], "next_context": 0,
-                "complete": False, **({"latents": subset.tolist()} if subset is not None else {})}
-        state = new_state(d_sae=sae.d_sae if subset is None else len(subset) + 1, ctx_len=T, k=sae.k,
-                          n_top=ss.n_top, n_reservoir=ss.n_reservoir, n_pool=max(ss.nonactivating_pool, ss.n_random),
-                          n_zero=ss.n_nonactivating, acts_dtype=getattr(torch, ss.acts_dtype), device=lm.device,
-                          meta=meta)
-    ids = latent_ids(state, lm.device)
-    # Dictionary latent -> state row; latents outside the subset go to the sink row with value 0.
-    row_of = None
-    if subset is not None:
-        row_of = torch.full((sae.d_sae,), len(subset), dtype=torch.long, device=lm.device)
-        row_of[subset.to(lm.device)] = torch.arange(len(subset), device=lm.device)
-    run_id = store.start_run(con, "sample", settings.public_dict())
-    pending = _Pending(contexts, lm.token_strings)
-    split_index = {s: i for i, s in enumerate(SPLITS)}
-    start = state.meta["next_context"]
-    done_before = int(state.n_contexts.sum())
-    t_loop = time.perf_counter()
 
-    def checkpoint() -> None:
-        with store.transaction(con):
-            pending.write()
-        if spath is not None:  # after the commit: see the module docstring
-            save_state(state, spath)
+@dataclass
+class _Stream:
+    """The pass over this shard's contexts: folds each batch into the state and checkpoints."""
+    con: duckdb.DuckDBPyConnection
+    job: _Job
+    docs: Any
+    limit: int                        # contexts of all shards together
+    total: int                        # tokens of this shard (for progress)
+    dropped: dict[str, int]           # near-duplicates of train contexts left out, per split
+    contexts: DbContexts | ParquetContexts
+    spath: Optional[Path]             # the state file (None: an in-memory DB keeps none)
+    state: SampleState
+    pending: _Pending
+    ids: torch.Tensor                 # the global latent id of each state row, on the model's device
+    done_before: int = 0              # contexts a resumed state had already counted
+    t_loop: float = 0.0
 
-    def process(batch: list[Context]) -> None:
-        acts = lm.activations(torch.tensor([c.token_ids for c in batch], dtype=torch.long))
-        vals, idx = sae.encode(acts)
-        if rule is not None:
-            outlier = rule.mask(acts)
+    def checkpoint(self) -> None:
+        with store.transaction(self.con):
+            self.pending.write()
+        if self.spath is not None:  # after the commit: see the module docstring
+            save_state(self.state, self.spath)
+
+    def run(self, progress: Optional[Progress]) -> None:
+        """Every batch from the state's position on; the state is complete afterwards."""
+        settings, ss = self.job.settings, self.job.settings.sample
+        self.done_before, self.t_loop = int(self.state.n_contexts.sum()), time.perf_counter()
+        batch: list[Context] = []
+        n_batches = 0
+        for c in iter_contexts(settings.corpus, self.job.lm.tokenizer, splits=SPLITS,
+                               start=self.state.meta["next_context"], shard=self.job.shard, documents=self.docs,
+                               stop=self.limit):
+            if c.context_id >= self.limit:
+                break
+            batch.append(c)
+            if len(batch) == settings.model.batch_size:
+                self.process(batch, progress)
+                batch = []
+                n_batches += 1
+                if n_batches % ss.checkpoint_every == 0:
+                    self.checkpoint()
+        if batch:
+            self.process(batch, progress)
+        self.state.meta["complete"] = True
+
+    def codes(self, batch: list[Context]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's dictionary codes as (values, state rows); outlier tokens and the sink row are zero."""
+        job, state = self.job, self.state
+        acts = job.lm.activations(torch.tensor([c.token_ids for c in batch], dtype=torch.long))
+        vals, idx = job.sae.encode(acts)
+        if job.rule is not None:
+            outlier = job.rule.mask(acts)
             vals = vals.masked_fill(outlier[..., None].to(vals.device), 0)
             state.meta["n_outlier_tokens"] = state.meta.get("n_outlier_tokens", 0) + int(outlier.sum())
             state.meta["outlier_positions"] = add_histograms(state.meta.get("outlier_positions", {}),
                                                              position_histogram(outlier))
-        split = torch.tensor([split_index[c.split] for c in batch], device=vals.device)
+        return job.latents.to_rows(vals, idx)
+
+    def process(self, batch: list[Context], progress: Optional[Progress]) -> None:
+        state, T = self.state, self.job.settings.corpus.ctx_len
+        vals, idx = self.codes(batch)
+        split = torch.tensor([SPLITS.index(c.split) for c in batch], device=vals.device)
         cids = torch.tensor([c.context_id for c in batch], device=vals.device)
-        idx = idx.long()
-        if row_of is not None:
-            idx = row_of[idx]
-            vals = vals.masked_fill(idx == state.d_sae - 1, 0)
         with one_thread(vals.device):
-            peak = float(update(state, split, cids, vals.float(), idx, ids).max())
-        if ss.acts_dtype == "float16" and peak > FLOAT16_MAX:
+            peak = float(update(state, split, cids, vals.float(), idx, self.ids).max())
+        if self.job.settings.sample.acts_dtype == "float16" and peak > FLOAT16_MAX:
             raise ExplainerError(f"latent activations reach {peak:.4g}, beyond float16; "
                                  "rerun with --acts-dtype float32 --restart")
         state.meta["next_context"] = batch[-1].context_id + 1
-        pending.rows.extend(batch)
+        self.pending.rows.extend(batch)
         if progress is not None:
-            done = int(state.n_contexts.sum()) - done_before
-            progress({"tokens": (done + done_before) * T, "total": total,
-                      "tok_s": round(done * T / max(time.perf_counter() - t_loop, 1e-9))})
+            done = int(state.n_contexts.sum()) - self.done_before
+            progress({"tokens": (done + self.done_before) * T, "total": self.total,
+                      "tok_s": round(done * T / max(time.perf_counter() - self.t_loop, 1e-9))})
 
+
+def _prepare(con: duckdb.DuckDBPyConnection, job: _Job, resume: bool) -> _Stream:
+    """Plan the contexts, open where their rows go and the state to continue (or a new one).
+
+    Bad input fails here before any delete; then rows past a saved state are deleted."""
+    settings, ss, T, lm = job.settings, job.settings.sample, job.settings.corpus.ctx_len, job.lm
+    limit = math.ceil(ss.tokens / T)
+    if limit > M31:  # context ids share an int64 with a 31-bit hash in the sketches
+        raise ExplainerError(f"sample.tokens={ss.tokens:,} is over 2^31 contexts of {T} tokens; lower --tokens")
+    check_fits(job.sae, ss, T, job.latents, lm.device)
+    docs = load_documents(settings.corpus)
+    dropped: dict[str, int] = {}
+    counts, notes = plan_contexts(settings, lm.tokenizer, docs, limit, ss, dropped)
+    job.warnings += notes
+    db_path = db_file(con)
+    dict_row = con.execute(f"SELECT {', '.join(DICT_FIELDS)} FROM dictionaries WHERE id = ?", [job.dict_id]).fetchone()
+    contexts = sink(con, job.dict_id, job.shard, ss.parquet, dict(zip(DICT_FIELDS, dict_row)))
+    if isinstance(contexts, ParquetContexts):
+        spath: Optional[Path] = contexts.state_path
+    else:
+        spath = state_path(db_path, job.fingerprint, job.shard) if db_path is not None else None
+    state = _saved_state(con, spath, job.dict_id, job.name, job.key, contexts, resume, lm.device)
+    if state is None:
+        state = _new_state(job)
+    total = len(range(job.shard[0], min(limit, sum(counts.values())), job.shard[1])) * T
+    return _Stream(con, job, docs, limit, total, dropped, contexts, spath, state, _Pending(contexts, lm.token_strings),
+                   job.latents.hash_ids(lm.device))
+
+
+def _new_state(job: _Job) -> SampleState:
+    ss = job.settings.sample
+    meta = {"config_key": job.key, "config": job.cfg, "n_shards": job.shard[1], "shards": [job.shard[0]],
+            "next_context": 0, "complete": False, **job.latents.meta()}
+    return new_state(d_sae=job.latents.n_rows, ctx_len=job.settings.corpus.ctx_len,
+                     k=job.sae.k, n_top=ss.n_top, n_reservoir=ss.n_reservoir,
+                     n_pool=max(ss.nonactivating_pool, ss.n_random), n_zero=ss.n_nonactivating,
+                     acts_dtype=getattr(torch, ss.acts_dtype), device=job.lm.device, meta=meta)
+
+
+def _finish(con: duckdb.DuckDBPyConnection, stream: _Stream, run_id: int) -> dict[str, Any]:
+    """Record the finished pass: latents and examples for a whole run, the final state for a lone shard."""
+    job, state, ss, T = stream.job, stream.state, stream.job.settings.sample, stream.job.settings.corpus.ctx_len
+    result = {"dict_id": job.dict_id, "dict_name": job.name, "config_key": job.key, "shard": job.shard_text,
+              "n_contexts": summary_counts(state), "n_tokens": int(state.n_tokens.sum()),
+              **({"n_outlier_tokens": state.meta.get("n_outlier_tokens", 0),
+                  "outlier_positions": state.meta.get("outlier_positions", {})} if job.rule is not None else {}),
+              "near_duplicates_dropped": stream.dropped,
+              "tokens_per_s": (int(state.n_contexts.sum()) - stream.done_before) * T / (time.perf_counter() - stream.t_loop)}
+    if job.shard[1] == 1:
+        with store.transaction(con):
+            stream.pending.write()
+            result.update(write_results(con, job.dict_id, state, ss, [stream.contexts.relation()]), complete=True)
+            stream.contexts.finish()
+            store.finish_run(con, run_id, "done", result)
+        if stream.spath is not None and stream.spath.exists():
+            stream.spath.unlink()
+    else:  # a lone shard: `merge` writes latents and examples from all shards' states
+        stream.checkpoint()
+        result.update(complete=False, state_path=str(stream.spath), dead_latents=None, median_frequency=None,
+                      parquet=str(Path(ss.parquet).resolve()) if ss.parquet else None)
+        store.finish_run(con, run_id, "done", result)
+    return result
+
+
+def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str, *, lm: Any = None,
+        dict_name: Optional[str] = None, resume: bool = True, progress: Optional[Progress] = None) -> SampleResult:
+    """Sample this dictionary's examples into the DB; resumes a killed run, no-op when done.
+
+    resume=False (--restart) discards this dictionary's earlier samples and any checkpoint.
+    """
+    t0 = time.perf_counter()
+    job = _open(con, settings, sae_path, lm, dict_name)
+    prev = previous_result(con, job.dict_id, job.name, job.key, job.shard_text, resume)
+    if prev is not None:
+        return job.result(con, prev, t0, already=True)
+    stream = _prepare(con, job, resume)
+    run_id = store.start_run(con, "sample", settings.public_dict())
     try:
         with torch.inference_mode():
-            batch: list[Context] = []
-            n_batches = 0
-            for c in iter_contexts(settings.corpus, lm.tokenizer, splits=SPLITS, start=start, shard=shard, documents=docs,
-                                   stop=limit):
-                if c.context_id >= limit:
-                    break
-                batch.append(c)
-                if len(batch) == settings.model.batch_size:
-                    process(batch)
-                    batch = []
-                    n_batches += 1
-                    if n_batches % ss.checkpoint_every == 0:
-                        checkpoint()
-            if batch:
-                process(batch)
-            state.meta["complete"] = True
-            result = {"dict_id": dict_id, "dict_name": name, "config_key": key, "shard": shard_text,
-                      "n_contexts": summary_counts(state), "n_tokens": int(state.n_tokens.sum()),
-                      **({"n_outlier_tokens": state.meta.get("n_outlier_tokens", 0),
-                          "outlier_positions": state.meta.get("outlier_positions", {})} if rule is not None else {}),
-                      "near_duplicates_dropped": dropped,
-                      "tokens_per_s": (int(state.n_contexts.sum()) - done_before) * T / (time.perf_counter() - t_loop)}
-            if shard[1] == 1:
-                with store.transaction(con):
-                    pending.write()
-                    result.update(write_results(con, dict_id, state, ss, [contexts.relation()]), complete=True)
-                    contexts.finish()
-                    store.finish_run(con, run_id, "done", result)
-                if spath is not None and spath.exists():
-                    spath.unlink()
-            else:  # a lone shard: `merge` writes latents and examples from all shards' states
-                checkpoint()
-                result.update(complete=False, state_path=str(spath), dead_latents=None, median_frequency=None,
-                              parquet=str(Path(ss.parquet).resolve()) if ss.parquet else None)
-                store.finish_run(con, run_id, "done", result)
+            stream.run(progress)
+            result = _finish(con, stream, run_id)
     except BaseException as e:
         try:
             store.finish_run(con, run_id, "failed", {"error": f"{type(e).__name__}: {e}"})
         except duckdb.Error:
             pass
         raise
-    return SampleResult(dict_id, name, shard_text, result["complete"], False, result["n_contexts"],
-                        result["n_tokens"], result["dead_latents"], result["median_frequency"], db_bytes(con),
-                        result["tokens_per_s"], time.perf_counter() - t0, result.get("state_path"), warnings,
-                        result.get("n_outlier_tokens"))
+    return job.result(con, result, t0, already=False)

@@ -16,7 +16,8 @@ import duckdb
 
 from explainer import store
 from explainer.errors import ExplainerError
-from explainer.sample import SampleResult, db_bytes, done_runs, summary_counts, parse_shard, state_path
+from explainer.sample import SampleResult
+from explainer.sample_runs import db_bytes, done_runs, parse_shard, state_path, summary_counts
 from explainer.sample_parquet import (
     DICT_FIELDS, copy_used_contexts, is_parquet_folder, parquet_relation, read_dictionary, state_files,
 )

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from explainer import store
+from explainer.sampler_latents import LatentMap
 from explainer.sampler_state import (
-    EMPTY, M31, S, SPLITS, SampleState, hash31, latent_ids, one_thread, sketch_cid, sort_slots, top_cid, top_max,
+    EMPTY, M31, S, SPLITS, SampleState, hash31, one_thread, sketch_cid, sort_slots, top_cid, top_max,
 )
 from explainer.settings import SampleSettings
 
@@ -88,19 +89,21 @@ def _rows(lat: Tensor, rank: Tensor, cid: Tensor, max_act: Tensor, acts: Tensor,
 def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_nonactivating: int,
                  n_random: int, tokens: TokenTable) -> dict[str, dict[str, Any]]:
     """Rows of each example kind for split index s (per-kind dicts of tensors); `state` went through sort_slots()."""
-    L, T = state.d_sae, int(state.meta["ctx_len"])
+    L = state.d_sae
     sl = slice(s * L, (s + 1) * L)
-    ids = latent_ids(state)
-    out: dict[str, dict[str, Any]] = {}
-
     tk = state.top_key[sl]
-    t_valid = tk >= 0
-    t_cid = top_cid(tk)
+    t_valid, t_cid = tk >= 0, top_cid(tk)
     lat, rank = t_valid.nonzero(as_tuple=True)
-    out["top"] = _rows(lat, rank, t_cid[lat, rank], top_max(tk)[lat, rank], state.top_acts[sl][lat, rank])
+    top = _rows(lat, rank, t_cid[lat, rank], top_max(tk)[lat, rank], state.top_acts[sl][lat, rank])
+    return {"top": top, "quantile": _quantile(state, sl, t_valid, t_cid, n_quantile, n_bins),
+            "nonactivating": _nonactivating(state, s, t_valid, t_cid, n_nonactivating, tokens),
+            "random": _random(state, s, n_random)}
 
-    # Quantile: equal-count bins over the reservoir minus the top examples, n_quantile
-    # evenly spaced order statistics (the reservoir is already a uniform sample).
+
+def _quantile(state: SampleState, sl: slice, t_valid: Tensor, t_cid: Tensor, n_quantile: int,
+              n_bins: int) -> dict[str, Any]:
+    """Equal-count bins over the reservoir minus the top examples, n_quantile evenly spaced
+    order statistics (the reservoir is already a uniform sample)."""
     rk = state.res_key[sl]
     r_cid = sketch_cid(rk)
     in_top = ((r_cid.unsqueeze(2) == t_cid.unsqueeze(1)) & t_valid.unsqueeze(1)).any(2)
@@ -114,25 +117,35 @@ def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_
     lat, rank = ok.nonzero(as_tuple=True)
     slot = pick[lat, rank]
     bins = (pos * n_bins // m.clamp(min=1))[lat, rank]
-    out["quantile"] = _rows(lat, rank, r_cid[lat, slot], state.res_max[sl][lat, slot],
-                            state.res_acts[sl][lat, slot], bins)
+    return _rows(lat, rank, r_cid[lat, slot], state.res_max[sl][lat, slot], state.res_acts[sl][lat, slot], bins)
 
-    # Non-activating: pool contexts where the latent is zero everywhere, alternating hard
-    # ones (holding a token the top examples peak on, so scorers test specificity) and plain
-    # ones in the latent's own hash order.
-    n_h = min(HARD_TOKENS, tk.shape[1])
-    peak_tok = torch.full(tk.shape, -1, dtype=torch.int64)
+
+def _hard_tokens(top_acts: Tensor, t_valid: Tensor, t_cid: Tensor, tokens: TokenTable) -> tuple[Tensor, Tensor]:
+    """Per latent, up to HARD_TOKENS tokens its top examples peak on, most often first, and how
+    often ([L, n_h] each; token -1 and count 0 where there are fewer)."""
+    n_top = t_valid.shape[1]
+    peak_tok = torch.full(t_valid.shape, -1, dtype=torch.int64)
     if t_valid.any():
-        peak_pos = state.top_acts[sl][t_valid].float().argmax(-1, keepdim=True)
+        peak_pos = top_acts[t_valid].float().argmax(-1, keepdim=True)
         peak_tok[t_valid] = tokens.of(t_cid[t_valid]).gather(1, peak_pos).squeeze(1)
     same = peak_tok.unsqueeze(2) == peak_tok.unsqueeze(1)
     count = (same & t_valid.unsqueeze(1)).sum(2) * t_valid
     first = ~(same & torch.ones(same.shape[1:], dtype=torch.bool).tril(-1)).any(2)
-    score = torch.where(t_valid & first, count * (tk.shape[1] + 1) - torch.arange(tk.shape[1]), -1)
-    best, j = score.topk(n_h, dim=1)
-    hard_tok = torch.where(best > 0, peak_tok.gather(1, j), -1)  # [L, n_h]
-    hard_cnt = torch.where(best > 0, count.gather(1, j), 0)
+    score = torch.where(t_valid & first, count * (n_top + 1) - torch.arange(n_top), -1)
+    best, j = score.topk(min(HARD_TOKENS, n_top), dim=1)
+    return torch.where(best > 0, peak_tok.gather(1, j), -1), torch.where(best > 0, count.gather(1, j), 0)
 
+
+def _nonactivating(state: SampleState, s: int, t_valid: Tensor, t_cid: Tensor, n_nonactivating: int,
+                   tokens: TokenTable) -> dict[str, Any]:
+    """Pool contexts where the latent is zero everywhere, alternating hard ones (holding a token
+    the top examples peak on, so scorers test specificity) and plain ones in the latent's own
+    hash order; topped up from the zero sketch."""
+    L, T = state.d_sae, int(state.meta["ctx_len"])
+    sl = slice(s * L, (s + 1) * L)
+    hard_tok, hard_cnt = _hard_tokens(state.top_acts[sl], t_valid, t_cid, tokens)
+    n_h = hard_tok.shape[1]
+    ids = LatentMap.of_state(state).hash_ids()
     pk = state.pool_key[s]
     nq = int((pk < EMPTY).sum())
     q_cid = sketch_cid(pk[:nq])
@@ -163,15 +176,21 @@ def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_
         cids.append(q_cid[pick[lat, rank]])
     lat, rank, cid = (torch.cat(x) if x else torch.zeros(0, dtype=torch.long) for x in (lats, ranks, cids))
     lat, rank, cid = _top_up(state.zero_key[sl], lat, rank, cid, n_nonactivating)
-    out["nonactivating"] = _rows(lat, rank, cid, torch.zeros(len(cid)), torch.zeros(len(cid), T))
+    return _rows(lat, rank, cid, torch.zeros(len(cid)), torch.zeros(len(cid), T))
 
-    nr = min(n_random, nq)
+
+def _random(state: SampleState, s: int, n_random: int) -> dict[str, Any]:
+    """The first n_random pool contexts, the same for every latent, with each latent's activations."""
+    L, T = state.d_sae, int(state.meta["ctx_len"])
+    pk = state.pool_key[s]
+    nr = min(n_random, int((pk < EMPTY).sum()))
+    q_cid = sketch_cid(pk[:nr])
+    k = state.pool_vals.shape[-1]
     dense = torch.zeros(nr * T, L)
     dense.scatter_(1, state.pool_idx[s, :nr].reshape(-1, k).long(), state.pool_vals[s, :nr].reshape(-1, k))
     acts = dense.view(nr, T, L).permute(2, 0, 1).reshape(L * nr, T)
-    out["random"] = _rows(torch.arange(L).repeat_interleave(nr), torch.arange(nr).repeat(L),
-                          q_cid[:nr].repeat(L), acts.amax(1) if nr else torch.zeros(0), acts)
-    return out
+    return _rows(torch.arange(L).repeat_interleave(nr), torch.arange(nr).repeat(L),
+                 q_cid.repeat(L), acts.amax(1) if nr else torch.zeros(0), acts)
 
 
 def _top_up(zero_key: Tensor, lat: Tensor, rank: Tensor, cid: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -201,13 +220,6 @@ def _ranks(keys: Tensor) -> Tensor:
 
 
 # --- DB rows -------------------------------------------------------------------------------
-
-
-def _to_dictionary_ids(rows: dict[str, Any], subset: Tensor) -> dict[str, Any]:
-    keep = rows["latent"] < len(subset)
-    out = {k: (v[keep] if isinstance(v, Tensor) else v) for k, v in rows.items()}
-    out["latent"] = subset[out["latent"].long()]
-    return out
 
 
 def kept_ids(state: SampleState) -> np.ndarray:
@@ -263,11 +275,8 @@ def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleSta
         state = state.to(cpu)
         sort_slots(state)  # in place: the caller is done with the state
         lat = latent_rows(state)
-    subset = state.meta.get("latents")
-    if subset is not None:  # state rows -> the dictionary's latent ids; the sink row is dropped
-        n = len(subset)
-        lat = {k: v[:n] for k, v in lat.items()}
-        lat["latent"] = np.asarray(subset, dtype=np.int32)
+    latents = LatentMap.of_state(state)  # state rows -> the dictionary's latent ids; the sink row is dropped
+    lat = {**{k: v[:latents.n_latents] for k, v in lat.items()}, "latent": latents.latents()}
     store.insert_arrow(con, "latents", pa.table({
         "dict_id": pa.array([dict_id] * len(lat["latent"]), pa.int32()),
         **{k: v for k, v in lat.items() if k != "quantiles"},
@@ -278,8 +287,7 @@ def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleSta
             kinds = example_rows(state, s, n_quantile=ss.n_quantile, n_bins=ss.n_quantile_bins,
                                  n_nonactivating=ss.n_nonactivating, n_random=ss.n_random, tokens=tokens)
         for kind, rows in kinds.items():
-            if subset is not None:
-                rows = _to_dictionary_ids(rows, torch.tensor(subset, dtype=torch.int32))
+            rows = latents.to_dictionary(rows)
             if len(rows["latent"]):
                 store.insert_arrow(con, "examples", _examples_table(dict_id, split, kind, rows))
     freq = torch.from_numpy(lat["frequency"])

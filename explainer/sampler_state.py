@@ -52,19 +52,6 @@ LOW32 = (1 << 32) - 1
 POOL_SALT = M31  # the "latent" whose hash orders the shared pool of contexts
 
 
-SINK = M31 - 1  # the global id of the extra latent a subset run folds every other latent into
-
-
-def latent_ids(state: "SampleState", device: torch.device | str = "cpu") -> Tensor:
-    """Global latent id of each state row of a split: the dictionary's own ids, or with a
-    `sample.latents` subset those ids plus a sink. Hashes use these, so a latent's sketches
-    are the same whether it was sampled alone, in a subset or with every latent."""
-    ids = state.meta.get("latents")
-    if ids is None:
-        return torch.arange(state.d_sae, device=device)
-    return torch.tensor(list(ids) + [SINK], dtype=torch.int64, device=device)
-
-
 def hash31(a: Tensor, b: Tensor) -> Tensor:
     """A 31-bit hash of (a, b), bijective in b for fixed a (no collisions among contexts).
 
@@ -232,10 +219,9 @@ def _acts_of(vals: Tensor, idx: Tensor, ctx: Tensor, latent: Tensor, d_sae: int)
     return out
 
 
-def update(state: SampleState, split: Tensor, cids: Tensor, vals: Tensor, idx: Tensor,
-           ids: Optional[Tensor] = None) -> Tensor:
+def update(state: SampleState, split: Tensor, cids: Tensor, vals: Tensor, idx: Tensor, ids: Tensor) -> Tensor:
     """Fold one batch in. split, cids [B]; vals, idx [B, T, k] (the SAE's sparse codes, in state
-    rows); ids: latent_ids(state) on the batch's device, passed in to spare a copy per batch.
+    rows); ids: the global latent id of each row, on the batch's device (LatentMap.hash_ids).
 
     Works on the sparse codes only (never a dense [B, T, d_sae] tensor), so the cost grows
     with B*T*k plus the examples that change. Returns the per-context max activation [B, L].
@@ -256,7 +242,6 @@ def update(state: SampleState, split: Tensor, cids: Tensor, vals: Tensor, idx: T
 
     cid_col = cids.view(B, 1)
     tkey = top_key(ctx_max, cid_col)
-    ids = ids if ids is not None else latent_ids(state, dev)
     skey = sketch_key(hash31(ids.view(1, L), cid_col), cid_col)
     res_cand = torch.where(fired, skey, torch.full_like(skey, CAND_NONE))
     zero_cand = torch.where(fired, torch.full_like(skey, CAND_NONE), skey)

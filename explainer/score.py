@@ -40,7 +40,8 @@ from explainer.errors import ExplainerError
 from explainer.llm import LLMClient, gather_or_cancel, reason_kind, resolve_endpoint
 from explainer.judge import detection_items, fuzzing_items, judge
 from explainer.settings import ScoreSettings, Settings
-from explainer.simulate import Outcome, ScoreFailed, Snippet, Spend, check_template, simulate
+from explainer.score_types import Outcome, ScoreFailed, Snippet, Spend
+from explainer.simulate import check_template, simulate
 
 SCORERS = ("simulation", "detection", "fuzzing")
 SCORE_SPLITS = examples.SCORE_SPLITS

@@ -1,25 +1,20 @@
 """Every default and its help text, in one pydantic model with a section per stage.
 
-Sources, lowest to highest: field defaults, `--config explainer.toml`, environment
-variables (secrets only: OPENAI_API_KEY, OPENAI_BASE_URL), flags the user typed.
 The CLI builds its flags from these fields, so a default's description is its --help.
+Merging the sources (defaults, `--config explainer.toml`, environment variables for secrets,
+flags) into one Settings, and the one-line errors, are settings_load.py's.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tomllib
 import typing
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-
-from explainer.errors import ExplainerError
-from pydantic import field_validator  # noqa: E402  (apart from the line above: LLMSettings' finite checks)
-
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 def cache_dir() -> Path:
@@ -31,7 +26,7 @@ SEED_MAX = 2**63 - 1  # torch and numpy generators take seeds in [0, 2**63)
 _NUMBER = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 
 
-def _base_type(annotation: Any) -> Any:
+def base_type(annotation: Any) -> Any:
     """int for int and Optional[int], float likewise, else the annotation itself."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return args[0] if typing.get_origin(annotation) is not None and len(args) == 1 else annotation
@@ -52,7 +47,7 @@ class Section(BaseModel):
         out = dict(data)
         for name, value in data.items():
             field = cls.model_fields.get(name)
-            kind = _base_type(field.annotation) if field is not None else None
+            kind = base_type(field.annotation) if field is not None else None
             if kind in (int, float) and isinstance(value, bool):
                 raise ValueError(f"{name}: {value!r} is not a number")
             if kind is int and isinstance(value, str) and _NUMBER.match(value):
@@ -264,10 +259,14 @@ class LLMSettings(Section):
         return v
 
 
+# A list of ids is what code passes (pipeline.py) and what a TOML file may write: latents = [3, 17].
+LATENTS_HELP = "which latents: all, 3, 0-99, 1,5,9, a SQL WHERE over latents, or in TOML a list of ids"
+
+
 class ExplainSettings(Section):
     explainer: Literal["llm", "ngram"] = Field("llm", description="llm asks the endpoint; ngram is the offline N2G baseline")
     template: str = Field("explain", description="prompt template name in prompts/ or a path to a .txt file")
-    latents: str = Field("all", description="which latents: all, 3, 0-99, 1,5,9, or a SQL WHERE over latents")
+    latents: str | list[int] = Field("all", description=LATENTS_HELP)
     n_top: int = Field(10, ge=0, le=10_000, description="top train-split examples shown to the explainer")
     n_quantile: int = Field(10, ge=0, le=10_000, description="quantile train-split examples shown to the explainer")
     n_nonactivating: int = Field(4, ge=0, le=10_000, description="non-activating train-split contrast examples shown")
@@ -285,7 +284,7 @@ class ScoreSettings(Section):
             "/v1/completions; one call per snippet; vLLM, llama.cpp)"
         ),
     )
-    latents: str = Field("all", description="which latents: all, 3, 0-99, 1,5,9, or a SQL WHERE over latents")
+    latents: str | list[int] = Field("all", description=LATENTS_HELP)
     explanations: Optional[str] = Field(
         None, description="SQL WHERE over the explanations table choosing which ok explanations to score, e.g. \"explainer = 'llm'\""
     )
@@ -384,113 +383,3 @@ class Settings(Section):
         data = self.model_dump(mode="json")
         data["llm"].pop("api_key", None)
         return data
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_assignment(text: str) -> dict[str, Any]:
-    """`train.lr=3e-4` -> {"train": {"lr": "3e-4"}}; pydantic coerces the string."""
-    if "=" not in text:
-        raise ExplainerError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. --set train.lr=3e-4")
-    dotted, value = text.split("=", 1)
-    keys = dotted.strip().split(".")
-    out: dict[str, Any] = {}
-    node = out
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = value
-    return out
-
-
-def _valid_keys(loc: tuple) -> list[str]:
-    """Field names allowed where an unknown key was found, so the error can suggest them."""
-    model: Any = Settings
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
-        if field is None:
-            return []
-        model = field.annotation
-    return list(getattr(model, "model_fields", {}))
-
-
-_NUMERIC_ERRORS = {"int_parsing", "int_from_float", "int_type", "float_parsing", "float_type", "finite_number",
-                   "greater_than", "greater_than_equal", "less_than", "less_than_equal"}
-
-
-def allowed_range(field: Any) -> str:
-    """`an integer from 2 to 281,474,976,710,656`, `a finite number > 0 and <= 1`: what a numeric field takes."""
-    kind = "an integer" if _base_type(field.annotation) is int else "a finite number"
-    bounds = {op: getattr(m, op) for m in field.metadata for op in ("gt", "ge", "lt", "le") if hasattr(m, op)}
-    fmt = (lambda v: f"{v:,}") if kind == "an integer" else (lambda v: f"{v:g}")
-    if "ge" in bounds and "le" in bounds and kind == "an integer":
-        return f"{kind} from {fmt(bounds['ge'])} to {fmt(bounds['le'])}"
-    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    limits = [f"{ops[k]} {fmt(v)}" for k, v in bounds.items()]
-    return kind + (" " + " and ".join(limits) if limits else "")
-
-
-def _field(loc: tuple) -> Any:
-    model: Any = Settings
-    field = None
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(str(part))
-        if field is None:
-            return None
-        model = field.annotation
-    return field
-
-
-def one_line(err: ValidationError, flags: Optional[dict[str, str]] = None) -> str:
-    """Each problem as `--flag VALUE (section.field): must be RANGE`, never pydantic's multi-line dump.
-
-    `flags` maps section.field to the flag the command line gave it (they differ between verbs);
-    a setting without one is named as `section.field=VALUE`, as --set and the config file write it.
-    """
-    parts = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        where = ".".join(str(p) for p in loc)
-        field = _field(loc)
-        if e["type"] == "extra_forbidden":
-            keys = _valid_keys(loc)
-            parts.append(f"{where}: unknown setting" + (f" (valid here: {', '.join(keys)})" if keys else ""))
-        elif e["type"] in _NUMERIC_ERRORS and field is not None and len(loc) == 2:
-            value = e["input"] if isinstance(e["input"], str) else repr(e["input"])
-            flag = (flags or {}).get(where)
-            named = f"{flag} {value} ({where})" if flag else f"{where}={value}"
-            parts.append(f"{named}: must be {allowed_range(field)}")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts)
-
-
-def load_settings(path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None,
-                  flags: Optional[dict[str, str]] = None) -> Settings:
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ExplainerError(f"config file {path} not found (pass an existing TOML file to --config)") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ExplainerError(f"config file {path} is not valid TOML: {e}") from None
-    env: dict[str, Any] = {}
-    if os.environ.get("OPENAI_API_KEY"):
-        env.setdefault("llm", {})["api_key"] = os.environ["OPENAI_API_KEY"]
-    if os.environ.get("OPENAI_BASE_URL"):
-        env.setdefault("llm", {})["base_url"] = os.environ["OPENAI_BASE_URL"]
-    merged = deep_merge(deep_merge(data, env), overrides or {})
-    try:
-        return Settings.model_validate(merged)
-    except ValidationError as e:
-        src = f" (in {path} or flags)" if path else ""
-        raise ExplainerError(f"invalid settings{src}: {one_line(e, flags)}") from None

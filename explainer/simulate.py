@@ -28,242 +28,30 @@ side is constant): the "all" score. It is NOT Bills et al.'s headline number; th
 "top-and-random" correlation is `Outcome.stats["top_random"]`, the one to compare with published
 results. `Outcome.stats` also holds per-kind correlations, a 95% bootstrap interval over
 snippets and the constant predictor's baseline (metrics.simulation_stats).
-Shared pieces used by the other scorers (snippets, spend, JSON answers) live here too.
+The records all scorers share are score_types.py's; reading answers (JSON, digits) is score_answers.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import math
 import random
-import re
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Awaitable, Optional, Sequence, TypeVar, Union
+from typing import Any, Awaitable, Optional, Sequence
 
 import numpy as np
-from pydantic import Field, StrictBool, TypeAdapter, ValidationError
 
 from explainer import prompts
 from explainer.errors import ExplainerError
-from explainer.examples import Example
-from explainer.llm import Answer, CallFailed, LLMClient, Reply
+from explainer.llm import Answer, LLMClient
 from explainer.metrics import BOOT_LEVEL, BOOT_N, pearson, simulation_stats
+from explainer.score_answers import batches, digit_mass, json_params, parse_logprobs, parse_predictions
+from explainer.score_types import KINDS, Outcome, ScoreFailed, Snippet, SnippetResult, Spend, gather_answers
 from explainer.settings import ScoreSettings
+from explainer.simulate_echo import render, simulate_all_at_once
 
-T = TypeVar("T")
-KINDS = ("top", "quantile", "random", "nonactivating")
 LOGPROBS_END = "Activation:"
 
 
-# --- data ----------------------------------------------------------------------------------
-
-
-# One held-out (or validation) example: the shared record of explainer/examples.py.
-Snippet = Example
-
-
-@dataclass
-class SnippetResult:
-    """What a scorer asked about one snippet and what the model said."""
-
-    snippet: Snippet
-    predicted: Optional[list[float]] = None  # simulation: one 0-9 prediction per token
-    label: Optional[bool] = None  # detection: the latent fires here; fuzzing: highlights are the firing tokens
-    answer: Optional[bool] = None  # detection/fuzzing: the model's yes/no
-    highlights: Optional[list[int]] = None  # fuzzing: token positions shown highlighted
-
-
-@dataclass
-class Spend:
-    """Calls and tokens behind one score (cache hits report the cached response's usage)."""
-
-    calls: int = 0
-    failed_calls: int = 0
-    cache_hits: int = 0
-    prompt_tokens: Optional[int] = None
-    completion_tokens: Optional[int] = None
-    cost: Optional[float] = None
-    errors: list[str] = field(default_factory=list)
-
-    def add(self, item: Answer[Any] | CallFailed) -> None:
-        self.calls += 1
-        if isinstance(item, CallFailed):
-            self.failed_calls += 1
-            self.errors.append(item.reason)
-        else:
-            self.cache_hits += item.cache_hit
-        self.prompt_tokens = _plus(self.prompt_tokens, item.prompt_tokens)
-        self.completion_tokens = _plus(self.completion_tokens, item.completion_tokens)
-        self.cost = _plus(self.cost, item.cost)
-
-
-def _plus(a: Any, b: Any) -> Any:
-    return b if a is None else (a if b is None else a + b)
-
-
-@dataclass
-class Outcome:
-    """One explanation scored by one scorer: the score, its details and every snippet's answer.
-
-    `stats` (also in `details["stats"]`): `ci_low`/`ci_high`, the 95% percentile bootstrap of
-    `score` over snippets (1000 resamples seeded by `score.seed`), and `baseline`, the trivial
-    scorer's score on the same snippets (simulation: a constant predictor, 0.0; detection and
-    fuzzing: the always-yes judge's balanced accuracy); simulation adds `all` (= `score`),
-    `top_random` (Bills et al.'s), `top`, `quantile` and `random` (None when absent/undefined)."""
-
-    scorer: str
-    mode: str
-    score: float
-    details: dict[str, Any]
-    results: list[SnippetResult]
-    spend: Spend
-    stats: dict[str, Optional[float]] = field(default_factory=dict)
-
-
-class ScoreFailed(Exception):
-    """No score: some call failed after its retries, or there was nothing to score."""
-
-    def __init__(self, reason: str, spend: Optional[Spend] = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.spend = spend or Spend()
-
-
-async def gather_answers(calls: Sequence[Awaitable[Answer[T]]], spend: Spend) -> list[T]:
-    """Every call's value in order; if any call failed, ScoreFailed (after all have finished,
-    so the ledger and the spend account for every request that was sent)."""
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    values: list[T] = []
-    for r in results:
-        if isinstance(r, CallFailed):
-            spend.add(r)
-        elif isinstance(r, BaseException):
-            raise r
-        else:
-            spend.add(r)
-            values.append(r.value)
-    if spend.errors:
-        raise ScoreFailed(f"{len(spend.errors)} of {len(results)} calls failed: {spend.errors[0]}", spend)
-    return values
-
-
-# --- JSON answers ----------------------------------------------------------------------------
-
-_FENCE = re.compile(r"^```[\w-]*\s*|\s*```$")
-Digit = Annotated[int, Field(ge=0, le=9, strict=True)]
-Bit = Union[StrictBool, Annotated[int, Field(ge=0, le=1, strict=True)]]
-PREDICTIONS = TypeAdapter(dict[str, list[Digit]])
-VERDICTS = TypeAdapter(dict[str, Bit])
-
-
-def json_object(text: Optional[str]) -> dict[str, Any]:
-    """The one JSON object in an answer (code fences and chatter around it are tolerated)."""
-    t = _FENCE.sub("", (text or "").strip())
-    start, end = t.find("{"), t.rfind("}")
-    if start < 0 or end < start:
-        raise ValueError("answer holds no JSON object")
-    try:
-        obj = json.loads(t[start : end + 1])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"answer is not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise ValueError("answer is not a JSON object")
-    return obj
-
-
-def parse_keyed(reply: Reply, keys: Sequence[str], adapter: TypeAdapter[dict[str, Any]]) -> dict[str, Any]:
-    """A JSON object with exactly `keys`, each value valid for `adapter`; else ValueError (asked again)."""
-    if reply.finish_reason == "length":
-        raise ValueError("answer cut off at max_tokens")
-    obj = json_object(reply.text)
-    missing = [k for k in keys if k not in obj]
-    extra = [k for k in obj if k not in keys]
-    if missing or extra:
-        raise ValueError(f"answer has snippets {sorted(obj)[:12]}, expected {list(keys)}")
-    try:
-        return adapter.validate_python(obj)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = err["loc"]
-        where = f"snippet {loc[0]}" + (f", token {loc[1] + 1}" if len(loc) > 1 and isinstance(loc[1], int) else "")
-        raise ValueError(f"{where}: {err['msg']} (got {str(err.get('input'))[:30]})") from None
-
-
-def parse_predictions(reply: Reply, lengths: dict[str, int]) -> dict[str, list[int]]:
-    """Per-snippet predictions, each exactly as long as its snippet."""
-    data = parse_keyed(reply, list(lengths), PREDICTIONS)
-    for key, n in lengths.items():
-        if len(data[key]) != n:
-            raise ValueError(f"snippet {key}: {len(data[key])} predictions for {n} tokens")
-    return data
-
-
-def parse_verdicts(reply: Reply, keys: Sequence[str]) -> dict[str, bool]:
-    return {k: bool(v) for k, v in parse_keyed(reply, keys, VERDICTS).items()}
-
-
-def json_params(s: ScoreSettings, max_tokens: int, floor: int) -> dict[str, Any]:
-    """Room for the whole answer (a cut-off JSON is useless), and optionally JSON mode."""
-    params: dict[str, Any] = {"max_tokens": max(floor, max_tokens)}
-    if s.json_response_format:
-        params["response_format"] = {"type": "json_object"}
-    return params
-
-
-def batches(items: Sequence[T], size: int) -> list[list[T]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
-# --- logprobs --------------------------------------------------------------------------------
-
-
-def expected_digit(top: dict[str, float]) -> tuple[float, float]:
-    """(expected value, probability mass on digits) of one token's alternatives.
-
-    " 7" and "7" both count as 7; the digits' probabilities are renormalized, so a model
-    that puts little mass on digits still gives a prediction (the mass is reported)."""
-    probs = [0.0] * 10
-    for token, logprob in top.items():
-        t = token.strip()
-        if len(t) == 1 and "0" <= t <= "9" and math.isfinite(logprob):
-            probs[int(t)] += math.exp(logprob)
-    mass = sum(probs)
-    if mass <= 0:
-        shown = ", ".join(repr(k) for k in list(top)[:5])
-        raise ValueError(f"no digit among the top logprobs ({shown})")
-    return sum(d * p for d, p in enumerate(probs)) / mass, mass
-
-
-def parse_logprobs(reply: Reply, base_url: str) -> tuple[float, float]:
-    if reply.top_logprobs is None:
-        # Deterministic for an endpoint: asking again would only spend more.
-        raise ExplainerError(
-            f"the endpoint {base_url} returned no logprobs; simulation mode logprobs needs top_logprobs "
-            "(llama.cpp: logits_all true), or use --mode json"
-        )
-    if not reply.top_logprobs:
-        raise ValueError("no generated token in the answer")
-    return expected_digit(reply.top_logprobs[0])
-
-
-def digit_mass(masses: Sequence[Sequence[float]], snippets: Sequence[Snippet], s: ScoreSettings,
-               spend: Spend) -> dict[str, float]:
-    """Mean and least probability on the digits over every token's slot (one list per snippet).
-
-    ScoreFailed when any is below `s.min_digit_mass`: there the model is not answering with a
-    digit, and renormalizing the few digits it weighed would report a prediction it never made."""
-    flat = [m for per in masses for m in per]
-    mean, low = float(np.mean(flat)), min(flat)
-    if low < s.min_digit_mass:
-        j, i = next((j, i) for j, per in enumerate(masses) for i, m in enumerate(per) if m == low)
-        n_low = sum(m < s.min_digit_mass for m in flat)
-        raise ScoreFailed(
-            f"the simulator put {low:.3g} probability on the digits 0-9 at token {i + 1} "
-            f"({snippets[j].tokens[i]!r}) of snippet {j + 1}; {n_low} of {len(flat)} tokens are below "
-            f"score.min_digit_mass = {s.min_digit_mass} (mean {mean:.3g}), so their digits would be rescaled from "
-            "noise: use a simulator model that answers with digits, or --mode json", spend)
-    return {"digit_mass": round(mean, 4), "digit_mass_min": round(low, 4)}
+# --- prompts ---------------------------------------------------------------------------------
 
 
 def logprobs_values(explanation: str, tokens: Sequence[str], i: int) -> dict[str, Any]:
@@ -294,8 +82,6 @@ def check_template(tpl: prompts.Template, mode: str) -> None:
         tpl.require(("explanation", "snippets"))
         tpl.render(explanation="", snippets="", n_snippets=0)
     elif mode == "all_at_once":
-        from explainer.simulate_echo import render
-
         tpl.require(("explanation", "rows"))
         render(tpl, "", ["a"])
     else:
@@ -331,8 +117,6 @@ async def simulate(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template, expl
     if s.mode == "json":
         preds, details["shuffle"] = await _simulate_json(llm, s, tpl, explanation, snippets, latent, spend)
     elif s.mode == "all_at_once":
-        from explainer.simulate_echo import simulate_all_at_once
-
         preds, mass = await simulate_all_at_once(llm, s, tpl, explanation, snippets, latent, spend)
         details.update(mass)
     else:

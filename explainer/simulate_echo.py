@@ -31,6 +31,8 @@ from typing import Awaitable, Optional, Sequence
 from explainer import prompts
 from explainer.errors import ExplainerError
 from explainer.llm import Answer, CallFailed, LLMClient, Reply
+from explainer.score_answers import digit_mass, expected_digit
+from explainer.score_types import ScoreFailed, gather_answers
 from explainer.settings import ScoreSettings
 
 SLOT = "unknown"
@@ -82,8 +84,6 @@ def _require_echo(reply: Reply, base_url: str, min_tokens: int) -> None:
 
 def parse_slots(reply: Reply, slots: Sequence[int], base_url: str) -> list[tuple[float, float]]:
     """(expected digit, digit mass) at each slot."""
-    from explainer.simulate import expected_digit
-
     _require_echo(reply, base_url, len(slots) + 1)
     where = {}
     for j, o in enumerate(_offsets(reply)):
@@ -146,8 +146,6 @@ async def simulate_all_at_once(llm: LLMClient, s: ScoreSettings, tpl: prompts.Te
                                snippets: Sequence, latent: Optional[int], spend) -> tuple[list[list[float]], dict]:
     """Predictions per snippet and the mean and least probability mass on digits at the slots
     (ScoreFailed when a slot is under `s.min_digit_mass`)."""
-    from explainer.simulate import ScoreFailed, digit_mass, gather_answers
-
     try:
         await check_endpoint(llm, s)
     except CallFailed as e:

@@ -13,7 +13,7 @@ Everything after it touches only the k selected latents per token, so:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -282,6 +282,19 @@ class _SparseSAE(torch.autograd.Function):
         return grad_x, grad_wenc, grad_benc, grad_wdec, grad_bdec, None, None, None, None, None, None, None
 
 
+class SparseForward(NamedTuple):
+    """What sparse_forward returns; unrequested parts are [N, 0]."""
+    x_hat: Tensor          # the decoding of the top-k (with b_dec)
+    values: Tensor         # [N, k] of the top-k latents, after ReLU
+    indices: Tensor        # [N, k]
+    aux_x_hat: Tensor      # AuxK: the top k_aux among the `dead` latents, decoded without b_dec
+    aux_values: Tensor
+    aux_indices: Tensor
+    multi_x_hat: Tensor    # Multi-TopK: the top multi_k, decoded
+    multi_values: Tensor
+    multi_indices: Tensor
+
+
 def sparse_forward(
     x: Tensor,
     W_enc: Tensor,
@@ -296,16 +309,16 @@ def sparse_forward(
     mm_dtype: Optional[torch.dtype] = None,
     workspace: Optional[Workspace] = None,
     unit_decoder: bool = False,
-) -> tuple[Tensor, ...]:
+) -> SparseForward:
     """ReLU(TopK((x - b_dec) @ W_enc + b_enc)) and its decoding, with a sparse backward.
 
-    Returns (x_hat, values, indices, aux_x_hat, aux_values, aux_indices, multi_x_hat, multi_values,
-    multi_indices): the AuxK set is the top k_aux among the `dead` latent ids, decoded without b_dec;
-    Multi-TopK decodes the top multi_k. Unrequested parts are [N, 0]; with W_dec None nothing is
-    decoded (encoding only). `mm_dtype` runs only the encoder matmul in that dtype (bf16 autocast).
-    With `unit_decoder`, W_dec's gradient comes back without its components along the (unit) rows.
+    The AuxK set is the top k_aux among the `dead` latent ids, decoded without b_dec; Multi-TopK
+    decodes the top multi_k. With W_dec None nothing is decoded (encoding only). `mm_dtype` runs
+    only the encoder matmul in that dtype (bf16 autocast). With `unit_decoder`, W_dec's gradient
+    comes back without its components along the (unit) rows.
     """
-    return _SparseSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, multi_k, mm_dtype, workspace, unit_decoder)
+    return SparseForward(*_SparseSAE.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, multi_k, mm_dtype, workspace,
+                                           unit_decoder))
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import duckdb
 
@@ -678,21 +678,29 @@ def register_dictionary(con: duckdb.DuckDBPyConnection, *, name: str, path: str,
 
 # --- latent selectors ---------------------------------------------------------------------
 
-def select_latents(con: duckdb.DuckDBPyConnection, dict_id: int, selector: str) -> list[int]:
-    """`all`, `7`, `0-99`, `1,5,10-19`, or a SQL condition over the latents table's columns."""
-    sel = selector.strip()
-    if sel == "all":
+def select_latents(con: duckdb.DuckDBPyConnection, dict_id: int, selector: str | Sequence[int]) -> list[int]:
+    """The sampled latents a selector picks: a list of ids, or text (selectors.py): `all`, `7`,
+    `0-99`, `1,5,10-19`, or a SQL condition over the latents table's columns."""
+    if isinstance(selector, str):
+        sel = selectors.parse(selector)
+    else:  # each id a range of one
+        ids = sorted({int(i) for i in selector})
+        sel = selectors.LatentSelector("ids", str(ids), ranges=[(i, i) for i in ids])
+    top = 2**31  # latent is an INTEGER: larger ids are simply absent, never a bind error
+    if sel.kind == "all":
         rows = con.execute("SELECT latent FROM latents WHERE dict_id = ? ORDER BY latent", [dict_id]).fetchall()
-    elif (ranges := selectors.parse_ids(sel)) is not None:
-        top = 2**31  # latent is an INTEGER: larger ids are simply absent, never a bind error
+    elif sel.ranges is not None:
         # A range join over the merged (disjoint) ranges: each latent appears once.
         rows = con.execute(
             """SELECT l.latent FROM latents l
                JOIN (SELECT unnest(?::BIGINT[]) AS lo, unnest(?::BIGINT[]) AS hi) r ON l.latent BETWEEN r.lo AND r.hi
                WHERE l.dict_id = ? ORDER BY l.latent""",
-            [[min(lo, top) for lo, _ in ranges], [min(hi, top) for _, hi in ranges], dict_id]).fetchall()
+            [[min(lo, top) for lo, _ in sel.ranges], [min(hi, top) for _, hi in sel.ranges], dict_id]).fetchall()
+    elif sel.kind == "random":
+        raise ExplainerError(f"--latents {selector!r}: random:N picks the latents `sample` keeps; here use "
+                             f"{selectors.IDS_GRAMMAR}, or a SQL condition over the latents columns")
     else:
-        rows = _select_where(con, dict_id, selector, sel)
+        rows = _select_where(con, dict_id, sel.text, sel.text.strip())
     latents = [r[0] for r in rows]
     if not latents:
         raise ExplainerError(

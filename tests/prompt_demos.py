@@ -18,9 +18,10 @@ import sys
 from typing import Any
 
 from explainer import prompts
-from explainer.agent import Miss, show_misses
+from explainer.agent_loop import Miss, show_misses
 from explainer.explain import Example, prompt_values
-from explainer.simulate import Snippet, SnippetResult, logprobs_values, snippet_list
+from explainer.score_types import Snippet, SnippetResult
+from explainer.simulate import logprobs_values, snippet_list
 from explainer.simulate_echo import rows_text
 
 Demo = tuple[dict[str, Any], str]  # (the values of the real request's placeholders, the answer)

@@ -279,7 +279,7 @@ def test_truncated_sampler_checkpoint_on_resume(tiny_lm: Path, tiny_corpus: Path
     """The sampler's state file beside the DB, truncated (a disk that filled up, a bad copy)."""
     from explainer import sample as sample_mod
     from explainer import store
-    from explainer.settings import load_settings
+    from explainer.settings_load import load_settings
 
     sae = make_sae(tmp_path / "sae")
     db = tmp_path / "x.duckdb"
@@ -351,6 +351,17 @@ def test_selectors_share_one_grammar(filled: Path) -> None:
     assert store.select_latents(con, 1, "0-99999999999999") == [0, 1, 2]  # beyond INTEGER: absent, not a crash
     with pytest.raises(ExplainerError, match="outside 0-2"):
         latent_subset("0-99999999999999", 3)  # refused before a 10**14-element tensor is made
+
+
+def test_a_list_of_ids_selects_like_its_text_and_random_n_is_for_sample_only(filled: Path) -> None:
+    from explainer import store
+
+    con = store.connect(filled)
+    assert store.select_latents(con, 1, [2, 0, 2, 7]) == store.select_latents(con, 1, "0,2,7") == [0, 2]
+    with pytest.raises(ExplainerError, match="matches no latent"):
+        store.select_latents(con, 1, [])
+    with pytest.raises(ExplainerError, match="random:N picks the latents `sample` keeps"):
+        store.select_latents(con, 1, "random:2")
 
 
 @pytest.mark.parametrize("sel,fragment", [("5-2", "range 5-2 is reversed"), ("-5", "expected all, random:N, or ids"),

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from explainer.cli import VERBS, build_parser
-from explainer.settings import Settings, load_settings
+from explainer.settings import Settings
+from explainer.settings_load import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

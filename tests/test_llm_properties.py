@@ -20,7 +20,7 @@ from explainer.explain import parse_explanation
 from explainer.llm import CallFailed, LLMClient, cache_key, checked_reply, text_of
 from explainer.llm_wire import MAX_USAGE_TOKENS
 from explainer.settings import LLMSettings
-from explainer.simulate import parse_logprobs, parse_predictions, parse_verdicts
+from explainer.score_answers import parse_logprobs, parse_predictions, parse_verdicts
 from tests.openai_server import Reply, ScriptedServer
 
 # --- endpoint bodies -----------------------------------------------------------------------------

@@ -11,10 +11,11 @@ import pytest
 
 from explainer import prompts
 from explainer.errors import ExplainerError
-from explainer.agent import Miss, show_misses
+from explainer.agent_loop import Miss, show_misses
 from explainer.explain import REQUIRED_PLACEHOLDERS, Example, prompt_values
 from explainer.settings import ScoreSettings
-from explainer.simulate import Snippet, SnippetResult, logprobs_prompt, snippet_list
+from explainer.score_types import Snippet, SnippetResult
+from explainer.simulate import logprobs_prompt, snippet_list
 from explainer.simulate_echo import render
 from tests.prompt_demos import DEMOS, ONE_SECTION, demo_text, real_request
 

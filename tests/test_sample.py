@@ -15,7 +15,8 @@ from explainer import store
 from explainer.corpus import iter_contexts
 from explainer.errors import ExplainerError
 from explainer.lm import load_model
-from explainer.sae import TopKSAE, save_dictionary
+from explainer.sae import TopKSAE
+from explainer.sae_formats import save_dictionary
 from explainer.sampler_state import POOL_SALT, hash31
 from explainer.settings import CorpusSettings, ModelSettings, SampleSettings, Settings
 
@@ -72,7 +73,7 @@ def tables(db: Path) -> dict[str, list[tuple]]:
 
 def brute_force(env: dict[str, Any], sae_path: Path | None = None) -> tuple[list, torch.Tensor]:
     """Every context's dense latent acts [N, T, d_sae], batched exactly as the sampler batches."""
-    from explainer.sae import load_dictionary
+    from explainer.sae_formats import load_dictionary
 
     s, lm = env["settings"], env["lm"]
     sae = load_dictionary(sae_path or env["sae"], max_active=10_000)

@@ -16,7 +16,7 @@ import pytest
 from explainer import examples, score, store
 from explainer.errors import ExplainerError
 from explainer.settings import LLMSettings, ScoreSettings, Settings
-from explainer.simulate import ScoreFailed
+from explainer.score_types import ScoreFailed
 from tests.openai_server import Reply, Request, ScriptedServer, llm_server  # noqa: F401
 
 CITY = {" Paris": 2.0, " Rome": 1.0, " Venice": 0.5}  # latent 0

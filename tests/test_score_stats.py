@@ -25,7 +25,8 @@ from explainer.llm import LLMClient
 from explainer.metrics import pearson
 from explainer.ngram_fit import LatentExamples, Pattern, PatternSet, score_examples
 from explainer.settings import LLMSettings, ScoreSettings
-from explainer.simulate import Outcome, ScoreFailed, Snippet, Spend, simulate
+from explainer.score_types import Outcome, ScoreFailed, Snippet, Spend
+from explainer.simulate import simulate
 from tests.openai_server import Reply, Request, ScriptedServer, llm_server  # noqa: F401
 
 ACT = {" Paris": 2.0, " Rome": 1.0, " Venice": 0.5}

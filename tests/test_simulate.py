@@ -17,9 +17,9 @@ from explainer import prompts, store
 from explainer.errors import ExplainerError
 from explainer.llm import LLMClient, Reply as LLMReply
 from explainer.settings import LLMSettings, ScoreSettings
-from explainer.simulate import (
-    ScoreFailed, Snippet, expected_digit, json_object, parse_predictions, parse_verdicts, simulate,
-)
+from explainer.score_answers import expected_digit, json_object, parse_predictions, parse_verdicts
+from explainer.score_types import ScoreFailed, Snippet
+from explainer.simulate import simulate
 from tests.openai_server import Reply, Request, ScriptedServer, llm_server  # noqa: F401
 
 # The latent: 2.0 on " Paris", 1.0 on " Rome", 0.5 on " Venice". A simulator predicting

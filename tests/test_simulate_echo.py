@@ -18,7 +18,7 @@ import pytest
 from explainer import prompts, serve
 from explainer.errors import ExplainerError
 from explainer.settings import ScoreSettings
-from explainer.simulate import ScoreFailed
+from explainer.score_types import ScoreFailed
 from explainer.simulate_echo import PROBE, SLOT, render
 from tests.openai_server import ECHO_TOKEN, Reply, Request, echo_reply, llm_server  # noqa: F401
 from tests.test_score import db, make_settings, rows, run_score  # noqa: F401  (db is a fixture)

@@ -10,9 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from explainer.errors import ExplainerError
-from explainer.sae import TopKSAE, load_dictionary
+from explainer.sae import TopKSAE
+from explainer.sae_formats import load_dictionary
 from explainer.settings import CorpusSettings, ModelSettings, Settings, TrainSettings
-from explainer.train import Trainer, geometric_median, run
+from explainer.train import run
+from explainer.train_step import Trainer, geometric_median
 
 
 @pytest.fixture(autouse=True)
@@ -281,7 +283,7 @@ def test_sample_leaves_outlier_tokens_out_by_the_dictionary_rule(
 def test_a_second_run_on_the_same_out_fails_at_once(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
     import os
 
-    from explainer.train import _locked
+    from explainer.train_files import _locked
 
     out = tmp_path / "sae"
     with _locked(out):
