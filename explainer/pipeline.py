@@ -113,8 +113,8 @@ def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactor
                 scres = score.run(con, s, dict_id, progress=bar)
             stages.append({"stage": "LLM", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
                            "detail": f"{eres.ok} explained, {eres.failed} failed, {eres.skipped} already done; "
-                                     f"{scres.ok} scores, {scres.failed} failed; {eres.calls + scres.calls} calls "
-                                     f"({eres.cache_hits + scres.cache_hits} from cache)"})
+                                     f"{scres.ok} scores, {scres.failed} failed; {eres.spend.calls + scres.spend.calls} calls "
+                                     f"({eres.spend.cache_hits + scres.spend.cache_hits} from cache)"})
         store.finish_run(con, run_id, "done", {"stages": stages})
         labels = [dict(zip([d[0] for d in cur.description], r)) for cur in [con.execute(
             """SELECT latent, explanation, explainer, selected_by, round(validation, 3) AS validation,

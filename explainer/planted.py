@@ -28,6 +28,7 @@ from explainer.planted_features import (  # noqa: F401  (the benchmark's public 
     ANIMALS, COLOURS, KINSHIP, NUMBER_WORDS, Feature, after, after_word, bigram, default_features, digit_value,
     graded_bigram, inside_quotes, per_string, position, token, word_class,
 )
+from explainer.results import progress_dict
 
 
 class PlantedModel:
@@ -193,10 +194,10 @@ def _separation(explainer: str, scorer: str, mode: str, matched: list[float], sh
 
 
 def _stage(progress: Progress, name: str) -> Optional[Callable[[Any], None]]:
-    """Forward a stage's progress (a dict or a dataclass) tagged with the stage's name."""
+    """Forward a stage's progress (a dict or a results.Progress) tagged with the stage's name."""
     if progress is None:
         return None
-    return lambda info: progress({**(info if isinstance(info, dict) else asdict(info)), "stage": name})
+    return lambda info: progress({**progress_dict(info), "stage": name})
 
 
 def _ngram_stage(con: Any, dict_id: int, n: int, progress: Progress) -> tuple[list[dict[str, Any]], Separation]:
