@@ -8,7 +8,6 @@ never hides a value from --config. `--set section.field=value` reaches every set
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
 import typing
@@ -86,14 +85,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides_from(args), flags=getattr(args, "_flags", None))
 
 
-def as_dict(result: Any) -> dict[str, Any]:
-    if hasattr(result, "summary"):
-        return result.summary()
-    if dataclasses.is_dataclass(result):
-        return dataclasses.asdict(result)
-    return dict(result)
-
-
 # --- verbs ---------------------------------------------------------------------------------
 
 
@@ -103,9 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     s = settings_from(args)
     with ui.progress_bar("train", enabled=not args.json) as bar:
         res = train.run(s, progress=bar, resume=args.resume)
-    flat = {"out": str(res.out), "steps": res.steps, "tokens": res.tokens,
-            "tokens_per_s": round(res.tokens_per_s, 1), **res.metrics}
-    ui.emit_mapping(flat, as_json=args.json, title=f"dictionary saved to {res.out}")
+    ui.show_result(res, as_json=args.json, title=f"dictionary saved to {res.out}")
     return 0
 
 
@@ -117,7 +106,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with store.connect(s.db) as con:
         with ui.progress_bar("sample", enabled=not args.json) as bar:
             res = sample.run(con, s, sae_path, dict_name=args.dict_name, resume=not args.restart, progress=bar)
-    ui.emit_mapping(as_dict(res), as_json=args.json, title=f"samples written to {s.db}")
+    ui.show_result(res, as_json=args.json, title=f"samples written to {s.db}")
     return 0
 
 
@@ -127,7 +116,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     s = settings_from(args)
     with store.connect(s.db) as con:
         res = sample_merge.merge(con, [Path(p) for p in args.shards], dict_name=args.dict_name)
-    ui.emit_mapping(as_dict(res), as_json=args.json, title=f"shards merged into {s.db}")
+    ui.show_result(res, as_json=args.json, title=f"shards merged into {s.db}")
     return 0
 
 
@@ -155,16 +144,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             return 0
         with ui.progress_bar("explain", enabled=not args.json) as bar:
             res = explain.run(con, s, dict_id, progress=bar)
-    return _emit_stage(res, args, "explain")
-
-
-def _emit_stage(res: Any, args: argparse.Namespace, title: str) -> int:
-    from explainer import ui
-
-    if res.estimate is not None:
-        ui.emit_mapping(res.estimate, as_json=args.json, title=f"{title} --estimate: nothing was sent")
-    else:
-        ui.emit_mapping(as_dict(res), as_json=args.json, title=title)
+    ui.show_result(res, as_json=args.json, title="explain")
     return 0
 
 
@@ -174,7 +154,7 @@ def _explain_agent(args: argparse.Namespace, s: Settings, con: Any, dict_id: int
 
     with ui.progress_bar("agent", enabled=not args.json) as bar:
         res = agent.run(con, s, dict_id, progress=bar)
-    ui.emit_mapping(res.summary(), as_json=args.json, title="explanation agent (chosen on validation, scored on heldout)")
+    ui.show_result(res, as_json=args.json, title="explanation agent (chosen on validation, scored on heldout)")
     return 0
 
 
@@ -201,7 +181,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         dict_id = store.dictionary_id(con, args.dict)
         with ui.progress_bar("score", enabled=not args.json) as bar:
             res = score.run(con, s, dict_id, progress=bar)
-    return _emit_stage(res, args, "score")
+    ui.show_result(res, as_json=args.json, title="score")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -228,11 +209,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  "(add --base-url URL --llm-model NAME, or --local, for LLM labels)[/dim]")
         res = pipeline.run(s, llm=use_llm, llm_latents=args.llm_latents,
                            bars=lambda name: ui.progress_bar(name, enabled=not args.json))
+    ui.show_result(res, as_json=args.json)
     if args.json:
-        ui.emit_mapping(res.summary(), as_json=True)
         return 0
-    ui.emit(res.stages, as_json=False, title="stages")
-    ui.emit(res.labels, as_json=False, title="labels: best explanation per latent (chosen on validation; held-out score reported)")
     db = s.db
     from explainer import query, store
 
@@ -255,11 +234,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     db = args.db or Path("runs/planted.duckdb")
     with ui.progress_bar("planted benchmark", enabled=not args.json) as bar:
         res = planted.run_planted(db, s, base_url=s.llm.base_url, progress=bar)
-    if args.json:
-        ui.emit_mapping(res.to_json(), as_json=True)
-    else:
-        ui.emit(res.table(), as_json=False, title=f"planted-feature benchmark ({db})")
-        ui.emit_mapping(res.summary(), as_json=False, title="summary")
+    ui.show_result(res, as_json=args.json, title="summary")
     return 0
 
 

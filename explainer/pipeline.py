@@ -20,6 +20,7 @@ from typing import Any, Callable, ContextManager
 
 from explainer import store
 from explainer.errors import ExplainerError
+from explainer.results import StageResult
 from explainer.settings import Settings
 
 # A factory of per-stage progress callbacks: stage name -> context manager yielding a callback.
@@ -31,13 +32,23 @@ def _no_bar(_name: str) -> ContextManager[Callable[[Any], None]]:
 
 
 @dataclass
-class PipelineResult:
+class PipelineResult(StageResult):
     db: Path
     dict_id: int
     stages: list[dict[str, Any]] = field(default_factory=list)
     labels: list[dict[str, Any]] = field(default_factory=list)
 
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "db": str(self.db)}
+
     def summary(self) -> dict[str, Any]:
+        return {}  # its tables are the whole story
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {"stages": self.stages,
+                "labels: best explanation per latent (chosen on validation; held-out score reported)": self.labels}
+
+    def to_json(self) -> dict[str, Any]:
         return {"db": str(self.db), "stages": self.stages, "labels": self.labels}
 
 

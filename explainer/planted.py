@@ -28,7 +28,7 @@ from explainer.planted_features import (  # noqa: F401  (the benchmark's public 
     ANIMALS, COLOURS, KINSHIP, NUMBER_WORDS, Feature, after, after_word, bigram, default_features, digit_value,
     graded_bigram, inside_quotes, per_string, position, token, word_class,
 )
-from explainer.results import progress_dict
+from explainer.results import StageResult, progress_dict
 
 
 class PlantedModel:
@@ -131,7 +131,7 @@ class Separation:
 
 
 @dataclass
-class PlantedResult:
+class PlantedResult(StageResult):
     db: str
     dict_id: int
     run_id: int
@@ -145,6 +145,9 @@ class PlantedResult:
 
     def table(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {f"planted-feature benchmark ({self.db})": self.table()}
 
     def by_class(self) -> list[dict[str, Any]]:
         """Per feature class, mean held-out simulation of the n-gram explanation (n-gram simulator;
@@ -177,9 +180,12 @@ class PlantedResult:
         out["seconds"] = round(self.wall_s, 1)
         return out
 
-    def to_json(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k not in ("rows", "separation")},
                 "rows": self.table(), "separation": [asdict(s) for s in self.separation], "by_class": self.by_class()}
+
+    def to_json(self) -> dict[str, Any]:
+        return self.as_dict()
 
 
 def _mean(vals: list[float]) -> Optional[float]:

@@ -20,7 +20,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -31,6 +31,7 @@ from explainer import store
 from explainer.corpus import Context, iter_contexts, load_documents
 from explainer.errors import ExplainerError
 from explainer.outliers import OutlierRule, add_histograms, position_histogram
+from explainer.results import StageResult
 from explainer.sample_parquet import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sampler_select import write_results
 from explainer.sampler_subset import check_fits, latent_subset
@@ -44,7 +45,7 @@ FLOAT16_MAX = 65504.0
 
 
 @dataclass
-class SampleResult:
+class SampleResult(StageResult):
     dict_id: int
     dict_name: str
     shard: str
@@ -61,8 +62,16 @@ class SampleResult:
     warnings: list[str] = field(default_factory=list)
     n_outlier_tokens: Optional[int] = None  # tokens the dictionary's outlier rule left out (None: it has none)
 
-    def summary(self) -> dict[str, Any]:
-        return asdict(self)
+    @classmethod
+    def from_record(cls, con: duckdb.DuckDBPyConnection, record: dict[str, Any], *, dict_id: int, dict_name: str,
+                    shard: str, already_complete: bool, warnings: list[str], t0: float) -> SampleResult:
+        """The result of a sample (or merge) run from what its runs row records (`record`)."""
+        return cls(dict_id=dict_id, dict_name=dict_name, shard=shard, complete=record["complete"],
+                   already_complete=already_complete, n_contexts=record["n_contexts"], n_tokens=record["n_tokens"],
+                   dead_latents=record.get("dead_latents"), median_frequency=record.get("median_frequency"),
+                   db_bytes=db_bytes(con), tokens_per_s=0.0 if already_complete else record["tokens_per_s"],
+                   wall_s=time.perf_counter() - t0, state_path=record.get("state_path"), warnings=warnings,
+                   n_outlier_tokens=record.get("n_outlier_tokens"))
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -276,9 +285,8 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
 
     prev = _previous(con, dict_id, name, key, shard_text, resume)
     if prev is not None:
-        return SampleResult(dict_id, name, shard_text, prev["complete"], True, prev["n_contexts"], prev["n_tokens"],
-                            prev.get("dead_latents"), prev.get("median_frequency"), db_bytes(con), 0.0,
-                            time.perf_counter() - t0, prev.get("state_path"), warnings, prev.get("n_outlier_tokens"))
+        return SampleResult.from_record(con, prev, dict_id=dict_id, dict_name=name, shard=shard_text,
+                                        already_complete=True, warnings=warnings, t0=t0)
     limit = math.ceil(ss.tokens / T)
     if limit > M31:  # context ids share an int64 with a 31-bit hash in the sketches
         raise ExplainerError(f"sample.tokens={ss.tokens:,} is over 2^31 contexts of {T} tokens; lower --tokens")
@@ -392,7 +400,5 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
         except duckdb.Error:
             pass
         raise
-    return SampleResult(dict_id, name, shard_text, result["complete"], False, result["n_contexts"],
-                        result["n_tokens"], result["dead_latents"], result["median_frequency"], db_bytes(con),
-                        result["tokens_per_s"], time.perf_counter() - t0, result.get("state_path"), warnings,
-                        result.get("n_outlier_tokens"))
+    return SampleResult.from_record(con, result, dict_id=dict_id, dict_name=name, shard=shard_text,
+                                    already_complete=False, warnings=warnings, t0=t0)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from explainer.errors import ExplainerError
 from explainer.outliers import OutlierRule, position_histogram
+from explainer.results import StageResult
 from explainer.sae import TopKSAE, layer_norm, log10_frequency, recover_folder, save_dictionary
 from explainer.settings import Settings, TrainSettings
 from explainer.train_files import CHECKPOINT, METRICS, _check_finite, _check_out, _locked, _save_checkpoint  # noqa: F401
@@ -209,7 +210,7 @@ def _activations(lm: Any, ids: Tensor, batch_size: int) -> Tensor:
 
 
 @dataclass
-class TrainResult:
+class TrainResult(StageResult):
     out: Path
     metrics: dict[str, Any]
     steps: int
@@ -217,6 +218,13 @@ class TrainResult:
     seconds: float
     tokens_per_s: float
     resumed: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "out": str(self.out)}
+
+    def summary(self) -> dict[str, Any]:
+        return {"out": str(self.out), "steps": self.steps, "tokens": self.tokens,
+                "tokens_per_s": round(self.tokens_per_s, 1), **self.metrics}
 
 
 def _run_identity(settings: Settings) -> dict[str, Any]:

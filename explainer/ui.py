@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from rich.text import Text
 
-from explainer.results import ProgressInfo, progress_dict
+from explainer.results import ProgressInfo, StageResult, progress_dict
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -87,6 +87,18 @@ def emit_mapping(data: dict[str, Any], *, as_json: bool, title: Optional[str] = 
     for k, v in data.items():
         table.add_row(literal(str(k)), literal(v))
     console.print(table)
+
+
+def show_result(result: StageResult, *, as_json: bool, title: Optional[str] = None) -> None:
+    """Any stage's result: its row tables, then its summary as a two-column table; or its JSON."""
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), default=str, indent=1) + "\n")
+        return
+    for name, rows in result.tables().items():
+        emit(rows, as_json=False, title=name)
+    summary = result.summary()
+    if summary:
+        emit_mapping(summary, as_json=False, title=result.title(title) if title is not None else None)
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from explainer import batch, cli, explain, score, store
+from explainer import cli, explain, score, store
 from explainer.errors import ExplainerError
 from explainer.settings import Settings
 from tests.openai_server import Reply, ScriptedServer, llm_server  # noqa: F401
