@@ -129,18 +129,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.agent:
             return _explain_agent(args, s, con, dict_id)
         if s.explain.explainer == "ngram":
-            from explainer import examples, ngram
-
-            latents = store.select_latents(con, dict_id, s.explain.latents)
-            with ui.progress_bar("n-gram explain", enabled=not args.json) as bar:
-                ngram.explain_all(con, dict_id, latents, progress=bar)
-            # The n-gram explanation carries its own simulator, so score it at once: on validation (what
-            # selects labels) and heldout, on the snippets an LLM scorer with these settings reads.
-            with ui.progress_bar("n-gram score", enabled=not args.json) as bar:
-                ngram.score_all(con, dict_id, "both", progress=bar, latents=latents,
-                                limits=examples.counts_of(s.score, ngram.SCORED_KINDS))
-            summary = query_ngram_summary(con, dict_id, latents)
-            ui.emit_mapping(summary, as_json=args.json, title="n-gram explanations")
+            with ui.progress_bar("n-gram", enabled=not args.json) as bar:
+                nres = explain.run_ngram(con, s, dict_id, progress=bar)
+            ui.show_result(nres, as_json=args.json, title="n-gram explanations")
             return 0
         with ui.progress_bar("explain", enabled=not args.json) as bar:
             res = explain.run(con, s, dict_id, progress=bar)
@@ -156,21 +147,6 @@ def _explain_agent(args: argparse.Namespace, s: Settings, con: Any, dict_id: int
         res = agent.run(con, s, dict_id, progress=bar)
     ui.show_result(res, as_json=args.json, title="explanation agent (chosen on validation, scored on heldout)")
     return 0
-
-
-def query_ngram_summary(con: Any, dict_id: int, latents: list[int]) -> dict[str, Any]:
-    row = con.execute(
-        """SELECT count(DISTINCT e.latent) FILTER (WHERE e.status = 'ok'),
-                  count(DISTINCT e.latent) FILTER (WHERE e.status = 'failed'),
-                  quantile_cont(s.score, [0.25, 0.5, 0.75])
-           FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok' AND s.split = 'heldout'
-                AND s.mode = 'ngram'  -- the n-gram simulator's scores only: one simulator, one snippet set
-           WHERE e.dict_id = ? AND e.explainer = 'ngram' AND list_contains(?, e.latent)""",
-        [dict_id, latents],
-    ).fetchone()
-    q = row[2] or [None, None, None]
-    return {"latents explained": row[0], "latents failed (never fired in train)": row[1],
-            "heldout simulation score q25": q[0], "median": q[1], "q75": q[2]}
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""`explainer explain`: one LLM call per latent turns its train-split examples into a short explanation.
+"""`explainer explain`: one LLM call per latent turns its train-split examples into a short explanation
+(`run`; `run_ngram` is the same command with the offline n-gram explainer, scored at once).
 
 Only `train`-split examples reach the prompt (the shared loader's SQL reads one split), so the
 held-out split stays unseen for scoring. The run is resumable: a latent that already has
@@ -10,8 +11,9 @@ answers already paid for come back from the response cache.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import duckdb
 from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
@@ -20,8 +22,11 @@ from explainer import examples as example_store, llm_pool, prompts, store
 from explainer.errors import ExplainerError
 from explainer.examples import Example
 from explainer.llm import CallFailed, LLMClient, Reply, resolve_endpoint
-from explainer.results import LLMSpend, OnProgress
+from explainer.results import LLMSpend, OnProgress, StageResult, tagged
 from explainer.settings import ExplainSettings, Settings
+
+if TYPE_CHECKING:
+    from explainer import ngram
 
 REQUIRED_PLACEHOLDERS = ("top_examples",)
 # Latents whose examples are read in one query: one round trip instead of one per latent.
@@ -231,3 +236,57 @@ def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, tpl:
         return None if row["status"] == "ok" else row["error"]
 
     return llm_pool.Pass("explain", jobs, explain_one, total=len(todo), known_errors="no train-split")
+
+
+# --- the n-gram baseline as the same command (`--explainer ngram`) ----------------------------
+
+
+@dataclass
+class NgramResult(StageResult):
+    """One n-gram explain command: explanations, then their scores on validation and heldout."""
+
+    run_id: int
+    dict_id: int
+    requested: int
+    explained: Optional[ngram.ExplainResult] = None
+    scored: Optional[ngram.ScoreResult] = None
+    latents_ok: int = 0  # requested latents with an ok n-gram explanation, from this run or an earlier one
+    latents_failed: int = 0
+    heldout_quartiles: list[Optional[float]] = field(default_factory=lambda: [None, None, None])
+    wall_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        q = self.heldout_quartiles
+        return {"latents explained": self.latents_ok, "latents failed (never fired in train)": self.latents_failed,
+                "heldout simulation score q25": q[0], "median": q[1], "q75": q[2]}
+
+
+def run_ngram(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
+              progress: Optional[Callable[[dict[str, Any]], None]] = None) -> NgramResult:
+    """Explain `settings.explain.latents` with n-grams and score them, as one recorded run (stage
+    "ngram") whose rows carry its id. `progress` gets each step's reports tagged "explain" or "score"."""
+    from explainer import ngram
+
+    latents = store.select_latents(con, dict_id, settings.explain.latents)
+    run_id = store.start_run(con, "ngram", settings.public_dict())
+    result = NgramResult(run_id, dict_id, len(latents))
+    with store.recorded_run(con, run_id, result, time.perf_counter()):
+        result.explained = ngram.explain_all(con, dict_id, latents, progress=tagged(progress, "explain"),
+                                             run_id=run_id)
+        # The n-gram explanation carries its own simulator, so score it at once: on validation (what
+        # selects labels) and heldout, on the snippets an LLM scorer with these settings reads.
+        result.scored = ngram.score_all(con, dict_id, "both", progress=tagged(progress, "score"), latents=latents,
+                                        limits=example_store.counts_of(settings.score, ngram.SCORED_KINDS),
+                                        run_id=run_id)
+        ok, failed, quartiles = con.execute(
+            """SELECT count(DISTINCT e.latent) FILTER (WHERE e.status = 'ok'),
+                      count(DISTINCT e.latent) FILTER (WHERE e.status = 'failed'),
+                      quantile_cont(s.score, [0.25, 0.5, 0.75])
+               FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok'
+                    AND s.split = 'heldout' AND s.mode = 'ngram'  -- this simulator's scores only: one snippet set
+               WHERE e.dict_id = ? AND e.explainer = 'ngram' AND list_contains(?, e.latent)""",
+            [dict_id, latents],
+        ).fetchone() or (0, 0, None)  # an aggregate: always one row
+        result.latents_ok, result.latents_failed = ok, failed
+        result.heldout_quartiles = list(quartiles or [None, None, None])
+    return result

@@ -64,6 +64,15 @@ def progress_dict(info: ProgressInfo) -> dict[str, Any]:
     return info.as_dict() if isinstance(info, Progress) else dict(info)
 
 
+def tagged(progress: Optional[Callable[[dict[str, Any]], None]],
+           stage: str) -> Optional[Callable[[ProgressInfo], None]]:
+    """A callback for one step of a larger stage: each report goes on as a dict with `stage` set
+    (ui's bars then read "<bar>: <stage>")."""
+    if progress is None:
+        return None
+    return lambda info: progress({**progress_dict(info), "stage": stage})
+
+
 class StageResult:
     """Base of every stage's result dataclass: one way to store, show and print a result."""
 
