@@ -332,26 +332,6 @@ def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     model = settings.llm.model
     splits = splits_of(s)
 
-    def with_snippets(_llm: LLMClient) -> Iterator[tuple[_Job, list[Snippet]]]:
-        pending = deque(jobs)
-        left: dict[tuple[int, str], int] = {}
-        for job in jobs:
-            left[job.latent, job.split] = left.get((job.latent, job.split), 0) + 1
-        loaded: dict[tuple[int, str], list[Snippet]] = {}
-        while pending:
-            job = pending.popleft()
-            key = (job.latent, job.split)
-            if key not in loaded:
-                chunk = list(dict.fromkeys([job.latent] + [j.latent for j in pending
-                                                           if j.split == job.split and (j.latent, j.split) not in loaded]))
-                got = load_snippets(con, dict_id, chunk[:CHUNK], job.split, s)
-                loaded.update({(lat, job.split): snips for lat, snips in got.items()})
-            snippets = loaded[key]
-            left[key] -= 1
-            if left[key] == 0:
-                del loaded[key]  # jobs come sorted by latent: hold only the latents in progress
-            yield job, snippets
-
     async def score_one(llm: LLMClient, item: tuple[_Job, list[Snippet]]) -> Optional[str]:
         job, snippets = item
         tpl = templates[job.scorer]
@@ -398,5 +378,28 @@ def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
             st.failed += 1
         return error if status != "ok" else None
 
-    return llm_pool.Pass("score", with_snippets, score_one, total=len(jobs),
+    return llm_pool.Pass("score", lambda _llm: _with_snippets(con, dict_id, s, jobs), score_one, total=len(jobs),
                          known_errors="fires on none|needs both kinds|needs snippets|no snippets")
+
+
+def _with_snippets(con: duckdb.DuckDBPyConnection, dict_id: int, s: ScoreSettings,
+                   jobs: list[_Job]) -> Iterator[tuple[_Job, list[Snippet]]]:
+    """Each job with its snippets, read CHUNK latents at a time and dropped once their last job is out."""
+    pending = deque(jobs)
+    left: dict[tuple[int, str], int] = {}
+    for job in jobs:
+        left[job.latent, job.split] = left.get((job.latent, job.split), 0) + 1
+    loaded: dict[tuple[int, str], list[Snippet]] = {}
+    while pending:
+        job = pending.popleft()
+        key = (job.latent, job.split)
+        if key not in loaded:
+            chunk = list(dict.fromkeys([job.latent] + [j.latent for j in pending
+                                                       if j.split == job.split and (j.latent, j.split) not in loaded]))
+            got = load_snippets(con, dict_id, chunk[:CHUNK], job.split, s)
+            loaded.update({(lat, job.split): snips for lat, snips in got.items()})
+        snippets = loaded[key]
+        left[key] -= 1
+        if left[key] == 0:
+            del loaded[key]  # jobs come sorted by latent: hold only the latents in progress
+        yield job, snippets
