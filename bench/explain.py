@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                 bound = 60 * c / args.latency
                 bare, bare_cpu = asyncio.run(bare_client(url, c, n))
                 print(f"{c:>4} {n:>7} {rate:>8.0f} {bound:>7.0f} {rate / bound:>8.1%} {bare:>8.0f} "
-                      f"{rate / bare:>7.1%} {res.calls / n:>9.2f} {res.prompt_tokens / n:>14.0f} {cpu:>10.2f} "
+                      f"{rate / bare:>7.1%} {res.spend.calls / n:>9.2f} {res.spend.prompt_tokens / n:>14.0f} {cpu:>10.2f} "
                       f"{bare_cpu:>11.2f}")
                 assert res.ok == n, res.as_dict()
             # The same latents again with their explanations gone: every answer comes from the cache.
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                          explain=ExplainSettings(latents=f"0-{sizes[c] - 1}"))
             res = explain.run(con, s, dict_id)
             print(f"cached rerun at {c}: {60 * res.ok / res.wall_s:.0f} latents/min, "
-                  f"{res.cache_hits}/{res.calls} cache hits, {res.prompt_tokens} prompt tokens spent")
+                  f"{res.spend.cache_hits}/{res.spend.calls} cache hits, {res.spend.prompt_tokens} prompt tokens spent")
             print(prompt_sizes(con, dict_id, min(64, sizes[c])))
             con.close()
     finally:

@@ -24,14 +24,17 @@ positives and negatives).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import duckdb
 
 from explainer import agent_llm, agent_ngram, store
-from explainer.agent_loop import AgentResult, Progress
+from explainer.agent_loop import AgentResult
+from explainer.results import OnProgress
 from explainer.settings import Settings
 
 
-def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, progress: Progress = None) -> AgentResult:
+def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, progress: Optional[OnProgress] = None) -> AgentResult:
     """Run the agent on `settings.explain.latents` with `settings.agent.explainer` (default explain.explainer)."""
     kind = settings.agent.explainer or settings.explain.explainer
     latents = store.select_latents(con, dict_id, settings.explain.latents)

@@ -18,11 +18,12 @@ from typing import Any, Optional, Sequence
 import duckdb
 
 from explainer import prompts, score, store
-from explainer.agent_loop import AgentResult, LatentReport, Node, Progress, ScoreRow, failed_node, finish_latent, misses, \
+from explainer.agent_loop import AgentResult, LatentReport, Node, ScoreRow, failed_node, finish_latent, misses, \
     agent_latents, queue_rows, search, show_misses
 from explainer.errors import ExplainerError
 from explainer.explain import load_train_examples, parse_explanation, prompt_values
 from explainer.llm import Answer, CallFailed, LLMClient, gather_or_cancel, resolve_endpoint
+from explainer.results import OnProgress, Progress
 from explainer.settings import Settings
 from explainer.score_types import Outcome, ScoreFailed, Snippet, Spend
 
@@ -60,7 +61,7 @@ def _load_templates(settings: Settings) -> tuple[list[prompts.Template], prompts
 
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latents: list[int],
-        progress: Progress = None) -> AgentResult:
+        progress: Optional[OnProgress] = None) -> AgentResult:
     """The agent over `latents` with the LLM explainer; see explainer/agent_loop.py for the loop."""
     if settings.llm.estimate:
         raise ExplainerError("--estimate cannot foresee the agent loop (each round depends on the answers to the "
@@ -84,7 +85,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latent
 
 async def _llm_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
                    templates: list[prompts.Template], refine_tpl: prompts.Template, sim_tpl: prompts.Template,
-                   todo: list[int], leftovers: set[int], result: AgentResult, progress: Progress) -> None:
+                   todo: list[int], leftovers: set[int], result: AgentResult, progress: Optional[OnProgress]) -> None:
     s = settings
     setup = score.setup_of(s, "simulation")
     score_meta = {"model": s.llm.model, "template": sim_tpl.name, "template_hash": sim_tpl.sha256,
@@ -105,10 +106,8 @@ async def _llm_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: 
                 if client.failures:
                     client.check_reachable()
             if progress is not None:
-                progress({"done": result.chosen + result.failed, "total": len(todo), "chosen": result.chosen,
-                          "failed": result.failed, "calls": ctx.llm.calls + ctx.final.calls,
-                          "prompt_tokens": ctx.llm.prompt_tokens + ctx.final.prompt_tokens,
-                          "cost": ctx.llm.cost + ctx.final.cost})
+                progress(Progress(result.chosen + result.failed, len(todo), result.chosen, result.failed,
+                                  spend=ctx.llm.spend() + ctx.final.spend()))
 
     async with LLMClient(s.llm, con, stage="agent", run_id=result.run_id, dict_id=dict_id) as llm, \
             LLMClient(s.llm, con, stage="agent-heldout", run_id=result.run_id, dict_id=dict_id) as final:
@@ -117,11 +116,7 @@ async def _llm_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: 
             await gather_or_cancel([worker(ctx) for _ in range(min(s.llm.concurrency, max(1, len(todo))))])
         finally:
             # The final score's calls and spend go to its own ledger stage; both count here.
-            result.calls = llm.calls + final.calls
-            result.cache_hits = llm.cache_hits + final.cache_hits
-            result.prompt_tokens = llm.prompt_tokens + final.prompt_tokens
-            result.completion_tokens = llm.completion_tokens + final.completion_tokens
-            result.cost = llm.cost + final.cost
+            result.spend = llm.spend() + final.spend()
 
 
 def _fires(snippets: Sequence[Snippet]) -> bool:

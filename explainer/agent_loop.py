@@ -9,16 +9,15 @@ and `show_misses` pick and show the false positives and negatives a revision is 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence
 
 import duckdb
 
 from explainer import prompts, store
 from explainer.llm import Writer
+from explainer.results import LLMSpend, StageResult
 from explainer.settings import AgentSettings
-
-Progress = Optional[Callable[[dict[str, Any]], None]]
 
 FN_GAP = 2  # a firing token counts as missed when predicted at least this many levels (0-9) too low
 
@@ -96,7 +95,7 @@ class LatentReport:
 
 
 @dataclass
-class AgentResult:
+class AgentResult(StageResult):
     run_id: int
     dict_id: int
     explainer: str
@@ -105,11 +104,7 @@ class AgentResult:
     skipped: int = 0
     chosen: int = 0
     failed: int = 0
-    calls: int = 0
-    cache_hits: int = 0
-    prompt_tokens: int = 0  # spent by this run (cache hits cost nothing)
-    completion_tokens: int = 0
-    cost: float = 0.0
+    spend: LLMSpend = field(default_factory=LLMSpend)
     wall_s: float = 0.0
     stops: dict[str, int] = field(default_factory=dict)
     latents: list[LatentReport] = field(default_factory=list)
@@ -139,12 +134,10 @@ class AgentResult:
             "candidates per latent": mean([r.candidates for r in self.latents]),
             "rounds per latent": mean([r.rounds for r in self.latents]),
             "stops": "; ".join(f"{k} ({v})" for k, v in sorted(self.stops.items())),
-            "calls": self.calls, "cache hits": self.cache_hits, "prompt tokens spent": self.prompt_tokens,
-            "cost": round(self.cost, 6), "wall s": round(self.wall_s, 2),
+            "calls": self.spend.calls, "cache hits": self.spend.cache_hits,
+            "prompt tokens spent": self.spend.prompt_tokens, "cost": round(self.spend.cost, 6),
+            "wall s": round(self.wall_s, 2),
         }
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --- the loop, shared by both explainers ------------------------------------------------------------

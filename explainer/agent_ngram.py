@@ -33,6 +33,7 @@ from explainer.agent_loop import AgentResult, LatentReport, Node, ScoreRow
 from explainer.llm import Writer
 from explainer.ngram import FORMAT, SCORED_KINDS, LatentExamples, Pattern, PatternSet, SimScore
 from explainer.ngram_fit import candidate_sets, fit, match, score_examples, scored_rows, simulate
+from explainer.results import OnProgress, Progress
 from explainer.settings import AgentSettings, Settings
 
 MODEL = "ngram"
@@ -182,11 +183,11 @@ async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, limits: dict[
                                          run_id=result.run_id, nodes=nodes, score_meta=meta,
                                          replace=rep.latent in leftovers)
         result.add(rep)
-        result.calls += rep.calls_candidates + rep.calls_refine + rep.calls_heldout
+        result.spend.calls += rep.calls_candidates + rep.calls_refine + rep.calls_heldout
 
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latents: list[int],
-        progress: agent_loop.Progress = None) -> AgentResult:
+        progress: Optional[OnProgress] = None) -> AgentResult:
     a = settings.agent
     limits = examples.counts_of(settings.score, SCORED_KINDS)  # the snippets an LLM simulator would read
     done, leftovers = agent_loop.agent_latents(con, dict_id, MODEL)
@@ -200,6 +201,5 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latent
             asyncio.run(_chunk(con, a, limits, dict_id, todo[i: i + CHUNK], leftovers, result, writer))
             writer.flush()  # one transaction per chunk: a killed run keeps the chunks it finished
             if progress is not None:
-                progress({"done": result.chosen + result.failed, "total": len(todo), "chosen": result.chosen,
-                          "failed": result.failed})
+                progress(Progress(result.chosen + result.failed, len(todo), result.chosen, result.failed))
     return result

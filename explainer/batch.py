@@ -12,8 +12,8 @@ A batched `explain` or `score` runs in these steps (`prepare`, called by the sta
    uploaded with files.create(purpose="batch") and started with batches.create(...,
    completion_window="24h"): one batch per endpoint, split at MAX_REQUESTS lines or
    MAX_BYTES. Each id goes into `llm_batches` right after its create.
-4. Poll until every batch ends, reporting `BatchProgress`; --no-batch-wait returns after one
-   check and a rerun picks the batch up.
+4. Poll until every batch ends, reporting `Progress` (stage "batch <status>"); --no-batch-wait
+   returns after one check and a rerun picks the batch up.
 5. Ingest. The output and error files are downloaded. An answered line becomes an
    `llm_cache` row under its key and an `llm_calls` row with `batch_id` set and the cost at
    `batch_price_factor` of the list price (OpenAI bills batches at half). An errored line
@@ -51,9 +51,10 @@ from explainer.batch_wire import Refused
 from explainer.batch_clients import URLS, Collector, Deferred, Finisher, Spool
 from explainer.errors import ExplainerError
 from explainer.llm import LLMClient, price_of, usage_tokens
+from explainer.results import LLMSpend, OnProgress, Progress, StageResult
 from explainer.settings import LLMSettings
 
-__all__ = ["BatchOutcome", "BatchProgress", "Collector", "Deferred", "Finisher", "prepare"]
+__all__ = ["BatchOutcome", "Collector", "Deferred", "Finisher", "prepare"]
 
 ClientFactory = Callable[..., LLMClient]
 ENDPOINT_OF = {url: name for name, url in URLS.items()}
@@ -64,19 +65,7 @@ INGEST_CHUNK = 5_000  # result lines per transaction
 
 
 @dataclass
-class BatchProgress:
-    """Sent while batches run. `stage` reads e.g. "batch in_progress"; the others are request counts."""
-
-    stage: str
-    done: int  # requests the endpoint has finished (answered or errored), over the batches polled
-    total: int
-    failed: int
-    batches: int
-    elapsed_s: float
-
-
-@dataclass
-class BatchOutcome:
+class BatchOutcome(StageResult):
     """What the batch step did. `ready`: every request is answered or failed, so the stage can write rows."""
 
     ready: bool = False
@@ -102,11 +91,9 @@ class BatchOutcome:
             data["next"] = self.hint or "rerun the same command to collect the results (the batch is resumed, not resent)"
         return data
 
-    def add_spend_to(self, result: Any) -> None:
-        """Count the batch's tokens and cost in a stage result (its final pass spent nothing: cache hits)."""
-        result.prompt_tokens += self.prompt_tokens
-        result.completion_tokens += self.completion_tokens
-        result.cost += self.cost
+    def spend(self) -> LLMSpend:
+        """The batch's tokens and cost, for the stage result (its final pass spent nothing: cache hits)."""
+        return LLMSpend(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, cost=self.cost)
 
 
 # --- the batch step ----------------------------------------------------------------------
@@ -114,7 +101,7 @@ class BatchOutcome:
 
 def prepare(con: duckdb.DuckDBPyConnection, settings: LLMSettings, stage: str,
             collect: Callable[[ClientFactory], None], *, run_id: Optional[int], dict_id: Optional[int],
-            progress: Optional[Callable[[BatchProgress], None]] = None) -> BatchOutcome:
+            progress: Optional[OnProgress] = None) -> BatchOutcome:
     """Get every answer the stage needs into the cache through the Batch API.
 
     `collect(make_client)` must run the stage's calls once with clients built by `make_client`
@@ -132,7 +119,7 @@ def prepare(con: duckdb.DuckDBPyConnection, settings: LLMSettings, stage: str,
 
 class _Batches:
     def __init__(self, con: duckdb.DuckDBPyConnection, settings: LLMSettings, stage: str, run_id: Optional[int],
-                 dict_id: Optional[int], spool: Spool, progress: Optional[Callable[[BatchProgress], None]]):
+                 dict_id: Optional[int], spool: Spool, progress: Optional[OnProgress]):
         self.con, self.settings, self.stage, self.run_id, self.dict_id = con, settings, stage, run_id, dict_id
         self.spool = spool
         self.progress = progress
@@ -316,8 +303,9 @@ class _Batches:
                     running.append(row)
                     status = b.status
             if self.progress is not None:
-                self.progress(BatchProgress(f"batch {status}", done, total, failed, len(rows),
-                                            time.perf_counter() - self.t0))
+                # done: requests the endpoint has finished (answered or errored), over the batches polled
+                self.progress(Progress(done, total, failed=failed, stage=f"batch {status}", batches=len(rows),
+                                       elapsed_s=time.perf_counter() - self.t0))
             if not running or not wait:
                 return bool(running)
             time.sleep(self.settings.batch_poll)

@@ -8,7 +8,6 @@ never hides a value from --config. `--set section.field=value` reaches every set
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
 import typing
@@ -87,14 +86,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides_from(args), flags=getattr(args, "_flags", None))
 
 
-def as_dict(result: Any) -> dict[str, Any]:
-    if hasattr(result, "summary"):
-        return result.summary()
-    if dataclasses.is_dataclass(result):
-        return dataclasses.asdict(result)
-    return dict(result)
-
-
 # --- verbs ---------------------------------------------------------------------------------
 
 
@@ -104,9 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     s = settings_from(args)
     with ui.progress_bar("train", enabled=not args.json) as bar:
         res = train.run(s, progress=bar, resume=args.resume)
-    flat = {"out": str(res.out), "steps": res.steps, "tokens": res.tokens,
-            "tokens_per_s": round(res.tokens_per_s, 1), **res.metrics}
-    ui.emit_mapping(flat, as_json=args.json, title=f"dictionary saved to {res.out}")
+    ui.show_result(res, as_json=args.json, title=f"dictionary saved to {res.out}")
     return 0
 
 
@@ -118,7 +107,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with store.connect(s.db) as con:
         with ui.progress_bar("sample", enabled=not args.json) as bar:
             res = sample.run(con, s, sae_path, dict_name=args.dict_name, resume=not args.restart, progress=bar)
-    ui.emit_mapping(as_dict(res), as_json=args.json, title=f"samples written to {s.db}")
+    ui.show_result(res, as_json=args.json, title=f"samples written to {s.db}")
     return 0
 
 
@@ -128,7 +117,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     s = settings_from(args)
     with store.connect(s.db) as con:
         res = sample_merge.merge(con, [Path(p) for p in args.shards], dict_name=args.dict_name)
-    ui.emit_mapping(as_dict(res), as_json=args.json, title=f"shards merged into {s.db}")
+    ui.show_result(res, as_json=args.json, title=f"shards merged into {s.db}")
     return 0
 
 
@@ -141,31 +130,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.agent:
             return _explain_agent(args, s, con, dict_id)
         if s.explain.explainer == "ngram":
-            from explainer import examples, ngram
-
-            latents = store.select_latents(con, dict_id, s.explain.latents)
-            with ui.progress_bar("n-gram explain", enabled=not args.json) as bar:
-                ngram.explain_all(con, dict_id, latents, progress=bar)
-            # The n-gram explanation carries its own simulator, so score it at once: on validation (what
-            # selects labels) and heldout, on the snippets an LLM scorer with these settings reads.
-            with ui.progress_bar("n-gram score", enabled=not args.json) as bar:
-                ngram.score_all(con, dict_id, "both", progress=bar, latents=latents,
-                                limits=examples.counts_of(s.score, ngram.SCORED_KINDS))
-            summary = query_ngram_summary(con, dict_id, latents)
-            ui.emit_mapping(summary, as_json=args.json, title="n-gram explanations")
+            with ui.progress_bar("n-gram", enabled=not args.json) as bar:
+                nres = explain.run_ngram(con, s, dict_id, progress=bar)
+            ui.show_result(nres, as_json=args.json, title="n-gram explanations")
             return 0
         with ui.progress_bar("explain", enabled=not args.json) as bar:
             res = explain.run(con, s, dict_id, progress=bar)
-    return _emit_stage(res, args, "explain")
-
-
-def _emit_stage(res: Any, args: argparse.Namespace, title: str) -> int:
-    from explainer import ui
-
-    if res.estimate is not None:
-        ui.emit_mapping(res.estimate, as_json=args.json, title=f"{title} --estimate: nothing was sent")
-    else:
-        ui.emit_mapping(as_dict(res), as_json=args.json, title=title)
+    ui.show_result(res, as_json=args.json, title="explain")
     return 0
 
 
@@ -175,23 +146,8 @@ def _explain_agent(args: argparse.Namespace, s: Settings, con: Any, dict_id: int
 
     with ui.progress_bar("agent", enabled=not args.json) as bar:
         res = agent.run(con, s, dict_id, progress=bar)
-    ui.emit_mapping(res.summary(), as_json=args.json, title="explanation agent (chosen on validation, scored on heldout)")
+    ui.show_result(res, as_json=args.json, title="explanation agent (chosen on validation, scored on heldout)")
     return 0
-
-
-def query_ngram_summary(con: Any, dict_id: int, latents: list[int]) -> dict[str, Any]:
-    row = con.execute(
-        """SELECT count(DISTINCT e.latent) FILTER (WHERE e.status = 'ok'),
-                  count(DISTINCT e.latent) FILTER (WHERE e.status = 'failed'),
-                  quantile_cont(s.score, [0.25, 0.5, 0.75])
-           FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok' AND s.split = 'heldout'
-                AND s.mode = 'ngram'  -- the n-gram simulator's scores only: one simulator, one snippet set
-           WHERE e.dict_id = ? AND e.explainer = 'ngram' AND list_contains(?, e.latent)""",
-        [dict_id, latents],
-    ).fetchone()
-    q = row[2] or [None, None, None]
-    return {"latents explained": row[0], "latents failed (never fired in train)": row[1],
-            "heldout simulation score q25": q[0], "median": q[1], "q75": q[2]}
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -202,7 +158,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         dict_id = store.dictionary_id(con, args.dict)
         with ui.progress_bar("score", enabled=not args.json) as bar:
             res = score.run(con, s, dict_id, progress=bar)
-    return _emit_stage(res, args, "score")
+    ui.show_result(res, as_json=args.json, title="score")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -229,11 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  "(add --base-url URL --llm-model NAME, or --local, for LLM labels)[/dim]")
         res = pipeline.run(s, llm=use_llm, llm_latents=args.llm_latents,
                            bars=lambda name: ui.progress_bar(name, enabled=not args.json))
+    ui.show_result(res, as_json=args.json)
     if args.json:
-        ui.emit_mapping(res.summary(), as_json=True)
         return 0
-    ui.emit(res.stages, as_json=False, title="stages")
-    ui.emit(res.labels, as_json=False, title="labels: best explanation per latent (chosen on validation; held-out score reported)")
     db = s.db
     from explainer import query, store
 
@@ -256,11 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     db = args.db or Path("runs/planted.duckdb")
     with ui.progress_bar("planted benchmark", enabled=not args.json) as bar:
         res = planted.run_planted(db, s, base_url=s.llm.base_url, progress=bar)
-    if args.json:
-        ui.emit_mapping(res.to_json(), as_json=True)
-    else:
-        ui.emit(res.table(), as_json=False, title=f"planted-feature benchmark ({db})")
-        ui.emit_mapping(res.summary(), as_json=False, title="summary")
+    ui.show_result(res, as_json=args.json, title="summary")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`explainer explain`: one LLM call per latent turns its train-split examples into a short explanation.
+"""`explainer explain`: one LLM call per latent turns its train-split examples into a short explanation
+(`run`; `run_ngram` is the same command with the offline n-gram explainer, scored at once).
 
 Only `train`-split examples reach the prompt (the shared loader's SQL reads one split), so the
 held-out split stays unseen for scoring. The run is resumable: a latent that already has
@@ -9,20 +10,23 @@ answers already paid for come back from the response cache.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import duckdb
 from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
-from explainer import examples as example_store, llm_pass, prompts, store
+from explainer import examples as example_store, llm_pool, prompts, store
 from explainer.errors import ExplainerError
 from explainer.examples import Example
-from explainer.llm import CallFailed, LLMClient, Reply, gather_or_cancel, reason_kind, resolve_endpoint
+from explainer.llm import CallFailed, LLMClient, Reply, resolve_endpoint
+from explainer.results import LLMSpend, OnProgress, StageResult, tagged
 from explainer.settings import ExplainSettings, Settings
+
+if TYPE_CHECKING:
+    from explainer import ngram
 
 REQUIRED_PLACEHOLDERS = ("top_examples",)
 # Latents whose examples are read in one query: one round trip instead of one per latent.
@@ -30,20 +34,7 @@ CHUNK = 64
 
 
 @dataclass
-class ExplainProgress:
-    done: int
-    total: int
-    ok: int
-    failed: int
-    latents_per_min: float
-    prompt_tokens: int
-    completion_tokens: int
-    cost: float
-    elapsed_s: float
-
-
-@dataclass
-class ExplainResult:
+class ExplainResult(llm_pool.PassResult):
     run_id: int
     dict_id: int
     model: str
@@ -53,18 +44,11 @@ class ExplainResult:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
-    calls: int = 0
-    cache_hits: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
+    spend: LLMSpend = field(default_factory=LLMSpend)
     wall_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)  # failure reason -> latents
     batch: Optional[dict[str, Any]] = None  # what --batch did (batch.BatchOutcome.as_dict())
-    estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (llm_pass.estimate)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (llm_pool.estimate)
 
 
 # --- answer validation -----------------------------------------------------------------
@@ -169,12 +153,12 @@ def _explained(con: duckdb.DuckDBPyConnection, dict_id: int, model: str, templat
 
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
-        progress: Optional[Callable[[ExplainProgress], None]] = None) -> ExplainResult:
+        progress: Optional[OnProgress] = None) -> ExplainResult:
     """Explain the latents chosen by `settings.explain.latents`; returns counts, tokens and cost.
 
     With `settings.llm.batch` the calls first go through the Batch API (explainer/batch.py;
-    `progress` then also receives `batch.BatchProgress`); with `batch_wait` off the run may end
-    after submitting, writing no explanation (`result.batch["ready"]` is False)."""
+    `progress` then also receives its status, `stage` "batch ..."); with `batch_wait` off the
+    run may end after submitting, writing no explanation (`result.batch["ready"]` is False)."""
     s = settings.explain
     if s.explainer != "llm":
         raise ExplainerError(f"explain.explainer = {s.explainer!r} is not the LLM explainer; use explainer = 'llm'")
@@ -189,14 +173,8 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     run_id = store.start_run(con, "explain", settings.public_dict())
     result = ExplainResult(run_id, dict_id, model, tpl.name, tpl.sha256, requested=len(latents),
                            skipped=len(latents) - len(todo))
-    t0 = time.perf_counter()
-
-    def stage_pass(make_client: Callable[..., LLMClient], res: ExplainResult, prog: Any) -> None:
-        asyncio.run(_explain_all(con, settings, dict_id, tpl, todo, res, prog, t0, make_client))
-
-    with store.recorded_run(con, run_id, result, t0):
-        llm_pass.drive(con, settings.llm, "explain", result, stage_pass, has_work=bool(todo), run_id=run_id,
-                       dict_id=dict_id, progress=progress, batch_progress=progress)
+    llm_pool.run(con, settings.llm, _pass(con, settings, dict_id, tpl, todo, result), result, dict_id=dict_id,
+                 progress=progress)
     return result
 
 
@@ -211,41 +189,27 @@ def _prepare(con: duckdb.DuckDBPyConnection, dict_id: int, chunk: list[int], s: 
     return out
 
 
-async def _explain_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, tpl: prompts.Template,
-                       todo: list[int], result: ExplainResult,
-                       progress: Optional[Callable[[ExplainProgress], None]], t0: float,
-                       make_client: Callable[..., LLMClient] = LLMClient) -> None:
+Job = tuple[int, Optional[list[dict[str, str]]]]  # a latent and its prompt (None: nothing fires)
+
+
+def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, tpl: prompts.Template,
+          todo: list[int], result: ExplainResult) -> llm_pool.Pass[Job]:
     s = settings.explain
     model = settings.llm.model
-    retry_failed = _explained(con, dict_id, model, tpl.sha256, "failed")
-    n_workers = min(settings.llm.concurrency, max(1, len(todo)))
-    # Prompts are read and rendered on the event-loop thread, a chunk at a time, while requests
-    # are in flight. A worker thread showed no clear gain in bench/explain.py: its Python work
-    # holds the GIL, and the loop then waits up to the 5 ms switch interval after socket calls.
-    queue: asyncio.Queue[Optional[tuple[int, Optional[list[dict[str, str]]]]]] = asyncio.Queue(maxsize=CHUNK)
-    last_report = [0.0]
+    retry_failed = _explained(con, dict_id, model, tpl.sha256, "failed")  # a collect pass writes nothing
 
-    async def produce() -> None:
+    def jobs(llm: LLMClient) -> Iterator[Job]:
+        # Prompts are read and rendered on the event-loop thread, a chunk at a time, while requests
+        # are in flight. A worker thread showed no clear gain in bench/explain.py: its Python work
+        # holds the GIL, and the loop then waits up to the 5 ms switch interval after socket calls.
         for i in range(0, len(todo), CHUNK):
             batch = _prepare(con, dict_id, todo[i: i + CHUNK], s, tpl)
             # One cache query per chunk instead of one per latent (a point lookup costs ~1 ms).
             llm.prefetch(llm.chat_key(m) for _, m in batch if m is not None)
-            for item in batch:
-                await queue.put(item)
-        for _ in range(n_workers):
-            await queue.put(None)
+            yield from batch
 
-    def report(force: bool = False) -> None:
-        now = time.perf_counter()
-        if progress is None or (not force and now - last_report[0] < 0.1):
-            return
-        last_report[0] = now
-        elapsed = now - t0
-        done = result.ok + result.failed
-        progress(ExplainProgress(done, len(todo), result.ok, result.failed, 60 * done / max(elapsed, 1e-9),
-                                 llm.prompt_tokens, llm.completion_tokens, llm.cost, elapsed))
-
-    async def explain_one(lat: int, messages: Optional[list[dict[str, str]]]) -> None:
+    async def explain_one(llm: LLMClient, job: Job) -> Optional[str]:
+        lat, messages = job
         row: dict[str, Any] = {
             "dict_id": dict_id, "latent": lat, "explainer": "llm", "model": model, "template": tpl.name,
             "template_hash": tpl.sha256, "run_id": result.run_id,
@@ -269,27 +233,60 @@ async def _explain_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_
                 [dict_id, lat, model, tpl.sha256],
             )
         llm.writer.add("explanations", row)
-        if row["status"] == "ok":
-            result.ok += 1
-        else:
-            result.failed += 1
-            reason = _reason_kind(row["error"])
-            result.errors[reason] = result.errors.get(reason, 0) + 1
-            llm.check_reachable()
-        report()
+        return None if row["status"] == "ok" else row["error"]
 
-    async def worker() -> None:
-        while (item := await queue.get()) is not None:
-            await explain_one(*item)
-
-    async with make_client(settings.llm, con, stage="explain", run_id=result.run_id, dict_id=dict_id) as llm:
-        try:
-            await gather_or_cancel([produce()] + [worker() for _ in range(n_workers)])
-            llm.check_reachable(final=True)
-        finally:
-            llm.spend_into(result)
-            report(force=True)
+    return llm_pool.Pass("explain", jobs, explain_one, total=len(todo), known_errors="no train-split")
 
 
-def _reason_kind(error: Optional[str]) -> str:
-    return reason_kind(error, 'no train-split')
+# --- the n-gram baseline as the same command (`--explainer ngram`) ----------------------------
+
+
+@dataclass
+class NgramResult(StageResult):
+    """One n-gram explain command: explanations, then their scores on validation and heldout."""
+
+    run_id: int
+    dict_id: int
+    requested: int
+    explained: Optional[ngram.ExplainResult] = None
+    scored: Optional[ngram.ScoreResult] = None
+    latents_ok: int = 0  # requested latents with an ok n-gram explanation, from this run or an earlier one
+    latents_failed: int = 0
+    heldout_quartiles: list[Optional[float]] = field(default_factory=lambda: [None, None, None])
+    wall_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        q = self.heldout_quartiles
+        return {"latents explained": self.latents_ok, "latents failed (never fired in train)": self.latents_failed,
+                "heldout simulation score q25": q[0], "median": q[1], "q75": q[2]}
+
+
+def run_ngram(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
+              progress: Optional[Callable[[dict[str, Any]], None]] = None) -> NgramResult:
+    """Explain `settings.explain.latents` with n-grams and score them, as one recorded run (stage
+    "ngram") whose rows carry its id. `progress` gets each step's reports tagged "explain" or "score"."""
+    from explainer import ngram
+
+    latents = store.select_latents(con, dict_id, settings.explain.latents)
+    run_id = store.start_run(con, "ngram", settings.public_dict())
+    result = NgramResult(run_id, dict_id, len(latents))
+    with store.recorded_run(con, run_id, result, time.perf_counter()):
+        result.explained = ngram.explain_all(con, dict_id, latents, progress=tagged(progress, "explain"),
+                                             run_id=run_id)
+        # The n-gram explanation carries its own simulator, so score it at once: on validation (what
+        # selects labels) and heldout, on the snippets an LLM scorer with these settings reads.
+        result.scored = ngram.score_all(con, dict_id, "both", progress=tagged(progress, "score"), latents=latents,
+                                        limits=example_store.counts_of(settings.score, ngram.SCORED_KINDS),
+                                        run_id=run_id)
+        ok, failed, quartiles = con.execute(
+            """SELECT count(DISTINCT e.latent) FILTER (WHERE e.status = 'ok'),
+                      count(DISTINCT e.latent) FILTER (WHERE e.status = 'failed'),
+                      quantile_cont(s.score, [0.25, 0.5, 0.75])
+               FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.status = 'ok'
+                    AND s.split = 'heldout' AND s.mode = 'ngram'  -- this simulator's scores only: one snippet set
+               WHERE e.dict_id = ? AND e.explainer = 'ngram' AND list_contains(?, e.latent)""",
+            [dict_id, latents],
+        ).fetchone() or (0, 0, None)  # an aggregate: always one row
+        result.latents_ok, result.latents_failed = ok, failed
+        result.heldout_quartiles = list(quartiles or [None, None, None])
+    return result

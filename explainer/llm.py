@@ -34,6 +34,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from explainer import store
 from explainer.errors import ExplainerError
 from explainer.llm_http import ResponseTooLarge, error_message, http_client, redirect_message, short  # noqa: F401
+from explainer.results import LLMSpend
 from explainer.settings import LLMSettings
 
 try:  # openai >= 3 ships httpx2; older releases use httpx
@@ -156,10 +157,9 @@ class LLMClient:
         self._sem: Optional[asyncio.Semaphore] = None
         self._flusher: Optional[asyncio.Task[None]] = None
 
-    def spend_into(self, result: Any) -> None:
-        """Copy this client's call and spend totals onto a stage result."""
-        result.calls, result.cache_hits = self.calls, self.cache_hits
-        result.prompt_tokens, result.completion_tokens, result.cost = self.prompt_tokens, self.completion_tokens, self.cost
+    def spend(self) -> LLMSpend:
+        """This client's call and spend totals so far, for a stage result or progress report."""
+        return LLMSpend(self.calls, self.cache_hits, self.prompt_tokens, self.completion_tokens, self.cost)
 
     async def __aenter__(self) -> "LLMClient":
         n = self.settings.concurrency

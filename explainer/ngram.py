@@ -35,6 +35,7 @@ from explainer.ngram_fit import (  # noqa: F401  (re-exported: the agent and the
     KEY_BASE, ALL_KINDS, FORMAT, MODES, SCORED_KINDS, LatentExamples, Pattern, PatternSet, SimScore, candidate_sets,
     fit, match, normalize, score_examples, simulate,
 )
+from explainer.results import StageResult
 
 
 @dataclass
@@ -243,7 +244,7 @@ Progress = Optional[Callable[[dict[str, Any]], None]]  # {"done", "total"}, as t
 
 
 @dataclass
-class ExplainResult:
+class ExplainResult(StageResult):
     explained: int
     failed: int
     skipped: int
@@ -255,7 +256,7 @@ class ExplainResult:
 
 
 @dataclass
-class ScoreResult:
+class ScoreResult(StageResult):
     scored: int
     failed: int
     skipped: int

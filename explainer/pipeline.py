@@ -16,10 +16,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Optional
 
 from explainer import store
 from explainer.errors import ExplainerError
+from explainer.results import StageResult
 from explainer.settings import Settings
 
 # A factory of per-stage progress callbacks: stage name -> context manager yielding a callback.
@@ -31,13 +32,24 @@ def _no_bar(_name: str) -> ContextManager[Callable[[Any], None]]:
 
 
 @dataclass
-class PipelineResult:
+class PipelineResult(StageResult):
     db: Path
-    dict_id: int
+    dict_id: Optional[int] = None  # known once sampled
     stages: list[dict[str, Any]] = field(default_factory=list)
     labels: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0  # of the part recorded as the run (sample onwards)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "db": str(self.db)}
 
     def summary(self) -> dict[str, Any]:
+        return {}  # its tables are the whole story
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {"stages": self.stages,
+                "labels: best explanation per latent (chosen on validation; held-out score reported)": self.labels}
+
+    def to_json(self) -> dict[str, Any]:
         return {"db": str(self.db), "stages": self.stages, "labels": self.labels}
 
 
@@ -58,68 +70,78 @@ def most_frequent_latents(con: Any, dict_id: int, n: int) -> list[int]:
 
 def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactory = _no_bar,
         lm: Any = None) -> PipelineResult:
-    from explainer import examples, explain, ngram, sample, score, train
+    from explainer import examples, ngram, sample
 
-    stages: list[dict[str, Any]] = []
+    result = PipelineResult(settings.db)
+    result.stages.append(_train(settings, bars))
+    with store.connect(settings.db) as con:
+        run_id = store.start_run(con, "run", settings.public_dict())
+        with store.recorded_run(con, run_id, result, time.perf_counter()):
+            t0 = time.perf_counter()
+            with bars("sample") as bar:
+                sres = sample.run(con, settings, settings.train.out, lm=lm, progress=bar)
+            result.stages.append({"stage": "sample", "status": "already done" if sres.already_complete else "done",
+                                  "wall_s": round(time.perf_counter() - t0, 1),
+                                  "detail": f"{sum(sres.n_contexts.values())} contexts, {sres.dead_latents} dead latents"})
+            dict_id = result.dict_id = sres.dict_id
+
+            t0 = time.perf_counter()
+            with bars("n-gram explain") as bar:
+                ngram.explain_all(con, dict_id, progress=bar, run_id=run_id)
+            with bars("n-gram score") as bar:
+                ngram.score_all(con, dict_id, "both", progress=bar, run_id=run_id,
+                                limits=examples.counts_of(settings.score, ngram.SCORED_KINDS))
+            n_ok = con.execute("SELECT count(*) FROM explanations WHERE dict_id = ? AND explainer = 'ngram' "
+                               "AND status = 'ok'", [dict_id]).fetchone()[0]
+            result.stages.append({"stage": "n-gram", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
+                                  "detail": f"{n_ok} latents explained and scored on validation and heldout"})
+            if llm:
+                result.stages.append(_llm(con, settings, dict_id, llm_latents, bars))
+            result.labels = [dict(zip([d[0] for d in cur.description], r)) for cur in [con.execute(
+                """SELECT latent, explanation, explainer, selected_by, round(validation, 3) AS validation,
+                          round(simulation, 3) AS heldout, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
+                          round(ngram_simulation, 3) AS ngram, round(frequency, 5) AS frequency
+                   FROM labels WHERE dict_id = ? AND explanation IS NOT NULL
+                   ORDER BY validation DESC NULLS LAST, latent LIMIT 15""", [dict_id])] for r in cur.fetchall()]
+    return result
+
+
+def _train(settings: Settings, bars: BarFactory) -> dict[str, Any]:
+    """Train the dictionary unless train.out holds a finished one; the stage's row."""
+    from explainer import train
 
     t0 = time.perf_counter()
     out = settings.train.out
     if _trained(out):
         metrics = json.loads((out / "metrics.json").read_text())
-        stages.append({"stage": "train", "status": "already done", "wall_s": 0.0,
-                       "detail": f"FVU {metrics.get('fvu', float('nan')):.3f}, dead {metrics.get('dead_fraction', float('nan')):.3f}"})
-    else:
-        resume = (out / "checkpoint").exists()
-        with bars("train") as bar:
-            res = train.run(settings, progress=bar, resume=resume)
-        m = res.metrics
-        stages.append({"stage": "train", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
-                       "detail": f"FVU {m.get('fvu', float('nan')):.3f}, L0 {m.get('l0', float('nan')):.1f}, "
-                                 f"dead {m.get('dead_fraction', float('nan')):.3f}, "
-                                 f"CE +{m.get('ce_increase', float('nan')):.3f} (zero-abl. +{m.get('ce_increase_zero_ablation', float('nan')):.2f})"})
+        return {"stage": "train", "status": "already done", "wall_s": 0.0,
+                "detail": f"FVU {metrics.get('fvu', float('nan')):.3f}, dead {metrics.get('dead_fraction', float('nan')):.3f}"}
+    resume = (out / "checkpoint").exists()
+    with bars("train") as bar:
+        res = train.run(settings, progress=bar, resume=resume)
+    m = res.metrics
+    return {"stage": "train", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
+            "detail": f"FVU {m.get('fvu', float('nan')):.3f}, L0 {m.get('l0', float('nan')):.1f}, "
+                      f"dead {m.get('dead_fraction', float('nan')):.3f}, "
+                      f"CE +{m.get('ce_increase', float('nan')):.3f} (zero-abl. +{m.get('ce_increase_zero_ablation', float('nan')):.2f})"}
 
-    with store.connect(settings.db) as con:
-        run_id = store.start_run(con, "run", settings.public_dict())
-        t0 = time.perf_counter()
-        with bars("sample") as bar:
-            sres = sample.run(con, settings, out, lm=lm, progress=bar)
-        stages.append({"stage": "sample", "status": "already done" if sres.already_complete else "done",
-                       "wall_s": round(time.perf_counter() - t0, 1),
-                       "detail": f"{sum(sres.n_contexts.values())} contexts, {sres.dead_latents} dead latents"})
-        dict_id = sres.dict_id
 
-        t0 = time.perf_counter()
-        with bars("n-gram explain") as bar:
-            ngram.explain_all(con, dict_id, progress=bar, run_id=run_id)
-        with bars("n-gram score") as bar:
-            ngram.score_all(con, dict_id, "both", progress=bar, run_id=run_id,
-                            limits=examples.counts_of(settings.score, ngram.SCORED_KINDS))
-        n_ok = con.execute("SELECT count(*) FROM explanations WHERE dict_id = ? AND explainer = 'ngram' AND status = 'ok'",
-                           [dict_id]).fetchone()[0]
-        stages.append({"stage": "n-gram", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
-                       "detail": f"{n_ok} latents explained and scored on validation and heldout"})
+def _llm(con: Any, settings: Settings, dict_id: int, llm_latents: int, bars: BarFactory) -> dict[str, Any]:
+    """LLM explanations and scores of the most frequent latents (and scores of their n-gram explanations)."""
+    from explainer import explain, score
 
-        if llm:
-            chosen = most_frequent_latents(con, dict_id, llm_latents)
-            s = settings.model_copy(deep=True)
-            s.explain.latents = chosen
-            s.score.latents = chosen
-            s.score.explanations = "explainer IN ('llm', 'ngram')"  # like with like: one simulator, one snippet set
-            s.score.split = "both"
-            t0 = time.perf_counter()
-            with bars("LLM explain") as bar:
-                eres = explain.run(con, s, dict_id, progress=bar)
-            with bars("LLM score") as bar:
-                scres = score.run(con, s, dict_id, progress=bar)
-            stages.append({"stage": "LLM", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
-                           "detail": f"{eres.ok} explained, {eres.failed} failed, {eres.skipped} already done; "
-                                     f"{scres.ok} scores, {scres.failed} failed; {eres.calls + scres.calls} calls "
-                                     f"({eres.cache_hits + scres.cache_hits} from cache)"})
-        store.finish_run(con, run_id, "done", {"stages": stages})
-        labels = [dict(zip([d[0] for d in cur.description], r)) for cur in [con.execute(
-            """SELECT latent, explanation, explainer, selected_by, round(validation, 3) AS validation,
-                      round(simulation, 3) AS heldout, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
-                      round(ngram_simulation, 3) AS ngram, round(frequency, 5) AS frequency
-               FROM labels WHERE dict_id = ? AND explanation IS NOT NULL
-               ORDER BY validation DESC NULLS LAST, latent LIMIT 15""", [dict_id])] for r in cur.fetchall()]
-    return PipelineResult(settings.db, dict_id, stages, labels)
+    chosen = most_frequent_latents(con, dict_id, llm_latents)
+    s = settings.model_copy(deep=True)
+    s.explain.latents = chosen
+    s.score.latents = chosen
+    s.score.explanations = "explainer IN ('llm', 'ngram')"  # like with like: one simulator, one snippet set
+    s.score.split = "both"
+    t0 = time.perf_counter()
+    with bars("LLM explain") as bar:
+        eres = explain.run(con, s, dict_id, progress=bar)
+    with bars("LLM score") as bar:
+        scres = score.run(con, s, dict_id, progress=bar)
+    return {"stage": "LLM", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
+            "detail": f"{eres.ok} explained, {eres.failed} failed, {eres.skipped} already done; "
+                      f"{scres.ok} scores, {scres.failed} failed; {eres.spend.calls + scres.spend.calls} calls "
+                      f"({eres.spend.cache_hits + scres.spend.cache_hits} from cache)"}

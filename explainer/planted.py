@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,6 +28,7 @@ from explainer.planted_features import (  # noqa: F401  (the benchmark's public 
     ANIMALS, COLOURS, KINSHIP, NUMBER_WORDS, Feature, after, after_word, bigram, default_features, digit_value,
     graded_bigram, inside_quotes, per_string, position, token, word_class,
 )
+from explainer.results import StageResult, tagged
 
 
 class PlantedModel:
@@ -131,20 +132,23 @@ class Separation:
 
 
 @dataclass
-class PlantedResult:
+class PlantedResult(StageResult):
     db: str
-    dict_id: int
     run_id: int
-    n_tokens: int
-    n_contexts: dict[str, int]
-    rows: list[LatentRow]
-    fraction_good: dict[str, float]  # "explainer/scorer(mode)" -> fraction of planted latents scoring >= 0.7
-    separation: list[Separation]
-    notes: list[str]
-    wall_s: float
+    dict_id: Optional[int] = None  # the rest is filled in as the benchmark goes
+    n_tokens: int = 0
+    n_contexts: dict[str, int] = field(default_factory=dict)
+    rows: list[LatentRow] = field(default_factory=list)
+    fraction_good: dict[str, float] = field(default_factory=dict)  # "explainer/scorer(mode)" -> fraction >= GOOD
+    separation: list[Separation] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
 
     def table(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {f"planted-feature benchmark ({self.db})": self.table()}
 
     def by_class(self) -> list[dict[str, Any]]:
         """Per feature class, mean held-out simulation of the n-gram explanation (n-gram simulator;
@@ -177,9 +181,12 @@ class PlantedResult:
         out["seconds"] = round(self.wall_s, 1)
         return out
 
-    def to_json(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k not in ("rows", "separation")},
                 "rows": self.table(), "separation": [asdict(s) for s in self.separation], "by_class": self.by_class()}
+
+    def to_json(self) -> dict[str, Any]:
+        return self.as_dict()
 
 
 def _mean(vals: list[float]) -> Optional[float]:
@@ -193,19 +200,12 @@ def _separation(explainer: str, scorer: str, mode: str, matched: list[float], sh
                       auroc(matched + shuffled, labels))
 
 
-def _stage(progress: Progress, name: str) -> Optional[Callable[[Any], None]]:
-    """Forward a stage's progress (a dict or a dataclass) tagged with the stage's name."""
-    if progress is None:
-        return None
-    return lambda info: progress({**(info if isinstance(info, dict) else asdict(info)), "stage": name})
-
-
 def _ngram_stage(con: Any, dict_id: int, n: int, progress: Progress) -> tuple[list[dict[str, Any]], Separation]:
     from explainer import ngram
 
-    ngram.explain_all(con, dict_id, latents=list(range(n)), progress=_stage(progress, "n-gram explain"))
+    ngram.explain_all(con, dict_id, latents=list(range(n)), progress=tagged(progress, "n-gram explain"))
     ngram.score_all(con, dict_id, "heldout", explanation_filter=f"explainer = 'ngram' AND template = '{ngram.FORMAT}'",
-                    latents=list(range(n)), progress=_stage(progress, "n-gram score"))
+                    latents=list(range(n)), progress=tagged(progress, "n-gram score"))
     rows = con.execute(f"""
         SELECT e.latent, e.text, e.pattern::VARCHAR, s.score, s.details::VARCHAR
         FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.scorer = 'simulation'
@@ -243,8 +243,8 @@ def _llm_stage(con: Any, dict_id: int, n: int, settings: Any, base_url: str, pro
     s.explain.latents = s.score.latents = f"0-{n - 1}"
     s.score.split = "heldout"
     s.score.explanations = f"explainer = 'llm' OR (explainer = 'ngram' AND template = '{ngram.FORMAT}')"
-    explain.run(con, s, dict_id, progress=_stage(progress, "LLM explain"))
-    score.run(con, s, dict_id, progress=_stage(progress, "LLM score"))
+    explain.run(con, s, dict_id, progress=tagged(progress, "LLM explain"))
+    score.run(con, s, dict_id, progress=tagged(progress, "LLM score"))
     fractions: dict[str, float] = {}
     seps: list[Separation] = []
     notes: list[str] = []
@@ -303,31 +303,26 @@ def run_planted(db_path: Path | str, settings: Any, base_url: Optional[str] = No
     sae_dir = save_identity_dictionary(db_path.with_name(db_path.name + ".planted-sae"), model)
     con = store.connect(db_path)
     try:
-        run_id = store.start_run(con, "bench-planted", settings.public_dict())
-        try:
-            res = sample.run(con, settings, sae_dir, lm=model, dict_name="planted", progress=_stage(progress, "sample"))
+        out = PlantedResult(str(db_path), store.start_run(con, "bench-planted", settings.public_dict()))
+        with store.recorded_run(con, out.run_id, out, t0):
+            res = sample.run(con, settings, sae_dir, lm=model, dict_name="planted", progress=tagged(progress, "sample"))
+            out.dict_id, out.n_tokens, out.n_contexts = res.dict_id, res.n_tokens, res.n_contexts
             n = len(features)
             found, sep = _ngram_stage(con, res.dict_id, n, progress)
             freq = dict(con.execute("SELECT latent, frequency FROM latents WHERE dict_id = ?", [res.dict_id]).fetchall())
-            rows = []
             for i, (f, r) in enumerate(zip(features, found)):
                 det = json.loads(r["details"]) if r.get("details") else {}
                 fit = json.loads(r["pattern"]).get("fit", {}) if r.get("pattern") else {}
-                rows.append(LatentRow(i, f.name, f.category, f.truth, freq.get(i), r.get("text"), r.get("score"),
-                                      det.get("precision"), det.get("recall"), fit.get("train_score")))
-            fractions = {"ngram/simulation(ngram)": float(np.mean([(r.score or 0.0) >= GOOD for r in rows]))}
-            seps, notes = [sep], []
+                out.rows.append(LatentRow(i, f.name, f.category, f.truth, freq.get(i), r.get("text"), r.get("score"),
+                                          det.get("precision"), det.get("recall"), fit.get("train_score")))
+            out.fraction_good["ngram/simulation(ngram)"] = float(np.mean([(r.score or 0.0) >= GOOD for r in out.rows]))
+            out.separation.append(sep)
             if base_url:
-                llm_frac, llm_seps, llm_notes = _llm_stage(con, res.dict_id, n, settings, base_url, progress, rows)
-                fractions.update(llm_frac)
-                seps += llm_seps
-                notes += llm_notes
-            out = PlantedResult(str(db_path), res.dict_id, run_id, res.n_tokens, res.n_contexts, rows, fractions,
-                                seps, notes + list(res.warnings), time.perf_counter() - t0)
-            store.finish_run(con, run_id, "done", out.to_json())
-            return out
-        except BaseException as e:
-            store.finish_run(con, run_id, "failed", {"error": f"{type(e).__name__}: {e}"})
-            raise
+                llm_frac, llm_seps, llm_notes = _llm_stage(con, res.dict_id, n, settings, base_url, progress, out.rows)
+                out.fraction_good.update(llm_frac)
+                out.separation += llm_seps
+                out.notes += llm_notes
+            out.notes += res.warnings
+        return out
     finally:
         con.close()

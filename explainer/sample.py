@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -30,6 +30,7 @@ from explainer import store
 from explainer.corpus import Context, iter_contexts, load_documents
 from explainer.errors import ExplainerError
 from explainer.outliers import OutlierRule, add_histograms, position_histogram
+from explainer.results import StageResult
 from explainer.sample_parquet import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sample_runs import (
     db_bytes, db_file, done_runs, parse_shard, previous_result, state_path, summary_counts,
@@ -47,7 +48,7 @@ FLOAT16_MAX = 65504.0
 
 
 @dataclass
-class SampleResult:
+class SampleResult(StageResult):
     dict_id: int
     dict_name: str
     shard: str
@@ -64,8 +65,16 @@ class SampleResult:
     warnings: list[str] = field(default_factory=list)
     n_outlier_tokens: Optional[int] = None  # tokens the dictionary's outlier rule left out (None: it has none)
 
-    def summary(self) -> dict[str, Any]:
-        return asdict(self)
+    @classmethod
+    def from_record(cls, con: duckdb.DuckDBPyConnection, record: dict[str, Any], *, dict_id: int, dict_name: str,
+                    shard: str, already_complete: bool, warnings: list[str], t0: float) -> SampleResult:
+        """The result of a sample (or merge) run from what its runs row records (`record`)."""
+        return cls(dict_id=dict_id, dict_name=dict_name, shard=shard, complete=record["complete"],
+                   already_complete=already_complete, n_contexts=record["n_contexts"], n_tokens=record["n_tokens"],
+                   dead_latents=record.get("dead_latents"), median_frequency=record.get("median_frequency"),
+                   db_bytes=db_bytes(con), tokens_per_s=0.0 if already_complete else record["tokens_per_s"],
+                   wall_s=time.perf_counter() - t0, state_path=record.get("state_path"), warnings=warnings,
+                   n_outlier_tokens=record.get("n_outlier_tokens"))
 
 
 def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
@@ -151,10 +160,8 @@ class _Job:
 
     def result(self, con: duckdb.DuckDBPyConnection, res: dict[str, Any], t0: float, already: bool) -> SampleResult:
         """The SampleResult of a run's result row (this run's, or an earlier identical run's)."""
-        return SampleResult(self.dict_id, self.name, self.shard_text, res["complete"], already, res["n_contexts"],
-                            res["n_tokens"], res.get("dead_latents"), res.get("median_frequency"), db_bytes(con),
-                            0.0 if already else res["tokens_per_s"], time.perf_counter() - t0,
-                            res.get("state_path"), self.warnings, res.get("n_outlier_tokens"))
+        return SampleResult.from_record(con, res, dict_id=self.dict_id, dict_name=self.name, shard=self.shard_text,
+                                        already_complete=already, warnings=self.warnings, t0=t0)
 
 
 def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str, lm: Any,

@@ -17,7 +17,7 @@ import duckdb
 from explainer import store
 from explainer.errors import ExplainerError
 from explainer.sample import SampleResult
-from explainer.sample_runs import db_bytes, done_runs, parse_shard, state_path, summary_counts
+from explainer.sample_runs import done_runs, parse_shard, state_path, summary_counts
 from explainer.sample_parquet import (
     DICT_FIELDS, copy_used_contexts, is_parquet_folder, parquet_relation, read_dictionary, state_files,
 )
@@ -125,6 +125,5 @@ def merge(con: duckdb.DuckDBPyConnection, shard_outputs: Sequence[Path | str], *
     except BaseException as e:
         store.finish_run(con, run_id, "failed", {"error": f"{type(e).__name__}: {e}"})
         raise
-    return SampleResult(dict_id, dict_row["name"], "merged", True, False, result["n_contexts"], result["n_tokens"],
-                        result["dead_latents"], result["median_frequency"], db_bytes(con), 0.0,
-                        time.perf_counter() - t0, None, [])
+    return SampleResult.from_record(con, result, dict_id=dict_id, dict_name=dict_row["name"], shard="merged",
+                                    already_complete=False, warnings=[], t0=t0)

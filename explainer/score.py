@@ -25,20 +25,19 @@ returns every snippet's predictions (the agent uses it on `validation`).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
-import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import duckdb
 
-from explainer import examples, llm_pass, prompts, store
+from explainer import examples, llm_pool, prompts, store
 from explainer.errors import ExplainerError
-from explainer.llm import LLMClient, gather_or_cancel, reason_kind, resolve_endpoint
+from explainer.llm import LLMClient, resolve_endpoint
 from explainer.judge import detection_items, fuzzing_items, judge
+from explainer.results import LLMSpend, OnProgress
 from explainer.settings import ScoreSettings, Settings
 from explainer.score_types import Outcome, ScoreFailed, Snippet, Spend
 from explainer.simulate import check_template, simulate
@@ -211,7 +210,7 @@ class ScorerStats:
 
 
 @dataclass
-class ScoreResult:
+class ScoreResult(llm_pool.PassResult):
     run_id: int
     dict_id: int
     model: str
@@ -222,18 +221,14 @@ class ScoreResult:
     skipped: int
     ok: int = 0
     failed: int = 0
-    calls: int = 0
-    cache_hits: int = 0
-    prompt_tokens: int = 0  # spent by this run (cache hits cost nothing)
-    completion_tokens: int = 0
-    cost: float = 0.0
+    spend: LLMSpend = field(default_factory=LLMSpend)
     wall_s: float = 0.0
     per_scorer: dict[str, ScorerStats] = field(default_factory=dict)  # by stat_key: one split per entry
     errors: dict[str, int] = field(default_factory=dict)
     batch: Optional[dict[str, Any]] = None  # what --batch did (batch.BatchOutcome.as_dict())
-    estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (llm_pass.estimate)
+    estimate: Optional[dict[str, Any]] = None  # --estimate: what the command would send (llm_pool.estimate)
 
-    def summary(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         """Mean score per scorer, calls and prompt tokens per latent, failures, wall time."""
         out: dict[str, Any] = {"run": self.run_id, "simulator model": self.model, "split": self.split,
                                "scores written": self.ok, "failed": self.failed, "skipped (already scored)": self.skipped}
@@ -245,8 +240,9 @@ class ScoreResult:
             out[f"{label}: scored / failed"] = f"{st.ok} / {st.failed}"
             out[f"{label}: calls per latent"] = st.per_latent(st.calls)
             out[f"{label}: prompt tokens per latent"] = st.per_latent(st.prompt_tokens)
-        out.update({"calls": self.calls, "cache hits": self.cache_hits, "prompt tokens spent": self.prompt_tokens,
-                    "completion tokens spent": self.completion_tokens, "cost": self.cost,
+        sp = self.spend
+        out.update({"calls": sp.calls, "cache hits": sp.cache_hits, "prompt tokens spent": sp.prompt_tokens,
+                    "completion tokens spent": sp.completion_tokens, "cost": sp.cost,
                     "wall s": round(self.wall_s, 2)})
         if self.errors:
             out["failures"] = "; ".join(f"{k} ({v})" for k, v in self.errors.items())
@@ -256,7 +252,7 @@ class ScoreResult:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k != "per_scorer"}
+        data = super().as_dict()
         data["per_scorer"] = {k: {**{f: getattr(v, f) for f in ("ok", "failed", "score_sum", "calls",
                                                                    "prompt_tokens", "completion_tokens")},
                                   "latents": len(v.latents)} for k, v in self.per_scorer.items()}
@@ -291,11 +287,11 @@ def _scored(con: duckdb.DuckDBPyConnection, dict_id: int, splits: list[str], mod
 
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
-        progress: Optional[Callable[[dict[str, Any]], None]] = None) -> ScoreResult:
+        progress: Optional[OnProgress] = None) -> ScoreResult:
     """Score the ok explanations of `settings.score.latents` with each scorer in `settings.score.scorers`.
 
     With `settings.llm.batch` the calls first go through the Batch API (explainer/batch.py;
-    `progress` then also receives its status as a dict); with `batch_wait` off the run may end
+    `progress` then also receives its status, `stage` "batch ..."); with `batch_wait` off the run may end
     after submitting, writing no score (`result.batch["ready"]` is False)."""
     s = settings.score
     scorers = parse_scorers(s.scorers)
@@ -325,59 +321,20 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     result = ScoreResult(run_id, dict_id, model, ",".join(splits), s.mode, scorers, requested=requested,
                          skipped=requested - len(jobs),
                          per_scorer={stat_key(name, split, splits): ScorerStats() for name in scorers for split in splits})
-    t0 = time.perf_counter()
-
-    def stage_pass(make_client: Callable[..., LLMClient], res: ScoreResult, prog: Any) -> None:
-        asyncio.run(_score_all(con, settings, dict_id, templates, setups, jobs, res, prog, t0, make_client))
-
-    with store.recorded_run(con, run_id, result, t0):
-        llm_pass.drive(con, settings.llm, "score", result, stage_pass, has_work=bool(jobs), run_id=run_id,
-                       dict_id=dict_id, progress=progress,
-                       batch_progress=(lambda p: progress(dataclasses.asdict(p))) if progress else None)
+    llm_pool.run(con, settings.llm, _pass(con, settings, dict_id, templates, setups, jobs, result), result,
+                 dict_id=dict_id, progress=progress)
     return result
 
 
-async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
-                     templates: dict[str, prompts.Template], setups: dict[str, dict[str, Any]], jobs: list[_Job],
-                     result: ScoreResult,
-                     progress: Optional[Callable[[dict[str, Any]], None]], t0: float,
-                     make_client: Callable[..., LLMClient] = LLMClient) -> None:
+def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
+          templates: dict[str, prompts.Template], setups: dict[str, dict[str, Any]], jobs: list[_Job],
+          result: ScoreResult) -> llm_pool.Pass[tuple[_Job, list[Snippet]]]:
     s = settings.score
     model = settings.llm.model
     splits = splits_of(s)
-    pending = deque(jobs)
-    left: dict[tuple[int, str], int] = {}
-    for job in jobs:
-        left[job.latent, job.split] = left.get((job.latent, job.split), 0) + 1
-    loaded: dict[tuple[int, str], list[Snippet]] = {}
-    last_report = [0.0]
 
-    def next_job() -> Optional[tuple[_Job, list[Snippet]]]:
-        if not pending:
-            return None
-        job = pending.popleft()
-        key = (job.latent, job.split)
-        if key not in loaded:
-            chunk = list(dict.fromkeys([job.latent] + [j.latent for j in pending
-                                                       if j.split == job.split and (j.latent, j.split) not in loaded]))
-            got = load_snippets(con, dict_id, chunk[:CHUNK], job.split, s)
-            loaded.update({(lat, job.split): snips for lat, snips in got.items()})
-        snippets = loaded[key]
-        left[key] -= 1
-        if left[key] == 0:
-            del loaded[key]  # jobs come sorted by latent: hold only the latents in progress
-        return job, snippets
-
-    def report(force: bool = False) -> None:
-        now = time.perf_counter()
-        if progress is None or (not force and now - last_report[0] < 0.1):
-            return
-        last_report[0] = now
-        done = result.ok + result.failed
-        progress({"done": done, "total": len(jobs), "ok": result.ok, "failed": result.failed,
-                  "calls": llm.calls, "prompt_tokens": llm.prompt_tokens, "cost": llm.cost})
-
-    async def score_one(job: _Job, snippets: list[Snippet]) -> None:
+    async def score_one(llm: LLMClient, item: tuple[_Job, list[Snippet]]) -> Optional[str]:
+        job, snippets = item
         tpl = templates[job.scorer]
         mode = mode_of(s, job.scorer)
         setup = setups[job.scorer]
@@ -416,29 +373,34 @@ async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id
         st.completion_tokens += spend.completion_tokens or 0
         st.latents.add(job.latent)
         if status == "ok":
-            result.ok += 1
             st.ok += 1
             st.score_sum += float(score)  # type: ignore[arg-type]
         else:
-            result.failed += 1
             st.failed += 1
-            kind = _reason_kind(error)
-            result.errors[kind] = result.errors.get(kind, 0) + 1
-            llm.check_reachable()
-        report()
+        return error if status != "ok" else None
 
-    async def worker() -> None:
-        while (item := next_job()) is not None:
-            await score_one(*item)
-
-    async with make_client(settings.llm, con, stage="score", run_id=result.run_id, dict_id=dict_id) as llm:
-        try:
-            await gather_or_cancel([worker() for _ in range(min(settings.llm.concurrency, max(1, len(jobs))))])
-            llm.check_reachable(final=True)
-        finally:
-            llm.spend_into(result)
-            report(force=True)
+    return llm_pool.Pass("score", lambda _llm: _with_snippets(con, dict_id, s, jobs), score_one, total=len(jobs),
+                         known_errors="fires on none|needs both kinds|needs snippets|no snippets")
 
 
-def _reason_kind(error: Optional[str]) -> str:
-    return reason_kind(error, 'fires on none|needs both kinds|needs snippets|no snippets')
+def _with_snippets(con: duckdb.DuckDBPyConnection, dict_id: int, s: ScoreSettings,
+                   jobs: list[_Job]) -> Iterator[tuple[_Job, list[Snippet]]]:
+    """Each job with its snippets, read CHUNK latents at a time and dropped once their last job is out."""
+    pending = deque(jobs)
+    left: dict[tuple[int, str], int] = {}
+    for job in jobs:
+        left[job.latent, job.split] = left.get((job.latent, job.split), 0) + 1
+    loaded: dict[tuple[int, str], list[Snippet]] = {}
+    while pending:
+        job = pending.popleft()
+        key = (job.latent, job.split)
+        if key not in loaded:
+            chunk = list(dict.fromkeys([job.latent] + [j.latent for j in pending
+                                                       if j.split == job.split and (j.latent, j.split) not in loaded]))
+            got = load_snippets(con, dict_id, chunk[:CHUNK], job.split, s)
+            loaded.update({(lat, job.split): snips for lat, snips in got.items()})
+        snippets = loaded[key]
+        left[key] -= 1
+        if left[key] == 0:
+            del loaded[key]  # jobs come sorted by latent: hold only the latents in progress
+        yield job, snippets

@@ -617,12 +617,13 @@ def start_run(con: duckdb.DuckDBPyConnection, stage: str, settings: dict[str, An
 
 @contextmanager
 def recorded_run(con: duckdb.DuckDBPyConnection, run_id: int, result: Any, t0: float) -> Iterator[None]:
-    """Finish the run row as done or failed with the result's wall time, however the body ends."""
+    """Finish the run row as done or failed with the result (a results.StageResult, its wall time
+    set), however the body ends; a failed run's record says why."""
     try:
         yield
-    except BaseException:
+    except BaseException as e:
         result.wall_s = time.perf_counter() - t0
-        finish_run(con, run_id, "failed", result.as_dict())
+        finish_run(con, run_id, "failed", {**result.as_dict(), "error": f"{type(e).__name__}: {e}"})
         raise
     result.wall_s = time.perf_counter() - t0
     finish_run(con, run_id, "done", result.as_dict())

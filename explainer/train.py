@@ -23,6 +23,7 @@ from torch import Tensor
 
 from explainer.errors import ExplainerError
 from explainer.outliers import OutlierRule, position_histogram
+from explainer.results import StageResult
 from explainer.sae import TopKSAE, layer_norm
 from explainer.sae_files import recover_folder
 from explainer.sae_formats import log10_frequency, save_dictionary
@@ -82,7 +83,7 @@ def _activations(lm: Any, ids: Tensor, batch_size: int) -> Tensor:
 
 
 @dataclass
-class TrainResult:
+class TrainResult(StageResult):
     out: Path
     metrics: dict[str, Any]
     steps: int
@@ -90,6 +91,13 @@ class TrainResult:
     seconds: float
     tokens_per_s: float
     resumed: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "out": str(self.out)}
+
+    def summary(self) -> dict[str, Any]:
+        return {"out": str(self.out), "steps": self.steps, "tokens": self.tokens,
+                "tokens_per_s": round(self.tokens_per_s, 1), **self.metrics}
 
 
 def _run_identity(settings: Settings) -> dict[str, Any]:

@@ -1,11 +1,10 @@
 """Terminal output for the CLI: rich tables, --json, and progress bars fed by stage callbacks.
 
-Stages never print; they call `progress(dict)` and return results. Only the CLI imports this.
+Stages never print; they call `progress(...)` and return results. Only the CLI imports this.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import sys
@@ -17,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+from explainer.results import ProgressInfo, StageResult, progress_dict
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -88,9 +89,21 @@ def emit_mapping(data: dict[str, Any], *, as_json: bool, title: Optional[str] = 
     console.print(table)
 
 
+def show_result(result: StageResult, *, as_json: bool, title: Optional[str] = None) -> None:
+    """Any stage's result: its row tables, then its summary as a two-column table; or its JSON."""
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), default=str, indent=1) + "\n")
+        return
+    for name, rows in result.tables().items():
+        emit(rows, as_json=False, title=name)
+    summary = result.summary()
+    if summary:
+        emit_mapping(summary, as_json=False, title=result.title(title) if title is not None else None)
+
+
 @contextmanager
-def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """Yield a callback taking {"done"/"tokens": n, "total": m, other stats...} dicts."""
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[ProgressInfo], None]]:
+    """Yield a callback taking a results.Progress, or a {"done"/"tokens": n, "total": m, other stats...} dict."""
     if not enabled:
         yield lambda _info: None
         return
@@ -111,9 +124,8 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[d
     with Progress(*columns, console=err_console, transient=False) as prog:
         task = prog.add_task(description, total=None, stats="", count="")
 
-        def update(info: Any) -> None:
-            if not isinstance(info, dict):
-                info = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(info)
+        def update(info: ProgressInfo) -> None:
+            info = progress_dict(info)
             done = info.get("done", info.get("tokens"))
             total = info.get("total")
             stats = visible("  ".join(
@@ -131,7 +143,7 @@ PROGRESS_EVERY_S = 30.0
 
 
 @contextmanager
-def _progress_lines(description: str) -> Iterator[Callable[[dict[str, Any]], None]]:
+def _progress_lines(description: str) -> Iterator[Callable[[ProgressInfo], None]]:
     """Progress for logs and pipes: a bar's redraws would be lost or garble a file, so one plain
     line when a stage starts, every PROGRESS_EVERY_S, and the last state when it ends."""
     last: dict[str, Any] = {"at": None, "line": None}
@@ -143,9 +155,8 @@ def _progress_lines(description: str) -> Iterator[Callable[[dict[str, Any]], Non
         stats = "  ".join(f"{k}={_fmt(v)}" for k, v in info.items() if k not in ("done", "tokens", "total", "stage"))
         return visible(f"{description}{stage} {count} {stats}".strip(), keep="")
 
-    def update(info: Any) -> None:
-        if not isinstance(info, dict):
-            info = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(info)
+    def update(info: ProgressInfo) -> None:
+        info = progress_dict(info)
         last["line"] = line(info)
         now = time.monotonic()
         if last["at"] is None or now - last["at"] >= PROGRESS_EVERY_S:

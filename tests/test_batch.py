@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from explainer import batch, cli, explain, score, store
+from explainer import cli, explain, score, store
 from explainer.errors import ExplainerError
 from explainer.settings import Settings
 from tests.openai_server import Reply, ScriptedServer, llm_server  # noqa: F401
@@ -112,13 +112,13 @@ def test_explain_batch_writes_what_online_writes_at_half_price(dbs, llm_server):
         assert r["error"] is None and not r["cache_hit"] and r["prompt_tokens"] > 0
         assert r["cost"] == pytest.approx((r["prompt_tokens"] + r["completion_tokens"]) / 1e6 * 0.5)
     assert [r["cache_hit"] for r in ledger if r["batch_id"] is None] == [True, True]
-    assert res.cost == pytest.approx(online.cost / 2) and res.prompt_tokens == online.prompt_tokens
+    assert res.spend.cost == pytest.approx(online.spend.cost / 2) and res.spend.prompt_tokens == online.spend.prompt_tokens
     # Explanation rows carry what their answer cost: half of the online rows.
     costs = {r["latent"]: r["cost"] for r in query(batch_db, "SELECT latent, cost FROM explanations WHERE status = 'ok'")}
     online_costs = {r["latent"]: r["cost"] for r in query(online_db, "SELECT latent, cost FROM explanations WHERE status = 'ok'")}
     assert costs == pytest.approx({k: v / 2 for k, v in online_costs.items()})
 
-    statuses = [p.stage for p in seen if isinstance(p, batch.BatchProgress)]
+    statuses = [p.stage for p in seen if p.stage]
     assert statuses[-1] == "batch completed" and "batch in_progress" in statuses
     assert res.batch["status"] == "done" and res.batch["answered"] == 2 and res.batch["requests"] == 2
 
@@ -148,7 +148,7 @@ def test_crash_while_polling_resumes_the_same_batch(dbs, llm_server):
     llm_server.responder = answer_by_content
 
     def crash(info: Any) -> None:
-        if isinstance(info, batch.BatchProgress):
+        if info.stage:
             raise RuntimeError("power cut")
 
     with pytest.raises(RuntimeError, match="power cut"):
@@ -380,8 +380,8 @@ def test_score_batch_writes_what_online_writes(tmp_path, llm_server, mode):
     endpoints = sorted(r["endpoint"] for r in query(batch_db, "SELECT endpoint FROM llm_batches"))
     assert endpoints == (["/v1/chat/completions"] if mode == "json" else ["/v1/chat/completions", "/v1/completions"])
     assert len(llm_server.batch_requests) == query(online_db, "SELECT count(*) AS n FROM llm_cache")[0]["n"]
-    assert any(isinstance(p, dict) and p.get("stage") == "batch completed" for p in seen)
-    assert res.cost == pytest.approx(online.cost / 2)
+    assert any(p.stage == "batch completed" for p in seen)
+    assert res.spend.cost == pytest.approx(online.spend.cost / 2)
     assert res.summary()["batch status"] == "done"
 
 

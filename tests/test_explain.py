@@ -12,6 +12,7 @@ import pytest
 from explainer import explain, serve, store
 from explainer.errors import ExplainerError
 from explainer.llm import Reply as LLMReply
+from explainer.results import Progress
 from explainer.settings import ExplainSettings, LLMSettings, Settings
 from tests.openai_server import Reply, ScriptedServer, llm_server  # noqa: F401
 
@@ -102,7 +103,7 @@ def test_explains_from_train_examples_only(db, llm_server):
     con, dict_id = db
     llm_server.responder = answer_by_content
     res = explain.run(con, settings_for(llm_server.url), dict_id)
-    assert (res.requested, res.ok, res.failed, res.skipped, res.calls) == (3, 2, 1, 0, 2)
+    assert (res.requested, res.ok, res.failed, res.skipped, res.spend.calls) == (3, 2, 1, 0, 2)
     seen = "\n".join(r.prompt_text() for r in llm_server.requests)
     assert "villain" in seen and "<<art>>" in seen and "def" in seen
     assert HELDOUT not in seen and VALIDATION not in seen
@@ -129,7 +130,7 @@ def test_rerun_skips_done_latents_and_calls_nothing(db, llm_server):
     explain.run(con, settings_for(llm_server.url), dict_id)
     n = len(llm_server.requests)
     res = explain.run(con, settings_for(llm_server.url), dict_id)
-    assert (res.ok, res.failed, res.skipped, res.calls) == (0, 1, 2, 0)
+    assert (res.ok, res.failed, res.skipped, res.spend.calls) == (0, 1, 2, 0)
     assert len(llm_server.requests) == n
     # the dead latent's failure row was replaced, not duplicated
     counts = con.execute("SELECT latent, count(*) FROM explanations GROUP BY latent ORDER BY latent").fetchall()
@@ -142,7 +143,7 @@ def test_lost_explanations_come_back_from_the_cache(db, llm_server):
     first = rows(con)
     con.execute("DELETE FROM explanations")  # as if the process died after the answers were cached
     res = explain.run(con, settings_for(llm_server.url, latents="0-1"), dict_id)
-    assert (res.ok, res.cache_hits, res.prompt_tokens, res.cost) == (2, 2, 0, 0.0)
+    assert (res.ok, res.spend.cache_hits, res.spend.prompt_tokens, res.spend.cost) == (2, 2, 0, 0.0)
     assert len(llm_server.requests) == 2
     again = rows(con)
     keep = ("latent", "text", "status", "prompt_tokens", "completion_tokens", "cost", "template_hash")
@@ -234,7 +235,7 @@ def test_fault_storm_leaves_one_honest_row_per_latent(tmp_path):
         assert (r["status"] == "ok") == (r["text"] is not None) == (r["error"] is None)
         assert r["text"] in (None, "a pattern in the text")
     calls = rows(con, "SELECT attempts, cache_hit, error FROM llm_calls")
-    assert len(calls) == res.calls and max(c["attempts"] for c in calls) == 3
+    assert len(calls) == res.spend.calls and max(c["attempts"] for c in calls) == 3
     # latents with the same examples share a prompt; the later ones answer from the cache
     assert len(srv.requests) == sum(c["attempts"] - c["cache_hit"] for c in calls)
     assert len(injected) >= len(faults)
@@ -243,11 +244,11 @@ def test_fault_storm_leaves_one_honest_row_per_latent(tmp_path):
 
 def test_progress_callback(db, llm_server):
     con, dict_id = db
-    seen: list[explain.ExplainProgress] = []
+    seen: list[Progress] = []
     explain.run(con, settings_for(llm_server.url), dict_id, progress=seen.append)
     last = seen[-1]
     assert (last.done, last.total, last.ok, last.failed) == (3, 3, 2, 1)
-    assert last.prompt_tokens > 0 and last.latents_per_min > 0
+    assert last.spend.prompt_tokens > 0 and last.per_min > 0
 
 
 def test_template_checked_before_anything_is_written(db, llm_server, tmp_path):

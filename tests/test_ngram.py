@@ -224,3 +224,26 @@ def test_simulate_semantics_first_match_wins_and_unknown_tokens() -> None:
     assert PatternSet.from_json(json.dumps(ps.to_json())).patterns == ps.patterns
     with pytest.raises(ExplainerError, match="not an ngram-v1 pattern"):
         PatternSet.from_json('{"x": 1}')
+
+
+def test_ngram_explain_from_the_cli_is_a_recorded_run(db_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from explainer import query
+    from explainer.cli import main
+
+    with store.connect(db_path) as c:
+        fill_db(c, LATENTS)
+    assert main(["explain", "--explainer", "ngram", "--db", str(db_path), "--latents", "0-3", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["latents explained"], summary["latents failed (never fired in train)"]) == (3, 1)
+    with store.connect(db_path, read_only=True) as c:
+        ((run_id, stage, status, result),) = c.execute("SELECT id, stage, status, result FROM runs").fetchall()
+        assert (stage, status, json.loads(result)["run_id"]) == ("ngram", "done", run_id)
+        # Every row the command wrote carries its run, so `explainer status` and the ledger can name it.
+        assert c.execute("SELECT DISTINCT run_id FROM explanations").fetchall() == [(run_id,)]
+        assert c.execute("SELECT DISTINCT run_id FROM scores").fetchall() == [(run_id,)]
+        assert c.execute("SELECT count(DISTINCT split) FROM scores").fetchone()[0] == 2
+        assert query.status(c)["unfinished"] == []
+    assert main(["explain", "--explainer", "ngram", "--db", str(db_path), "--latents", "0-3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == summary  # the rerun skips what is there and reports the same
+    with store.connect(db_path, read_only=True) as c:
+        assert c.execute("SELECT count(*), count(*) FILTER (WHERE status = 'done') FROM runs").fetchone() == (2, 2)

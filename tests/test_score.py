@@ -15,6 +15,7 @@ import pytest
 
 from explainer import examples, score, store
 from explainer.errors import ExplainerError
+from explainer.results import Progress
 from explainer.settings import LLMSettings, ScoreSettings, Settings
 from explainer.score_types import ScoreFailed
 from tests.openai_server import Reply, Request, ScriptedServer, llm_server  # noqa: F401
@@ -155,7 +156,7 @@ def db(tmp_path: Path) -> Path:
 
 def test_perfect_answers_score_one_for_every_scorer(db, llm_server):
     llm_server.responder = oracle
-    seen: list[dict] = []
+    seen: list[Progress] = []
     res = run_score(db, make_settings(llm_server, db), progress=seen.append)
     assert (res.ok, res.failed, res.skipped, res.requested) == (9, 0, 0, 9)  # 3 explanations x 3 scorers
     got = rows(db)
@@ -171,12 +172,12 @@ def test_perfect_answers_score_one_for_every_scorer(db, llm_server):
     assert sim["per_kind"] == {"top": 1.0, "quantile": 1.0, "random": 1.0}
     assert sim["n_tokens"] == 7 * 8 and sim["snippets"][0]["pred"] == [0, 0, 0, 8, 0, 0, 8, 0]
     assert {r["mode"] for r in got} == {"json"}
-    assert seen and seen[-1]["done"] == 9 and seen[-1]["ok"] == 9
+    assert seen and seen[-1].done == 9 and seen[-1].ok == 9
     summary = res.summary()
     assert summary["simulation (json): mean score"] == pytest.approx(1.0)
     # latent 0: 7 snippets / 3 per call = 3 calls per explanation, 2 explanations -> 6; latent 1: 2 snippets -> 1
     assert summary["simulation (json): calls per latent"] == pytest.approx((6 + 1) / 2)
-    assert con_count(db, "SELECT count(*) FROM llm_calls WHERE stage = 'score' AND run_id = ?", res.run_id) == res.calls
+    assert con_count(db, "SELECT count(*) FROM llm_calls WHERE stage = 'score' AND run_id = ?", res.run_id) == res.spend.calls
 
 
 def con_count(db: Path, sql: str, *params: Any) -> int:
@@ -288,13 +289,13 @@ def test_resume_skips_ok_retries_failed_and_reruns_hit_the_cache(db, llm_server)
     assert len(got) == 3 and all(r["status"] == "ok" for r in got)  # failure rows replaced, not kept
     n = len(llm_server.requests)
     third = run_score(db, make_settings(llm_server, db, scorers="simulation"))
-    assert (third.ok, third.skipped, third.calls) == (0, 3, 0) and len(llm_server.requests) == n
+    assert (third.ok, third.skipped, third.spend.calls) == (0, 3, 0) and len(llm_server.requests) == n
     # Rows deleted by hand: the rerun answers from the cache and writes the same scores.
     con = store.connect(db)
     con.execute("DELETE FROM scores")
     con.close()
     fourth = run_score(db, make_settings(llm_server, db, scorers="simulation"))
-    assert fourth.ok == 3 and fourth.cache_hits == fourth.calls > 0 and len(llm_server.requests) == n
+    assert fourth.ok == 3 and fourth.spend.cache_hits == fourth.spend.calls > 0 and len(llm_server.requests) == n
     assert [r["score"] for r in rows(db)] == [r["score"] for r in got]
     # Another simulator model or another setup is a different score, not a skip.
     other = make_settings(llm_server, db, scorers="simulation")
