@@ -25,9 +25,9 @@ from explainer.explain import load_train_examples, parse_explanation, prompt_val
 from explainer.llm import Answer, CallFailed, LLMClient, gather_or_cancel, resolve_endpoint
 from explainer.settings import Settings
 from explainer.simulate import Outcome, ScoreFailed, Snippet, Spend
+from explainer.vocab import SIM_KINDS
 
 REFINE_REQUIRED = ("explanation", "false_positives", "false_negatives")
-SIM_KINDS = ("top", "quantile", "random")  # the snippets the simulation score is computed on
 
 
 @dataclass

@@ -31,9 +31,10 @@ import numpy as np
 from explainer import agent, examples, ngram, prompts, store
 from explainer.agent import AgentResult, LatentReport, Node, ScoreRow
 from explainer.llm import Writer
-from explainer.ngram import FORMAT, SCORED_KINDS, LatentExamples, Pattern, PatternSet, SimScore
+from explainer.ngram import FORMAT, LatentExamples, Pattern, PatternSet, SimScore
 from explainer.ngram_fit import candidate_sets, fit, match, score_examples, scored_rows, simulate
 from explainer.settings import AgentSettings, Settings
+from explainer.vocab import SIM_KINDS
 
 MODEL = "ngram"
 CHUNK = 256  # latents whose examples are loaded together
@@ -56,7 +57,7 @@ def candidates(ex: LatentExamples, vocab: tuple[list[str], list[str]]) -> list[P
 
 
 def _fires(ex: LatentExamples) -> bool:
-    return bool((ex.acts[scored_rows(ex, list(SCORED_KINDS))] > 0).any())
+    return bool((ex.acts[scored_rows(ex, list(SIM_KINDS))] > 0).any())
 
 
 def _row(sc: SimScore, ex: LatentExamples) -> ScoreRow:
@@ -100,7 +101,7 @@ class _NgramLatent:
 
     def _edits(self, ps: PatternSet) -> list[tuple[str, PatternSet]]:
         ex = self.val
-        rows = scored_rows(ex, list(SCORED_KINDS))
+        rows = scored_rows(ex, list(SIM_KINDS))
         acts = ex.acts[rows].astype(np.float64)
         pred = simulate(ps, ex, self.val_index)[rows]
         max_act = float(acts.max())
@@ -188,7 +189,7 @@ async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, limits: dict[
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latents: list[int],
         progress: agent.Progress = None) -> AgentResult:
     a = settings.agent
-    limits = examples.counts_of(settings.score, SCORED_KINDS)  # the snippets an LLM simulator would read
+    limits = examples.counts_of(settings.score, SIM_KINDS)  # the snippets an LLM simulator would read
     done, leftovers = agent.agent_latents(con, dict_id, MODEL)
     todo = [lat for lat in latents if lat not in done]
     run_id = store.start_run(con, "agent", settings.public_dict())

@@ -140,7 +140,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.agent:
             return _explain_agent(args, s, con, dict_id)
         if s.explain.explainer == "ngram":
-            from explainer import examples, ngram
+            from explainer import examples, ngram, vocab
 
             latents = store.select_latents(con, dict_id, s.explain.latents)
             with ui.progress_bar("n-gram explain", enabled=not args.json) as bar:
@@ -149,7 +149,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             # selects labels) and heldout, on the snippets an LLM scorer with these settings reads.
             with ui.progress_bar("n-gram score", enabled=not args.json) as bar:
                 ngram.score_all(con, dict_id, "both", progress=bar, latents=latents,
-                                limits=examples.counts_of(s.score, ngram.SCORED_KINDS))
+                                limits=examples.counts_of(s.score, vocab.SIM_KINDS))
             summary = query_ngram_summary(con, dict_id, latents)
             ui.emit_mapping(summary, as_json=args.json, title="n-gram explanations")
             return 0

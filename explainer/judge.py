@@ -27,9 +27,10 @@ from explainer.llm import LLMClient
 from explainer.metrics import BOOT_LEVEL, BOOT_N, classify, judge_stats
 from explainer.settings import ScoreSettings
 from explainer.simulate import (
-    KINDS, Outcome, ScoreFailed, Snippet, SnippetResult, Spend, batches, gather_answers, json_params, parse_verdicts,
+    Outcome, ScoreFailed, Snippet, SnippetResult, Spend, batches, gather_answers, json_params, parse_verdicts,
 )
 from explainer.examples import unique
+from explainer.vocab import KINDS
 
 
 def _activating(snippets: Sequence[Snippet]) -> list[Snippet]:

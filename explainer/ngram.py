@@ -32,9 +32,10 @@ import pyarrow.compute as pc
 from explainer import examples, store
 from explainer.errors import ExplainerError
 from explainer.ngram_fit import (  # noqa: F401  (re-exported: the agent and the benchmark use them from here)
-    KEY_BASE, ALL_KINDS, FORMAT, MODES, SCORED_KINDS, LatentExamples, Pattern, PatternSet, SimScore, candidate_sets,
+    KEY_BASE, FORMAT, MODES, LatentExamples, Pattern, PatternSet, SimScore, candidate_sets,
     fit, match, normalize, score_examples, simulate,
 )
+from explainer.vocab import KINDS, SCORE_SPLITS, SIM_KINDS, check_split
 
 
 @dataclass
@@ -88,19 +89,19 @@ def _arrow(con: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, Any]) 
 
 
 def load_split(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, latents: Optional[Sequence[int]] = None,
-               *, kinds: Sequence[str] = ALL_KINDS, limits: Optional[Mapping[str, int]] = None,
+               *, kinds: Sequence[str] = KINDS, limits: Optional[Mapping[str, int]] = None,
                scoring: bool = False) -> SplitData:
     """Examples of `latents` (all when None) on `split`, in two queries.
 
     With scoring=True the SQL itself refuses train contexts (a scorer must never read
     text the explainer saw), even if an examples row claims another split.
     """
-    if scoring and split == "train":
-        raise ExplainerError("scorers read only validation or heldout examples, never train (pass --split heldout)")
+    if scoring:
+        check_split(split)
     limits = dict(limits or {})
-    unknown = (set(kinds) | set(limits)) - set(ALL_KINDS)
+    unknown = (set(kinds) | set(limits)) - set(KINDS)
     if unknown:
-        raise ExplainerError(f"unknown example kinds {sorted(unknown)}; kinds are {', '.join(ALL_KINDS)}")
+        raise ExplainerError(f"unknown example kinds {sorted(unknown)}; kinds are {', '.join(KINDS)}")
     guard = "AND c.split <> 'train'" if scoring else ""
     where_latent = "AND list_contains($latents, latent)" if latents is not None else ""
     params: dict[str, Any] = {"d": dict_id, "s": split, "kinds": list(kinds), "lk": list(limits),
@@ -179,7 +180,7 @@ def default_limits() -> dict[str, int]:
     """Snippets per kind an n-gram score reads unless told: the LLM scorers' defaults, so both match."""
     from explainer.settings import ScoreSettings
 
-    return examples.counts_of(ScoreSettings.model_validate({}), SCORED_KINDS)
+    return examples.counts_of(ScoreSettings.model_validate({}), SIM_KINDS)
 
 
 def snippet_data(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int], split: str,
@@ -354,13 +355,12 @@ def score_all(con: duckdb.DuckDBPyConnection, dict_id: int, split: str = "heldou
     """
     if split == "both":
         parts = [score_all(con, dict_id, sp, explanation_filter, progress, latents=latents, limits=limits,
-                           run_id=run_id) for sp in ("validation", "heldout")]
+                           run_id=run_id) for sp in SCORE_SPLITS]
         # Counts add up; the mean is heldout's (a mean over both splits would mix them).
         return ScoreResult(sum(p.scored for p in parts), sum(p.failed for p in parts), sum(p.skipped for p in parts),
                            parts[1].mean_score, sum(p.seconds for p in parts), "heldout")
     t0 = time.perf_counter()
-    if split == "train":
-        raise ExplainerError("scorers read only validation or heldout examples, never train (pass --split heldout)")
+    check_split(split)
     counts = default_limits() if limits is None else dict(limits)
     extra = f"AND ({explanation_filter})" if explanation_filter else ""
     lat_sql = "AND list_contains($latents, latent)" if latents is not None else ""

@@ -58,7 +58,7 @@ def llm_latent_selector(con: Any, dict_id: int, n: int) -> str:
 
 def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactory = _no_bar,
         lm: Any = None) -> PipelineResult:
-    from explainer import examples, explain, ngram, sample, score, train
+    from explainer import examples, explain, ngram, sample, score, train, vocab
 
     stages: list[dict[str, Any]] = []
 
@@ -93,7 +93,7 @@ def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactor
             ngram.explain_all(con, dict_id, progress=bar, run_id=run_id)
         with bars("n-gram score") as bar:
             ngram.score_all(con, dict_id, "both", progress=bar, run_id=run_id,
-                            limits=examples.counts_of(settings.score, ngram.SCORED_KINDS))
+                            limits=examples.counts_of(settings.score, vocab.SIM_KINDS))
         n_ok = con.execute("SELECT count(*) FROM explanations WHERE dict_id = ? AND explainer = 'ngram' AND status = 'ok'",
                            [dict_id]).fetchone()[0]
         stages.append({"stage": "n-gram", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),

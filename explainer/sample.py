@@ -35,9 +35,10 @@ from explainer.sample_parquet import DICT_FIELDS, DbContexts, ParquetContexts, p
 from explainer.sampler_select import write_results
 from explainer.sampler_subset import check_fits, latent_subset
 from explainer.sampler_state import (
-    M31, SPLITS, SampleState, latent_ids, load_state, new_state, one_thread, save_state, update,
+    M31, SampleState, latent_ids, load_state, new_state, one_thread, save_state, update,
 )
 from explainer.settings import SampleSettings, Settings
+from explainer.vocab import SPLITS
 
 Progress = Callable[[dict[str, Any]], None]
 FLOAT16_MAX = 65504.0

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import duckdb
 
-from explainer import examples, llm_pass, prompts, store
+from explainer import examples, llm_pass, prompts, store, vocab
 from explainer.errors import ExplainerError
 from explainer.llm import LLMClient, gather_or_cancel, reason_kind, resolve_endpoint
 from explainer.judge import detection_items, fuzzing_items, judge
@@ -43,7 +43,6 @@ from explainer.settings import ScoreSettings, Settings
 from explainer.simulate import Outcome, ScoreFailed, Snippet, Spend, check_template, simulate
 
 SCORERS = ("simulation", "detection", "fuzzing")
-SCORE_SPLITS = examples.SCORE_SPLITS
 CHUNK = 256  # latents whose snippets are read in one query
 
 
@@ -59,13 +58,9 @@ def parse_scorers(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_split(split: str) -> None:
-    examples.check_split(split)
-
-
 def splits_of(s: ScoreSettings) -> list[str]:
     """The splits one score run writes, validation first (it is what selects; heldout only reports)."""
-    return ["validation", "heldout"] if s.split == "both" else [s.split]
+    return list(vocab.SCORE_SPLITS) if s.split == "both" else [s.split]
 
 
 def setup_of(settings: Settings, scorer: str) -> dict[str, Any]:
@@ -114,7 +109,7 @@ def load_snippets(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequenc
                   s: ScoreSettings) -> dict[int, list[Snippet]]:
     """Each latent's top, quantile (spread over bins), random and non-activating snippets of `split`,
     through the shared loader (every scorer and the agent see the same ones)."""
-    check_split(split)
+    vocab.check_split(split)
     return examples.load(con, dict_id, latents, split, examples.counts_of(s), scoring=True)
 
 
@@ -166,7 +161,7 @@ def evaluate(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, l
     cache and ledger). `Outcome.results` holds each snippet's tokens, true activations and
     predictions, to find false positives and negatives. Raises ScoreFailed."""
     s = settings.score
-    check_split(split)
+    vocab.check_split(split)
     tpl = load_template(s, scorer)
     snippets = load_snippets(con, dict_id, [latent], split, s)[latent]
 
@@ -300,7 +295,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     scorers = parse_scorers(s.scorers)
     splits = splits_of(s)
     for split in splits:
-        check_split(split)
+        vocab.check_split(split)
     if settings.llm.batch and s.mode == "all_at_once" and "simulation" in scorers:
         raise ExplainerError("--mode all_at_once reads echoed prompt logprobs, which the Batch API does not return; "
                              "run it without --batch (against vLLM or llama.cpp), or use --mode json with --batch")

@@ -50,9 +50,9 @@ from explainer.examples import Example
 from explainer.llm import Answer, CallFailed, LLMClient, Reply
 from explainer.metrics import BOOT_LEVEL, BOOT_N, pearson, simulation_stats
 from explainer.settings import ScoreSettings
+from explainer.vocab import KINDS
 
 T = TypeVar("T")
-KINDS = ("top", "quantile", "random", "nonactivating")
 LOGPROBS_END = "Activation:"
 
 

@@ -21,9 +21,6 @@ import duckdb
 from explainer import selectors
 from explainer.errors import ExplainerError, free_space
 
-SPLITS = ("train", "validation", "heldout")
-KINDS = ("top", "quantile", "nonactivating", "random")
-
 
 def m001_core(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from explainer import ngram, store
+from explainer import ngram, store, vocab
 from explainer.errors import ExplainerError
 from explainer.ngram import Pattern, PatternSet
 
@@ -38,7 +38,7 @@ def _fill(con, latents, seed, n_per_split) -> int:
     dict_id = store.register_dictionary(con, name="t", path="-", model="m", hook="h", d_in=1, d_sae=len(latents),
                                         k=1, fingerprint="f", config={})
     cid = 0
-    for split_i, split in enumerate(store.SPLITS):
+    for split_i, split in enumerate(vocab.SPLITS):
         ctxs = _texts(n_per_split, seed * 10 + split_i)
         for toks in ctxs:
             con.execute("INSERT INTO contexts VALUES (?, ?, ?, ?, ?, ?)",

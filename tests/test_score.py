@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from explainer import examples, score, store
+from explainer import score, store, vocab
 from explainer.errors import ExplainerError
 from explainer.settings import LLMSettings, ScoreSettings, Settings
 from explainer.simulate import ScoreFailed
@@ -211,8 +211,7 @@ def test_train_split_is_refused_in_code_and_in_sql(db, monkeypatch):
         with pytest.raises(ValueError):
             ScoreSettings(split="train")
         # With the Python check removed, the SQL still returns no train row.
-        monkeypatch.setattr(score, "check_split", lambda split: None)
-        monkeypatch.setattr(examples, "check_split", lambda split: None)
+        monkeypatch.setattr(vocab, "check_split", lambda split: None)
         assert score.load_snippets(con, 1, [0, 1], "train", ScoreSettings()) == {0: [], 1: []}
         held = score.load_snippets(con, 1, [0], "heldout", ScoreSettings())[0]
         assert [(x.kind, x.context_id) for x in held] == [
