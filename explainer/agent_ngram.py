@@ -30,9 +30,9 @@ import numpy as np
 
 from explainer import agent, examples, ngram, prompts, store
 from explainer.agent import AgentResult, LatentReport, Node, ScoreRow
-from explainer.llm import Writer
 from explainer.ngram import FORMAT, LatentExamples, Pattern, PatternSet, SimScore
 from explainer.ngram_fit import candidate_sets, fit, match, score_examples, scored_rows, simulate
+from explainer.rows import StageRows
 from explainer.settings import AgentSettings, Settings
 from explainer.vocab import SIM_KINDS
 
@@ -61,9 +61,8 @@ def _fires(ex: LatentExamples) -> bool:
 
 
 def _row(sc: SimScore, ex: LatentExamples) -> ScoreRow:
-    cols = ngram.score_columns(sc, ex, {})
     return ScoreRow("ngram", "ok", sc.score, sc.details(), sc.n_snippets, calls=1, cost=0.0,
-                    snippet_set=cols["snippet_set"], stats=dict(getattr(sc, "stats", None) or {}))
+                    snippet_set=ngram.snippet_set_of(ex), stats=dict(getattr(sc, "stats", None) or {}))
 
 
 class _NgramLatent:
@@ -150,7 +149,7 @@ class _NgramLatent:
 
 
 async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, limits: dict[str, int], dict_id: int,
-                 chunk: Sequence[int], leftovers: set[int], result: AgentResult, writer: Writer) -> None:
+                 chunk: Sequence[int], leftovers: set[int], result: AgentResult) -> StageRows:
     train = ngram.load_split(con, dict_id, "train", chunk)
     val = ngram.snippet_data(con, dict_id, chunk, "validation", limits)
     have_train, have_val = set(train.latents), set(val.latents)
@@ -173,17 +172,20 @@ async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, limits: dict[
     held = ngram.snippet_data(con, dict_id, picked, "heldout", limits)
     have_held = set(held.latents)
     meta = {"limits": limits, "model": MODEL, "template_hash": FORMAT, "setup_hash": ngram.setup_hash(limits)}
+    out = StageRows()
     for rep, nodes, chosen in work:
         if chosen is not None:
             ex = held.latent(rep.latent) if rep.latent in have_held else None
             chosen.heldout = (_row(score_examples(chosen.extra, ex, held.index), ex) if ex is not None else
                               ScoreRow("ngram", "failed", error=f"latent {rep.latent} has no heldout examples", cost=0.0))
         agent.finish_latent(rep, nodes, chosen, a)
-        rep.chosen_id = agent.queue_rows(writer, con, dict_id=dict_id, latent=rep.latent, model=MODEL,
-                                         run_id=result.run_id, nodes=nodes, score_meta=meta,
-                                         replace=rep.latent in leftovers)
+        rows, rep.chosen_id = agent.latent_rows(con, dict_id=dict_id, latent=rep.latent, model=MODEL,
+                                                run_id=result.run_id, nodes=nodes, score_meta=meta,
+                                                replace=rep.latent in leftovers)
+        out.extend(rows)
         result.add(rep)
         result.calls += rep.calls_candidates + rep.calls_refine + rep.calls_heldout
+    return out
 
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latents: list[int],
@@ -196,10 +198,9 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latent
     result = AgentResult(run_id, dict_id, "ngram", MODEL, requested=len(latents), skipped=len(latents) - len(todo))
     t0 = time.perf_counter()
     with store.recorded_run(con, run_id, result, t0):
-        writer = Writer(con)
         for i in range(0, len(todo), CHUNK):
-            asyncio.run(_chunk(con, a, limits, dict_id, todo[i: i + CHUNK], leftovers, result, writer))
-            writer.flush()  # one transaction per chunk: a killed run keeps the chunks it finished
+            rows = asyncio.run(_chunk(con, a, limits, dict_id, todo[i: i + CHUNK], leftovers, result))
+            rows.commit(con)  # one transaction per chunk: a killed run keeps the chunks it finished
             if progress is not None:
                 progress({"done": result.chosen + result.failed, "total": len(todo), "chosen": result.chosen,
                           "failed": result.failed})

@@ -22,6 +22,7 @@ from explainer import examples as example_store, llm_pass, prompts, store
 from explainer.errors import ExplainerError
 from explainer.examples import Example
 from explainer.llm import CallFailed, LLMClient, Reply, gather_or_cancel, reason_kind, resolve_endpoint
+from explainer.rows import StageRows, explanation_row
 from explainer.settings import ExplainSettings, Settings
 
 REQUIRED_PLACEHOLDERS = ("top_examples",)
@@ -246,29 +247,25 @@ async def _explain_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_
                                  llm.prompt_tokens, llm.completion_tokens, llm.cost, elapsed))
 
     async def explain_one(lat: int, messages: Optional[list[dict[str, str]]]) -> None:
-        row: dict[str, Any] = {
-            "dict_id": dict_id, "latent": lat, "explainer": "llm", "model": model, "template": tpl.name,
-            "template_hash": tpl.sha256, "run_id": result.run_id,
-        }
+        out: dict[str, Any] = {}
         if messages is None:
-            row.update(status="failed", text=None, prompt_tokens=None, completion_tokens=None, cost=None,
+            out.update(status="failed",
                        error="no train-split example where the latent fires (dead latent, or sample more tokens)")
         else:
             try:
                 ans = await llm.chat(messages, latent=lat, parse=lambda r: parse_explanation(r, s.max_chars))
-                row.update(status="ok", text=ans.value, error=None, prompt_tokens=ans.prompt_tokens,
+                out.update(status="ok", text=ans.value, prompt_tokens=ans.prompt_tokens,
                            completion_tokens=ans.completion_tokens, cost=ans.cost)
             except CallFailed as e:
-                row.update(status="failed", text=None, error=e.reason, prompt_tokens=e.prompt_tokens,
+                out.update(status="failed", error=e.reason, prompt_tokens=e.prompt_tokens,
                            completion_tokens=e.completion_tokens, cost=e.cost)
-        row["created_at"] = store.now()
+        row = explanation_row(dict_id=dict_id, latent=lat, explainer="llm", model=model, template=tpl.name,
+                              template_hash=tpl.sha256, run_id=result.run_id, **out)
+        stage = StageRows()
         if lat in retry_failed:
-            llm.writer.execute(
-                """DELETE FROM explanations WHERE dict_id = ? AND latent = ? AND explainer = 'llm'
-                   AND model = ? AND template_hash = ? AND status = 'failed'""",
-                [dict_id, lat, model, tpl.sha256],
-            )
-        llm.writer.add("explanations", row)
+            stage.replace_failed_explanation(dict_id, lat, model, tpl.sha256)
+        stage.add("explanations", row)
+        llm.writer.commit_with(stage)
         if row["status"] == "ok":
             result.ok += 1
         else:

@@ -35,6 +35,7 @@ from explainer.ngram_fit import (  # noqa: F401  (re-exported: the agent and the
     KEY_BASE, FORMAT, MODES, LatentExamples, Pattern, PatternSet, SimScore, candidate_sets,
     fit, match, normalize, score_examples, simulate,
 )
+from explainer.rows import StageRows, explanation_row, score_row
 from explainer.vocab import KINDS, SCORE_SPLITS, SIM_KINDS, check_split
 
 
@@ -229,13 +230,11 @@ def setup_hash(limits: Mapping[str, int]) -> str:
     return hashlib.sha256(json.dumps({"limits": dict(limits)}, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def score_columns(sc: Optional[SimScore], ex: Optional[LatentExamples], limits: Mapping[str, int]) -> dict[str, Any]:
-    """Provenance and statistics columns of an n-gram simulation score row."""
-    stats = getattr(sc, "stats", None) or {}
-    return {"model": "ngram", "template_hash": FORMAT, "setup_hash": setup_hash(limits),
-            "snippet_set": store.snippet_hash([(int(c), str(k)) for c, k in zip(ex.context_ids, ex.kinds)])
-            if ex is not None and len(ex.context_ids) else None,
-            **store.stat_columns("simulation", None if sc is None else sc.score, stats)}
+def snippet_set_of(ex: Optional[LatentExamples]) -> Optional[str]:
+    """The snippet_set of a latent's loaded snippets (None: none), as examples.snippet_set names an LLM's."""
+    if ex is None or not len(ex.context_ids):
+        return None
+    return store.snippet_hash([(int(c), str(k)) for c, k in zip(ex.context_ids, ex.kinds)])
 
 
 # --- database entry points -------------------------------------------------------------------
@@ -297,29 +296,20 @@ def explain_all(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Optional[
     for chunk in _chunks(todo, batch):
         data = load_split(con, dict_id, split, chunk)
         have = set(data.latents)
-        rows: dict[str, list[Any]] = {k: [] for k in ("latent", "text", "pattern", "status", "error")}
+        out = StageRows()
+        now = store.now()
         for latent in chunk:
             ps = fit(data.latent(latent), data.vocab, max_patterns=max_patterns) if latent in have else PatternSet(())
             ps.fit["split"] = split
             text = ps.text()
-            rows["latent"].append(latent)
-            rows["text"].append(text)
-            rows["pattern"].append(json.dumps(ps.to_json()) if text else None)
-            rows["status"].append("ok" if text else "failed")
             reason = "no examples" if latent not in have else "no activating tokens"
-            rows["error"].append(None if text else f"{reason} in the {split} split")
+            out.add("explanations", explanation_row(
+                dict_id=dict_id, latent=latent, explainer="ngram", model="ngram", template=FORMAT, template_hash=thash,
+                text=text, pattern=ps.to_json() if text else None, status="ok" if text else "failed",
+                error=None if text else f"{reason} in the {split} split", run_id=run_id, cost=0.0, created_at=now))
             n_ok += text is not None
             n_failed += text is None
-        n = len(chunk)
-        table = pa.table({
-            "dict_id": pa.array([dict_id] * n, pa.int32()), **{k: pa.array(v) for k, v in rows.items() if k != "latent"},
-            "latent": pa.array(rows["latent"], pa.int32()), "explainer": pa.array(["ngram"] * n),
-            "model": pa.array(["ngram"] * n), "template": pa.array([FORMAT] * n),
-            "template_hash": pa.array([thash] * n), "run_id": pa.array([run_id] * n, pa.int64()),
-            "cost": pa.array([0.0] * n), "created_at": pa.array([store.now()] * n, pa.timestamp("us")),
-        })
-        with store.transaction(con):
-            store.insert_arrow(con, "explanations", table)
+        out.commit(con)
         if progress:
             progress({"done": n_ok + n_failed, "total": len(todo)})
     return ExplainResult(n_ok, n_failed, len(latents) - len(todo), time.perf_counter() - t0)
@@ -389,46 +379,28 @@ def score_all(con: duckdb.DuckDBPyConnection, dict_id: int, split: str = "heldou
     for chunk in _chunks(sorted(by_latent), 1024):
         data = snippet_data(con, dict_id, chunk, split, counts)
         have = set(data.latents)
-        out: list[dict[str, Any]] = []
+        out = StageRows()
+        now = store.now()
         for latent in chunk:
             ex = data.latent(latent) if latent in have else None
             for eid, ps in by_latent[latent]:
                 s = score_examples(ps, ex, data.index) if ex is not None else None
                 stats = getattr(s, "stats", None) or {}
                 details = None if s is None else {**s.details(), "limits": counts, **({"stats": stats} if stats else {})}
-                out.append({
-                    "explanation_id": eid, "latent": latent, "score": None if s is None else s.score,
-                    "details": None if details is None else json.dumps(details),
-                    "n_snippets": 0 if s is None else s.n_snippets, "status": "failed" if s is None else "ok",
-                    "error": f"latent {latent} has no {split} examples" if s is None else None,
-                    **score_columns(s, ex, counts)})
+                out.add("scores", score_row(
+                    explanation_id=eid, dict_id=dict_id, latent=latent, scorer="simulation", mode="ngram", split=split,
+                    status="failed" if s is None else "ok", score=None if s is None else s.score, details=details,
+                    n_snippets=0 if s is None else s.n_snippets,
+                    error=f"latent {latent} has no {split} examples" if s is None else None, run_id=run_id,
+                    model="ngram", template_hash=FORMAT, setup_hash=setup_hash(counts), snippet_set=snippet_set_of(ex),
+                    stats=stats, cost=0.0, created_at=now))
                 if s is None:
                     failed += 1
                 else:
                     scored += 1
                     total += s.score
-        _insert_scores(con, dict_id, split, run_id, out)
+        out.commit(con)
         if progress:
             progress({"done": scored + failed, "total": len(todo)})
     return ScoreResult(scored, failed, len(rows) - len(todo), total / scored if scored else None,
                        time.perf_counter() - t0, split)
-
-
-def _insert_scores(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, run_id: Optional[int],
-                   out: list[dict[str, Any]]) -> None:
-    n = len(out)
-    if not n:
-        return
-    col = {k: [r[k] for r in out] for k in out[0]}
-    types = {"explanation_id": pa.int64(), "latent": pa.int32(), "score": pa.float64(), "details": pa.string(),
-             "n_snippets": pa.int32(), "error": pa.string(), "snippet_set": pa.string(), "ci_low": pa.float64(),
-             "ci_high": pa.float64(), "baseline": pa.float64(), "score_top_random": pa.float64(),
-             "score_all": pa.float64()}
-    table = pa.table({
-        **{k: pa.array(v, types.get(k)) for k, v in col.items()},
-        "dict_id": pa.array([dict_id] * n, pa.int32()), "scorer": pa.array(["simulation"] * n),
-        "mode": pa.array(["ngram"] * n), "split": pa.array([split] * n), "run_id": pa.array([run_id] * n, pa.int64()),
-        "cost": pa.array([0.0] * n), "created_at": pa.array([store.now()] * n, pa.timestamp("us")),
-    })
-    with store.transaction(con):
-        store.insert_arrow(con, "scores", table)

@@ -227,10 +227,8 @@ _STATUS_SQL = {
                round(median(score), 3) AS median
         FROM scores GROUP BY ALL ORDER BY ALL""",
     "costs": """
-        SELECT stage, model, count(*) AS calls, count(*) FILTER (WHERE cache_hit) AS cache_hits,
-               count(*) FILTER (WHERE error IS NOT NULL) AS errors, sum(prompt_tokens) AS prompt_tokens,
-               sum(completion_tokens) AS completion_tokens, round(sum(cost), 4) AS cost
-        FROM llm_calls GROUP BY ALL ORDER BY ALL""",
+        SELECT stage, model, calls, cache_hits, errors, prompt_tokens, completion_tokens, round(cost, 4) AS cost
+        FROM costs ORDER BY ALL""",
     "unfinished": """
         SELECT 'run' AS what, CAST(id AS VARCHAR) AS id, stage, status, CAST(started_at AS VARCHAR) AS since
         FROM runs WHERE status IN ('running', 'failed')

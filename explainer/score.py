@@ -39,6 +39,7 @@ from explainer import examples, llm_pass, prompts, store, vocab
 from explainer.errors import ExplainerError
 from explainer.llm import LLMClient, gather_or_cancel, reason_kind, resolve_endpoint
 from explainer.judge import detection_items, fuzzing_items, judge
+from explainer.rows import StageRows, score_row
 from explainer.settings import ScoreSettings, Settings
 from explainer.simulate import Outcome, ScoreFailed, Snippet, Spend, check_template, simulate
 
@@ -390,20 +391,17 @@ async def _score_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id
         except ScoreFailed as e:
             spend, score, status, error, n, stats = e.spend, None, "failed", e.reason, None, {}
         details.update(calls=spend.calls, failed_calls=spend.failed_calls, cache_hits=spend.cache_hits)
+        stage = StageRows()
         if job.retry_failed:
-            llm.writer.execute(
-                """DELETE FROM scores WHERE explanation_id = ? AND scorer = ? AND mode = ? AND split = ?
-                   AND status = 'failed' AND model = ? AND template_hash = ? AND setup_hash = ?""",
-                [job.explanation_id, job.scorer, mode, job.split, model, tpl.sha256, details["setup_hash"]],
-            )
-        llm.writer.add("scores", {
-            "explanation_id": job.explanation_id, "dict_id": dict_id, "latent": job.latent, "scorer": job.scorer,
-            "mode": mode, "split": job.split, "score": score, "details": json.dumps(details), "n_snippets": n,
-            "status": status, "error": error, "run_id": result.run_id, "prompt_tokens": spend.prompt_tokens,
-            "completion_tokens": spend.completion_tokens, "cost": spend.cost, "created_at": store.now(),
-            "model": model, "template_hash": tpl.sha256, "setup_hash": details["setup_hash"],
-            "snippet_set": scored_set(job.scorer, snippets, outcome), **store.stat_columns(job.scorer, score, stats),
-        })
+            stage.replace_failed_score(job.explanation_id, job.scorer, mode, job.split, model, tpl.sha256,
+                                       details["setup_hash"])
+        stage.add("scores", score_row(
+            explanation_id=job.explanation_id, dict_id=dict_id, latent=job.latent, scorer=job.scorer, mode=mode,
+            split=job.split, status=status, score=score, details=details, n_snippets=n, error=error,
+            run_id=result.run_id, prompt_tokens=spend.prompt_tokens, completion_tokens=spend.completion_tokens,
+            cost=spend.cost, model=model, template_hash=tpl.sha256, setup_hash=details["setup_hash"],
+            snippet_set=scored_set(job.scorer, snippets, outcome), stats=stats))
+        llm.writer.commit_with(stage)
         st = result.per_scorer[stat_key(job.scorer, job.split, splits)]
         st.calls += spend.calls
         st.prompt_tokens += spend.prompt_tokens or 0

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import duckdb
 
@@ -251,22 +251,6 @@ def snippet_hash(pairs: list[tuple[int, str]]) -> str:
     Sorted, so the order a scorer presents snippets in (shuffled per call) does not change it."""
     text = ",".join(f"{cid}:{kind}" for cid, kind in sorted(pairs))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def stat_columns(scorer: str, score: Optional[float], stats: Optional[dict[str, Any]]) -> dict[str, Optional[float]]:
-    """The `scores` statistics columns of one row from a scorer's stats (see CONTRACT: ci_low,
-    ci_high, baseline, top_random, all). Baselines that are constants by definition are filled
-    when a scorer does not report one: a constant predictor correlates 0.0; an always-yes judge
-    has balanced accuracy 0.5 (detection always has both classes)."""
-    st = stats or {}
-    baseline = st.get("baseline")
-    if baseline is None and score is not None:
-        baseline = {"simulation": 0.0, "detection": 0.5}.get(scorer)
-    score_all = st.get("all")
-    if score_all is None and scorer == "simulation":
-        score_all = score  # the simulation score is the all-kinds correlation
-    return {"ci_low": st.get("ci_low"), "ci_high": st.get("ci_high"), "baseline": baseline,
-            "score_top_random": st.get("top_random"), "score_all": score_all}
 
 
 def m005_score_provenance(con: duckdb.DuckDBPyConnection) -> None:
@@ -592,14 +576,32 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
     con.execute("COMMIT")
 
 
-def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: Any) -> None:
-    """Bulk insert a pyarrow Table (or anything DuckDB can scan) by column name."""
+_CONFLICT = {"": "INSERT", "ignore": "INSERT OR IGNORE", "replace": "INSERT OR REPLACE"}
+
+
+def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data: Any, conflict: str = "") -> None:
+    """Bulk insert a pyarrow Table (or anything DuckDB can scan) by column name.
+
+    conflict: "" (a duplicate key is an error), "ignore" (the row already there stays) or
+    "replace" (the new row wins)."""
     con.register("_bulk", data)
     try:
         cols = ", ".join(f'"{c}"' for c in data.column_names)
-        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _bulk")
+        con.execute(f"{_CONFLICT[conflict]} INTO {table} ({cols}) SELECT {cols} FROM _bulk")
     finally:
         con.unregister("_bulk")
+
+
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mapping[str, Any]],
+                conflict: str = "") -> None:
+    """Bulk insert row dicts through Arrow (~400x faster than executemany). The columns are every
+    key of every row, not the first row's; a key a row lacks is NULL there."""
+    if not rows:
+        return
+    import pyarrow as pa  # ~0.5 s to import: commands that only read never pay it
+
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    insert_arrow(con, table, pa.table({n: [r.get(n) for r in rows] for n in names}), conflict)
 
 
 # --- runs -------------------------------------------------------------------------------
