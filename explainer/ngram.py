@@ -90,44 +90,30 @@ def _arrow(con: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, Any]) 
 
 
 def load_split(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, latents: Optional[Sequence[int]] = None,
-               *, kinds: Sequence[str] = KINDS, limits: Optional[Mapping[str, int]] = None,
-               scoring: bool = False) -> SplitData:
-    """Examples of `latents` (all when None) on `split`, in two queries.
+               *, kinds: Sequence[str] = KINDS) -> SplitData:
+    """Every example of `latents` (all when None) on `split`, for fitting, in two queries.
 
-    With scoring=True the SQL itself refuses train contexts (a scorer must never read
-    text the explainer saw), even if an examples row claims another split.
-    """
-    if scoring:
-        check_split(split)
-    limits = dict(limits or {})
-    unknown = (set(kinds) | set(limits)) - set(KINDS)
+    Fitting reads whole splits, so nothing is picked per kind here; scorers read the shared
+    loader's picks through `snippet_data` instead (never this, and never train)."""
+    unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ExplainerError(f"unknown example kinds {sorted(unknown)}; kinds are {', '.join(KINDS)}")
-    guard = "AND c.split <> 'train'" if scoring else ""
     where_latent = "AND list_contains($latents, latent)" if latents is not None else ""
-    params: dict[str, Any] = {"d": dict_id, "s": split, "kinds": list(kinds), "lk": list(limits),
-                              "ln": [int(n) for n in limits.values()]}
+    params: dict[str, Any] = {"d": dict_id, "s": split, "kinds": list(kinds)}
     if latents is not None:
         params["latents"] = [int(x) for x in latents]
-    # `r` counts a kind's examples by rank, so a limit keeps the lowest ranks whatever their values.
-    ex_sql = f"""
-        WITH e AS (
-            SELECT latent, kind, context_id, acts, rank,
-                   row_number() OVER (PARTITION BY latent, kind ORDER BY rank) AS r
-            FROM examples WHERE dict_id = $d AND split = $s AND list_contains($kinds::VARCHAR[], kind) {where_latent}
-        )
+    ex = _arrow(con, f"""
         SELECT e.latent, e.kind, e.context_id, e.acts
-        FROM e JOIN contexts c ON c.dict_id = $d AND c.context_id = e.context_id
-        WHERE c.split = $s {guard}
-          AND (NOT list_contains($lk::VARCHAR[], e.kind) OR e.r <= ($ln::INTEGER[])[list_position($lk::VARCHAR[], e.kind)])
-        ORDER BY e.latent, e.kind, e.rank"""
-    ex = _arrow(con, ex_sql, params)
+        FROM examples e JOIN contexts c ON c.dict_id = $d AND c.context_id = e.context_id
+        WHERE e.dict_id = $d AND e.split = $s AND list_contains($kinds::VARCHAR[], e.kind) {where_latent}
+          AND c.split = $s
+        ORDER BY e.latent, e.kind, e.rank""", params)
     ctx = _arrow(con, f"""
         SELECT c.context_id, c.tokens FROM contexts c
-        WHERE c.dict_id = $d AND c.split = $s {guard}
+        WHERE c.dict_id = $d AND c.split = $s
           AND c.context_id IN (SELECT DISTINCT context_id FROM examples WHERE dict_id = $d AND split = $s
                                AND list_contains($kinds::VARCHAR[], kind) {where_latent})
-        ORDER BY c.context_id""", {k: v for k, v in params.items() if k not in ("lk", "ln")})
+        ORDER BY c.context_id""", params)
     # Token strings -> dense ids through Arrow's dictionary encoding (no Python loop per token).
     rows, cols, values, width = _layout(ctx.column("tokens"))
     enc = pc.dictionary_encode(values)
