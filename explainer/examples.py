@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Sequence
 
 import duckdb
 
-from explainer import store, vocab
+from explainer import schema, vocab
 from explainer.errors import ExplainerError
 from explainer.vocab import KINDS, SIM_KINDS
 
@@ -110,6 +110,6 @@ def simulation_snippets(examples: Sequence[Example]) -> list[Example]:
 
 
 def snippet_set(examples: Sequence[Example]) -> Optional[str]:
-    """The short hash naming these snippets (store.snippet_hash); None when there are none."""
+    """The short hash naming these snippets (schema.snippet_hash); None when there are none."""
     pairs = [(int(x.context_id), str(x.kind)) for x in examples]
-    return store.snippet_hash(pairs) if pairs else None
+    return schema.snippet_hash(pairs) if pairs else None

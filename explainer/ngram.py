@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from explainer import examples, store
+from explainer import examples, schema, store
 from explainer.errors import ExplainerError
 from explainer.ngram_fit import (  # noqa: F401  (re-exported: the agent and the benchmark use them from here)
     KEY_BASE, FORMAT, MODES, LatentExamples, Pattern, PatternSet, SimScore, candidate_sets,
@@ -220,7 +220,7 @@ def snippet_set_of(ex: Optional[LatentExamples]) -> Optional[str]:
     """The snippet_set of a latent's loaded snippets (None: none), as examples.snippet_set names an LLM's."""
     if ex is None or not len(ex.context_ids):
         return None
-    return store.snippet_hash([(int(c), str(k)) for c, k in zip(ex.context_ids, ex.kinds)])
+    return schema.snippet_hash([(int(c), str(k)) for c, k in zip(ex.context_ids, ex.kinds)])
 
 
 # --- database entry points -------------------------------------------------------------------

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from explainer import examples, store
+from explainer import examples, schema, store
 
-NAMES = [fn.__name__ for fn in store.MIGRATIONS]
+NAMES = [fn.__name__ for fn in schema.MIGRATIONS]
 SNIPPETS = [{"context_id": 12, "kind": "quantile", "pred": [0, 1]}, {"context_id": 3, "kind": "top", "pred": [0, 9]}]
 
 
@@ -37,7 +37,7 @@ def test_every_earlier_schema_migrates_to_the_latest(tmp_path: Path, monkeypatch
     path = tmp_path / "old.duckdb"
     if applied:
         with monkeypatch.context() as m:  # a DB written by the version whose last migration was NAMES[applied - 1]
-            m.setattr(store, "MIGRATIONS", store.MIGRATIONS[:applied])
+            m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:applied])
             con = store.connect(path)
             assert [r[0] for r in con.execute("SELECT name FROM _migrations ORDER BY name").fetchall()] == \
                 sorted(NAMES[:applied])
@@ -63,7 +63,7 @@ def test_every_earlier_schema_migrates_to_the_latest(tmp_path: Path, monkeypatch
 def test_m005_backfills_provenance_from_details(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "m004.duckdb"
     with monkeypatch.context() as m:
-        m.setattr(store, "MIGRATIONS", store.MIGRATIONS[:NAMES.index("m005_score_provenance")])
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:NAMES.index("m005_score_provenance")])
         con = store.connect(path)
         _fill(con)
         con.close()
@@ -74,12 +74,12 @@ def test_m005_backfills_provenance_from_details(tmp_path: Path, monkeypatch: pyt
                FROM scores""").fetchall()}
     finally:
         con.close()
-    want_set = store.snippet_hash([(12, "quantile"), (3, "top")])
+    want_set = schema.snippet_hash([(12, "quantile"), (3, "top")])
     # The same hash a scorer computes for a new row from the snippets it scored, in any order.
     assert want_set == examples.snippet_set([examples.Example(3, "top", 0, 1.0, [], []),
                                              examples.Example(12, "quantile", 0, 1.0, [], [])])
     assert got["simulation", "json"] == ("sim", "t" * 64, "s" * 16, want_set, 0.0, 0.5, None)
     # n-gram rows list no context ids: their snippet set is unknown, never guessed.
     assert got["simulation", "ngram"] == ("ngram", None, None, None, 0.0, 0.4, None)
-    assert got["detection", "json"] == ("sim", "t" * 64, "s" * 16, store.snippet_hash([(12, "quantile")]),
+    assert got["detection", "json"] == ("sim", "t" * 64, "s" * 16, schema.snippet_hash([(12, "quantile")]),
                                         0.5, None, None)
