@@ -1,11 +1,13 @@
 """Schema migrations: a blank DB and a DB left at every earlier schema version reach the latest one,
-keeping their rows; m005's backfill fills the provenance columns from `details`."""
+keeping their rows, with the same catalog as a fresh DB; m005's backfill fills the provenance
+columns from `details`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from explainer import examples, schema, store
@@ -31,9 +33,36 @@ def _fill(con) -> None:
     con.execute("INSERT INTO llm_calls (stage, model, cache_hit, created_at) VALUES ('score', 'sim', false, now())")
 
 
+def catalog(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]]:
+    """What the schema defines, not what it holds: tables, columns (name, type, default, nullable)
+    in order, constraints, views with their SQL, and sequences. A sequence's start_value is left
+    out: DuckDB writes a used sequence back with its next value there, so it depends on the rows."""
+    mine = "database_name = current_database() AND schema_name = 'main'"
+    queries = {
+        "tables": f"SELECT table_name, sql FROM duckdb_tables() WHERE {mine} AND NOT temporary",
+        "columns": f"""SELECT table_name, column_index, column_name, data_type, column_default, is_nullable
+                       FROM duckdb_columns() WHERE {mine} AND NOT internal""",
+        "constraints": f"""SELECT table_name, constraint_type, constraint_text, constraint_column_names
+                           FROM duckdb_constraints() WHERE {mine}""",
+        "views": f"SELECT view_name, sql FROM duckdb_views() WHERE {mine} AND NOT internal AND NOT temporary",
+        "sequences": f"""SELECT sequence_name, min_value, max_value, increment_by, cycle
+                         FROM duckdb_sequences() WHERE {mine} AND NOT temporary""",
+    }
+    return {name: sorted(con.execute(sql).fetchall(), key=repr) for name, sql in queries.items()}
+
+
+@pytest.fixture(scope="module")
+def fresh_catalog(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple]]:
+    con = store.connect(tmp_path_factory.mktemp("fresh") / "fresh.duckdb")
+    try:
+        return catalog(con)
+    finally:
+        con.close()
+
+
 @pytest.mark.parametrize("applied", range(len(NAMES)), ids=lambda n: f"at-{NAMES[n - 1] if n else 'blank'}")
 def test_every_earlier_schema_migrates_to_the_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     applied: int) -> None:
+                                                     applied: int, fresh_catalog: dict[str, list[tuple]]) -> None:
     path = tmp_path / "old.duckdb"
     if applied:
         with monkeypatch.context() as m:  # a DB written by the version whose last migration was NAMES[applied - 1]
@@ -56,6 +85,23 @@ def test_every_earlier_schema_migrates_to_the_latest(tmp_path: Path, monkeypatch
         assert n_scores == (3 if applied else 0)  # no row lost
         if applied:
             assert con.execute("SELECT explanation FROM labels").fetchone()[0] == "city names"
+        got = catalog(con)
+    finally:
+        con.close()
+    for part, want in fresh_catalog.items():
+        assert got[part] == want, part
+    assert len(fresh_catalog["views"]) == 3 and len(fresh_catalog["sequences"]) == 5  # the catalog was read
+
+
+def test_catalog_sees_a_schema_difference(tmp_path: Path, fresh_catalog: dict[str, list[tuple]]) -> None:
+    """The comparison above would notice a column of another type, a changed view or a lost sequence."""
+    con = store.connect(tmp_path / "changed.duckdb")
+    try:
+        for change, part in (("ALTER TABLE llm_calls ALTER COLUMN cached_tokens TYPE INTEGER", "columns"),
+                             ("CREATE OR REPLACE VIEW costs AS SELECT 1 AS calls", "views"),
+                             ("DROP SEQUENCE run_ids CASCADE", "sequences")):
+            con.execute(change)
+            assert catalog(con)[part] != fresh_catalog[part], change
     finally:
         con.close()
 
