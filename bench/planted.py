@@ -25,6 +25,7 @@ import pyarrow as pa
 from explainer import ngram, store
 from explainer.planted import run_planted
 from explainer.settings import Settings
+from explainer.vocab import SPLITS
 
 
 def synthetic(con, planted_dict: int, n_latents: int, seed: int = 0) -> int:
@@ -44,7 +45,7 @@ def synthetic(con, planted_dict: int, n_latents: int, seed: int = 0) -> int:
     vocab, counts = np.unique(tok, return_counts=True)
     frequent = vocab[np.argsort(-counts)[:500]]
     tables = []
-    for split in store.SPLITS:
+    for split in SPLITS:
         rows = np.flatnonzero(splits == split)
         t = tok[rows]
         rand = rng.choice(len(rows), size=min(10, len(rows)), replace=False)

@@ -19,16 +19,16 @@ import duckdb
 
 from explainer import prompts, score, store
 from explainer.agent_loop import AgentResult, LatentReport, Node, ScoreRow, failed_node, finish_latent, misses, \
-    agent_latents, queue_rows, search, show_misses
+    agent_latents, latent_rows, search, show_misses
 from explainer.errors import ExplainerError
 from explainer.explain import load_train_examples, parse_explanation, prompt_values
 from explainer.llm import Answer, CallFailed, LLMClient, gather_or_cancel, resolve_endpoint
 from explainer.results import OnProgress, Progress
 from explainer.settings import Settings
 from explainer.score_types import Outcome, ScoreFailed, Snippet, Spend
+from explainer.vocab import SIM_KINDS
 
 REFINE_REQUIRED = ("explanation", "false_positives", "false_negatives")
-SIM_KINDS = ("top", "quantile", "random")  # the snippets the simulation score is computed on
 
 
 @dataclass
@@ -98,9 +98,10 @@ async def _llm_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: 
             rep = LatentReport(lat)
             nodes, chosen = await _llm_latent(ctx, lat, rep)
             finish_latent(rep, nodes, chosen, s.agent)
-            rep.chosen_id = queue_rows(ctx.llm.writer, con, dict_id=dict_id, latent=lat, model=s.llm.model,
-                                       run_id=result.run_id, nodes=nodes, score_meta=score_meta,
-                                       replace=lat in leftovers)
+            rows, rep.chosen_id = latent_rows(con, dict_id=dict_id, latent=lat, model=s.llm.model,
+                                              run_id=result.run_id, nodes=nodes, score_meta=score_meta,
+                                              replace=lat in leftovers)
+            ctx.llm.writer.commit_with(rows)  # with the answers that made them, in one transaction
             result.add(rep)
             for client in (ctx.llm, ctx.final):
                 if client.failures:

@@ -8,15 +8,14 @@ and `show_misses` pick and show the false positives and negatives a revision is 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
 
 import duckdb
 
 from explainer import prompts, store
-from explainer.llm import Writer
 from explainer.results import LLMSpend, StageResult
+from explainer.rows import StageRows, explanation_row, score_row
 from explainer.settings import AgentSettings
 
 FN_GAP = 2  # a firing token counts as missed when predicted at least this many levels (0-9) too low
@@ -282,48 +281,41 @@ def agent_latents(con: duckdb.DuckDBPyConnection, dict_id: int, model: str) -> t
     return {r[0] for r in rows if r[1]}, {r[0] for r in rows if not r[1]}
 
 
-def queue_rows(writer: Writer, con: duckdb.DuckDBPyConnection, *, dict_id: int, latent: int, model: str,
-               run_id: int, nodes: Sequence[Node], score_meta: dict[str, Any], replace: bool) -> Optional[int]:
-    """Queue a latent's explanations and scores for the writer's next transaction; the chosen id.
+def latent_rows(con: duckdb.DuckDBPyConnection, *, dict_id: int, latent: int, model: str, run_id: int,
+                nodes: Sequence[Node], score_meta: dict[str, Any], replace: bool) -> tuple[StageRows, Optional[int]]:
+    """A latent's explanations and scores for one transaction, and the chosen id.
 
     Ids come from the sequence up front so parent links can be written in the same insert.
     `score_meta` names the simulator (model, template_hash, setup_hash: also the row's columns)."""
+    out = StageRows()
     if replace:  # an earlier run stopped inside this latent's loop: its rows are redone here
-        sel = "SELECT id FROM explanations WHERE dict_id = ? AND latent = ? AND explainer = 'agent' AND model = ?"
-        writer.execute(f"DELETE FROM scores WHERE explanation_id IN ({sel})", [dict_id, latent, model])
-        writer.execute(f"DELETE FROM explanations WHERE id IN ({sel})", [dict_id, latent, model])
+        out.replace_agent_latent(dict_id, latent, model)
     if not nodes:
-        return None
+        return out, None
     ids = [r[0] for r in con.execute("SELECT nextval('explanation_ids') FROM range(?)", [len(nodes)]).fetchall()]
     id_of = {id(n): i for n, i in zip(nodes, ids)}
     now = store.now()
     chosen_id = None
     for n, eid in zip(nodes, ids):
-        writer.add("explanations", {
-            "id": eid, "dict_id": dict_id, "latent": latent, "explainer": "agent", "model": model,
-            "template": n.template, "template_hash": n.template_hash, "text": n.text,
-            "pattern": json.dumps(n.pattern) if n.pattern is not None else None, "status": n.status,
-            "error": n.error, "parent_id": id_of[id(n.parent)] if n.parent is not None else None,
-            "round": n.round, "candidate": n.candidate, "chosen": n.chosen, "run_id": run_id,
-            "prompt_tokens": n.prompt_tokens, "completion_tokens": n.completion_tokens, "cost": n.cost,
-            "created_at": now,
-        })
+        out.add("explanations", explanation_row(
+            id=eid, dict_id=dict_id, latent=latent, explainer="agent", model=model, template=n.template,
+            template_hash=n.template_hash, text=n.text, pattern=n.pattern, status=n.status, error=n.error,
+            parent_id=id_of[id(n.parent)] if n.parent is not None else None, round=n.round,
+            candidate=n.candidate, chosen=n.chosen, run_id=run_id, prompt_tokens=n.prompt_tokens,
+            completion_tokens=n.completion_tokens, cost=n.cost, created_at=now))
         chosen_id = eid if n.chosen else chosen_id
         for split, sc in (("validation", n.validation), ("heldout", n.heldout)):
             if sc is None:
                 continue
-            writer.add("scores", {
-                "explanation_id": eid, "dict_id": dict_id, "latent": latent, "scorer": "simulation",
-                "mode": sc.mode, "split": split, "score": sc.score,
-                "details": json.dumps({**score_meta, **sc.details, "calls": sc.calls,
-                                       **({"stats": sc.stats} if sc.stats else {})}),
-                "n_snippets": sc.n_snippets, "status": sc.status, "error": sc.error, "run_id": run_id,
-                "prompt_tokens": sc.prompt_tokens, "completion_tokens": sc.completion_tokens, "cost": sc.cost,
-                "created_at": now, "model": score_meta.get("model"), "template_hash": score_meta.get("template_hash"),
-                "setup_hash": score_meta.get("setup_hash"), "snippet_set": sc.snippet_set,
-                **store.stat_columns("simulation", sc.score if sc.ok else None, sc.stats),
-            })
-    return chosen_id
+            out.add("scores", score_row(
+                explanation_id=eid, dict_id=dict_id, latent=latent, scorer="simulation", mode=sc.mode, split=split,
+                status=sc.status, score=sc.score,
+                details={**score_meta, **sc.details, "calls": sc.calls, **({"stats": sc.stats} if sc.stats else {})},
+                n_snippets=sc.n_snippets, error=sc.error, run_id=run_id, prompt_tokens=sc.prompt_tokens,
+                completion_tokens=sc.completion_tokens, cost=sc.cost, created_at=now, model=score_meta.get("model"),
+                template_hash=score_meta.get("template_hash"), setup_hash=score_meta.get("setup_hash"),
+                snippet_set=sc.snippet_set, stats=sc.stats))
+    return out, chosen_id
 
 
 def finish_latent(rep: LatentReport, nodes: list[Node], chosen: Optional[Node], a: AgentSettings) -> None:

@@ -30,11 +30,12 @@ import numpy as np
 
 from explainer import agent_loop, examples, ngram, prompts, store
 from explainer.agent_loop import AgentResult, LatentReport, Node, ScoreRow
-from explainer.llm import Writer
-from explainer.ngram import FORMAT, SCORED_KINDS, LatentExamples, Pattern, PatternSet, SimScore
+from explainer.ngram import FORMAT, LatentExamples, Pattern, PatternSet, SimScore
 from explainer.ngram_fit import candidate_sets, fit, match, score_examples, scored_rows, simulate
 from explainer.results import OnProgress, Progress
+from explainer.rows import StageRows
 from explainer.settings import AgentSettings, Settings
+from explainer.vocab import SIM_KINDS
 
 MODEL = "ngram"
 CHUNK = 256  # latents whose examples are loaded together
@@ -57,13 +58,12 @@ def candidates(ex: LatentExamples, vocab: tuple[list[str], list[str]]) -> list[P
 
 
 def _fires(ex: LatentExamples) -> bool:
-    return bool((ex.acts[scored_rows(ex, list(SCORED_KINDS))] > 0).any())
+    return bool((ex.acts[scored_rows(ex, list(SIM_KINDS))] > 0).any())
 
 
 def _row(sc: SimScore, ex: LatentExamples) -> ScoreRow:
-    cols = ngram.score_columns(sc, ex, {})
     return ScoreRow("ngram", "ok", sc.score, sc.details(), sc.n_snippets, calls=1, cost=0.0,
-                    snippet_set=cols["snippet_set"], stats=dict(getattr(sc, "stats", None) or {}))
+                    snippet_set=ngram.snippet_set_of(ex), stats=dict(getattr(sc, "stats", None) or {}))
 
 
 class _NgramLatent:
@@ -101,7 +101,7 @@ class _NgramLatent:
 
     def _edits(self, ps: PatternSet) -> list[tuple[str, PatternSet]]:
         ex = self.val
-        rows = scored_rows(ex, list(SCORED_KINDS))
+        rows = scored_rows(ex, list(SIM_KINDS))
         acts = ex.acts[rows].astype(np.float64)
         pred = simulate(ps, ex, self.val_index)[rows]
         max_act = float(acts.max())
@@ -150,7 +150,7 @@ class _NgramLatent:
 
 
 async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, limits: dict[str, int], dict_id: int,
-                 chunk: Sequence[int], leftovers: set[int], result: AgentResult, writer: Writer) -> None:
+                 chunk: Sequence[int], leftovers: set[int], result: AgentResult) -> StageRows:
     train = ngram.load_split(con, dict_id, "train", chunk)
     val = ngram.snippet_data(con, dict_id, chunk, "validation", limits)
     have_train, have_val = set(train.latents), set(val.latents)
@@ -173,33 +173,35 @@ async def _chunk(con: duckdb.DuckDBPyConnection, a: AgentSettings, limits: dict[
     held = ngram.snippet_data(con, dict_id, picked, "heldout", limits)
     have_held = set(held.latents)
     meta = {"limits": limits, "model": MODEL, "template_hash": FORMAT, "setup_hash": ngram.setup_hash(limits)}
+    out = StageRows()
     for rep, nodes, chosen in work:
         if chosen is not None:
             ex = held.latent(rep.latent) if rep.latent in have_held else None
             chosen.heldout = (_row(score_examples(chosen.extra, ex, held.index), ex) if ex is not None else
                               ScoreRow("ngram", "failed", error=f"latent {rep.latent} has no heldout examples", cost=0.0))
         agent_loop.finish_latent(rep, nodes, chosen, a)
-        rep.chosen_id = agent_loop.queue_rows(writer, con, dict_id=dict_id, latent=rep.latent, model=MODEL,
-                                         run_id=result.run_id, nodes=nodes, score_meta=meta,
-                                         replace=rep.latent in leftovers)
+        rows, rep.chosen_id = agent_loop.latent_rows(con, dict_id=dict_id, latent=rep.latent, model=MODEL,
+                                                     run_id=result.run_id, nodes=nodes, score_meta=meta,
+                                                     replace=rep.latent in leftovers)
+        out.extend(rows)
         result.add(rep)
         result.spend.calls += rep.calls_candidates + rep.calls_refine + rep.calls_heldout
+    return out
 
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latents: list[int],
         progress: Optional[OnProgress] = None) -> AgentResult:
     a = settings.agent
-    limits = examples.counts_of(settings.score, SCORED_KINDS)  # the snippets an LLM simulator would read
+    limits = examples.counts_of(settings.score, SIM_KINDS)  # the snippets an LLM simulator would read
     done, leftovers = agent_loop.agent_latents(con, dict_id, MODEL)
     todo = [lat for lat in latents if lat not in done]
     run_id = store.start_run(con, "agent", settings.public_dict())
     result = AgentResult(run_id, dict_id, "ngram", MODEL, requested=len(latents), skipped=len(latents) - len(todo))
     t0 = time.perf_counter()
     with store.recorded_run(con, run_id, result, t0):
-        writer = Writer(con)
         for i in range(0, len(todo), CHUNK):
-            asyncio.run(_chunk(con, a, limits, dict_id, todo[i: i + CHUNK], leftovers, result, writer))
-            writer.flush()  # one transaction per chunk: a killed run keeps the chunks it finished
+            rows = asyncio.run(_chunk(con, a, limits, dict_id, todo[i: i + CHUNK], leftovers, result))
+            rows.commit(con)  # one transaction per chunk: a killed run keeps the chunks it finished
             if progress is not None:
                 progress(Progress(result.chosen + result.failed, len(todo), result.chosen, result.failed))
     return result

@@ -357,10 +357,8 @@ class _Batches:
             if start + len(part) <= skip:
                 continue
             with store.transaction(self.con):
-                if cache_rows:
-                    _insert(self.con, "llm_cache", list(cache_rows.values()), "INSERT OR REPLACE")
-                if ledger:
-                    _insert(self.con, "llm_calls", ledger, "INSERT")
+                store.insert_rows(self.con, "llm_cache", list(cache_rows.values()), conflict="replace")
+                store.insert_rows(self.con, "llm_calls", ledger)
                 self.con.execute("UPDATE llm_batches SET ingested_lines = ? WHERE batch_id = ?",
                                  [start + len(part), batch_id])
         self._close(batch_id, b.status)
@@ -386,13 +384,3 @@ class _Batches:
             "latency_s": None, "cost": cost, "error": None if reason is None else f"batch {batch_id}: {reason}",
             "created_at": store.now(), "batch_id": batch_id,
         }
-
-
-def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]], verb: str) -> None:
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    con.register("_batch_rows", pa.table({n: [r.get(n) for r in rows] for n in names}))
-    try:
-        cols = ", ".join(f'"{c}"' for c in names)
-        con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _batch_rows")
-    finally:
-        con.unregister("_batch_rows")

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, TypeVar
 import duckdb
 
 from explainer.llm import Answer, CallFailed, LLMClient, Reply, Writer, cache_key, checked_reply
+from explainer.rows import StageRows
 from explainer.settings import LLMSettings
 
 T = TypeVar("T")
@@ -67,7 +68,10 @@ class _NoWrites(Writer):
     def add(self, table: str, row: dict[str, Any]) -> None:
         pass
 
-    def execute(self, sql: str, params: list[Any]) -> None:
+    def commit_with(self, rows: StageRows) -> None:
+        pass
+
+    def drop_cache(self, key: str) -> None:
         pass
 
     def put_cache(self, key: str, model: str, body: dict[str, Any], replace: bool) -> None:

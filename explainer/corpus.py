@@ -23,6 +23,7 @@ from explainer import corpus_read
 from explainer.errors import ExplainerError
 from explainer.near_dups import SpanTable
 from explainer.settings import CorpusSettings, cache_dir
+from explainer.vocab import SPLITS
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def _packed(settings: CorpusSettings, tokenizer: Any, docs: Iterable[tuple[str, 
     The token list is reused: copy it before the next step."""
     n = settings.ctx_len
     sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
-    buffers: dict[str, list[int]] = {"train": [], "validation": [], "heldout": []}
+    buffers: dict[str, list[int]] = {s: [] for s in SPLITS}
     first_doc: dict[str, Optional[str]] = {s: None for s in buffers}
     next_id = 0
     for doc_id, text in docs:
@@ -295,7 +296,7 @@ def iter_contexts(
 
 def count_contexts(settings: CorpusSettings, tokenizer: Any, documents: Optional[Iterable[tuple[str, str]]] = None) -> dict[str, int]:
     """How many contexts each split yields (tokenizes the whole corpus)."""
-    counts = {"train": 0, "validation": 0, "heldout": 0}
+    counts = {s: 0 for s in SPLITS}
     for c in iter_contexts(settings, tokenizer, splits=counts.keys(), documents=documents):
         counts[c.split] += 1
     return counts

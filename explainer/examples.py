@@ -2,7 +2,7 @@
 
 The LLM explainer (train), the simulator, detection and fuzzing, the n-gram scorer, the
 agent and `show` all read examples through `load`, so for a given (dictionary, latent, split,
-counts) they see the same snippets in the same order: kinds in `KINDS` order, top and random
+counts) they see the same snippets in the same order: kinds in `vocab.KINDS` order, top and random
 and non-activating by rank, quantile spread over the bins (one per bin from the highest bin
 down, then a second per bin, ...). Nothing random takes part in the choice, so there is no seed
 here; scorers that shuffle what they send (settings' `score.seed`) shuffle this list.
@@ -19,12 +19,9 @@ from typing import Mapping, Optional, Sequence
 
 import duckdb
 
-from explainer import store
+from explainer import schema, vocab
 from explainer.errors import ExplainerError
-
-KINDS = ("top", "quantile", "random", "nonactivating")  # the order snippets come in
-SIM_KINDS = ("top", "quantile", "random")  # what simulation scores are computed on
-SCORE_SPLITS = ("heldout", "validation")
+from explainer.vocab import KINDS, SIM_KINDS
 
 
 @dataclass
@@ -43,12 +40,6 @@ class Example:
     split: str = ""
 
 
-def check_split(split: str) -> None:
-    if split not in SCORE_SPLITS:
-        raise ExplainerError(f"split {split!r} cannot be scored: scorers read heldout or validation only "
-                             "(train is what the explainer saw)")
-
-
 def counts_of(settings: object, kinds: Sequence[str] = KINDS) -> dict[str, int]:
     """Per-kind counts from a settings section with n_top, n_quantile, n_random, n_nonactivating."""
     return {k: int(getattr(settings, f"n_{k}", 0) or 0) for k in kinds}
@@ -61,7 +52,7 @@ def load(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int], s
     scoring=True is for scorers: train is refused here and, whatever the Python check says, by
     the SQL itself (an examples row pointing at a train context never reaches a scorer)."""
     if scoring:
-        check_split(split)
+        vocab.check_split(split)
     unknown = set(counts) - set(KINDS)
     if unknown:
         raise ExplainerError(f"unknown example kinds {sorted(unknown)}; kinds are {', '.join(KINDS)}")
@@ -119,6 +110,6 @@ def simulation_snippets(examples: Sequence[Example]) -> list[Example]:
 
 
 def snippet_set(examples: Sequence[Example]) -> Optional[str]:
-    """The short hash naming these snippets (store.snippet_hash); None when there are none."""
+    """The short hash naming these snippets (schema.snippet_hash); None when there are none."""
     pairs = [(int(x.context_id), str(x.kind)) for x in examples]
-    return store.snippet_hash(pairs) if pairs else None
+    return schema.snippet_hash(pairs) if pairs else None

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import duckdb
 from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
-from explainer import examples as example_store, llm_pool, prompts, store
+from explainer import examples as example_store, llm_pool, prompts, store, vocab
 from explainer.errors import ExplainerError
 from explainer.examples import Example
 from explainer.llm import CallFailed, LLMClient, Reply, resolve_endpoint
 from explainer.results import LLMSpend, OnProgress, StageResult, tagged
+from explainer.rows import StageRows, explanation_row
 from explainer.settings import ExplainSettings, Settings
 
 if TYPE_CHECKING:
@@ -210,29 +211,25 @@ def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, tpl:
 
     async def explain_one(llm: LLMClient, job: Job) -> Optional[str]:
         lat, messages = job
-        row: dict[str, Any] = {
-            "dict_id": dict_id, "latent": lat, "explainer": "llm", "model": model, "template": tpl.name,
-            "template_hash": tpl.sha256, "run_id": result.run_id,
-        }
+        out: dict[str, Any] = {}
         if messages is None:
-            row.update(status="failed", text=None, prompt_tokens=None, completion_tokens=None, cost=None,
+            out.update(status="failed",
                        error="no train-split example where the latent fires (dead latent, or sample more tokens)")
         else:
             try:
                 ans = await llm.chat(messages, latent=lat, parse=lambda r: parse_explanation(r, s.max_chars))
-                row.update(status="ok", text=ans.value, error=None, prompt_tokens=ans.prompt_tokens,
+                out.update(status="ok", text=ans.value, prompt_tokens=ans.prompt_tokens,
                            completion_tokens=ans.completion_tokens, cost=ans.cost)
             except CallFailed as e:
-                row.update(status="failed", text=None, error=e.reason, prompt_tokens=e.prompt_tokens,
+                out.update(status="failed", error=e.reason, prompt_tokens=e.prompt_tokens,
                            completion_tokens=e.completion_tokens, cost=e.cost)
-        row["created_at"] = store.now()
+        row = explanation_row(dict_id=dict_id, latent=lat, explainer="llm", model=model, template=tpl.name,
+                              template_hash=tpl.sha256, run_id=result.run_id, **out)
+        stage = StageRows()
         if lat in retry_failed:
-            llm.writer.execute(
-                """DELETE FROM explanations WHERE dict_id = ? AND latent = ? AND explainer = 'llm'
-                   AND model = ? AND template_hash = ? AND status = 'failed'""",
-                [dict_id, lat, model, tpl.sha256],
-            )
-        llm.writer.add("explanations", row)
+            stage.replace_failed_explanation(dict_id, lat, model, tpl.sha256)
+        stage.add("explanations", row)
+        llm.writer.commit_with(stage)
         return None if row["status"] == "ok" else row["error"]
 
     return llm_pool.Pass("explain", jobs, explain_one, total=len(todo), known_errors="no train-split")
@@ -276,7 +273,7 @@ def run_ngram(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
         # The n-gram explanation carries its own simulator, so score it at once: on validation (what
         # selects labels) and heldout, on the snippets an LLM scorer with these settings reads.
         result.scored = ngram.score_all(con, dict_id, "both", progress=tagged(progress, "score"), latents=latents,
-                                        limits=example_store.counts_of(settings.score, ngram.SCORED_KINDS),
+                                        limits=example_store.counts_of(settings.score, vocab.SIM_KINDS),
                                         run_id=run_id)
         ok, failed, quartiles = con.execute(
             """SELECT count(DISTINCT e.latent) FILTER (WHERE e.status = 'ok'),

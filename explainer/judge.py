@@ -27,8 +27,9 @@ from explainer.llm import LLMClient
 from explainer.metrics import BOOT_LEVEL, BOOT_N, classify, judge_stats
 from explainer.settings import ScoreSettings
 from explainer.score_answers import batches, json_params, parse_verdicts
-from explainer.score_types import KINDS, Outcome, ScoreFailed, Snippet, SnippetResult, Spend, gather_answers
+from explainer.score_types import Outcome, ScoreFailed, Snippet, SnippetResult, Spend, gather_answers
 from explainer.examples import unique
+from explainer.vocab import KINDS
 
 
 def _activating(snippets: Sequence[Snippet]) -> list[Snippet]:

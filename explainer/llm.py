@@ -317,7 +317,7 @@ class LLMClient:
                 # A row an older parser accepted, or one damaged: asked again, and replaced (or dropped).
                 st.stale_cache = True
                 self.stale_cache_rows += 1
-                self.writer.execute("DELETE FROM llm_cache WHERE key = ?", [key])
+                self.writer.drop_cache(key)
                 raise _Retryable(f"cached answer rejected: {short(e)}", immediate=True) from None
             if cached is not None:
                 st.cache_hit = True

@@ -17,10 +17,10 @@ from typing import Any, Generic, Iterable, Optional, TypeVar
 from urllib.parse import urlparse
 
 import duckdb
-import pyarrow as pa
 
 from explainer import store
 from explainer.errors import ExplainerError
+from explainer.rows import StageRows
 from explainer.settings import LLMSettings
 
 T = TypeVar("T")
@@ -248,22 +248,28 @@ def reply_from(endpoint: str, body: dict[str, Any]) -> Reply:
 
 
 class Writer:
-    """Rows waiting for the next transaction; the cache part doubles as a read-through buffer."""
+    """Rows waiting for the next transaction; the cache part doubles as a read-through buffer.
+
+    Besides its own cache and ledger rows it commits the stage's rows (rows.StageRows) in the
+    same transaction as the answers that produced them, without knowing what they are."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection):
         self.con = con
-        self.statements: list[tuple[str, list[Any]]] = []
-        self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.rows = StageRows()  # ledger rows and the stage rows queued with them
         self.cache_rows: dict[str, dict[str, Any]] = {}
-        self.replace_keys: set[str] = set()
+        self.replace_keys: set[str] = set()  # cache rows deleted before cache_rows are inserted
         self.prefetched: dict[str, Optional[str]] = {}  # key -> response JSON, or None: known absent
 
     def add(self, table: str, row: dict[str, Any]) -> None:
-        self.rows.setdefault(table, []).append(row)
+        self.rows.add(table, row)
 
-    def execute(self, sql: str, params: list[Any]) -> None:
-        """A statement for the next transaction, run before its inserts (e.g. replacing a failure row)."""
-        self.statements.append((sql, params))
+    def commit_with(self, rows: StageRows) -> None:
+        """A stage's rows (and the rows they replace) for the next transaction."""
+        self.rows.extend(rows)
+
+    def drop_cache(self, key: str) -> None:
+        """Delete a cached answer at the next transaction (one the parser now rejects)."""
+        self.replace_keys.add(key)
 
     def put_cache(self, key: str, model: str, body: dict[str, Any], replace: bool) -> None:
         self.cache_rows[key] = {"key": key, "model": model, "response": json.dumps(body), "created_at": store.now()}
@@ -298,35 +304,18 @@ class Writer:
             self.prefetched.update({k: found.get(k) for k in part})
 
     def pending(self) -> int:
-        return len(self.statements) + len(self.cache_rows) + sum(len(r) for r in self.rows.values())
+        return len(self.rows) + len(self.cache_rows) + len(self.replace_keys)
 
     def flush(self) -> None:
         if not self.pending():
             return
-        # Arrow tables insert ~400x faster than executemany; one transaction, one fsync.
-        with store.transaction(self.con):
-            for sql, params in self.statements:
-                self.con.execute(sql, params)
+        with store.transaction(self.con):  # one transaction, one fsync
             if self.replace_keys:
                 self.con.execute("DELETE FROM llm_cache WHERE list_contains(?, key)", [sorted(self.replace_keys)])
-            if self.cache_rows:
-                self._insert("llm_cache", list(self.cache_rows.values()), "ON CONFLICT DO NOTHING")
-            for table, rows in self.rows.items():
-                if rows:
-                    self._insert(table, rows, "")
-        self.statements.clear()
+            store.insert_rows(self.con, "llm_cache", list(self.cache_rows.values()), conflict="ignore")
+            self.rows.write(self.con)
         self.rows.clear()
         self.cache_rows.clear()
         self.replace_keys.clear()
-
-    def _insert(self, table: str, rows: list[dict[str, Any]], conflict: str) -> None:
-        names = list(dict.fromkeys(k for r in rows for k in r))  # every key of every row, not the first row's
-        data = pa.table({n: [r.get(n) for r in rows] for n in names})
-        cols = ", ".join(f'"{c}"' for c in names)
-        self.con.register("_pending", data)
-        try:
-            self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _pending {conflict}")
-        finally:
-            self.con.unregister("_pending")
 
 

@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from explainer.vocab import SIM_KINDS
+
 ArrayLike = Sequence[float] | np.ndarray
 
 
@@ -308,7 +310,7 @@ def simulation_stats(preds: Sequence[ArrayLike], trues: Sequence[ArrayLike], kin
     all_p, all_t = (np.concatenate(ps), np.concatenate(ts)) if ps else (np.zeros(0), np.zeros(0))
     stats: dict[str, Optional[float]] = {"all": pearson(all_p, all_t)}
     stats["top_random"] = _pearson_defined(cat(ps, ("top", "random")), cat(ts, ("top", "random")))
-    for kind in ("top", "quantile", "random"):
+    for kind in SIM_KINDS:
         stats[kind] = _pearson_defined(cat(ps, (kind,)), cat(ts, (kind,)))
     stats["ci_low"], stats["ci_high"] = pearson_ci(ps, ts, n=n, seed=seed, level=level)
     stats["baseline"] = 0.0

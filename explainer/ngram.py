@@ -29,13 +29,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from explainer import examples, store
+from explainer import examples, schema, store
 from explainer.errors import ExplainerError
 from explainer.ngram_fit import (  # noqa: F401  (re-exported: the agent and the benchmark use them from here)
-    KEY_BASE, ALL_KINDS, FORMAT, MODES, SCORED_KINDS, LatentExamples, Pattern, PatternSet, SimScore, candidate_sets,
+    KEY_BASE, FORMAT, MODES, LatentExamples, Pattern, PatternSet, SimScore, candidate_sets,
     fit, match, normalize, score_examples, simulate,
 )
 from explainer.results import StageResult
+from explainer.rows import StageRows, explanation_row, score_row
+from explainer.vocab import KINDS, SCORE_SPLITS, SIM_KINDS, check_split
 
 
 @dataclass
@@ -89,44 +91,30 @@ def _arrow(con: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, Any]) 
 
 
 def load_split(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, latents: Optional[Sequence[int]] = None,
-               *, kinds: Sequence[str] = ALL_KINDS, limits: Optional[Mapping[str, int]] = None,
-               scoring: bool = False) -> SplitData:
-    """Examples of `latents` (all when None) on `split`, in two queries.
+               *, kinds: Sequence[str] = KINDS) -> SplitData:
+    """Every example of `latents` (all when None) on `split`, for fitting, in two queries.
 
-    With scoring=True the SQL itself refuses train contexts (a scorer must never read
-    text the explainer saw), even if an examples row claims another split.
-    """
-    if scoring and split == "train":
-        raise ExplainerError("scorers read only validation or heldout examples, never train (pass --split heldout)")
-    limits = dict(limits or {})
-    unknown = (set(kinds) | set(limits)) - set(ALL_KINDS)
+    Fitting reads whole splits, so nothing is picked per kind here; scorers read the shared
+    loader's picks through `snippet_data` instead (never this, and never train)."""
+    unknown = set(kinds) - set(KINDS)
     if unknown:
-        raise ExplainerError(f"unknown example kinds {sorted(unknown)}; kinds are {', '.join(ALL_KINDS)}")
-    guard = "AND c.split <> 'train'" if scoring else ""
+        raise ExplainerError(f"unknown example kinds {sorted(unknown)}; kinds are {', '.join(KINDS)}")
     where_latent = "AND list_contains($latents, latent)" if latents is not None else ""
-    params: dict[str, Any] = {"d": dict_id, "s": split, "kinds": list(kinds), "lk": list(limits),
-                              "ln": [int(n) for n in limits.values()]}
+    params: dict[str, Any] = {"d": dict_id, "s": split, "kinds": list(kinds)}
     if latents is not None:
         params["latents"] = [int(x) for x in latents]
-    # `r` counts a kind's examples by rank, so a limit keeps the lowest ranks whatever their values.
-    ex_sql = f"""
-        WITH e AS (
-            SELECT latent, kind, context_id, acts, rank,
-                   row_number() OVER (PARTITION BY latent, kind ORDER BY rank) AS r
-            FROM examples WHERE dict_id = $d AND split = $s AND list_contains($kinds::VARCHAR[], kind) {where_latent}
-        )
+    ex = _arrow(con, f"""
         SELECT e.latent, e.kind, e.context_id, e.acts
-        FROM e JOIN contexts c ON c.dict_id = $d AND c.context_id = e.context_id
-        WHERE c.split = $s {guard}
-          AND (NOT list_contains($lk::VARCHAR[], e.kind) OR e.r <= ($ln::INTEGER[])[list_position($lk::VARCHAR[], e.kind)])
-        ORDER BY e.latent, e.kind, e.rank"""
-    ex = _arrow(con, ex_sql, params)
+        FROM examples e JOIN contexts c ON c.dict_id = $d AND c.context_id = e.context_id
+        WHERE e.dict_id = $d AND e.split = $s AND list_contains($kinds::VARCHAR[], e.kind) {where_latent}
+          AND c.split = $s
+        ORDER BY e.latent, e.kind, e.rank""", params)
     ctx = _arrow(con, f"""
         SELECT c.context_id, c.tokens FROM contexts c
-        WHERE c.dict_id = $d AND c.split = $s {guard}
+        WHERE c.dict_id = $d AND c.split = $s
           AND c.context_id IN (SELECT DISTINCT context_id FROM examples WHERE dict_id = $d AND split = $s
                                AND list_contains($kinds::VARCHAR[], kind) {where_latent})
-        ORDER BY c.context_id""", {k: v for k, v in params.items() if k not in ("lk", "ln")})
+        ORDER BY c.context_id""", params)
     # Token strings -> dense ids through Arrow's dictionary encoding (no Python loop per token).
     rows, cols, values, width = _layout(ctx.column("tokens"))
     enc = pc.dictionary_encode(values)
@@ -180,7 +168,7 @@ def default_limits() -> dict[str, int]:
     """Snippets per kind an n-gram score reads unless told: the LLM scorers' defaults, so both match."""
     from explainer.settings import ScoreSettings
 
-    return examples.counts_of(ScoreSettings.model_validate({}), SCORED_KINDS)
+    return examples.counts_of(ScoreSettings.model_validate({}), SIM_KINDS)
 
 
 def snippet_data(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int], split: str,
@@ -229,13 +217,11 @@ def setup_hash(limits: Mapping[str, int]) -> str:
     return hashlib.sha256(json.dumps({"limits": dict(limits)}, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def score_columns(sc: Optional[SimScore], ex: Optional[LatentExamples], limits: Mapping[str, int]) -> dict[str, Any]:
-    """Provenance and statistics columns of an n-gram simulation score row."""
-    stats = getattr(sc, "stats", None) or {}
-    return {"model": "ngram", "template_hash": FORMAT, "setup_hash": setup_hash(limits),
-            "snippet_set": store.snippet_hash([(int(c), str(k)) for c, k in zip(ex.context_ids, ex.kinds)])
-            if ex is not None and len(ex.context_ids) else None,
-            **store.stat_columns("simulation", None if sc is None else sc.score, stats)}
+def snippet_set_of(ex: Optional[LatentExamples]) -> Optional[str]:
+    """The snippet_set of a latent's loaded snippets (None: none), as examples.snippet_set names an LLM's."""
+    if ex is None or not len(ex.context_ids):
+        return None
+    return schema.snippet_hash([(int(c), str(k)) for c, k in zip(ex.context_ids, ex.kinds)])
 
 
 # --- database entry points -------------------------------------------------------------------
@@ -297,29 +283,20 @@ def explain_all(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Optional[
     for chunk in _chunks(todo, batch):
         data = load_split(con, dict_id, split, chunk)
         have = set(data.latents)
-        rows: dict[str, list[Any]] = {k: [] for k in ("latent", "text", "pattern", "status", "error")}
+        out = StageRows()
+        now = store.now()
         for latent in chunk:
             ps = fit(data.latent(latent), data.vocab, max_patterns=max_patterns) if latent in have else PatternSet(())
             ps.fit["split"] = split
             text = ps.text()
-            rows["latent"].append(latent)
-            rows["text"].append(text)
-            rows["pattern"].append(json.dumps(ps.to_json()) if text else None)
-            rows["status"].append("ok" if text else "failed")
             reason = "no examples" if latent not in have else "no activating tokens"
-            rows["error"].append(None if text else f"{reason} in the {split} split")
+            out.add("explanations", explanation_row(
+                dict_id=dict_id, latent=latent, explainer="ngram", model="ngram", template=FORMAT, template_hash=thash,
+                text=text, pattern=ps.to_json() if text else None, status="ok" if text else "failed",
+                error=None if text else f"{reason} in the {split} split", run_id=run_id, cost=0.0, created_at=now))
             n_ok += text is not None
             n_failed += text is None
-        n = len(chunk)
-        table = pa.table({
-            "dict_id": pa.array([dict_id] * n, pa.int32()), **{k: pa.array(v) for k, v in rows.items() if k != "latent"},
-            "latent": pa.array(rows["latent"], pa.int32()), "explainer": pa.array(["ngram"] * n),
-            "model": pa.array(["ngram"] * n), "template": pa.array([FORMAT] * n),
-            "template_hash": pa.array([thash] * n), "run_id": pa.array([run_id] * n, pa.int64()),
-            "cost": pa.array([0.0] * n), "created_at": pa.array([store.now()] * n, pa.timestamp("us")),
-        })
-        with store.transaction(con):
-            store.insert_arrow(con, "explanations", table)
+        out.commit(con)
         if progress:
             progress({"done": n_ok + n_failed, "total": len(todo)})
     return ExplainResult(n_ok, n_failed, len(latents) - len(todo), time.perf_counter() - t0)
@@ -355,13 +332,12 @@ def score_all(con: duckdb.DuckDBPyConnection, dict_id: int, split: str = "heldou
     """
     if split == "both":
         parts = [score_all(con, dict_id, sp, explanation_filter, progress, latents=latents, limits=limits,
-                           run_id=run_id) for sp in ("validation", "heldout")]
+                           run_id=run_id) for sp in SCORE_SPLITS]
         # Counts add up; the mean is heldout's (a mean over both splits would mix them).
         return ScoreResult(sum(p.scored for p in parts), sum(p.failed for p in parts), sum(p.skipped for p in parts),
                            parts[1].mean_score, sum(p.seconds for p in parts), "heldout")
     t0 = time.perf_counter()
-    if split == "train":
-        raise ExplainerError("scorers read only validation or heldout examples, never train (pass --split heldout)")
+    check_split(split)
     counts = default_limits() if limits is None else dict(limits)
     extra = f"AND ({explanation_filter})" if explanation_filter else ""
     lat_sql = "AND list_contains($latents, latent)" if latents is not None else ""
@@ -390,46 +366,28 @@ def score_all(con: duckdb.DuckDBPyConnection, dict_id: int, split: str = "heldou
     for chunk in _chunks(sorted(by_latent), 1024):
         data = snippet_data(con, dict_id, chunk, split, counts)
         have = set(data.latents)
-        out: list[dict[str, Any]] = []
+        out = StageRows()
+        now = store.now()
         for latent in chunk:
             ex = data.latent(latent) if latent in have else None
             for eid, ps in by_latent[latent]:
                 s = score_examples(ps, ex, data.index) if ex is not None else None
                 stats = getattr(s, "stats", None) or {}
                 details = None if s is None else {**s.details(), "limits": counts, **({"stats": stats} if stats else {})}
-                out.append({
-                    "explanation_id": eid, "latent": latent, "score": None if s is None else s.score,
-                    "details": None if details is None else json.dumps(details),
-                    "n_snippets": 0 if s is None else s.n_snippets, "status": "failed" if s is None else "ok",
-                    "error": f"latent {latent} has no {split} examples" if s is None else None,
-                    **score_columns(s, ex, counts)})
+                out.add("scores", score_row(
+                    explanation_id=eid, dict_id=dict_id, latent=latent, scorer="simulation", mode="ngram", split=split,
+                    status="failed" if s is None else "ok", score=None if s is None else s.score, details=details,
+                    n_snippets=0 if s is None else s.n_snippets,
+                    error=f"latent {latent} has no {split} examples" if s is None else None, run_id=run_id,
+                    model="ngram", template_hash=FORMAT, setup_hash=setup_hash(counts), snippet_set=snippet_set_of(ex),
+                    stats=stats, cost=0.0, created_at=now))
                 if s is None:
                     failed += 1
                 else:
                     scored += 1
                     total += s.score
-        _insert_scores(con, dict_id, split, run_id, out)
+        out.commit(con)
         if progress:
             progress({"done": scored + failed, "total": len(todo)})
     return ScoreResult(scored, failed, len(rows) - len(todo), total / scored if scored else None,
                        time.perf_counter() - t0, split)
-
-
-def _insert_scores(con: duckdb.DuckDBPyConnection, dict_id: int, split: str, run_id: Optional[int],
-                   out: list[dict[str, Any]]) -> None:
-    n = len(out)
-    if not n:
-        return
-    col = {k: [r[k] for r in out] for k in out[0]}
-    types = {"explanation_id": pa.int64(), "latent": pa.int32(), "score": pa.float64(), "details": pa.string(),
-             "n_snippets": pa.int32(), "error": pa.string(), "snippet_set": pa.string(), "ci_low": pa.float64(),
-             "ci_high": pa.float64(), "baseline": pa.float64(), "score_top_random": pa.float64(),
-             "score_all": pa.float64()}
-    table = pa.table({
-        **{k: pa.array(v, types.get(k)) for k, v in col.items()},
-        "dict_id": pa.array([dict_id] * n, pa.int32()), "scorer": pa.array(["simulation"] * n),
-        "mode": pa.array(["ngram"] * n), "split": pa.array([split] * n), "run_id": pa.array([run_id] * n, pa.int64()),
-        "cost": pa.array([0.0] * n), "created_at": pa.array([store.now()] * n, pa.timestamp("us")),
-    })
-    with store.transaction(con):
-        store.insert_arrow(con, "scores", table)

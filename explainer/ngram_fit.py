@@ -29,10 +29,9 @@ import numpy as np
 
 from explainer.errors import ExplainerError
 from explainer.metrics import classify, pearson, simulation_stats
+from explainer.vocab import SIM_KINDS
 
 FORMAT = "ngram-v1"
-SCORED_KINDS = ("top", "quantile", "random")
-ALL_KINDS = ("top", "quantile", "nonactivating", "random")
 # (length, wildcard positions); the last element is the predicted token.
 SHAPES: tuple[tuple[int, tuple[int, ...]], ...] = ((1, ()), (2, ()), (2, (1,)), (3, ()), (3, (1,)))
 MODES = ("exact", "norm")
@@ -207,7 +206,7 @@ def scored_rows(ex: LatentExamples, kinds: Sequence[str]) -> np.ndarray:
 
 
 def score_examples(ps: PatternSet, ex: LatentExamples, index: Optional[tuple[dict[str, int], dict[str, int]]],
-                   kinds: Sequence[str] = SCORED_KINDS, pred: Optional[np.ndarray] = None, *,
+                   kinds: Sequence[str] = SIM_KINDS, pred: Optional[np.ndarray] = None, *,
                    seed: int = 0) -> SimScore:
     """Simulation score of a pattern set on one latent's examples of the given kinds (`stats`:
     bootstrap over snippets seeded by `seed`)."""

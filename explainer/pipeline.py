@@ -70,7 +70,7 @@ def most_frequent_latents(con: Any, dict_id: int, n: int) -> list[int]:
 
 def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactory = _no_bar,
         lm: Any = None) -> PipelineResult:
-    from explainer import examples, ngram, sample
+    from explainer import examples, ngram, sample, vocab
 
     result = PipelineResult(settings.db)
     result.stages.append(_train(settings, bars))
@@ -90,7 +90,7 @@ def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactor
                 ngram.explain_all(con, dict_id, progress=bar, run_id=run_id)
             with bars("n-gram score") as bar:
                 ngram.score_all(con, dict_id, "both", progress=bar, run_id=run_id,
-                                limits=examples.counts_of(settings.score, ngram.SCORED_KINDS))
+                                limits=examples.counts_of(settings.score, vocab.SIM_KINDS))
             n_ok = con.execute("SELECT count(*) FROM explanations WHERE dict_id = ? AND explainer = 'ngram' "
                                "AND status = 'ok'", [dict_id]).fetchone()[0]
             result.stages.append({"stage": "n-gram", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import duckdb
 
-from explainer import examples as example_store
+from explainer import examples as example_store, vocab
 from explainer.errors import ExplainerError
 from explainer.examples import Example
 
@@ -133,7 +133,7 @@ def latent_record(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int, *,
         e["score_rows"] = mine
         e["scores"] = {score_key(r): round(r["score"], 4) for r in mine}
     # The shared loader: per kind the examples the explainer and the scorers read (quantile spread over bins).
-    counts = {k: per_kind for k in example_store.KINDS}
+    counts = {k: per_kind for k in vocab.KINDS}
     examples = [x for split in sorted(splits, reverse=True)
                 for x in example_store.load(con, dict_id, [latent], split, counts)[latent]]
     return LatentRecord(dict_id, latent, stat_rows[0], expl, examples)
@@ -227,10 +227,8 @@ _STATUS_SQL = {
                round(median(score), 3) AS median
         FROM scores GROUP BY ALL ORDER BY ALL""",
     "costs": """
-        SELECT stage, model, count(*) AS calls, count(*) FILTER (WHERE cache_hit) AS cache_hits,
-               count(*) FILTER (WHERE error IS NOT NULL) AS errors, sum(prompt_tokens) AS prompt_tokens,
-               sum(completion_tokens) AS completion_tokens, round(sum(cost), 4) AS cost
-        FROM llm_calls GROUP BY ALL ORDER BY ALL""",
+        SELECT stage, model, calls, cache_hits, errors, prompt_tokens, completion_tokens, round(cost, 4) AS cost
+        FROM costs ORDER BY ALL""",
     "unfinished": """
         SELECT 'run' AS what, CAST(id AS VARCHAR) AS id, stage, status, CAST(started_at AS VARCHAR) AS since
         FROM runs WHERE status IN ('running', 'failed')

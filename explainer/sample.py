@@ -38,10 +38,11 @@ from explainer.sample_runs import (
 from explainer.sampler_latents import LatentMap
 from explainer.sampler_select import write_results
 from explainer.sampler_state import (
-    M31, SPLITS, SampleState, load_state, new_state, one_thread, save_state, update,
+    M31, SampleState, load_state, new_state, one_thread, save_state, update,
 )
 from explainer.sampler_subset import check_dictionary, check_fits, latent_subset, plan_contexts
 from explainer.settings import Settings
+from explainer.vocab import SPLITS
 
 Progress = Callable[[dict[str, Any]], None]
 FLOAT16_MAX = 65504.0

@@ -23,9 +23,10 @@ from torch import Tensor
 from explainer import store
 from explainer.sampler_latents import LatentMap
 from explainer.sampler_state import (
-    EMPTY, M31, S, SPLITS, SampleState, hash31, one_thread, sketch_cid, sort_slots, top_cid, top_max,
+    EMPTY, M31, S, SampleState, hash31, one_thread, sketch_cid, sort_slots, top_cid, top_max,
 )
 from explainer.settings import SampleSettings
+from explainer.vocab import SPLITS
 
 QUANTILE_LEVELS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 HARD_TOKENS = 3  # distinct top-example tokens a hard negative may share

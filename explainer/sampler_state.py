@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from explainer.errors import ExplainerError
+from explainer.vocab import SPLITS
 
-SPLITS = ("train", "validation", "heldout")
 S = len(SPLITS)
 FORMAT = 2  # 2: the zero sketch
 # Sketch keys are below 2^62 (31-bit hash, 31-bit context id). Empty slots beat "no

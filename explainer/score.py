@@ -33,17 +33,17 @@ from typing import Any, Iterator, Optional, Sequence
 
 import duckdb
 
-from explainer import examples, llm_pool, prompts, store
+from explainer import examples, llm_pool, prompts, store, vocab
 from explainer.errors import ExplainerError
 from explainer.llm import LLMClient, resolve_endpoint
 from explainer.judge import detection_items, fuzzing_items, judge
 from explainer.results import LLMSpend, OnProgress
+from explainer.rows import StageRows, score_row
 from explainer.settings import ScoreSettings, Settings
 from explainer.score_types import Outcome, ScoreFailed, Snippet, Spend
 from explainer.simulate import check_template, simulate
 
 SCORERS = ("simulation", "detection", "fuzzing")
-SCORE_SPLITS = examples.SCORE_SPLITS
 CHUNK = 256  # latents whose snippets are read in one query
 
 
@@ -59,13 +59,9 @@ def parse_scorers(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_split(split: str) -> None:
-    examples.check_split(split)
-
-
 def splits_of(s: ScoreSettings) -> list[str]:
     """The splits one score run writes, validation first (it is what selects; heldout only reports)."""
-    return ["validation", "heldout"] if s.split == "both" else [s.split]
+    return list(vocab.SCORE_SPLITS) if s.split == "both" else [s.split]
 
 
 def setup_of(settings: Settings, scorer: str) -> dict[str, Any]:
@@ -114,7 +110,7 @@ def load_snippets(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequenc
                   s: ScoreSettings) -> dict[int, list[Snippet]]:
     """Each latent's top, quantile (spread over bins), random and non-activating snippets of `split`,
     through the shared loader (every scorer and the agent see the same ones)."""
-    check_split(split)
+    vocab.check_split(split)
     return examples.load(con, dict_id, latents, split, examples.counts_of(s), scoring=True)
 
 
@@ -166,7 +162,7 @@ def evaluate(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, l
     cache and ledger). `Outcome.results` holds each snippet's tokens, true activations and
     predictions, to find false positives and negatives. Raises ScoreFailed."""
     s = settings.score
-    check_split(split)
+    vocab.check_split(split)
     tpl = load_template(s, scorer)
     snippets = load_snippets(con, dict_id, [latent], split, s)[latent]
 
@@ -297,7 +293,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     scorers = parse_scorers(s.scorers)
     splits = splits_of(s)
     for split in splits:
-        check_split(split)
+        vocab.check_split(split)
     if settings.llm.batch and s.mode == "all_at_once" and "simulation" in scorers:
         raise ExplainerError("--mode all_at_once reads echoed prompt logprobs, which the Batch API does not return; "
                              "run it without --batch (against vLLM or llama.cpp), or use --mode json with --batch")
@@ -353,20 +349,17 @@ def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
         except ScoreFailed as e:
             spend, score, status, error, n, stats = e.spend, None, "failed", e.reason, None, {}
         details.update(calls=spend.calls, failed_calls=spend.failed_calls, cache_hits=spend.cache_hits)
+        stage = StageRows()
         if job.retry_failed:
-            llm.writer.execute(
-                """DELETE FROM scores WHERE explanation_id = ? AND scorer = ? AND mode = ? AND split = ?
-                   AND status = 'failed' AND model = ? AND template_hash = ? AND setup_hash = ?""",
-                [job.explanation_id, job.scorer, mode, job.split, model, tpl.sha256, details["setup_hash"]],
-            )
-        llm.writer.add("scores", {
-            "explanation_id": job.explanation_id, "dict_id": dict_id, "latent": job.latent, "scorer": job.scorer,
-            "mode": mode, "split": job.split, "score": score, "details": json.dumps(details), "n_snippets": n,
-            "status": status, "error": error, "run_id": result.run_id, "prompt_tokens": spend.prompt_tokens,
-            "completion_tokens": spend.completion_tokens, "cost": spend.cost, "created_at": store.now(),
-            "model": model, "template_hash": tpl.sha256, "setup_hash": details["setup_hash"],
-            "snippet_set": scored_set(job.scorer, snippets, outcome), **store.stat_columns(job.scorer, score, stats),
-        })
+            stage.replace_failed_score(job.explanation_id, job.scorer, mode, job.split, model, tpl.sha256,
+                                       details["setup_hash"])
+        stage.add("scores", score_row(
+            explanation_id=job.explanation_id, dict_id=dict_id, latent=job.latent, scorer=job.scorer, mode=mode,
+            split=job.split, status=status, score=score, details=details, n_snippets=n, error=error,
+            run_id=result.run_id, prompt_tokens=spend.prompt_tokens, completion_tokens=spend.completion_tokens,
+            cost=spend.cost, model=model, template_hash=tpl.sha256, setup_hash=details["setup_hash"],
+            snippet_set=scored_set(job.scorer, snippets, outcome), stats=stats))
+        llm.writer.commit_with(stage)
         st = result.per_scorer[stat_key(job.scorer, job.split, splits)]
         st.calls += spend.calls
         st.prompt_tokens += spend.prompt_tokens or 0

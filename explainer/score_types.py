@@ -12,7 +12,6 @@ from explainer.examples import Example
 from explainer.llm import Answer, CallFailed
 
 T = TypeVar("T")
-KINDS = ("top", "quantile", "random", "nonactivating")
 
 
 # One held-out (or validation) example: the shared record of explainer/examples.py.

@@ -44,9 +44,10 @@ from explainer.errors import ExplainerError
 from explainer.llm import Answer, LLMClient
 from explainer.metrics import BOOT_LEVEL, BOOT_N, pearson, simulation_stats
 from explainer.score_answers import batches, digit_mass, json_params, parse_logprobs, parse_predictions
-from explainer.score_types import KINDS, Outcome, ScoreFailed, Snippet, SnippetResult, Spend, gather_answers
+from explainer.score_types import Outcome, ScoreFailed, Snippet, SnippetResult, Spend, gather_answers
 from explainer.settings import ScoreSettings
 from explainer.simulate_echo import render, simulate_all_at_once
+from explainer.vocab import KINDS
 
 LOGPROBS_END = "Activation:"
 

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from explainer import ngram, store
+from explainer import examples, ngram, store, vocab
 from explainer.errors import ExplainerError
 from explainer.ngram import Pattern, PatternSet
 
@@ -38,7 +38,7 @@ def _fill(con, latents, seed, n_per_split) -> int:
     dict_id = store.register_dictionary(con, name="t", path="-", model="m", hook="h", d_in=1, d_sae=len(latents),
                                         k=1, fingerprint="f", config={})
     cid = 0
-    for split_i, split in enumerate(store.SPLITS):
+    for split_i, split in enumerate(vocab.SPLITS):
         ctxs = _texts(n_per_split, seed * 10 + split_i)
         for toks in ctxs:
             con.execute("INSERT INTO contexts VALUES (?, ?, ?, ?, ?, ?)",
@@ -157,9 +157,29 @@ def test_scoring_never_reads_train_contexts(con) -> None:
     with pytest.raises(ExplainerError, match="never train"):
         ngram.score_all(con, dict_id, split="train")
     with pytest.raises(ExplainerError, match="never train"):
-        ngram.load_split(con, dict_id, "train", scoring=True)
+        ngram.snippet_data(con, dict_id, [0], "train")
     with pytest.raises(ExplainerError, match="never on heldout"):
         ngram.explain_all(con, dict_id, split="heldout")
+
+
+def test_scoring_arrays_are_the_shared_loaders_snippets(con) -> None:
+    """The n-gram simulator reads what an LLM simulator with the same counts reads: the shared
+    loader's simulation snippets, in its order, with its tokens and activations (same snippet_set)."""
+    dict_id = fill_db(con, LATENTS)
+    counts = {"top": 3, "quantile": 2, "random": 4}
+    for split in ("validation", "heldout"):
+        data = ngram.snippet_data(con, dict_id, list(LATENTS), split, counts)
+        loaded = examples.load(con, dict_id, list(LATENTS), split, counts, scoring=True)
+        for lat in LATENTS:
+            want = examples.simulation_snippets(loaded[lat])
+            assert want and lat in data.latents
+            ex = data.latent(lat)
+            assert [(int(c), str(k)) for c, k in zip(ex.context_ids, ex.kinds)] == [(x.context_id, x.kind) for x in want]
+            for row, x in enumerate(want):
+                assert [data.vocab[0][i] for i in ex.exact[row] if i >= 0] == x.tokens
+                assert ex.acts[row, :len(x.acts)].tolist() == pytest.approx(x.acts)
+                assert not ex.acts[row, len(x.acts):].any()
+            assert ngram.snippet_set_of(ex) == examples.snippet_set(want)
 
 
 def test_rerun_is_idempotent_and_resumes(con) -> None:
@@ -195,7 +215,7 @@ def test_explanation_filter_and_bad_filter(con) -> None:
     assert n == len(top | rand)
     assert json.loads(details)["snippets"] == {"top": 2, "quantile": 0, "random": len(rand - top)}
     with pytest.raises(ExplainerError, match="unknown example kinds"):
-        ngram.load_split(con, dict_id, "heldout", limits={"tops": 1})
+        ngram.snippet_data(con, dict_id, [0], "heldout", limits={"tops": 1})
 
 
 def test_shuffled_patterns_score_low_and_agent_api(con) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from explainer import examples, score, store
+from explainer import schema, score, store, vocab
 from explainer.errors import ExplainerError
 from explainer.results import Progress
 from explainer.settings import LLMSettings, ScoreSettings, Settings
@@ -212,8 +212,7 @@ def test_train_split_is_refused_in_code_and_in_sql(db, monkeypatch):
         with pytest.raises(ValueError):
             ScoreSettings(split="train")
         # With the Python check removed, the SQL still returns no train row.
-        monkeypatch.setattr(score, "check_split", lambda split: None)
-        monkeypatch.setattr(examples, "check_split", lambda split: None)
+        monkeypatch.setattr(vocab, "check_split", lambda split: None)
         assert score.load_snippets(con, 1, [0, 1], "train", ScoreSettings()) == {0: [], 1: []}
         held = score.load_snippets(con, 1, [0], "heldout", ScoreSettings())[0]
         assert [(x.kind, x.context_id) for x in held] == [
@@ -354,7 +353,7 @@ def test_both_splits_in_one_run_with_provenance_and_snippet_set_columns(db, llm_
         assert (r["snippet_set"] is None) == (r["status"] == "failed")  # nothing to score: no snippet set
         if r["status"] == "ok":
             # what m005's backfill computes from details, and what the view compares
-            assert r["snippet_set"] == store.snippet_hash([(x["context_id"], x["kind"]) for x in details["snippets"]])
+            assert r["snippet_set"] == schema.snippet_hash([(x["context_id"], x["kind"]) for x in details["snippets"]])
             assert r["baseline"] == (0.0 if r["scorer"] == "simulation" else 0.5)
             assert r["score_all"] == (r["score"] if r["scorer"] == "simulation" else None)
             sets.setdefault((r["latent"], r["scorer"], r["split"]), set()).add(r["snippet_set"])

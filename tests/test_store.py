@@ -1,16 +1,18 @@
 """Schema migrations: a blank DB and a DB left at every earlier schema version reach the latest one,
-keeping their rows; m005's backfill fills the provenance columns from `details`."""
+keeping their rows, with the same catalog as a fresh DB; m005's backfill fills the provenance
+columns from `details`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import duckdb
 import pytest
 
-from explainer import examples, store
+from explainer import examples, schema, store
 
-NAMES = [fn.__name__ for fn in store.MIGRATIONS]
+NAMES = [fn.__name__ for fn in schema.MIGRATIONS]
 SNIPPETS = [{"context_id": 12, "kind": "quantile", "pred": [0, 1]}, {"context_id": 3, "kind": "top", "pred": [0, 9]}]
 
 
@@ -31,13 +33,40 @@ def _fill(con) -> None:
     con.execute("INSERT INTO llm_calls (stage, model, cache_hit, created_at) VALUES ('score', 'sim', false, now())")
 
 
+def catalog(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]]:
+    """What the schema defines, not what it holds: tables, columns (name, type, default, nullable)
+    in order, constraints, views with their SQL, and sequences. A sequence's start_value is left
+    out: DuckDB writes a used sequence back with its next value there, so it depends on the rows."""
+    mine = "database_name = current_database() AND schema_name = 'main'"
+    queries = {
+        "tables": f"SELECT table_name, sql FROM duckdb_tables() WHERE {mine} AND NOT temporary",
+        "columns": f"""SELECT table_name, column_index, column_name, data_type, column_default, is_nullable
+                       FROM duckdb_columns() WHERE {mine} AND NOT internal""",
+        "constraints": f"""SELECT table_name, constraint_type, constraint_text, constraint_column_names
+                           FROM duckdb_constraints() WHERE {mine}""",
+        "views": f"SELECT view_name, sql FROM duckdb_views() WHERE {mine} AND NOT internal AND NOT temporary",
+        "sequences": f"""SELECT sequence_name, min_value, max_value, increment_by, cycle
+                         FROM duckdb_sequences() WHERE {mine} AND NOT temporary""",
+    }
+    return {name: sorted(con.execute(sql).fetchall(), key=repr) for name, sql in queries.items()}
+
+
+@pytest.fixture(scope="module")
+def fresh_catalog(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple]]:
+    con = store.connect(tmp_path_factory.mktemp("fresh") / "fresh.duckdb")
+    try:
+        return catalog(con)
+    finally:
+        con.close()
+
+
 @pytest.mark.parametrize("applied", range(len(NAMES)), ids=lambda n: f"at-{NAMES[n - 1] if n else 'blank'}")
 def test_every_earlier_schema_migrates_to_the_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     applied: int) -> None:
+                                                     applied: int, fresh_catalog: dict[str, list[tuple]]) -> None:
     path = tmp_path / "old.duckdb"
     if applied:
         with monkeypatch.context() as m:  # a DB written by the version whose last migration was NAMES[applied - 1]
-            m.setattr(store, "MIGRATIONS", store.MIGRATIONS[:applied])
+            m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:applied])
             con = store.connect(path)
             assert [r[0] for r in con.execute("SELECT name FROM _migrations ORDER BY name").fetchall()] == \
                 sorted(NAMES[:applied])
@@ -56,6 +85,23 @@ def test_every_earlier_schema_migrates_to_the_latest(tmp_path: Path, monkeypatch
         assert n_scores == (3 if applied else 0)  # no row lost
         if applied:
             assert con.execute("SELECT explanation FROM labels").fetchone()[0] == "city names"
+        got = catalog(con)
+    finally:
+        con.close()
+    for part, want in fresh_catalog.items():
+        assert got[part] == want, part
+    assert len(fresh_catalog["views"]) == 3 and len(fresh_catalog["sequences"]) == 5  # the catalog was read
+
+
+def test_catalog_sees_a_schema_difference(tmp_path: Path, fresh_catalog: dict[str, list[tuple]]) -> None:
+    """The comparison above would notice a column of another type, a changed view or a lost sequence."""
+    con = store.connect(tmp_path / "changed.duckdb")
+    try:
+        for change, part in (("ALTER TABLE llm_calls ALTER COLUMN cached_tokens TYPE INTEGER", "columns"),
+                             ("CREATE OR REPLACE VIEW costs AS SELECT 1 AS calls", "views"),
+                             ("DROP SEQUENCE run_ids CASCADE", "sequences")):
+            con.execute(change)
+            assert catalog(con)[part] != fresh_catalog[part], change
     finally:
         con.close()
 
@@ -63,7 +109,7 @@ def test_every_earlier_schema_migrates_to_the_latest(tmp_path: Path, monkeypatch
 def test_m005_backfills_provenance_from_details(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "m004.duckdb"
     with monkeypatch.context() as m:
-        m.setattr(store, "MIGRATIONS", store.MIGRATIONS[:NAMES.index("m005_score_provenance")])
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:NAMES.index("m005_score_provenance")])
         con = store.connect(path)
         _fill(con)
         con.close()
@@ -74,12 +120,12 @@ def test_m005_backfills_provenance_from_details(tmp_path: Path, monkeypatch: pyt
                FROM scores""").fetchall()}
     finally:
         con.close()
-    want_set = store.snippet_hash([(12, "quantile"), (3, "top")])
+    want_set = schema.snippet_hash([(12, "quantile"), (3, "top")])
     # The same hash a scorer computes for a new row from the snippets it scored, in any order.
     assert want_set == examples.snippet_set([examples.Example(3, "top", 0, 1.0, [], []),
                                              examples.Example(12, "quantile", 0, 1.0, [], [])])
     assert got["simulation", "json"] == ("sim", "t" * 64, "s" * 16, want_set, 0.0, 0.5, None)
     # n-gram rows list no context ids: their snippet set is unknown, never guessed.
     assert got["simulation", "ngram"] == ("ngram", None, None, None, 0.0, 0.4, None)
-    assert got["detection", "json"] == ("sim", "t" * 64, "s" * 16, store.snippet_hash([(12, "quantile")]),
+    assert got["detection", "json"] == ("sim", "t" * 64, "s" * 16, schema.snippet_hash([(12, "quantile")]),
                                         0.5, None, None)
