@@ -13,7 +13,7 @@ import asyncio
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 import duckdb
 from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
@@ -111,16 +111,27 @@ class ExplanationAnswer(BaseModel):
         return value
 
 
-def parse_explanation(reply: Reply, max_chars: int = 300) -> str:
-    """The cleaned explanation, or ValueError (the LLM layer then asks again)."""
+def parse_explanation(reply: Reply, max_chars: int = 300, worked: Collection[str] = ()) -> str:
+    """The cleaned explanation, or ValueError (the LLM layer then asks again).
+
+    `worked` holds the template's worked-example answers (`Template.worked_answers()`): a reply
+    equal to one of them, up to case, punctuation and spacing, is the demonstration copied, not
+    an explanation of this latent (SmolLM2-135M answered every latent with one, word for word)."""
     if reply.finish_reason == "length":
         raise ValueError("answer cut off at max_tokens")
     if reply.text is None:
         raise ValueError("answer has no text")
     try:
-        return ExplanationAnswer.model_validate({"text": reply.text}, context={"max_chars": max_chars}).text
+        text = ExplanationAnswer.model_validate({"text": reply.text}, context={"max_chars": max_chars}).text
     except ValidationError as e:  # its str() is several lines of pydantic detail; the reason is stored
         raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    if _normal(text) in {_normal(w) for w in worked}:
+        raise ValueError(f"answer copies a worked example of the prompt: {text[:60]!r}")
+    return text
+
+
+def _normal(text: str) -> str:
+    return " ".join(re.findall(r"\w+", clean_answer(text).casefold()))
 
 
 # --- reading examples ------------------------------------------------------------------
@@ -255,7 +266,8 @@ async def _explain_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_
                        error="no train-split example where the latent fires (dead latent, or sample more tokens)")
         else:
             try:
-                ans = await llm.chat(messages, latent=lat, parse=lambda r: parse_explanation(r, s.max_chars))
+                ans = await llm.chat(messages, latent=lat,
+                                     parse=lambda r: parse_explanation(r, s.max_chars, tpl.worked_answers()))
                 row.update(status="ok", text=ans.value, error=None, prompt_tokens=ans.prompt_tokens,
                            completion_tokens=ans.completion_tokens, cost=ans.cost)
             except CallFailed as e:

@@ -204,3 +204,28 @@ def test_benchmark_reports_ngram_and_llm_side_by_side_per_class(tokenizer, tiny_
     assert "ngram mean score, long-range latents" in summary
     assert "llm explanation, LLM simulator mean, token latents" in summary
     assert res.to_json()["by_class"] == res.by_class()
+
+
+PARENS = "words inside round brackets, strongest on the first word after the opening bracket"
+
+
+def test_an_explainer_copying_a_worked_example_gets_no_explanation(tokenizer, tiny_corpus: Path, db_path: Path,
+                                                                    llm_server) -> None:
+    """SmolLM2-135M answered every latent with the explain prompt's second worked example, word for
+    word: that is a failure with its reason, not an explanation scored as if it were one."""
+
+    def copier(req) -> str:
+        return keyword_llm(req) if "You simulate" in req.prompt_text() else f"{PARENS}."
+
+    llm_server.responder = copier
+    s = settings(tiny_corpus)
+    s.llm.model, s.llm.backoff, s.llm.max_attempts = "copier", 0.001, 2
+    res = run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer)
+    with store.connect(db_path) as con:
+        rows = con.execute("SELECT status, text, error FROM explanations WHERE explainer = 'llm'").fetchall()
+        scored = con.execute("""SELECT count(*) FROM scores sc JOIN explanations e ON e.id = sc.explanation_id
+                                WHERE e.explainer = 'llm'""").fetchone()[0]
+    assert len(rows) == len(FEATURES)
+    assert all(st == "failed" and text is None and "copies a worked example" in err for st, text, err in rows)
+    assert scored == 0 and all(r.llm_explanation is None and r.llm_simulation is None for r in res.rows)
+    assert res.fraction_good["llm/simulation(json)"] == 0.0
