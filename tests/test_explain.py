@@ -315,7 +315,8 @@ def test_parse_explanation_rejects_a_copied_worked_example():
 
     worked = prompts.load("explain").worked_answers()
     parens = "words inside round brackets, strongest on the first word after the opening bracket"
-    for copy in (parens, f"Explanation: **{parens.upper()}.**", parens.replace(", ", " ; ")):
+    near = 'units of measure (cups, miles) directly after a number; weaker after vague amounts like "a few"'
+    for copy in (parens, f"Explanation: **{parens.upper()}.**", parens.replace(", ", " ; "), near):
         with pytest.raises(ValueError, match="copies a worked example"):
             explain.parse_explanation(reply(copy), 300, worked)
     assert explain.parse_explanation(reply(copy)) == copy  # no template given: nothing to compare with
