@@ -1,11 +1,19 @@
 """Planted-feature benchmark and n-gram throughput.
 
-    python bench/planted.py [--db runs/planted.duckdb] [--tokens 200000] [--base-url URL --model NAME] [--scale 2048]
+    python bench/planted.py [--db runs/planted.duckdb] [--tokens 200000] [--set section.field=value ...]
+                            [--base-url URL --model NAME [--llm-latents 1,16,20] [--no-shuffled]]
+                            [--json] [--scale 2048]
 
 1. Runs the planted benchmark (explainer.planted.run_planted) on the default corpus with the
-   default model's tokenizer and prints per-latent scores, a per-class table (the n-gram on
-   its own simulator; with --base-url, the LLM simulator's scores of the n-gram's and the
-   LLM's explanations beside it) and the summary.
+   default model's tokenizer and prints per-latent held-out simulation scores (Pearson r with
+   its 95% interval over the snippets) of the n-gram explanation on the n-gram simulator and,
+   with --base-url, of the n-gram's and the LLM's explanations on the LLM simulator; a latent
+   whose compared rows share one snippet_set is marked [same snippets]. Then a per-class and
+   overall table (means with 95% intervals over the latents) and the summary. The score
+   settings (--set score.n_top=1 ...) set the snippets of both simulators.
+   --llm-latents limits the LLM to a few latents (a slow local endpoint); --no-shuffled skips
+   the LLM scores of shuffled explanation/latent pairs (the separation check), which double
+   the LLM's simulation calls. --json prints the whole result as JSON instead of tables.
 2. With --scale N, times the n-gram explainer and scorer on N synthetic latents written
    beside the planted dictionary: each fires on one frequent token (magnitude 1-2) plus
    random noise tokens, with the sampler's example counts per split (20 top, 20 quantile,
@@ -23,8 +31,10 @@ import numpy as np
 import pyarrow as pa
 
 from explainer import ngram, store
+from explainer.errors import ExplainerError
 from explainer.planted import run_planted
-from explainer.settings import Settings
+from explainer.selectors import parse
+from explainer.settings_load import deep_merge, load_settings, parse_assignment
 from explainer.vocab import SPLITS
 
 
@@ -87,6 +97,42 @@ def synthetic(con, planted_dict: int, n_latents: int, seed: int = 0) -> int:
     return d
 
 
+def _cell(c) -> str:
+    if c is None or c.score is None:
+        return "-"
+    ci = "" if c.ci_low is None else f" [{c.ci_low:.2f}, {c.ci_high:.2f}]"
+    return f"{c.score:.3f}{ci}"
+
+
+def _mean(m, ci, n=None) -> str:
+    if m is None:
+        return "-"
+    lo, hi = ci
+    return f"{m:.3f} [{lo:.2f}, {hi:.2f}]" + ("" if n is None else f" n={n}")
+
+
+def print_tables(res) -> None:
+    print(f"{'latent':>6} {'feature':<13} {'class':<10} {'ngram/ngram sim':<21} {'ngram/LLM sim':<21} "
+          f"{'LLM/LLM sim':<21} explanations")
+    for r in res.rows:
+        cells = [_cell(r.cells.get(k)) for k in ("ngram/ngram", "ngram/llm", "llm/llm")]
+        mark = " [same snippets]" if r.same_snippets() else ""
+        llm = f" | LLM: {r.llm_explanation!r}" if r.llm_explanation else (
+            f" | LLM failed: {r.llm_error}" if r.llm_error else "")
+        print(f"{r.latent:>6} {r.feature:<13} {r.category:<10} {cells[0]:<21} {cells[1]:<21} {cells[2]:<21} "
+              f"{r.explanation!r}{llm}{mark}")
+    print("\nper feature class and overall: mean held-out simulation [95% interval over latents]")
+    print(f"{'class':<11} {'latents':>7} {'ngram/ngram sim':<22} {'>=0.7':>5} {'ngram/LLM sim':<27} "
+          f"{'LLM/LLM sim':<27} same snippets")
+    for c in res.by_class() + [res.overall()]:
+        cells = [_mean(c[k], c[f"{k} ci"], c[f"{k} n"]) for k in ("ngram, LLM sim", "llm, LLM sim")]
+        print(f"{c['class']:<11} {c['latents']:>7} {_mean(c['ngram'], c['ngram ci']):<22} {c['ngram good']:>5} "
+              f"{cells[0]:<27} {cells[1]:<27} {c['same snippets']}")
+    # The class means are in the table above; the summary's other lines follow.
+    rest = {k: v for k, v in res.summary().items() if "mean score" not in k and "simulator mean" not in k}
+    print(json.dumps(rest, indent=1, default=str))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db", type=Path, default=Path("runs/planted.duckdb"))
@@ -94,24 +140,34 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=0, help="also time the n-gram explainer on this many latents")
     ap.add_argument("--base-url", default=None, help="also explain and simulate with this OpenAI-compatible endpoint")
     ap.add_argument("--model", default=None, help="the endpoint's model name (llm.model)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="any setting, repeatable, e.g. --set score.n_top=1 --set score.mode=logprobs")
+    ap.add_argument("--llm-latents", default=None, help="planted latents the LLM explains and scores, e.g. 1,16,20 "
+                    "(default: all)")
+    ap.add_argument("--no-shuffled", action="store_true", help="skip the LLM scores of shuffled pairs")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
 
-    settings = Settings(sample={"tokens": args.tokens}, llm={"model": args.model} if args.model else {})
+    over: dict = {"sample": {"tokens": args.tokens}, **({"llm": {"model": args.model}} if args.model else {})}
+    for item in args.set:
+        over = deep_merge(over, parse_assignment(item))
+    try:
+        settings = load_settings(None, over)
+    except ExplainerError as e:
+        ap.error(str(e))
+    sel = None if args.llm_latents is None else parse(args.llm_latents, "--llm-latents")
+    if sel is not None and sel.kind != "ids":
+        ap.error(f"--llm-latents {args.llm_latents!r}: give ids like 1,16,20 or 0-3")
+    subset = None if sel is None else sel.ranges
     t0 = time.perf_counter()
-    res = run_planted(args.db, settings, base_url=args.base_url)
-    print(f"planted benchmark: {time.perf_counter() - t0:.1f} s ({res.n_tokens:,} tokens, contexts {res.n_contexts})")
-    print(f"{'latent':>6} {'feature':<14} {'category':<11} {'score':>6} {'prec':>5} {'rec':>5}  explanation")
-    for r in res.rows:
-        sc = "-" if r.score is None else f"{r.score:.3f}"
-        pr = "-" if r.precision is None else f"{r.precision:.2f}"
-        rc = "-" if r.recall is None else f"{r.recall:.2f}"
-        print(f"{r.latent:>6} {r.feature:<14} {r.category:<11} {sc:>6} {pr:>5} {rc:>5}  {r.explanation}")
-    print("\nper feature class: mean held-out simulation (n = latents with a score)")
-    print(f"{'class':<11} {'latents':>7} {'ngram':>6} {'>=0.7':>5} {'ngram/LLM sim':>14} {'LLM/LLM sim':>12}")
-    for c in res.by_class():
-        cells = [f"{c[k]:.3f} ({c[k + ' n']})" if c[k] is not None else "-" for k in ("ngram, LLM sim", "llm, LLM sim")]
-        print(f"{c['class']:<11} {c['latents']:>7} {c['ngram']:>6.3f} {c['ngram good']:>5} {cells[0]:>14} {cells[1]:>12}")
-    print(json.dumps(res.summary(), indent=1, default=str))
+    res = run_planted(args.db, settings, base_url=args.base_url, shuffled=not args.no_shuffled,
+                      llm_latents=None if subset is None else [i for lo, hi in subset for i in range(lo, hi + 1)])
+    if args.json:
+        print(json.dumps(res.to_json(), indent=1, default=str))
+    else:
+        print(f"planted benchmark: {time.perf_counter() - t0:.1f} s ({res.n_tokens:,} tokens, "
+              f"contexts {res.n_contexts})")
+        print_tables(res)
 
     if args.scale:
         with store.connect(args.db) as con:

@@ -186,11 +186,14 @@ class _LLMLatent:
         self.prompt_tokens += prompt_tokens or 0
         self.cost += cost or 0.0
 
-    async def _ask(self, node: Node, messages: list[dict[str, str]], params: dict[str, Any]) -> Node:
+    async def _ask(self, node: Node, tpl: prompts.Template, messages: list[dict[str, str]],
+                   params: dict[str, Any]) -> Node:
         max_chars = self.ctx.settings.explain.max_chars
+        # A copy of the template's worked example is rejected, as in `explainer explain`.
+        worked = tpl.worked_answers()
         try:
-            ans: Answer[str] = await self.ctx.llm.chat(messages, latent=self.latent,
-                                                       parse=lambda r: parse_explanation(r, max_chars), **params)
+            ans: Answer[str] = await self.ctx.llm.chat(
+                messages, latent=self.latent, parse=lambda r: parse_explanation(r, max_chars, worked), **params)
         except CallFailed as e:
             node.status, node.error = "failed", e.reason
             node.prompt_tokens, node.completion_tokens, node.cost = e.prompt_tokens, e.completion_tokens, e.cost
@@ -229,7 +232,7 @@ class _LLMLatent:
         # as `explainer explain`); the others sample, and the seed keeps each request distinct.
         params: dict[str, Any] = {} if i < len(self.ctx.templates) else {"temperature": a.temperature, "seed": i}
         node = Node(i, 0, None, tpl.name, tpl.sha256)
-        return await self._ask(node, tpl.render(**self.values), params)
+        return await self._ask(node, tpl, tpl.render(**self.values), params)
 
     async def refine(self, best: Node, round: int) -> Optional[Node]:
         a = self.ctx.settings.agent
@@ -246,4 +249,4 @@ class _LLMLatent:
                               false_positives=show_misses(fps, tokens), false_negatives=show_misses(fns, tokens),
                               top_examples=self.values["top_examples"])
         node = Node(best.candidate, round, best, tpl.name, tpl.sha256)
-        return await self._ask(node, messages, {})
+        return await self._ask(node, tpl, messages, {})

@@ -10,10 +10,11 @@ answers already paid for come back from the response cache.
 
 from __future__ import annotations
 
+import difflib
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, Optional
 
 import duckdb
 from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
@@ -96,16 +97,29 @@ class ExplanationAnswer(BaseModel):
         return value
 
 
-def parse_explanation(reply: Reply, max_chars: int = 300) -> str:
-    """The cleaned explanation, or ValueError (the LLM layer then asks again)."""
+def parse_explanation(reply: Reply, max_chars: int = 300, worked: Collection[str] = ()) -> str:
+    """The cleaned explanation, or ValueError (the LLM layer then asks again).
+
+    `worked` holds the template's worked-example answers (`Template.worked_answers()`): a reply
+    equal to one of them, up to case, punctuation, spacing and a word or two, is the demonstration
+    copied, not an explanation of this latent (SmolLM2-135M answered latents with one)."""
     if reply.finish_reason == "length":
         raise ValueError("answer cut off at max_tokens")
     if reply.text is None:
         raise ValueError("answer has no text")
     try:
-        return ExplanationAnswer.model_validate({"text": reply.text}, context={"max_chars": max_chars}).text
+        text = ExplanationAnswer.model_validate({"text": reply.text}, context={"max_chars": max_chars}).text
     except ValidationError as e:  # its str() is several lines of pydantic detail; the reason is stored
         raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    words = _words(text)
+    # 0.9 of the words in common, in order: SmolLM2 also dropped one word of a 17-word demonstration.
+    if any(difflib.SequenceMatcher(None, words, _words(w)).ratio() >= 0.9 for w in worked):
+        raise ValueError(f"answer copies a worked example of the prompt: {text[:60]!r}")
+    return text
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", clean_answer(text).casefold())
 
 
 # --- reading examples ------------------------------------------------------------------
@@ -217,7 +231,8 @@ def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, tpl:
                        error="no train-split example where the latent fires (dead latent, or sample more tokens)")
         else:
             try:
-                ans = await llm.chat(messages, latent=lat, parse=lambda r: parse_explanation(r, s.max_chars))
+                ans = await llm.chat(messages, latent=lat,
+                                     parse=lambda r: parse_explanation(r, s.max_chars, tpl.worked_answers()))
                 out.update(status="ok", text=ans.value, prompt_tokens=ans.prompt_tokens,
                            completion_tokens=ans.completion_tokens, cost=ans.cost)
             except CallFailed as e:

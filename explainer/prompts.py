@@ -51,6 +51,16 @@ class Template:
                 f"add it to the file (it uses: {', '.join(sorted(self.fields)) or 'none'})"
             )
 
+    def worked_answers(self) -> tuple[str, ...]:
+        """The assistant turns written into the file: the worked examples' answers, which a
+        model that copies one instead of answering must not get credit for."""
+        out = []
+        for role, text in self.sections:
+            parts = list(string.Formatter().parse(text))
+            if role == "assistant" and all(name is None for _, name, _, _ in parts):
+                out.append("".join(literal for literal, _, _, _ in parts))  # {{ and }} as the model saw them
+        return tuple(out)
+
     def render(self, **values: Any) -> list[dict[str, str]]:
         unknown = sorted(self.fields - values.keys())
         if unknown:

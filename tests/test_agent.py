@@ -16,7 +16,7 @@ from typing import Any, Callable
 import duckdb
 import pytest
 
-from explainer import agent, ngram, score, store
+from explainer import agent, ngram, prompts, score, store
 from explainer.cli import main
 from explainer.planted import run_planted
 from explainer.settings import Settings
@@ -159,7 +159,7 @@ def test_ngram_agent_budget_and_leftovers(db: Path) -> None:
 CANDIDATES = {None: 'the word "the"', 1: 'the words "king" and "queen"', 2: 'the word "sword"', 3: 'the word "lord"'}
 
 
-def scripted(refined: str) -> Callable[[Request], Reply]:
+def scripted(refined: str, candidates: dict[Any, str] = CANDIDATES) -> Callable[[Request], Reply]:
     """Candidates by seed; the refine step answers `refined`; the simulator predicts 9 on quoted words."""
 
     def respond(req: Request) -> Reply:
@@ -171,7 +171,7 @@ def scripted(refined: str) -> Callable[[Request], Reply]:
                                              for m in SIM_LINE.finditer(asked)}))
         if "Your current explanation is:" in text:
             return Reply.content(refined)
-        return Reply.content(CANDIDATES[req.body.get("seed")])
+        return Reply.content(candidates[req.body.get("seed")])
 
     return respond
 
@@ -266,6 +266,20 @@ def test_llm_agent_stops_when_a_round_does_not_improve_and_reruns_from_cache(db:
     with store.connect(db) as con:
         again = check_structure(con, "scripted")[KING]
     assert again["text"] == chosen["text"]
+
+
+def test_llm_agent_rejects_candidates_and_refinements_that_copy_a_worked_example(db: Path) -> None:
+    parens = "words inside round brackets, strongest on the first word after the opening bracket"
+    refine_demo = prompts.load("refine").worked_answers()[0]
+    with ScriptedServer(scripted(refine_demo.upper(), {**CANDIDATES, 2: parens})) as srv:
+        assert main(llm_args(db, srv.url)) == 0
+    with store.connect(db) as con:
+        chosen = check_structure(con, "scripted")[KING]
+        rows = {(r["candidate"], r["round"]): r for r in agent_rows(con, "scripted").values()}
+    copied = [rows[(2, 0)], rows[(1, 1)]]
+    assert all(r["status"] == "failed" and r["text"] is None and "copies a worked example" in r["error"]
+               for r in copied)
+    assert (chosen["candidate"], chosen["round"], chosen["text"]) == (1, 0, CANDIDATES[1])
 
 
 def test_llm_agent_budget_cap_stops_early(db: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from explainer import explain, serve, store
+from explainer import explain, prompts, serve, store
 from explainer.errors import ExplainerError
 from explainer.llm import Reply as LLMReply
 from explainer.results import Progress
@@ -308,6 +308,21 @@ def test_parse_explanation_cleans_and_rejects():
             explain.parse_explanation(reply(bad))
     with pytest.raises(ValueError, match="cut off"):
         explain.parse_explanation(reply("a fine start", finish="length"))
+
+
+def test_parse_explanation_rejects_a_copied_worked_example():
+    def reply(text):
+        return LLMReply(text=text, finish_reason="stop", top_logprobs=None, body={})
+
+    worked = prompts.load("explain").worked_answers()
+    parens = "words inside round brackets, strongest on the first word after the opening bracket"
+    near = 'units of measure (cups, miles) directly after a number; weaker after vague amounts like "a few"'
+    for copy in (parens, f"Explanation: **{parens.upper()}.**", parens.replace(", ", " ; "), near):
+        with pytest.raises(ValueError, match="copies a worked example"):
+            explain.parse_explanation(reply(copy), 300, worked)
+    assert explain.parse_explanation(reply(copy)) == copy  # no template given: nothing to compare with
+    # Sharing words with a demonstration is fine; only the whole answer repeated is refused.
+    assert explain.parse_explanation(reply("words inside round brackets"), 300, worked) == "words inside round brackets"
 
 
 @pytest.mark.slow

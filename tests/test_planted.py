@@ -204,3 +204,82 @@ def test_benchmark_reports_ngram_and_llm_side_by_side_per_class(tokenizer, tiny_
     assert "ngram mean score, long-range latents" in summary
     assert "llm explanation, LLM simulator mean, token latents" in summary
     assert res.to_json()["by_class"] == res.by_class()
+
+
+PARENS = "words inside round brackets, strongest on the first word after the opening bracket"
+
+
+def test_an_explainer_copying_a_worked_example_gets_no_explanation(tokenizer, tiny_corpus: Path, db_path: Path,
+                                                                    llm_server) -> None:
+    """SmolLM2-135M answered every latent with the explain prompt's second worked example, word for
+    word: that is a failure with its reason, not an explanation scored as if it were one."""
+
+    def copier(req) -> str:
+        return keyword_llm(req) if "You simulate" in req.prompt_text() else f"{PARENS}."
+
+    llm_server.responder = copier
+    s = settings(tiny_corpus)
+    s.llm.model, s.llm.backoff, s.llm.max_attempts = "copier", 0.001, 2
+    res = run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer)
+    with store.connect(db_path) as con:
+        rows = con.execute("SELECT status, text, error FROM explanations WHERE explainer = 'llm'").fetchall()
+        scored = con.execute("""SELECT count(*) FROM scores sc JOIN explanations e ON e.id = sc.explanation_id
+                                WHERE e.explainer = 'llm'""").fetchone()[0]
+    assert len(rows) == len(FEATURES)
+    assert all(st == "failed" and text is None and "copies a worked example" in err for st, text, err in rows)
+    assert scored == 0 and all(r.llm_explanation is None and r.llm_simulation is None for r in res.rows)
+    assert res.fraction_good["llm/simulation(json)"] == 0.0
+
+
+def test_ngram_and_llm_simulators_read_the_same_snippets_with_non_default_counts(
+        tokenizer, tiny_corpus: Path, db_path: Path, llm_server) -> None:
+    llm_server.responder = keyword_llm
+    s = settings(tiny_corpus)
+    s.llm.model, s.llm.backoff = "test-model", 0.001
+    s.score.n_top, s.score.n_quantile, s.score.n_random = 2, 1, 0
+    run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer)
+    with store.connect(db_path) as con:
+        rows = con.execute("""
+            SELECT e.latent, list(DISTINCT sc.snippet_set), list(DISTINCT e.explainer || '/' || sc.mode), max(n_snippets)
+            FROM scores sc JOIN explanations e ON e.id = sc.explanation_id
+            WHERE sc.scorer = 'simulation' AND sc.split = 'heldout' AND sc.status = 'ok'
+            GROUP BY e.latent ORDER BY e.latent""").fetchall()
+    assert len(rows) == len(FEATURES)
+    for latent, sets, setups, n in rows:
+        # The n-gram's own simulator, and the LLM simulator on both explainers' texts: one snippet set.
+        assert sorted(setups) == ["llm/json", "ngram/json", "ngram/ngram"], latent
+        assert len(sets) == 1 and sets[0] is not None and n <= 3, (latent, sets)
+
+
+def test_an_llm_subset_without_shuffled_pairs_reports_intervals_and_shared_snippets(
+        tokenizer, tiny_corpus: Path, db_path: Path, llm_server) -> None:
+    llm_server.responder = keyword_llm
+    s = settings(tiny_corpus)
+    s.llm.model, s.llm.backoff = "test-model", 0.001
+    res = run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer,
+                      llm_latents=[0, 3], shuffled=False)
+    with store.connect(db_path) as con:
+        explained = [r[0] for r in con.execute(
+            "SELECT latent FROM explanations WHERE explainer = 'llm' ORDER BY latent").fetchall()]
+        stages = dict(con.execute("SELECT stage, list(DISTINCT latent ORDER BY latent) FROM llm_calls "
+                                  "GROUP BY stage").fetchall())
+    assert explained == [0, 3]
+    # Only the subset is asked, and only its matched pairs (shuffled ones go to the bench-planted stage).
+    assert stages == {"explain": [0, 3], "score": [0, 3]}
+    llm_seps = [x for x in res.separation if x.explainer == "llm"]
+    assert llm_seps and all(x.n_matched == 2 and x.n_shuffled == 0 and x.auroc is None for x in llm_seps)
+    king, paris = res.rows[0], res.rows[1]
+    assert set(king.cells) == {"ngram/ngram", "ngram/llm", "llm/llm"} and king.same_snippets() is True
+    assert paris.llm_explanation is None and set(paris.cells) == {"ngram/ngram"} and paris.same_snippets() is None
+    cell = king.cells["llm/llm"]
+    assert cell.score == pytest.approx(1.0) and cell.ci_low is not None and cell.ci_low <= cell.score <= cell.ci_high
+    token_class = next(c for c in res.by_class() if c["class"] == "token")
+    assert token_class["llm, LLM sim n"] == 1 and token_class["llm, LLM sim ci"] == [1.0, 1.0]
+    overall = res.overall()
+    lo, hi = overall["ngram ci"]
+    assert overall["latents"] == len(FEATURES) and lo <= overall["ngram"] <= hi
+    assert overall["same snippets"] == 2 and overall["llm, LLM sim n"] == 2
+    assert res.summary()["latents whose compared scores share one snippet_set"] == "2 of 2"
+    assert "shuffled pairs not scored" in res.summary()["notes"]
+    with pytest.raises(ExplainerError, match="llm-latents"):
+        run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer, llm_latents=[9])

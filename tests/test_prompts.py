@@ -94,6 +94,16 @@ def test_explain_prompt_render_and_hash():
     assert "1. Thou art <<a>> villain\n   activations: \"a\" 9" in messages[-1]["content"]
 
 
+@pytest.mark.parametrize("name", ["explain", "refine"])
+def test_worked_answers_are_the_demonstrations_answers(name, tmp_path):
+    assert prompts.load(name).worked_answers() == tuple(answer for _, answer in DEMOS[name]())
+    own = tmp_path / "own.txt"
+    own.write_text("=== user ===\nA {top_examples}\n=== assistant ===\nbraces {{like this}}\n"
+                   "=== assistant ===\nfilled {top_examples}\n=== user ===\n{top_examples}\n")
+    # A turn with a placeholder is filled per request, so it is no fixed demonstration.
+    assert prompts.load(str(own)).worked_answers() == ("braces {like this}",)
+
+
 @pytest.mark.parametrize("name", sorted(DEMOS))
 def test_worked_examples_read_exactly_as_real_requests(name):
     """Each demonstration is the template's own real request filled with a synthetic latent's
