@@ -25,9 +25,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from explainer import agent, agent_loop, ngram, score, store
-from explainer.planted import default_features, run_planted
+from explainer.explain import agent, agent_loop, ngram
+from explainer.planted.benchmark import run_planted
+from explainer.planted.features import default_features
+from explainer.score import scorer as score
 from explainer.settings import Settings
+from explainer.store import db as store
 
 
 def clear(con: Any, dict_id: int, model: str) -> None:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from explainer import store  # noqa: E402
+from explainer.store import db as store
 
 KINDS = (("top", 20), ("quantile", 20), ("nonactivating", 20), ("random", 10))
 SPLITS = ("train", "validation", "heldout")

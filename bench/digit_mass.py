@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from explainer import lm, prompts
-from explainer.simulate_echo import render
+from explainer.score.echo import render
 
 MODULES = ("json", "textwrap", "argparse", "collections", "functools", "pathlib", "subprocess", "logging")
 EXPLANATIONS = ("the word \"the\" and other articles", "closing parentheses and brackets")

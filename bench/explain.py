@@ -33,8 +33,10 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from explainer import explain, prompts, store  # noqa: E402
+from explainer import prompts
+from explainer.explain import llm as explain
 from explainer.settings import ExplainSettings, LLMSettings, Settings  # noqa: E402
+from explainer.store import db as store
 
 try:
     import httpx2 as httpx

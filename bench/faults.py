@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))
 
 from tests.test_faults import CASES, MAX_ATTEMPTS, N_LATENTS, run_case  # noqa: E402
 
-
 # One call in a fresh process (so its peak RSS is the client's alone), stopped after GUARD s.
 _CHILD = """
 import asyncio, json, resource, sys, tempfile, time

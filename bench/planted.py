@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from explainer import ngram, store
 from explainer.errors import ExplainerError
-from explainer.planted import run_planted
+from explainer.explain import ngram
+from explainer.planted.benchmark import run_planted
 from explainer.selectors import parse
 from explainer.settings_load import deep_merge, load_settings, parse_assignment
+from explainer.store import db as store
 from explainer.vocab import SPLITS
 
 

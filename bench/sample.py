@@ -23,12 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from explainer import sample, store  # noqa: E402
-from explainer.corpus import iter_contexts, load_documents  # noqa: E402
+from explainer.corpus.contexts import iter_contexts, load_documents  # noqa: E402
 from explainer.lm import load_model  # noqa: E402
-from explainer.sae import TopKSAE  # noqa: E402
-from explainer.sae_formats import save_dictionary  # noqa: E402
+from explainer.sae.formats import save_dictionary  # noqa: E402
+from explainer.sae.model import TopKSAE  # noqa: E402
+from explainer.sample import sampler as sample
 from explainer.settings import CorpusSettings, ModelSettings, SampleSettings, Settings  # noqa: E402
+from explainer.store import db as store
 
 
 def peak_rss_mb() -> float:

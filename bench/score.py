@@ -29,8 +29,9 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from explainer import score, store  # noqa: E402
+from explainer.score import scorer as score
 from explainer.settings import LLMSettings, ScoreSettings, Settings  # noqa: E402
+from explainer.store import db as store
 from tests.openai_server import Reply, Request, ScriptedServer, echo_reply  # noqa: E402
 
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "

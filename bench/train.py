@@ -24,9 +24,9 @@ from typing import Callable
 
 import torch
 
-from explainer.sae import TopKSAE
+from explainer.sae.model import TopKSAE
+from explainer.sae.step import Trainer
 from explainer.settings import TrainSettings
-from explainer.train_step import Trainer
 
 
 def interleaved(steps: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, float]:
@@ -81,9 +81,9 @@ def demo(tokens: int | None) -> None:
     import tempfile
     from pathlib import Path
 
-    from explainer import train
-    from explainer.corpus import load_documents
+    from explainer.corpus.contexts import load_documents
     from explainer.lm import load_model
+    from explainer.sae import train
     from explainer.settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,9 +110,9 @@ def onthefly(rounds: int) -> None:
     and the same forward followed by the SAE step on it, taking turns so load hits both alike."""
     import math
 
-    from explainer import train
-    from explainer.corpus import load_documents
+    from explainer.corpus.contexts import load_documents
     from explainer.lm import load_model
+    from explainer.sae import train
     from explainer.settings import Settings
 
     s = Settings()

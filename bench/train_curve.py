@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from explainer import train
+from explainer.sae import train
 from explainer.settings import CorpusSettings, ModelSettings, Settings, TrainSettings
 
 

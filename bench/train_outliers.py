@@ -21,11 +21,12 @@ import time
 
 import torch
 
-from explainer import train, train_step
-from explainer.corpus import iter_contexts, load_documents
+from explainer.corpus.contexts import iter_contexts, load_documents
 from explainer.lm import load_model
-from explainer.outliers import OutlierRule
-from explainer.sae import TopKSAE
+from explainer.sae import step as train_step
+from explainer.sae import train
+from explainer.sae.model import TopKSAE
+from explainer.sae.outliers import OutlierRule
 from explainer.settings import ModelSettings, Settings
 
 

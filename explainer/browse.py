@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional
 import duckdb
 
 from explainer.errors import ExplainerError
-from explainer.query import latent_record, rows, score_text
-from explainer.ui import visible
+from explainer.query import latent_record, rows
+from explainer.ui import score_text, visible
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1100px}

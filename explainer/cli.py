@@ -90,7 +90,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from explainer import train, ui
+    from explainer import ui
+    from explainer.sae import train
 
     s = settings_from(args)
     with ui.progress_bar("train", enabled=not args.json) as bar:
@@ -100,7 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from explainer import sample, store, ui
+    from explainer import ui
+    from explainer.sample import sampler as sample
+    from explainer.store import db as store
 
     s = settings_from(args)
     sae_path = Path(args.sae) if args.sae else s.train.out
@@ -112,7 +115,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from explainer import sample_merge, store, ui
+    from explainer import ui
+    from explainer.sample import merge as sample_merge
+    from explainer.store import db as store
 
     s = settings_from(args)
     with store.connect(s.db) as con:
@@ -122,7 +127,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from explainer import explain, store, ui
+    from explainer import ui
+    from explainer.explain import llm as explain
+    from explainer.store import db as store
 
     s = settings_from(args)
     with store.connect(s.db) as con:
@@ -141,8 +148,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _explain_agent(args: argparse.Namespace, s: Settings, con: Any, dict_id: int) -> int:
-    """--agent: candidates, validation choice, refinement, heldout score (explainer/agent.py)."""
-    from explainer import agent, ui
+    """--agent: candidates, validation choice, refinement, heldout score (explainer/explain/agent.py)."""
+    from explainer import ui
+    from explainer.explain import agent
 
     with ui.progress_bar("agent", enabled=not args.json) as bar:
         res = agent.run(con, s, dict_id, progress=bar)
@@ -151,7 +159,9 @@ def _explain_agent(args: argparse.Namespace, s: Settings, con: Any, dict_id: int
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from explainer import score, store, ui
+    from explainer import ui
+    from explainer.score import scorer as score
+    from explainer.store import db as store
 
     s = settings_from(args)
     with store.connect(s.db) as con:
@@ -165,7 +175,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from explainer import pipeline, serve, ui
+    from explainer import pipeline, ui
+    from explainer.llm import serve
 
     s = settings_from(args)
     use_llm = bool(s.llm.base_url) or args.local
@@ -190,7 +201,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         return 0
     db = s.db
-    from explainer import query, store
+    from explainer import query
+    from explainer.store import db as store
 
     with store.connect(db, read_only=True) as con:
         word = query.search_example(con, store.dictionary_id(con, None))
@@ -205,7 +217,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from explainer import planted, ui
+    from explainer import ui
+    from explainer.planted import benchmark as planted
 
     s = settings_from(args)
     db = args.db or Path("runs/planted.duckdb")
@@ -218,7 +231,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from explainer import serve, ui
+    from explainer import ui
+    from explainer.llm import serve
 
     with serve.local_server(args.serve_model, port=args.port) as base_url:
         ui.err_console.print(f"[yellow]warning:[/yellow] {serve.WARNING}")

@@ -13,7 +13,8 @@ from explainer.settings_load import load_settings
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from explainer import sql_guard, store
+    from explainer.store import db as store
+    from explainer.store import sql_guard
 
     db = args.db or load_settings(args.config, {}).db
     if args.query is None:
@@ -28,7 +29,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def _sql_prompt(db: Path, args: argparse.Namespace) -> int:
     """A small read-eval-print loop: one statement per line; an error is shown, not fatal."""
-    from explainer import sql_guard, ui
+    from explainer import ui
+    from explainer.store import sql_guard
 
     ui.err_console.print("[dim]SQL on the results DB (read-only). Tables: labels, explanation_scores, costs, latents, "
                          "examples, contexts, explanations, scores, llm_calls. Empty line or Ctrl-D quits.[/dim]")
@@ -70,7 +72,8 @@ def _db(args: argparse.Namespace) -> Path:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from explainer import query, store, ui
+    from explainer import query, ui
+    from explainer.store import db as store
 
     with store.connect(_db(args), read_only=True) as con:
         # Without --dict, search every dictionary (rows carry dict_id): refusing would make a user
@@ -82,7 +85,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from explainer import query, store, ui
+    from explainer import query, ui
+    from explainer.store import db as store
 
     with store.connect(_db(args), read_only=True) as con:
         dict_id = store.dictionary_id(con, args.dict)
@@ -95,7 +99,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from explainer import query, store, ui
+    from explainer import query, ui
+    from explainer.store import db as store
 
     with store.connect(_db(args), read_only=True) as con:
         report = query.status(con)
@@ -111,7 +116,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_browse(args: argparse.Namespace) -> int:
-    from explainer import browse, store, ui
+    from explainer import browse, ui
+    from explainer.store import db as store
 
     with store.connect(_db(args), read_only=True) as con:
         dict_id = store.dictionary_id(con, args.dict)
@@ -122,7 +128,8 @@ def cmd_browse(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from explainer import query, store, ui
+    from explainer import query, ui
+    from explainer.store import db as store
 
     with store.connect(_db(args), read_only=True) as con:
         files = query.export(con, args.out)

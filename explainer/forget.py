@@ -27,8 +27,9 @@ from typing import Any, Optional
 
 import duckdb
 
-from explainer import selectors, store
+from explainer import selectors
 from explainer.errors import ExplainerError
+from explainer.store import db as store
 
 KINDS = {"cache": ("llm_cache", "key"), "explanations": ("explanations", "id"), "scores": ("scores", "id")}
 

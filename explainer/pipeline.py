@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional
 
-from explainer import store
 from explainer.errors import ExplainerError
 from explainer.results import StageResult
 from explainer.settings import Settings
+from explainer.store import db as store
 
 # A factory of per-stage progress callbacks: stage name -> context manager yielding a callback.
 BarFactory = Callable[[str], ContextManager[Callable[[Any], None]]]
@@ -70,7 +70,10 @@ def most_frequent_latents(con: Any, dict_id: int, n: int) -> list[int]:
 
 def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactory = _no_bar,
         lm: Any = None) -> PipelineResult:
-    from explainer import examples, ngram, sample, vocab
+    from explainer import vocab
+    from explainer.explain import ngram
+    from explainer.sample import sampler as sample
+    from explainer.store import examples
 
     result = PipelineResult(settings.db)
     result.stages.append(_train(settings, bars))
@@ -108,7 +111,7 @@ def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactor
 
 def _train(settings: Settings, bars: BarFactory) -> dict[str, Any]:
     """Train the dictionary unless train.out holds a finished one; the stage's row."""
-    from explainer import train
+    from explainer.sae import train
 
     t0 = time.perf_counter()
     out = settings.train.out
@@ -128,7 +131,8 @@ def _train(settings: Settings, bars: BarFactory) -> dict[str, Any]:
 
 def _llm(con: Any, settings: Settings, dict_id: int, llm_latents: int, bars: BarFactory) -> dict[str, Any]:
     """LLM explanations and scores of the most frequent latents (and scores of their n-gram explanations)."""
-    from explainer import explain, score
+    from explainer.explain import llm as explain
+    from explainer.score import scorer as score
 
     chosen = most_frequent_latents(con, dict_id, llm_latents)
     s = settings.model_copy(deep=True)

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 
 from explainer.errors import ExplainerError
 
+
 def _prompts_dir() -> Path:
     """prompts/ beside the package in a checkout (pip install -e); share/explainer/prompts in a wheel."""
     beside = Path(__file__).resolve().parent.parent / "prompts"

@@ -14,9 +14,11 @@ from typing import Any, Optional
 
 import duckdb
 
-from explainer import examples as example_store, vocab
+from explainer import vocab
 from explainer.errors import ExplainerError
-from explainer.examples import Example
+from explainer.store import examples as example_store
+from explainer.store.examples import Example
+from explainer.ui import score_key
 
 TABLES = ("dictionaries", "contexts", "latents", "examples", "explanations", "scores", "llm_calls", "runs")
 
@@ -88,26 +90,6 @@ class LatentRecord:
             "explanations": self.explanations,
             "examples": [e.__dict__ for e in self.examples],
         }
-
-
-def score_key(r: dict[str, Any]) -> str:
-    """scorer/mode/model/split of a score row, e.g. simulation/json/gpt-4o-mini/heldout."""
-    return "/".join(str(r.get(k) if r.get(k) is not None else "?") for k in ("scorer", "mode", "model", "split"))
-
-
-def score_text(expl: dict[str, Any]) -> str:
-    """An explanation's scores for people: the latest per scorer/mode/model/split, with its 95%
-    interval and trivial baseline where recorded, e.g. `simulation/json/m/heldout 0.61 [0.50, 0.72] (baseline 0.00)`."""
-    latest = {score_key(r): r for r in expl.get("score_rows", [])}
-    parts = []
-    for key, r in latest.items():
-        text = f"{key} {r['score']:.3f}"
-        if r.get("ci_low") is not None and r.get("ci_high") is not None:
-            text += f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
-        if r.get("baseline") is not None:
-            text += f" (baseline {r['baseline']:.2f})"
-        parts.append(text)
-    return ", ".join(parts)
 
 
 def latent_record(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int, *,

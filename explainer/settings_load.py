@@ -9,10 +9,10 @@ and what it takes, never pydantic's multi-line dump.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
+import tomllib
 from pydantic import ValidationError
 
 from explainer.errors import ExplainerError

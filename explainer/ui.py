@@ -171,8 +171,6 @@ def _progress_lines(description: str) -> Iterator[Callable[[ProgressInfo], None]
 
 def show_latent(rec: Any) -> None:
     """A latent's explanations and examples, each token shaded by its activation."""
-    from explainer import query
-
     st = rec.stats
     scale = float(st.get("max_act") or 0.0)
     console.print(Text.assemble((f"latent {rec.latent}", "bold"), f"  frequency {_fmt(st['frequency'])}  "
@@ -180,7 +178,7 @@ def show_latent(rec: Any) -> None:
     if not rec.explanations:
         console.print("[dim]no explanations yet (explainer explain ...)[/dim]")
     for e in rec.explanations:
-        scores = query.score_text(e) or "not scored"
+        scores = score_text(e) or "not scored"
         console.print(Text.assemble("  ", literal(e["text"], style="bold"), "  ",
                                     literal(f"{e['explainer']}/{e['model']}: {scores}", style="dim")))
     current = None
@@ -197,3 +195,23 @@ def show_latent(rec: Any) -> None:
             else:
                 line.append(tok)
         console.print(line)
+
+
+def score_key(r: dict[str, Any]) -> str:
+    """scorer/mode/model/split of a score row, e.g. simulation/json/gpt-4o-mini/heldout."""
+    return "/".join(str(r.get(k) if r.get(k) is not None else "?") for k in ("scorer", "mode", "model", "split"))
+
+
+def score_text(expl: dict[str, Any]) -> str:
+    """An explanation's scores for people: the latest per scorer/mode/model/split, with its 95%
+    interval and trivial baseline where recorded, e.g. `simulation/json/m/heldout 0.61 [0.50, 0.72] (baseline 0.00)`."""
+    latest = {score_key(r): r for r in expl.get("score_rows", [])}
+    parts = []
+    for key, r in latest.items():
+        text = f"{key} {r['score']:.3f}"
+        if r.get("ci_low") is not None and r.get("ci_high") is not None:
+            text += f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+        if r.get("baseline") is not None:
+            text += f" (baseline {r['baseline']:.2f})"
+        parts.append(text)
+    return ", ".join(parts)

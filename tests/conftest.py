@@ -75,7 +75,7 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a 2-layer random Llama (hidden 32) + word-level tokenizer."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny_lm")
@@ -105,7 +105,7 @@ def db_path(tmp_path: Path) -> Path:
 def fill_db(path: Path) -> Path:
     """A small hand-made results DB: 1 dictionary, 3 latents, examples in train and heldout,
     LLM and n-gram explanations with scores. Used by the read-side tests."""
-    from explainer import store
+    from explainer.store import db as store
 
     con = store.connect(path)
     con.execute(

@@ -18,11 +18,12 @@ import sys
 from typing import Any
 
 from explainer import prompts
-from explainer.agent_loop import Miss, show_misses
-from explainer.explain import Example, prompt_values
-from explainer.score_types import Snippet, SnippetResult
-from explainer.simulate import logprobs_values, snippet_list
-from explainer.simulate_echo import rows_text
+from explainer.explain.agent_loop import Miss, show_misses
+from explainer.explain.llm import prompt_values
+from explainer.score.echo import rows_text
+from explainer.score.records import Snippet, SnippetResult
+from explainer.score.simulate import logprobs_values, snippet_list
+from explainer.store.examples import Example
 
 Demo = tuple[dict[str, Any], str]  # (the values of the real request's placeholders, the answer)
 
@@ -91,7 +92,7 @@ def _judge_demo(expl: str, shown: list[str], verdicts: list[int]) -> Demo:
 def detection_demos() -> list[Demo]:
     """One batch where the latent fires nowhere, one mixed, one where it fires everywhere:
     the model must not assume that every batch holds both."""
-    from explainer.judge import _plain
+    from explainer.score.judge import _plain
 
     def plain(sn: Snippet) -> str:
         return _plain(SnippetResult(sn))
@@ -106,7 +107,7 @@ def detection_demos() -> list[Demo]:
 
 def fuzzing_demos() -> list[Demo]:
     """Highlights all moved to random tokens, mixed, and all on the firing tokens."""
-    from explainer.judge import _highlighted
+    from explainer.score.judge import _highlighted
 
     def marked(sn: Snippet, at: list[int]) -> str:
         return _highlighted(SnippetResult(sn, highlights=at))

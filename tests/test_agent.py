@@ -16,12 +16,16 @@ from typing import Any, Callable
 import duckdb
 import pytest
 
-from explainer import agent, ngram, prompts, score, store
+from explainer import prompts
 from explainer.cli import main
-from explainer.planted import run_planted
+from explainer.explain import agent, ngram
+from explainer.planted.benchmark import run_planted
+from explainer.score import scorer as score
 from explainer.settings import Settings
+from explainer.store import db as store
 from tests.openai_server import Reply, Request, ScriptedServer
-from tests.test_planted import FEATURES, settings as planted_settings
+from tests.test_planted import FEATURES
+from tests.test_planted import settings as planted_settings
 
 SIM_LINE = re.compile(r"^Snippet (\d+) \((\d+) tokens\): (\[.*\])$", re.M)
 KING = 0  # planted latent: the token "king"
@@ -356,7 +360,7 @@ def tie_db(path: Path) -> Path:
 
 def test_ngram_agent_result_for_a_latent_does_not_depend_on_its_neighbours(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainer import agent_ngram
+    from explainer.explain import agent_ngram
 
     runs: dict[str, dict[int, tuple[Any, ...]]] = {}
     for name, latents, chunk in [("together", "all", 256), ("alone", "1", 256), ("chunk1", "all", 1),

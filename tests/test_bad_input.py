@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import hypothesis
 import pytest
 import torch
-import hypothesis
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
@@ -277,9 +277,9 @@ def test_truncated_training_checkpoint_on_resume(tiny_lm: Path, tiny_corpus: Pat
 def test_truncated_sampler_checkpoint_on_resume(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """The sampler's state file beside the DB, truncated (a disk that filled up, a bad copy)."""
-    from explainer import sample as sample_mod
-    from explainer import store
+    from explainer.sample import sampler as sample_mod
     from explainer.settings_load import load_settings
+    from explainer.store import db as store
 
     sae = make_sae(tmp_path / "sae")
     db = tmp_path / "x.duckdb"
@@ -338,8 +338,8 @@ def test_a_selector_that_is_not_a_condition_over_latents_is_refused(verb: str, f
 
 
 def test_selectors_share_one_grammar(filled: Path) -> None:
-    from explainer import store
-    from explainer.sampler_subset import latent_subset
+    from explainer.sample.subset import latent_subset
+    from explainer.store import db as store
 
     con = store.connect(filled)
     for sel, want in [("all", [0, 1, 2]), ("1", [1]), ("0-1", [0, 1]), (" 2, 0 ", [0, 2]), ("0-0,2", [0, 2]),
@@ -354,7 +354,7 @@ def test_selectors_share_one_grammar(filled: Path) -> None:
 
 
 def test_a_list_of_ids_selects_like_its_text_and_random_n_is_for_sample_only(filled: Path) -> None:
-    from explainer import store
+    from explainer.store import db as store
 
     con = store.connect(filled)
     assert store.select_latents(con, 1, [2, 0, 2, 7]) == store.select_latents(con, 1, "0,2,7") == [0, 2]
@@ -382,8 +382,8 @@ def test_sample_selector_errors(sel: str, fragment: str, tiny_lm: Path, tiny_cor
                               "AND", "OR", "NOT", ";", "'", "1", "5-2", ",", "1e9"]), max_size=6).map(" ".join),
 ))
 def test_any_selector_text_is_a_subset_or_one_clear_error(filled_con: Any, text: str) -> None:
-    from explainer import store
-    from explainer.sampler_subset import latent_subset
+    from explainer.sample.subset import latent_subset
+    from explainer.store import db as store
 
     try:
         got = store.select_latents(filled_con, 1, text)
@@ -406,7 +406,7 @@ def test_any_selector_text_is_a_subset_or_one_clear_error(filled_con: Any, text:
 
 @pytest.fixture(scope="module")
 def filled_con(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from explainer import store
+    from explainer.store import db as store
 
     con = store.connect(fill_db(tmp_path_factory.mktemp("sel") / "sel.duckdb"))
     yield con
@@ -475,7 +475,7 @@ def test_a_damaged_database_is_one_line(damage: str, filled: Path, capsys: pytes
 
 
 def test_a_zero_byte_database_does_not_block_the_next_command(tmp_path: Path) -> None:
-    from explainer import store
+    from explainer.store import db as store
 
     db = tmp_path / "left_by_a_full_disk.duckdb"
     db.write_bytes(b"")
@@ -581,8 +581,8 @@ def test_environment_messages_are_one_line_and_leave_bugs_alone() -> None:
 def test_a_block_damaged_under_a_running_command_is_one_line(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Damage that opening cannot see (a data block read later) still ends as one line."""
-    from explainer import store
     from explainer.errors import environment_message
+    from explainer.store import db as store
 
     db = tmp_path / "x.duckdb"
     con = store.connect(db)

@@ -1,4 +1,4 @@
-"""`--batch` (explainer/batch.py) against the scripted server's /v1/files and /v1/batches.
+"""`--batch` (explainer/llm/batch.py) against the scripted server's /v1/files and /v1/batches.
 
 Every test runs the real stage functions and the real `openai` client over a socket. A batch
 moves one status per retrieve (validating -> in_progress -> finalizing -> completed), and
@@ -15,9 +15,12 @@ from typing import Any
 
 import pytest
 
-from explainer import cli, explain, score, store
+from explainer import cli
 from explainer.errors import ExplainerError
+from explainer.explain import llm as explain
+from explainer.score import scorer as score
 from explainer.settings import Settings
+from explainer.store import db as store
 from tests.openai_server import Reply, ScriptedServer, llm_server  # noqa: F401
 from tests.test_explain import answer_by_content, build_db, settings_for
 from tests.test_score import make_score_db, make_settings, oracle

@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 from rich.console import Console
 from rich.table import Table
 
-from explainer import query, sql_guard, store, ui
+from explainer import query, ui
 from explainer.cli import main
+from explainer.store import db as store
+from explainer.store import sql_guard
 
 LONG = "y" * 3000 + "[/z]"
 # Each is stored as an explanation of its own latent (3, 4, ...) and shown by every read verb.

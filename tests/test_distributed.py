@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from explainer.distributed import Dist
+from explainer.sae.distributed import Dist
 
 
 def _train_args(tiny_lm: Path, tiny_corpus: Path, out: Path) -> list[str]:

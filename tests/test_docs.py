@@ -63,3 +63,13 @@ def test_latents_flags_mean_the_stage_of_the_verb() -> None:
     run = vars(parser.parse_args(["run", "--latents", "0-9", "--sample-latents", "random:5"]))
     assert run["explain.latents"] == "0-9" and run["sample.latents"] == "random:5"
     assert vars(parser.parse_args(["score", "--latents", "3"]))["score.latents"] == "3"
+
+
+def test_module_map_names_every_subpackage() -> None:
+    """README's module map is how a newcomer finds a stage: a new package must be added to it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    packages = sorted(p.parent.name for p in (ROOT / "explainer").glob("*/__init__.py"))
+    assert packages, "no subpackages found"
+    missing = [p for p in packages if f"`{p}/`" not in section]
+    assert not missing, f"README's module map does not name: {missing}"

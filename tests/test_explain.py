@@ -9,11 +9,14 @@ from typing import Any
 
 import pytest
 
-from explainer import explain, prompts, serve, store
+from explainer import prompts
 from explainer.errors import ExplainerError
-from explainer.llm import Reply as LLMReply
+from explainer.explain import llm as explain
+from explainer.llm import serve
+from explainer.llm.wire import Reply as LLMReply
 from explainer.results import Progress
 from explainer.settings import ExplainSettings, LLMSettings, Settings
+from explainer.store import db as store
 from tests.openai_server import Reply, ScriptedServer, llm_server  # noqa: F401
 
 SECRET = "sk-test-explain-SECRET-5e1d"

@@ -24,8 +24,11 @@ from typing import Any, Callable, Optional
 import duckdb
 import pytest
 
-from explainer import explain, llm, score, store
+from explainer.explain import llm as explain
+from explainer.llm import client as llm
+from explainer.score import scorer as score
 from explainer.settings import ExplainSettings, LLMSettings, ScoreSettings, Settings
+from explainer.store import db as store
 from tests.openai_server import Reply, Request, ScriptedServer
 
 N_LATENTS = 9

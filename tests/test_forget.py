@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from explainer import cli, explain, store
+from explainer import cli
+from explainer.explain import llm as explain
+from explainer.store import db as store
 from tests.openai_server import ScriptedServer
 from tests.test_faults import build_db, good_answer, stage_settings
 

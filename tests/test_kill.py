@@ -21,8 +21,8 @@ from typing import Any, Callable
 import duckdb
 import pytest
 
-from explainer import llm
 from explainer.cli import main
+from explainer.llm import client as llm
 from tests.conftest import make_corpus_text
 from tests.openai_server import ScriptedServer
 from tests.test_faults import MODEL, build_db, good_answer

@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
-from explainer import store
 from explainer.errors import ExplainerError
-from explainer.llm import CallFailed, LLMClient, Reply as LLMReply, cache_key, parse_retry_after, resolve_endpoint
+from explainer.llm.client import LLMClient
+from explainer.llm.wire import CallFailed, cache_key, parse_retry_after, resolve_endpoint
+from explainer.llm.wire import Reply as LLMReply
 from explainer.settings import LLMSettings
+from explainer.store import db as store
 from tests.openai_server import Reply, ScriptedServer, llm_server  # noqa: F401
 
 SECRET = "sk-test-DO-NOT-LEAK-7f3a9c"
@@ -356,7 +358,7 @@ def test_malformed_logprobs_are_retried(con, llm_server):
 
 
 def test_writer_keeps_every_column_of_uneven_rows(con):
-    from explainer.llm import Writer
+    from explainer.llm.wire import Writer
 
     w = Writer(con)
     w.add("llm_calls", {"cache_hit": False, "created_at": store.now()})

@@ -13,7 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from explainer.errors import ExplainerError
-from explainer.llm import CallFailed, LLMClient, price_of, resolve_endpoint
+from explainer.llm.client import LLMClient
+from explainer.llm.wire import CallFailed, price_of, resolve_endpoint
 from explainer.settings import LLMSettings
 from tests.openai_server import Reply, ScriptedServer, llm_server  # noqa: F401
 from tests.test_llm import MESSAGES, con, fast, ledger  # noqa: F401
@@ -143,7 +144,7 @@ def test_a_bad_usage_block_is_neither_cached_nor_priced(con, llm_server, usage):
     json.dumps({"choices": "none"}),
 ], ids=["string", "string-usage", "huge-usage", "array", "bad-choices"])
 def test_a_damaged_cache_row_is_dropped_and_asked_again(con, llm_server, row, caplog):
-    from explainer.llm import cache_key
+    from explainer.llm.wire import cache_key
 
     s = fast(llm_server)
     key = cache_key("chat", {"model": s.model, "messages": MESSAGES, "temperature": s.temperature,
@@ -158,7 +159,7 @@ def test_a_damaged_cache_row_is_dropped_and_asked_again(con, llm_server, row, ca
 
 
 def test_a_damaged_cache_row_is_dropped_even_when_the_reask_fails(con, llm_server):
-    from explainer.llm import cache_key
+    from explainer.llm.wire import cache_key
 
     s = fast(llm_server)
     key = cache_key("chat", {"model": s.model, "messages": MESSAGES, "temperature": s.temperature,

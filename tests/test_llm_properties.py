@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from explainer import store
 from explainer.errors import ExplainerError
-from explainer.explain import parse_explanation
-from explainer.llm import CallFailed, LLMClient, cache_key, checked_reply, text_of
-from explainer.llm_wire import MAX_USAGE_TOKENS
+from explainer.explain.llm import parse_explanation
+from explainer.llm.client import LLMClient
+from explainer.llm.wire import MAX_USAGE_TOKENS, CallFailed, cache_key, checked_reply, text_of
+from explainer.score.answers import parse_logprobs, parse_predictions, parse_verdicts
 from explainer.settings import LLMSettings
-from explainer.score_answers import parse_logprobs, parse_predictions, parse_verdicts
+from explainer.store import db as store
 from tests.openai_server import Reply, ScriptedServer
 
 # --- endpoint bodies -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from explainer.corpus import iter_contexts, load_documents, split_of
+from explainer.corpus.contexts import iter_contexts, load_documents, split_of
 from explainer.errors import ExplainerError
 from explainer.lm import load_model
 from explainer.settings import CorpusSettings, ModelSettings
@@ -82,7 +82,7 @@ def test_builtin_corpus_mixes_prose_and_code_docs() -> None:
 
 
 def test_builtin_docstrings_are_cached_and_a_damaged_cache_is_rebuilt() -> None:
-    from explainer import corpus
+    from explainer.corpus import contexts as corpus
     from explainer.settings import cache_dir
 
     first = corpus._docstrings()
@@ -158,7 +158,7 @@ def test_folder_names_the_bad_file_and_reads_upper_case_suffixes(tmp_path: Path)
 
 
 def test_one_enormous_line_becomes_bounded_documents_losing_nothing(tmp_path: Path) -> None:
-    from explainer.corpus_read import MAX_DOC_CHARS
+    from explainer.corpus.read import MAX_DOC_CHARS
 
     words = " ".join(f"w{i}" for i in range(120_000))  # ~830k characters, no newline
     for name in ("one.txt", "dir/one.txt"):
@@ -179,7 +179,7 @@ def test_one_enormous_line_becomes_bounded_documents_losing_nothing(tmp_path: Pa
 @given(st.text(alphabet="ab \n", max_size=3000), st.integers(1, 50))
 @settings(max_examples=60, deadline=None)
 def test_streamed_paragraphs_equal_splitting_the_whole(text: str, block: int) -> None:
-    from explainer.corpus_read import paragraphs
+    from explainer.corpus.read import paragraphs
 
     blocks = [text[i : i + block] for i in range(0, len(text), block)]
     assert list(paragraphs(blocks)) == text.split("\n\n")
@@ -272,7 +272,7 @@ def test_heldout_context_repeating_a_train_span_is_dropped_and_counted(tiny_lm: 
 
 
 def test_span_table_finds_exactly_the_shared_windows() -> None:
-    from explainer.near_dups import SpanTable, span_hashes
+    from explainer.corpus.near_dups import SpanTable, span_hashes
 
     t = SpanTable(4)
     t.add(list(range(100, 120)))
@@ -286,8 +286,8 @@ def test_span_table_finds_exactly_the_shared_windows() -> None:
 
 
 def test_sample_records_how_many_near_duplicates_it_dropped(tiny_lm: Path, tmp_path: Path) -> None:
-    from explainer import store
     from explainer.cli import main
+    from explainer.store import db as store
     from tests.test_sample import make_sae
 
     corpus = tmp_path / "corpus"

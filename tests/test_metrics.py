@@ -88,11 +88,11 @@ def test_classification_degenerate_cases() -> None:
 
 # --- bootstrap intervals (property tests) -----------------------------------------------------
 
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from explainer.metrics import (
-    balanced_accuracy_ci, bootstrap_ci, judge_stats, pearson_ci, simulation_stats,
-)
+from explainer.metrics import balanced_accuracy_ci, bootstrap_ci, judge_stats, pearson_ci, simulation_stats
 
 
 def _items(seed: int, k: int, noise: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -204,7 +204,7 @@ def test_training_metrics_interval_helpers() -> None:
     """The ΔCE interval: Student's t quantile and a mean's 95% interval over independent contexts."""
     import torch
 
-    from explainer.outliers import OutlierRule, mean_ci95, position_histogram, t_quantile_975
+    from explainer.sae.outliers import OutlierRule, mean_ci95, position_histogram, t_quantile_975
 
     for df, t in [(10, 2.228139), (30, 2.042272), (1000, 1.962339)]:
         assert t_quantile_975(df) == pytest.approx(t, abs=2e-4)

@@ -14,9 +14,12 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from explainer import examples, ngram, store, vocab
+from explainer import vocab
 from explainer.errors import ExplainerError
-from explainer.ngram import Pattern, PatternSet
+from explainer.explain import ngram
+from explainer.explain.ngram_fit import Pattern, PatternSet
+from explainer.store import db as store
+from explainer.store import examples
 
 WORDS = "the a king queen of in to and sword crown river night day . , love war Paris Rome".split()
 

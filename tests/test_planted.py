@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from explainer import store
 from explainer.errors import ExplainerError
-from explainer.planted import (
-    ANIMALS, COLOURS, KINSHIP, NUMBER_WORDS, Feature, PlantedModel, after, after_word, bigram, default_features,
-    digit_value, inside_quotes, per_string, position, run_planted, token, word_class,
-)
+from explainer.planted.benchmark import PlantedModel, run_planted
+from explainer.planted.features import (ANIMALS, COLOURS, KINSHIP, NUMBER_WORDS, Feature, after, after_word, bigram,
+    default_features, digit_value, inside_quotes, per_string, position, token, word_class)
 from explainer.settings import Settings
+from explainer.store import db as store
 from tests.openai_server import llm_server  # noqa: F401
 
 

@@ -11,12 +11,13 @@ import pytest
 
 from explainer import prompts
 from explainer.errors import ExplainerError
-from explainer.agent_loop import Miss, show_misses
-from explainer.explain import REQUIRED_PLACEHOLDERS, Example, prompt_values
+from explainer.explain.agent_loop import Miss, show_misses
+from explainer.explain.llm import REQUIRED_PLACEHOLDERS, prompt_values
+from explainer.score.echo import render
+from explainer.score.records import Snippet, SnippetResult
+from explainer.score.simulate import logprobs_prompt, snippet_list
 from explainer.settings import ScoreSettings
-from explainer.score_types import Snippet, SnippetResult
-from explainer.simulate import logprobs_prompt, snippet_list
-from explainer.simulate_echo import render
+from explainer.store.examples import Example
 from tests.prompt_demos import DEMOS, ONE_SECTION, demo_text, real_request
 
 EXAMPLES = [
@@ -54,7 +55,7 @@ def rendered(name: str) -> str:
     if name == "simulate":
         return _dump(tpl.render(explanation="villains", snippets=snippet_list(SIM_SNIPPETS), n_snippets=2))
     if name in ("detection", "fuzzing"):
-        from explainer.judge import _highlighted, _plain
+        from explainer.score.judge import _highlighted, _plain
 
         items = [SnippetResult(SIM_SNIPPETS[0], highlights=[2]), SnippetResult(SIM_SNIPPETS[1], highlights=[1])]
         show = _plain if name == "detection" else _highlighted

@@ -9,8 +9,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from explainer import query, store
+from explainer import query
 from explainer.cli import main
+from explainer.store import db as store
 from tests.openai_server import Reply, Request, ScriptedServer
 
 

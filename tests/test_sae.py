@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from explainer.errors import ExplainerError
-from explainer.sae import TopKSAE
-from explainer.sae_formats import fingerprint, load_dictionary, log10_frequency, read_sparsity, save_dictionary
-from explainer.sparse_ops import topk_rows
+from explainer.sae.formats import fingerprint, load_dictionary, log10_frequency, read_sparsity, save_dictionary
+from explainer.sae.model import TopKSAE
+from explainer.sae.sparse import topk_rows
 
 
 def make_sae(d_in: int = 16, d_sae: int = 256, k: int = 4, seed: int = 0) -> TopKSAE:
@@ -243,7 +243,7 @@ def test_hub_ids_resolve_through_the_hugging_face_cache(tmp_path: Path, monkeypa
     """owner/repo/folder is read from the hub cache (offline here), in the hub's own cache layout."""
     import huggingface_hub.constants as hf
 
-    from explainer.sae_files import hub_id, resolve_dictionary
+    from explainer.sae.files import hub_id, resolve_dictionary
 
     cache = tmp_path / "hub"
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
@@ -332,8 +332,8 @@ def test_auxk_gradient_reaches_b_dec_as_in_the_reference(decoder: str) -> None:
     loss has the same value as a bias-free decoding but also trains b_dec. Hand-written with plain autograd."""
     import copy
 
+    from explainer.sae.step import Trainer
     from explainer.settings import TrainSettings
-    from explainer.train_step import Trainer
 
     g = torch.Generator().manual_seed(3)
     sae = TopKSAE(16, 64, 4)
@@ -390,7 +390,7 @@ def test_layer_norm_dictionary_round_trips(tmp_path: Path) -> None:
 def test_a_failed_save_leaves_the_previous_dictionary_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from explainer import sae_formats as sae_mod
+    from explainer.sae import formats as sae_mod
 
     def make(k: int, seed: int) -> TopKSAE:
         s = TopKSAE(16, 64, k)

@@ -9,16 +9,16 @@ import duckdb
 import pytest
 import torch
 
-from explainer import sample as sample_mod
-from explainer import sample_merge
-from explainer import store
-from explainer.corpus import iter_contexts
+from explainer.corpus.contexts import iter_contexts
 from explainer.errors import ExplainerError
 from explainer.lm import load_model
-from explainer.sae import TopKSAE
-from explainer.sae_formats import save_dictionary
-from explainer.sampler_state import POOL_SALT, hash31
+from explainer.sae.formats import save_dictionary
+from explainer.sae.model import TopKSAE
+from explainer.sample import merge as sample_merge
+from explainer.sample import sampler as sample_mod
+from explainer.sample.state import POOL_SALT, hash31
 from explainer.settings import CorpusSettings, ModelSettings, SampleSettings, Settings
+from explainer.store import db as store
 
 CTX = 16
 N_CONTEXTS = 200
@@ -73,7 +73,7 @@ def tables(db: Path) -> dict[str, list[tuple]]:
 
 def brute_force(env: dict[str, Any], sae_path: Path | None = None) -> tuple[list, torch.Tensor]:
     """Every context's dense latent acts [N, T, d_sae], batched exactly as the sampler batches."""
-    from explainer.sae_formats import load_dictionary
+    from explainer.sae.formats import load_dictionary
 
     s, lm = env["settings"], env["lm"]
     sae = load_dictionary(sae_path or env["sae"], max_active=10_000)
@@ -419,13 +419,13 @@ def test_a_latent_subset_samples_exactly_what_a_full_run_keeps_for_them(env: dic
 
 def test_a_state_that_cannot_fit_is_refused_before_any_work(env: dict[str, Any], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainer.sampler_state import new_state, state_bytes
+    from explainer.sample.state import new_state, state_bytes
 
     kw = dict(d_sae=64, ctx_len=CTX, k=4, n_top=5, n_reservoir=8, n_pool=20, n_zero=4)
     for dtype, size in ((torch.float16, 2), (torch.float32, 4)):
         st = new_state(**kw, acts_dtype=dtype, device="cpu", meta={})
         assert state_bytes(**kw, acts_bytes=size) == sum(t.numel() * t.element_size() for t in st.tensors().values())
-    from explainer import sampler_subset
+    from explainer.sample import subset as sampler_subset
 
     monkeypatch.setattr(sampler_subset, "available_bytes", lambda device: 10_000)
     s = env["settings"].model_copy(update={"db": tmp_path / "small.duckdb"})

@@ -9,10 +9,10 @@ from typing import Any
 import duckdb
 import pytest
 
-from explainer import sample as sample_mod
-from explainer import sample_merge
-from explainer import store
 from explainer.errors import ExplainerError
+from explainer.sample import merge as sample_merge
+from explainer.sample import sampler as sample_mod
+from explainer.store import db as store
 from tests.test_sample import die_at_second_save, env, make_sae, tables  # noqa: F401  (env is a fixture)
 
 

@@ -13,11 +13,14 @@ from typing import Any
 
 import pytest
 
-from explainer import schema, score, store, vocab
+from explainer import vocab
 from explainer.errors import ExplainerError
 from explainer.results import Progress
+from explainer.score import scorer as score
+from explainer.score.records import ScoreFailed
 from explainer.settings import LLMSettings, ScoreSettings, Settings
-from explainer.score_types import ScoreFailed
+from explainer.store import db as store
+from explainer.store import schema
 from tests.openai_server import Reply, Request, ScriptedServer, llm_server  # noqa: F401
 
 CITY = {" Paris": 2.0, " Rome": 1.0, " Venice": 0.5}  # latent 0

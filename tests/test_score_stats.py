@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from explainer import ngram_fit, prompts, store
-from explainer.judge import detection_items, fuzzing_items, judge
-from explainer.llm import LLMClient
+from explainer import prompts
+from explainer.explain import ngram_fit
+from explainer.explain.ngram_fit import LatentExamples, Pattern, PatternSet, score_examples
+from explainer.llm.client import LLMClient
 from explainer.metrics import pearson
-from explainer.ngram_fit import LatentExamples, Pattern, PatternSet, score_examples
+from explainer.score.judge import detection_items, fuzzing_items, judge
+from explainer.score.records import Outcome, ScoreFailed, Snippet, Spend
+from explainer.score.simulate import simulate
 from explainer.settings import LLMSettings, ScoreSettings
-from explainer.score_types import Outcome, ScoreFailed, Snippet, Spend
-from explainer.simulate import simulate
+from explainer.store import db as store
 from tests.openai_server import Reply, Request, ScriptedServer, llm_server  # noqa: F401
 
 ACT = {" Paris": 2.0, " Rome": 1.0, " Venice": 0.5}

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from explainer import prompts, store
+from explainer import prompts
 from explainer.errors import ExplainerError
-from explainer.llm import LLMClient, Reply as LLMReply
+from explainer.llm.client import LLMClient
+from explainer.llm.wire import Reply as LLMReply
+from explainer.score.answers import expected_digit, json_object, parse_predictions, parse_verdicts
+from explainer.score.records import ScoreFailed, Snippet
+from explainer.score.simulate import simulate
 from explainer.settings import LLMSettings, ScoreSettings
-from explainer.score_answers import expected_digit, json_object, parse_predictions, parse_verdicts
-from explainer.score_types import ScoreFailed, Snippet
-from explainer.simulate import simulate
+from explainer.store import db as store
 from tests.openai_server import Reply, Request, ScriptedServer, llm_server  # noqa: F401
 
 # The latent: 2.0 on " Paris", 1.0 on " Rome", 0.5 on " Venice". A simulator predicting
@@ -260,7 +262,7 @@ def test_logprobs_without_digits_fails_and_missing_logprobs_is_an_error(con, llm
 
 
 def test_logprobs_template_must_end_with_activation(tmp_path):
-    from explainer.simulate import check_template
+    from explainer.score.simulate import check_template
 
     bad = tmp_path / "bad.txt"
     bad.write_text("=== user ===\n{explanation} {text} {token}\nWhat is the activation?\n")
@@ -272,7 +274,7 @@ def test_logprobs_template_must_end_with_activation(tmp_path):
 
 def test_logprobs_prompt_for_token_i_shows_no_later_token():
     """Causal, as Bills et al.: the request about token i shows tokens[:i+1] and nothing after."""
-    from explainer.simulate import logprobs_prompt
+    from explainer.score.simulate import logprobs_prompt
 
     toks = ["Aq0", " bq1", " cq2", "\ndq3", " eq4", " fq5"]
     sn = Snippet(0, "top", 0, 1.0, toks, [0.0] * len(toks))

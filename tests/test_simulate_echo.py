@@ -15,14 +15,16 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from explainer import prompts, serve
+from explainer import prompts
 from explainer.errors import ExplainerError
+from explainer.llm import serve
+from explainer.score.echo import PROBE, SLOT, render
+from explainer.score.records import ScoreFailed
 from explainer.settings import ScoreSettings
-from explainer.score_types import ScoreFailed
-from explainer.simulate_echo import PROBE, SLOT, render
 from tests.openai_server import ECHO_TOKEN, Reply, Request, echo_reply, llm_server  # noqa: F401
 from tests.test_score import db, make_settings, rows, run_score  # noqa: F401  (db is a fixture)
 from tests.test_simulate import ACT, SNIPPETS, con, run_sim  # noqa: F401  (con is a fixture)
+
 
 def slot_guess(word: str) -> dict[str, float]:
     """A model's guess at a slot: mostly 8 (some as " 8") on a city, a clear 0 elsewhere."""
@@ -115,9 +117,9 @@ def test_real_llama_cpp_smollm2_is_caught_by_the_probe(con: Any) -> None:
     """llama.cpp echoes SmolLM2's prompt logprobs one position late (no BOS): the probe must say so."""
     import asyncio
 
-    from explainer.llm import LLMClient
+    from explainer.llm.client import LLMClient
+    from explainer.score.simulate import simulate
     from explainer.settings import LLMSettings
-    from explainer.simulate import simulate
 
     with serve.local_server("smollm2") as url:
         settings = LLMSettings(base_url=url, model="smollm2", timeout=120, max_attempts=2, concurrency=1)

@@ -10,7 +10,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from explainer import examples, schema, store
+from explainer.store import db as store
+from explainer.store import examples, schema
 
 NAMES = [fn.__name__ for fn in schema.MIGRATIONS]
 SNIPPETS = [{"context_id": 12, "kind": "quantile", "pred": [0, 1]}, {"context_id": 3, "kind": "top", "pred": [0, 9]}]

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from explainer.errors import ExplainerError
-from explainer.sae import TopKSAE
-from explainer.sae_formats import load_dictionary
+from explainer.sae.formats import load_dictionary
+from explainer.sae.model import TopKSAE
+from explainer.sae.step import Trainer, geometric_median
+from explainer.sae.train import run
 from explainer.settings import CorpusSettings, ModelSettings, Settings, TrainSettings
-from explainer.train import run
-from explainer.train_step import Trainer, geometric_median
 
 
 @pytest.fixture(autouse=True)
@@ -201,7 +201,7 @@ def test_outliers_are_left_out_of_training_and_reported_beside_the_fvu(
     import json
 
     from explainer.lm import load_model
-    from explainer.train_eval import _eval_contexts
+    from explainer.sae.evaluate import _eval_contexts
 
     seen: list[float] = []
     real_step = Trainer.step
@@ -240,7 +240,7 @@ def test_outliers_are_left_out_of_training_and_reported_beside_the_fvu(
 
 
 def _docs(s: Settings) -> list:
-    from explainer.corpus import load_documents
+    from explainer.corpus.contexts import load_documents
 
     return load_documents(s.corpus)
 
@@ -259,8 +259,9 @@ def test_sample_leaves_outlier_tokens_out_by_the_dictionary_rule(
         outlier_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
     import duckdb
 
-    from explainer import sample, store
+    from explainer.sample import sampler as sample
     from explainer.settings import SampleSettings
+    from explainer.store import db as store
 
     s = settings_for(outlier_lm, tiny_corpus, tmp_path / "sae")
     run(s)
@@ -283,7 +284,7 @@ def test_sample_leaves_outlier_tokens_out_by_the_dictionary_rule(
 def test_a_second_run_on_the_same_out_fails_at_once(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
     import os
 
-    from explainer.train_files import _locked
+    from explainer.sae.run_files import _locked
 
     out = tmp_path / "sae"
     with _locked(out):
@@ -317,7 +318,8 @@ def test_layernorm_training_writes_a_dictionary_saelens_and_sample_reproduce(
 
 def test_ctrl_c_in_train_names_the_command_that_continues(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    from explainer import cli, train
+    from explainer import cli
+    from explainer.sae import train
 
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt

@@ -1,0 +1,7 @@
+"""Explainers: one hypothesis per latent from an LLM (llm), the n-gram baseline (ngram,
+ngram_fit) or the agent that proposes, picks on validation and refines (agent*)."""
+
+# The package's entry points; everything else is imported from its defining module.
+from explainer.explain.llm import run, run_ngram
+
+__all__ = ["run", "run_ngram"]
