@@ -127,7 +127,8 @@ def sweep_one(s: Settings, lm: CachedLM, docs: Any, eval_acts: Tensor, every: in
     step_tokens = ctx_per_step * ctx_len
     total_steps = max(1, ts.tokens // step_tokens)
     stream = train.ContextStream(s, lm.tokenizer, docs, **position)
-    points, sae_s, next_eval, stats = [], 0.0, every, {"fvu": math.nan}
+    points: list[dict[str, Any]] = []
+    sae_s, next_eval, stats = 0.0, every, {"fvu": math.nan}
     while trainer.steps < total_steps:
         block = trainer.steps // ts.shuffle_steps
         block_steps = min(ts.shuffle_steps, total_steps - block * ts.shuffle_steps)
