@@ -6,7 +6,7 @@
 
 One run, trained in segments: `explainer train --resume` with a larger token count continues a
 run exactly as if it had been asked for those tokens at first (when a segment ends on a shuffle
-block, i.e. a multiple of batch_tokens x shuffle_steps = 32,768 tokens by default). After each
+block, i.e. a multiple of batch_tokens x shuffle_steps = 8,192 tokens by default). After each
 segment the dictionary is evaluated on the same held-out tokens (the first --eval-tokens of the
 held-out split): `fvu` on ordinary tokens (outliers excluded), `fvu_all` on every token. The
 last point also gets the ΔCE with its interval (--ce-tokens). tok/s is the training loop's own

@@ -105,10 +105,12 @@ class TrainSettings(Section):
     k: int = Field(32, ge=1, le=2**24, description="active latents per token (TopK)")
     tokens: int = Field(400_000, ge=1, le=2**50, description="training tokens to stream from the subject model (sized so `explainer run` trains in ~4-9 min on 2 CPU cores, depending on the CPU)")
     batch_tokens: int = Field(
-        4096, ge=1, le=2**26, description="tokens per optimizer step (rounded to whole contexts of ctx_len tokens)"
+        1024, ge=1, le=2**26, description="tokens per optimizer step (rounded to whole contexts of ctx_len tokens); 1024 "
+        "because short runs gain from more steps (bench/train_sweep.py)"
     )
     lr: Optional[float] = Field(
-        None, gt=0, le=1, description="Adam learning rate; default 2e-4 / sqrt(n_latents / 16384) as in Gao et al."
+        None, gt=0, le=1, description="Adam learning rate; default 8e-4 / sqrt(n_latents / 16384), 4x Gao et al.'s rule, "
+        "measured best for short runs (bench/train_sweep.py)"
     )
     adam_eps: float = Field(6.25e-10, gt=0, le=1, description="Adam epsilon (Gao et al. 2024)")
     auxk_coef: float = Field(1 / 32, ge=0, description="weight of the AuxK loss on dead latents")
