@@ -163,6 +163,15 @@ def echo_reply(req: Request, guess: Callable[[list[str], int], dict[str, float]]
     return reply
 
 
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on: the port was bound, then released."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}/v1"
+
+
 def default_responder(req: Request) -> Reply:
     return Reply.content("scripted answer")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from explainer.llm.wire import Reply as LLMReply
 from explainer.results import Progress
 from explainer.settings import ExplainSettings, LLMSettings, Settings
 from explainer.store import db as store
-from tests.openai_server import Reply, ScriptedServer, llm_server  # noqa: F401
+from tests.openai_server import Reply, ScriptedServer, closed_port_url, llm_server  # noqa: F401
 
 SECRET = "sk-test-explain-SECRET-5e1d"
 # Tokens that exist only in held-out or validation text: they must never reach the explainer.
@@ -180,17 +179,9 @@ def test_one_failing_latent_does_not_stop_the_run(db, llm_server):
     assert failed["latent"] == 0 and "HTTP 500" in failed["error"] and llm_server.url in failed["error"]
 
 
-def _closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}/v1"
-
-
 def test_unreachable_endpoint_is_a_user_error_naming_the_url(db):
     con, dict_id = db
-    url = _closed_port_url()
+    url = closed_port_url()
     with pytest.raises(ExplainerError, match=f"cannot reach the LLM endpoint {url}"):
         explain.run(con, settings_for(url, latents="0-1"), dict_id)
     ex = rows(con)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from explainer.llm.wire import CallFailed, cache_key, parse_retry_after, resolve
 from explainer.llm.wire import Reply as LLMReply
 from explainer.settings import LLMSettings
 from explainer.store import db as store
-from tests.openai_server import Reply, ScriptedServer, llm_server  # noqa: F401
+from tests.openai_server import Reply, ScriptedServer, closed_port_url, llm_server  # noqa: F401
 
 SECRET = "sk-test-DO-NOT-LEAK-7f3a9c"
 MESSAGES = [{"role": "user", "content": "what does this latent do"}]
@@ -259,16 +258,8 @@ def test_logprobs_chat_and_completions(con, llm_server):
     assert comp_req.body["prompt"] == "Activation: "
 
 
-def _closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}/v1"
-
-
 def test_unreachable_endpoint_names_url(con):
-    url = _closed_port_url()
+    url = closed_port_url()
     settings = LLMSettings(base_url=url, timeout=0.5, backoff=0.001, backoff_max=0.002, max_attempts=2)
 
     async def go():
