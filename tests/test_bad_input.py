@@ -4,7 +4,6 @@ message that names the input and the fix. Corrupted dictionary and checkpoint fi
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from explainer.cli import main
 from explainer.errors import ExplainerError
+from tests.openai_server import closed_port_url
 from tests.conftest import fill_db
 from tests.test_sample import make_sae
 
@@ -35,14 +35,6 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) 
     for fragment in fragments:
         assert fragment in line, (fragment, line)
     return line
-
-
-def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}/v1"
 
 
 def train_args(tiny_lm: Path, corpus: Path, out: Path, *extra: Any) -> list[Any]:
