@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from explainer.cli import main
 from explainer.errors import ExplainerError
-from tests.openai_server import closed_port_url
 from tests.conftest import fill_db
+from tests.openai_server import closed_port_url
 from tests.test_sample import make_sae
 
 

@@ -19,8 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from explainer.cli import main
-from tests.openai_server import Reply, Request, ScriptedServer
-from tests.test_bad_input import closed_port_url
+from tests.openai_server import Reply, Request, ScriptedServer, closed_port_url
 from tests.test_faults import MODEL, body_key, build_db, good_answer, latent_of
 
 SECRET = "sk-proj-EXPLAINER-canary-7f3a9c2e51d04b86"
