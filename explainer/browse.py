@@ -31,8 +31,10 @@ th{cursor:pointer;background:#f6f6f6;position:sticky;top:0}input{font-size:1em;p
 INDEX_JS = """
 const rows = JSON.parse(document.getElementById('data').textContent);
 let key = 'validation', desc = true;
-function fmt(v){ if(v===null||v===undefined) return ''; return typeof v==='number' ? String(Number.isInteger(v)? v : v.toPrecision(3)) : String(v); }
-function cell(tr, text, cls){ const td = document.createElement('td'); if(cls) td.className = cls; td.textContent = text; tr.appendChild(td); return td; }
+function fmt(v){ if(v===null||v===undefined) return '';
+  return typeof v==='number' ? String(Number.isInteger(v)? v : v.toPrecision(3)) : String(v); }
+function cell(tr, text, cls){ const td = document.createElement('td'); if(cls) td.className = cls;
+  td.textContent = text; tr.appendChild(td); return td; }
 function render(){
   const q = document.getElementById('q').value.toLowerCase();
   const shown = rows.filter(r => !q || String(r.explanation||'').toLowerCase().includes(q) || String(r.latent)===q);

@@ -92,7 +92,8 @@ def _decoder_layers(model: Any) -> Any:
         except AttributeError:
             continue
         return obj
-    raise ExplainerError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama/Gemma/GPT-2/NeoX-style models")
+    raise ExplainerError(
+        f"cannot find the decoder layers of {type(model).__name__}; supported: Llama/Gemma/GPT-2/NeoX-style models")
 
 
 class _Stop(Exception):

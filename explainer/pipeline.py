@@ -126,7 +126,8 @@ def _train(settings: Settings, bars: BarFactory) -> dict[str, Any]:
     return {"stage": "train", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
             "detail": f"FVU {m.get('fvu', float('nan')):.3f}, L0 {m.get('l0', float('nan')):.1f}, "
                       f"dead {m.get('dead_fraction', float('nan')):.3f}, "
-                      f"CE +{m.get('ce_increase', float('nan')):.3f} (zero-abl. +{m.get('ce_increase_zero_ablation', float('nan')):.2f})"}
+                      f"CE +{m.get('ce_increase', float('nan')):.3f} "
+                      f"(zero-abl. +{m.get('ce_increase_zero_ablation', float('nan')):.2f})"}
 
 
 def _llm(con: Any, settings: Settings, dict_id: int, llm_latents: int, bars: BarFactory) -> dict[str, Any]:

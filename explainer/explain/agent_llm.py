@@ -8,7 +8,7 @@ validation score and its worst validation mistakes. Two ledger stages: `agent` (
 counted against the per-latent budget) and `agent-heldout` (the chosen explanation's final score).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
 
 import asyncio
 import time

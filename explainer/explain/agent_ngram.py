@@ -18,7 +18,7 @@
 token and cost caps never bind here (candidates and rounds still do).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
 
 import asyncio
 import time

@@ -92,7 +92,7 @@ class PatternSet:
                 "patterns": [p.to_json() for p in self.patterns], "fit": self.fit}
 
     @staticmethod
-    def from_json(data: str | Mapping[str, Any]) -> "PatternSet":
+    def from_json(data: str | Mapping[str, Any]) -> PatternSet:
         d = json.loads(data) if isinstance(data, str) else data
         if not isinstance(d, Mapping) or d.get("format") != FORMAT:
             raise ExplainerError(f"not an {FORMAT} pattern (got {str(d)[:80]!r}); explain with --explainer ngram")

@@ -161,7 +161,7 @@ class LLMClient:
         """This client's call and spend totals so far, for a stage result or progress report."""
         return LLMSpend(self.calls, self.cache_hits, self.prompt_tokens, self.completion_tokens, self.cost)
 
-    async def __aenter__(self) -> "LLMClient":
+    async def __aenter__(self) -> LLMClient:
         n = self.settings.concurrency
         http = http_client(n, self.settings.timeout, self.settings.max_response_bytes)
         self._client = openai.AsyncOpenAI(

@@ -63,7 +63,7 @@ def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 120.0) ->
             with urllib.request.urlopen(f"{base_url}/models", timeout=2) as r:
                 if r.status == 200:
                     return
-        except (urllib.error.URLError, ConnectionError, socket.timeout):
+        except (TimeoutError, urllib.error.URLError, ConnectionError):
             pass
         time.sleep(0.3)
     raise ExplainerError(f"the llama.cpp server at {base_url} did not answer within {timeout:.0f} s")

@@ -4,7 +4,7 @@ EleutherAI sparsify folders (cfg.json + sae.safetensors) and Gemma Scope params.
 local or on the Hugging Face hub. Reading the files themselves is sae_files.py's.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
 
 import hashlib
 import json

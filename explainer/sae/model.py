@@ -218,7 +218,7 @@ class TopKSAE(nn.Module):
         grad.addcmul_(parallel.unsqueeze(1), self.W_dec, value=-1.0)
 
     @torch.no_grad()
-    def folded(self, scale: float) -> "TopKSAE":
+    def folded(self, scale: float) -> TopKSAE:
         """A copy that takes raw activations x where this one took x * scale; latents unchanged."""
         out = TopKSAE(self.d_in, self.d_sae, self.k, device=self.device, cfg=self.cfg, normalize=self.normalize)
         out.W_enc.copy_(self.W_enc * scale)

@@ -5,7 +5,7 @@ counts all merge exactly (sampler_state.merge_states), so the merged tables equa
 one unsharded run. Shard outputs are DB files (state file beside each) or one `--parquet` folder.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
 
 import json
 import time

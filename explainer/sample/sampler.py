@@ -182,8 +182,8 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
     fp = fingerprint(sae)
     name = dict_name or ("/".join(hub).strip("/") if hub else sae_path.resolve().name)
     dict_id = store.register_dictionary(
-        con, name=name, path="/".join(hub).strip("/") if hub else str(sae_path.resolve()), model=lm.name, hook=lm.hook, d_in=sae.d_in,
-        d_sae=sae.d_sae, k=sae.k, fingerprint=fp, config=sae.cfg)
+        con, name=name, path="/".join(hub).strip("/") if hub else str(sae_path.resolve()), model=lm.name, hook=lm.hook,
+        d_in=sae.d_in, d_sae=sae.d_sae, k=sae.k, fingerprint=fp, config=sae.cfg)
     # Tokens the dictionary was trained without (outliers.py) are left out of its statistics and
     # examples: its codes there are extrapolations, often 5-100x the activations it was trained on,
     # which would fill the top examples of the latents that happen to fire on them.

@@ -132,7 +132,8 @@ def read_dictionary(folder: Path) -> dict[str, Any]:
         row = json.loads((folder / "dictionary.json").read_text())
         return {k: row[k] for k in DICT_FIELDS}
     except (OSError, ValueError, KeyError) as e:
-        raise ExplainerError(f"{folder}/dictionary.json is unreadable ({e}); that folder is not a `sample --parquet` output") from None
+        raise ExplainerError(
+            f"{folder}/dictionary.json is unreadable ({e}); that folder is not a `sample --parquet` output") from None
 
 
 def is_parquet_folder(path: Path) -> bool:

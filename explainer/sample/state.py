@@ -114,7 +114,7 @@ class SampleState:
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "meta"}
 
-    def to(self, device: torch.device | str) -> "SampleState":
+    def to(self, device: torch.device | str) -> SampleState:
         return SampleState(meta=dict(self.meta), **{k: v.to(device) for k, v in self.tensors().items()})
 
 

@@ -39,7 +39,7 @@ from explainer.settings import ScoreSettings
 SLOT = "unknown"
 _SENTINEL = "\x00ROWS\x00"
 PROBE = ", ".join(str(i) for i in range(1, 41))
-_probes: "weakref.WeakKeyDictionary[LLMClient, asyncio.Task]" = weakref.WeakKeyDictionary()
+_probes: weakref.WeakKeyDictionary[LLMClient, asyncio.Task] = weakref.WeakKeyDictionary()
 
 
 def rows_text(tokens: Sequence[str], values: Sequence[str]) -> str:
