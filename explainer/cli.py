@@ -48,6 +48,7 @@ def _flag_type(annotation: Any) -> tuple[Optional[list[str]], bool]:
 
 def add_section_flags(parser: argparse.ArgumentParser, section: str, aliases: dict, seen: set[str]) -> None:
     cls = Settings.model_fields[section].annotation
+    assert cls is not None  # every section is annotated with its model
     group = parser.add_argument_group(f"{section} settings")
     for name, field in cls.model_fields.items():
         if name == "api_key":
@@ -174,13 +175,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
+    from contextlib import AbstractContextManager, nullcontext
 
     from explainer import pipeline, ui
     from explainer.llm import serve
 
     s = settings_from(args)
     use_llm = bool(s.llm.base_url) or args.local
+    server: AbstractContextManager[Optional[str]]
     if args.local:
         server = serve.local_server(args.serve_model)
     else:

@@ -218,7 +218,7 @@ class _LLMLatent:
             return
         s = self.ctx.settings.score
         try:
-            outcome: Optional[Outcome] = await score.score_explanation(
+            outcome = await score.score_explanation(
                 self.ctx.llm, s, "simulation", self.ctx.sim_tpl, self.latent, text, self.val)
             assert outcome is not None
             row = _ok_row(outcome, self.val)

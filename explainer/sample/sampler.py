@@ -282,7 +282,7 @@ def _prepare(con: duckdb.DuckDBPyConnection, job: _Job, resume: bool) -> _Stream
     counts, notes = plan_contexts(settings, lm.tokenizer, docs, limit, ss, dropped)
     job.warnings += notes
     db_path = db_file(con)
-    dict_row = con.execute(f"SELECT {', '.join(DICT_FIELDS)} FROM dictionaries WHERE id = ?", [job.dict_id]).fetchone()
+    dict_row = store.one_row(con.execute(f"SELECT {', '.join(DICT_FIELDS)} FROM dictionaries WHERE id = ?", [job.dict_id]))
     contexts = sink(con, job.dict_id, job.shard, ss.parquet, dict(zip(DICT_FIELDS, dict_row)))
     if isinstance(contexts, ParquetContexts):
         spath: Optional[Path] = contexts.state_path

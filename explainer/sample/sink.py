@@ -53,9 +53,9 @@ class DbContexts:
                          [self.dict_id, start, self.shard[1], self.shard[0]])
 
     def count_below(self, below: int) -> int:
-        return self.con.execute(
+        return store.one_row(self.con.execute(
             "SELECT count(*) FROM contexts WHERE dict_id = ? AND context_id < ? AND context_id % ? = ?",
-            [self.dict_id, below, self.shard[1], self.shard[0]]).fetchone()[0]
+            [self.dict_id, below, self.shard[1], self.shard[0]]))[0]
 
     def relation(self) -> str:
         return f"(SELECT * FROM contexts WHERE dict_id = {int(self.dict_id)})"
