@@ -76,7 +76,8 @@ def report(name: str, res: agent_loop.AgentResult, one: dict[int, float], best: 
            features: list[Any], calls_unit: str) -> dict[str, Any]:
     reps = {r.latent: r for r in res.latents}
     print(f"\n== {name}: heldout simulation score per latent ==")
-    print(f"{'lat':>3} {'feature':<13} {'one-shot':>8} {'best-k':>7} {'refined':>7} {'val':>6} {'k':>2} {'rnd':>3}  stop / chosen")
+    print(f"{'lat':>3} {'feature':<13} {'one-shot':>8} {'best-k':>7} {'refined':>7} {'val':>6} {'k':>2} {'rnd':>3}"
+          "  stop / chosen")
     for i, f in enumerate(features):
         r = reps.get(i)
         if r is None:

@@ -30,7 +30,8 @@ SPLITS = ("train", "validation", "heldout")
 
 
 def example_rows(n_latents: int, rng: np.random.Generator) -> pa.Table:
-    cols: dict[str, list] = {k: [] for k in ("dict_id", "latent", "split", "kind", "rank", "context_id", "max_act", "acts", "bin")}
+    cols: dict[str, list] = {
+        k: [] for k in ("dict_id", "latent", "split", "kind", "rank", "context_id", "max_act", "acts", "bin")}
     for lat in range(n_latents):
         for split in SPLITS:
             for kind, n in KINDS:

@@ -33,10 +33,10 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from explainer import prompts
-from explainer.explain import llm as explain
+from explainer import prompts  # noqa: E402  (after the sys.path insert, so the checkout is importable)
+from explainer.explain import llm as explain  # noqa: E402
 from explainer.settings import ExplainSettings, LLMSettings, Settings  # noqa: E402
-from explainer.store import db as store
+from explainer.store import db as store  # noqa: E402
 
 try:
     import httpx2 as httpx
@@ -61,7 +61,8 @@ def build_db(path: Path, n_latents: int, ctx_len: int = 64, n_contexts: int = 20
         "dict_id": [dict_id] * n_latents, "latent": list(range(n_latents)), "frequency": [1e-3] * n_latents,
         "n_fired": [10] * n_latents, "n_tokens": [10_000] * n_latents, "n_contexts": [10] * n_latents,
     }))
-    cols: dict[str, list] = {k: [] for k in ("dict_id", "latent", "split", "kind", "rank", "context_id", "max_act", "acts", "bin")}
+    cols: dict[str, list] = {
+        k: [] for k in ("dict_id", "latent", "split", "kind", "rank", "context_id", "max_act", "acts", "bin")}
     for lat in range(n_latents):
         for kind, n in (("top", 10), ("quantile", 10), ("nonactivating", 4)):
             for rank in range(n):

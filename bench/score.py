@@ -170,7 +170,8 @@ def main() -> None:
             bpe_out = sum(len(tok.encode(a).ids) for a in answers) / n if tok else float("nan")
             label = f"{scorer} ({mode})" if scorer == "simulation" else scorer
             print(f"{label:<26}{n:>8}{(n_snip or 0):>9.0f}{res.spend.calls / n:>10.1f}{res.spend.prompt_tokens / n:>25,.0f}"
-                  f"{bpe:>9,.0f}{fixed:>8,.0f}{res.spend.completion_tokens / n:>14,.0f}{bpe_out:>7,.0f}{wall / n:>11.2f}{res.failed:>7}")
+                  f"{bpe:>9,.0f}{fixed:>8,.0f}{res.spend.completion_tokens / n:>14,.0f}{bpe_out:>7,.0f}"
+                  f"{wall / n:>11.2f}{res.failed:>7}")
     print("# reference: delphi defaults, detection + fuzzing: ~41 calls and ~40,000 prompt tokens per latent")
     print("# reference: SAEBench autointerp: 2 calls per latent (one generation, one scoring)")
     print("# wall s/lat is the run's wall time over its latents at the given concurrency (latents run in parallel)")

@@ -102,7 +102,8 @@ def demo(tokens: int | None) -> None:
     start = time.perf_counter()
     train._activations(lm, ids, s.model.batch_size)
     bare = ids.numel() / (time.perf_counter() - start)
-    print(f"bare LM forward to layer {s.model.layer}: {bare:,.0f} tok/s; training keeps {res.tokens_per_s / bare:.0%} (target >= 80%)")
+    print(f"bare LM forward to layer {s.model.layer}: {bare:,.0f} tok/s; "
+          f"training keeps {res.tokens_per_s / bare:.0%} (target >= 80%)")
 
 
 def onthefly(rounds: int) -> None:

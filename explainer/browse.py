@@ -16,6 +16,7 @@ import duckdb
 
 from explainer.errors import ExplainerError
 from explainer.query import latent_record, rows
+from explainer.store.db import one_row
 from explainer.ui import score_text, visible
 
 STYLE = """
@@ -31,8 +32,10 @@ th{cursor:pointer;background:#f6f6f6;position:sticky;top:0}input{font-size:1em;p
 INDEX_JS = """
 const rows = JSON.parse(document.getElementById('data').textContent);
 let key = 'validation', desc = true;
-function fmt(v){ if(v===null||v===undefined) return ''; return typeof v==='number' ? String(Number.isInteger(v)? v : v.toPrecision(3)) : String(v); }
-function cell(tr, text, cls){ const td = document.createElement('td'); if(cls) td.className = cls; td.textContent = text; tr.appendChild(td); return td; }
+function fmt(v){ if(v===null||v===undefined) return '';
+  return typeof v==='number' ? String(Number.isInteger(v)? v : v.toPrecision(3)) : String(v); }
+function cell(tr, text, cls){ const td = document.createElement('td'); if(cls) td.className = cls;
+  td.textContent = text; tr.appendChild(td); return td; }
 function render(){
   const q = document.getElementById('q').value.toLowerCase();
   const shown = rows.filter(r => !q || String(r.explanation||'').toLowerCase().includes(q) || String(r.latent)===q);
@@ -131,7 +134,7 @@ def build(con: duckdb.DuckDBPyConnection, dict_id: int, out: Path,
         """SELECT latent, explanation, explainer, validation, simulation, ci_low, ci_high, ngram_simulation,
                   frequency, max_act
            FROM labels WHERE dict_id = ? ORDER BY latent""", [dict_id]))
-    name = con.execute("SELECT name FROM dictionaries WHERE id = ?", [dict_id]).fetchone()[0]
+    name = one_row(con.execute("SELECT name FROM dictionaries WHERE id = ?", [dict_id]))[0]
     head = ("<tr><th data-k=latent>latent</th><th data-k=explanation>explanation</th><th data-k=explainer>by</th>"
             "<th data-k=validation title='validation simulation score: what chose this label'>validation</th>"
             "<th data-k=simulation title='held-out simulation score, reported only'>held-out</th>"

@@ -48,6 +48,7 @@ def _flag_type(annotation: Any) -> tuple[Optional[list[str]], bool]:
 
 def add_section_flags(parser: argparse.ArgumentParser, section: str, aliases: dict, seen: set[str]) -> None:
     cls = Settings.model_fields[section].annotation
+    assert cls is not None  # every section is annotated with its model
     group = parser.add_argument_group(f"{section} settings")
     for name, field in cls.model_fields.items():
         if name == "api_key":
@@ -63,7 +64,8 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str, aliases: di
         dest = f"{section}.{name}"
         if is_bool:
             group.add_argument(flag, dest=dest, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text)
-            group.add_argument("--no-" + flag[2:], dest=dest, action="store_const", const=False, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            group.add_argument("--no-" + flag[2:], dest=dest, action="store_const", const=False, default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS)
         else:
             group.add_argument(flag, dest=dest, choices=choices, default=argparse.SUPPRESS, help=help_text,
                                metavar=None if choices else name.upper())
@@ -173,13 +175,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
+    from contextlib import AbstractContextManager, nullcontext
 
     from explainer import pipeline, ui
     from explainer.llm import serve
 
     s = settings_from(args)
     use_llm = bool(s.llm.base_url) or args.local
+    server: AbstractContextManager[Optional[str]]
     if args.local:
         server = serve.local_server(args.serve_model)
     else:
@@ -209,7 +212,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     ui.console.print(ui.literal(
         "next:\n"
         f"  explainer show --db {db} {res.labels[0]['latent'] if res.labels else 0}\n"
-        f"  explainer sql --db {db} \"SELECT latent, explanation, simulation, ngram_simulation FROM labels ORDER BY simulation DESC LIMIT 20\"\n"
+        f"  explainer sql --db {db} \"SELECT latent, explanation, simulation, ngram_simulation FROM labels "
+        "ORDER BY simulation DESC LIMIT 20\"\n"
         + (f"  explainer search --db {db} \"{word}\"\n" if word else "")
         + f"  explainer browse --db {db} --out runs/site   # then open runs/site/index.html"
     ))
@@ -252,11 +256,13 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "run": (cmd_run, "train -> sample -> explain -> score on the defaults, skipping finished stages",
             ("model", "corpus", "train", "sample", "llm", "explain", "score")),
     "train": (cmd_train, "train a TopK sparse autoencoder on a model's residual stream", ("model", "corpus", "train")),
-    "sample": (cmd_sample, "store top, quantile, non-activating and random examples per latent in DuckDB", ("model", "corpus", "sample")),
+    "sample": (cmd_sample, "store top, quantile, non-activating and random examples per latent in DuckDB",
+               ("model", "corpus", "sample")),
     "merge": (cmd_merge, "combine `sample --shard i/N` outputs (shard DBs or a --parquet folder) into one DB, exactly", ()),
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain", "agent")),
     "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing", ("llm", "score")),
-    "bench": (cmd_bench, "planted-feature benchmark: known latents through sample, explain and score", ("corpus", "sample", "llm", "score")),
+    "bench": (cmd_bench, "planted-feature benchmark: known latents through sample, explain and score",
+              ("corpus", "sample", "llm", "score")),
     "sql": (cmd_sql, "query the results database read-only (and the Parquet/CSV files a query names as sources)", ()),
     "search": (cmd_search, "rank explanations by relevance to a text query (BM25)", ()),
     "show": (cmd_show, "one latent: its explanations, scores and highlighted examples", ()),
@@ -280,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         common = p.add_argument_group("common")
         common.add_argument("--config", type=Path, default=None, help="TOML file of settings (sections as in --help)")
         common.add_argument("--db", type=Path, default=None, help="DuckDB results file (default: runs/explainer.duckdb)")
-        common.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="set any setting, e.g. --set train.lr=3e-4")
+        common.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                            help="set any setting, e.g. --set train.lr=3e-4")
         common.add_argument("--json", action="store_true", help="print results as JSON for machines")
         seen: set[str] = {"--config", "--db", "--set", "--json"}
         aliases = RUN_ALIASES if ("model" in sections and "llm" in sections) else ALIASES
@@ -292,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
         if verb == "sample":
-            p.add_argument("--sae", default=None, help="dictionary folder (ours, SAELens TopK/ReLU/JumpReLU, sparsify, Gemma Scope params.npz) "
-                                                       "or a hub folder owner/repo/path; default: train.out")
+            p.add_argument("--sae", default=None,
+                           help="dictionary folder (ours, SAELens TopK/ReLU/JumpReLU, sparsify, Gemma Scope params.npz) "
+                                "or a hub folder owner/repo/path; default: train.out")
             p.add_argument("--dict-name", default=None, help="name of the dictionary in the DB (default: from its folder)")
             p.add_argument("--restart", action="store_true",
                            help="discard this dictionary's earlier samples and any unfinished run's checkpoint, start over")
@@ -311,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", default="train,heldout", help="splits to show examples from (default: train,heldout)")
             p.add_argument("-n", type=int, default=5, help="examples per kind (default: 5)")
         if verb == "merge":
-            p.add_argument("shards", nargs="+", help="shard DuckDB files written by `sample --shard i/N --db ...`, or the folder of `sample --parquet DIR`")
+            p.add_argument("shards", nargs="+",
+                           help="shard DuckDB files written by `sample --shard i/N --db ...`, "
+                                "or the folder of `sample --parquet DIR`")
             p.add_argument("--dict-name", default=None, help="name of the dictionary in the merged DB")
         if verb == "serve":
             p.add_argument("--serve-model", default="smollm2", help="smollm2, gemma3-270m or a .gguf path (default: smollm2)")

@@ -157,9 +157,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", action="store_true", help="forget cached LLM answers (llm_cache): the next run asks again")
     p.add_argument("--explanations", action="store_true", help="forget explanations (and the scores of those explanations)")
     p.add_argument("--scores", action="store_true", help="forget scores")
-    p.add_argument("--latents", default=None, help="only rows of these latents of --dict: 3, 0-99, 1,5,9, all or a SQL WHERE over latents")
+    p.add_argument("--latents", default=None,
+                   help="only rows of these latents of --dict: 3, 0-99, 1,5,9, all or a SQL WHERE over latents")
     p.add_argument("--model", default=None, help="only rows of this model (cached answers, explanations; scores where recorded)")
-    p.add_argument("--where", default=None, help="only rows this SQL WHERE over the kind's own table selects, e.g. \"scorer = 'fuzzing'\"")
+    p.add_argument("--where", default=None,
+                   help="only rows this SQL WHERE over the kind's own table selects, e.g. \"scorer = 'fuzzing'\"")
     p.add_argument("--dict", default=None, help="dictionary name or id when the DB holds several")
     p.add_argument("--all", action="store_true", help="with no other selector: forget every row of the kinds named")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")

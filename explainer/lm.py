@@ -57,7 +57,7 @@ def _materialize_builtin(name: str) -> Path:
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model while it still looks quantized.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch's __setattr__ stub admits only Tensor/Module
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + ".tmp")
@@ -92,7 +92,8 @@ def _decoder_layers(model: Any) -> Any:
         except AttributeError:
             continue
         return obj
-    raise ExplainerError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama/Gemma/GPT-2/NeoX-style models")
+    raise ExplainerError(
+        f"cannot find the decoder layers of {type(model).__name__}; supported: Llama/Gemma/GPT-2/NeoX-style models")
 
 
 class _Stop(Exception):
@@ -172,6 +173,7 @@ class SubjectModel:
         """Mean next-token cross-entropy of each context [B] (for intervals paired by context)."""
 
         def hook(_mod: Any, _inp: Any, out: Any) -> Any:
+            assert splice is not None  # the hook is registered only with a splice
             hidden = out[0] if isinstance(out, tuple) else out
             new = hidden.clone()
             new[:, self.n_prefix :] = splice(hidden[:, self.n_prefix :].float()).to(hidden.dtype)
@@ -225,7 +227,7 @@ def load_model(settings: ModelSettings) -> SubjectModel:
         raise ExplainerError(
             f"cannot load model {settings.name!r}: {first} (offline? use a built-in: {', '.join(BUILTINS)}, or a local folder)"
         ) from None
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped `to` loses its self in the stubs
     for p in model.parameters():
         p.requires_grad_(False)
     return SubjectModel(model, tokenizer, settings.name, settings.layer, device)

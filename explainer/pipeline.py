@@ -94,8 +94,8 @@ def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactor
             with bars("n-gram score") as bar:
                 ngram.score_all(con, dict_id, "both", progress=bar, run_id=run_id,
                                 limits=examples.counts_of(settings.score, vocab.SIM_KINDS))
-            n_ok = con.execute("SELECT count(*) FROM explanations WHERE dict_id = ? AND explainer = 'ngram' "
-                               "AND status = 'ok'", [dict_id]).fetchone()[0]
+            n_ok = store.one_row(con.execute("SELECT count(*) FROM explanations WHERE dict_id = ? AND explainer = 'ngram' "
+                                             "AND status = 'ok'", [dict_id]))[0]
             result.stages.append({"stage": "n-gram", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
                                   "detail": f"{n_ok} latents explained and scored on validation and heldout"})
             if llm:
@@ -126,7 +126,8 @@ def _train(settings: Settings, bars: BarFactory) -> dict[str, Any]:
     return {"stage": "train", "status": "done", "wall_s": round(time.perf_counter() - t0, 1),
             "detail": f"FVU {m.get('fvu', float('nan')):.3f}, L0 {m.get('l0', float('nan')):.1f}, "
                       f"dead {m.get('dead_fraction', float('nan')):.3f}, "
-                      f"CE +{m.get('ce_increase', float('nan')):.3f} (zero-abl. +{m.get('ce_increase_zero_ablation', float('nan')):.2f})"}
+                      f"CE +{m.get('ce_increase', float('nan')):.3f} "
+                      f"(zero-abl. +{m.get('ce_increase_zero_ablation', float('nan')):.2f})"}
 
 
 def _llm(con: Any, settings: Settings, dict_id: int, llm_latents: int, bars: BarFactory) -> dict[str, Any]:

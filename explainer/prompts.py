@@ -109,7 +109,7 @@ def load(name_or_path: str) -> Template:
     fields: set[str] = set()
     for _, body in parts:
         try:
-            for _, name, spec, conv in string.Formatter().parse(body):
+            for _, name, _spec, _conv in string.Formatter().parse(body):
                 if name is None:
                     continue
                 if not name.isidentifier():

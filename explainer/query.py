@@ -17,6 +17,7 @@ import duckdb
 from explainer import vocab
 from explainer.errors import ExplainerError
 from explainer.store import examples as example_store
+from explainer.store.db import one_row
 from explainer.store.examples import Example
 from explainer.ui import score_key
 
@@ -96,7 +97,7 @@ def latent_record(con: duckdb.DuckDBPyConnection, dict_id: int, latent: int, *,
                   splits: tuple[str, ...] = ("train", "heldout"), per_kind: int = 10) -> LatentRecord:
     stat_rows = rows(con.execute("SELECT * FROM latents WHERE dict_id = ? AND latent = ?", [dict_id, latent]))
     if not stat_rows:
-        n = con.execute("SELECT count(*) FROM latents WHERE dict_id = ?", [dict_id]).fetchone()[0]
+        n = one_row(con.execute("SELECT count(*) FROM latents WHERE dict_id = ?", [dict_id]))[0]
         raise ExplainerError(f"latent {latent} not found: the dictionary has latents 0..{n - 1}" if n else
                              "the database has no sampled latents (run `explainer sample` first)")
     expl = rows(con.execute(

@@ -103,7 +103,10 @@ class TrainSettings(Section):
     out: Path = Field(Path("runs/sae"), description="folder for the trained dictionary (SAELens layout)")
     n_latents: int = Field(4096, ge=2, le=2**48, description="dictionary width (number of latents)")
     k: int = Field(32, ge=1, le=2**24, description="active latents per token (TopK)")
-    tokens: int = Field(400_000, ge=1, le=2**50, description="training tokens to stream from the subject model (sized so `explainer run` trains in ~4-9 min on 2 CPU cores, depending on the CPU)")
+    tokens: int = Field(
+        400_000, ge=1, le=2**50,
+        description="training tokens to stream from the subject model "
+                    "(sized so `explainer run` trains in ~4-9 min on 2 CPU cores, depending on the CPU)")
     batch_tokens: int = Field(
         1024, ge=1, le=2**26, description="tokens per optimizer step (rounded to whole contexts of ctx_len tokens); 1024 "
         "because short runs gain from more steps (bench/train_sweep.py)"
@@ -172,7 +175,8 @@ class SampleSettings(Section):
         "float16", description="dtype of the per-token activations held for kept examples while sampling (memory)"
     )
     tokens: int = Field(200_000, ge=1, le=2**50, description="corpus tokens (all splits) to run through model + dictionary")
-    checkpoint_every: int = Field(256, ge=1, le=2**40, description="batches between resumable checkpoints (a kill loses at most this many)")
+    checkpoint_every: int = Field(
+        256, ge=1, le=2**40, description="batches between resumable checkpoints (a kill loses at most this many)")
     shard: str = Field("0/1", description="process shard i of N (i/N) of the contexts; merge shards with `explainer merge`")
     parquet: str = Field(
         "", description="folder to write the sampled contexts to as Parquet (one file per checkpoint) instead of DB "
@@ -195,11 +199,13 @@ class SampleSettings(Section):
 class LLMSettings(Section):
     base_url: Optional[str] = Field(
         None,
-        description="OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama); default https://api.openai.com/v1; env OPENAI_BASE_URL",
+        description="OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama); "
+                    "default https://api.openai.com/v1; env OPENAI_BASE_URL",
     )
     api_key: Optional[SecretStr] = Field(
         None,
-        description="API key; read from OPENAI_API_KEY, never stored in the DB, logs or errors; not needed for 127.0.0.1/localhost",
+        description="API key; read from OPENAI_API_KEY, never stored in the DB, logs or errors; "
+                    "not needed for 127.0.0.1/localhost",
     )
     model: str = Field("gpt-4o-mini", description="model name sent to the endpoint")
     temperature: float = Field(0.0, ge=0, le=100, description="sampling temperature")
@@ -210,7 +216,8 @@ class LLMSettings(Section):
         5, ge=1, le=1000, description="attempts per call (errors and rejected answers alike) before it is recorded as failed"
     )
     backoff: float = Field(1.0, ge=0, le=86400, description="seconds before the first retry; doubles per attempt, with jitter")
-    backoff_max: float = Field(30.0, ge=0, le=86400, description="longest wait between two attempts, unless Retry-After asks for more")
+    backoff_max: float = Field(
+        30.0, ge=0, le=86400, description="longest wait between two attempts, unless Retry-After asks for more")
     retry_after_max: float = Field(
         120.0, ge=0, le=86400, description="longest Retry-After wait honoured; a server asking for more waits this long"
     )
@@ -288,7 +295,9 @@ class ScoreSettings(Section):
     )
     latents: str | list[int] = Field("all", description=LATENTS_HELP)
     explanations: Optional[str] = Field(
-        None, description="SQL WHERE over the explanations table choosing which ok explanations to score, e.g. \"explainer = 'llm'\""
+        None,
+        description="SQL WHERE over the explanations table choosing which ok explanations to score, "
+                    "e.g. \"explainer = 'llm'\""
     )
     split: Literal["heldout", "validation", "both"] = Field(
         "heldout", description="split the scorers read (never train): heldout for final scores, validation for "
@@ -296,7 +305,8 @@ class ScoreSettings(Section):
     )
     n_top: int = Field(5, ge=0, le=10_000, description="top examples per latent (simulation, detection and fuzzing positives)")
     n_quantile: int = Field(5, ge=0, le=10_000, description="quantile examples per latent, spread over the bins (as n_top)")
-    n_random: int = Field(5, ge=0, le=10_000, description="random contexts per latent (simulation; detection negatives where the latent is 0)")
+    n_random: int = Field(
+        5, ge=0, le=10_000, description="random contexts per latent (simulation; detection negatives where the latent is 0)")
     n_nonactivating: int = Field(5, ge=0, le=10_000, description="non-activating examples per latent (detection negatives)")
     per_call: int = Field(5, ge=1, le=1000, description="snippets per call in json simulation, detection and fuzzing")
     top_logprobs: int = Field(
@@ -309,7 +319,8 @@ class ScoreSettings(Section):
     json_response_format: bool = Field(
         False, description="send response_format={type: json_object} with json answers (some endpoints reject it)"
     )
-    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for snippet order, detection/fuzzing batches and moved fuzzing highlights")
+    seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="seed for snippet order, detection/fuzzing batches and moved fuzzing highlights")
     simulation_template: str = Field("simulate", description="json-mode simulator prompt: a name in prompts/ or a .txt path")
     logprobs_template: str = Field(
         "simulate_logprobs", description="logprobs-mode simulator prompt (must end with 'Activation:')"
@@ -336,7 +347,8 @@ class AgentSettings(Section):
     explainer: Optional[Literal["llm", "ngram"]] = Field(
         None, description="llm asks the endpoint; ngram chooses among fitted pattern sets offline; none follows explain.explainer"
     )
-    candidates: int = Field(4, ge=1, le=1000, description="candidate explanations per latent (best-of-k), each scored on validation")
+    candidates: int = Field(
+        4, ge=1, le=1000, description="candidate explanations per latent (best-of-k), each scored on validation")
     templates: Optional[str] = Field(
         None, description="comma list of explainer templates the candidates cycle through; none uses explain.template"
     )
@@ -371,7 +383,7 @@ class Settings(Section):
     agent: AgentSettings = Field(default_factory=AgentSettings)
 
     @model_validator(mode="after")
-    def _train_split_left(self) -> "Settings":
+    def _train_split_left(self) -> Settings:
         c = self.corpus
         if c.validation_fraction + c.heldout_fraction >= 1:
             raise ValueError(

@@ -146,7 +146,8 @@ def fill_db(path: Path) -> Path:
                     "SELECT id, dict_id, latent, 'simulation', 'json', 'heldout', ?, 'ok', now() FROM explanations WHERE id = ?",
                     [score, eid])
     con.execute("INSERT INTO llm_calls (stage, model, latent, cache_hit, prompt_tokens, completion_tokens, cost, created_at) "
-                "VALUES ('explain', 'gpt-test', 0, false, 100, 10, 0.01, now()), ('explain', 'gpt-test', 1, true, 100, 10, 0.0, now())")
+                "VALUES ('explain', 'gpt-test', 0, false, 100, 10, 0.01, now()), "
+                "('explain', 'gpt-test', 1, true, 100, 10, 0.0, now())")
     con.close()
     return path
 

@@ -57,59 +57,59 @@ class Reply:
     cached_tokens: int = 0  # reported as usage.prompt_tokens_details.cached_tokens when > 0
 
     @classmethod
-    def content(cls, text: Optional[str], **kw: Any) -> "Reply":
+    def content(cls, text: Optional[str], **kw: Any) -> Reply:
         return cls(kind="text", text=text, **kw)
 
     @classmethod
-    def logprobs(cls, top: list[dict[str, float]], **kw: Any) -> "Reply":
+    def logprobs(cls, top: list[dict[str, float]], **kw: Any) -> Reply:
         """Generated tokens whose alternatives are `top`; each token is its list's argmax."""
         text = "".join(max(d, key=d.get) for d in top)
         return cls(kind="text", text=text, top_logprobs=top, **kw)
 
     @classmethod
-    def http(cls, status: int, retry_after: Optional[Union[float, str]] = None, message: str = "scripted") -> "Reply":
+    def http(cls, status: int, retry_after: Optional[Union[float, str]] = None, message: str = "scripted") -> Reply:
         headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
         body = json.dumps({"error": {"message": message, "type": "scripted", "code": status}}).encode()
         return cls(kind="status", status=status, headers=headers, body=body)
 
     @classmethod
-    def raw(cls, body: Union[bytes, str], status: int = 200, content_type: str = "application/json") -> "Reply":
+    def raw(cls, body: Union[bytes, str], status: int = 200, content_type: str = "application/json") -> Reply:
         """Any bytes as the body: truncated JSON, HTML, nothing."""
         data = body.encode() if isinstance(body, str) else body
         return cls(kind="raw", status=status, body=data, headers={"Content-Type": content_type})
 
     @classmethod
-    def hang(cls, seconds: float = 5.0) -> "Reply":
+    def hang(cls, seconds: float = 5.0) -> Reply:
         """Say nothing for `seconds` (past the client's timeout), then drop the connection."""
         return cls(kind="hang", delay=seconds)
 
     @classmethod
-    def reset(cls) -> "Reply":
+    def reset(cls) -> Reply:
         """Close the socket with a TCP reset before any byte of the response."""
         return cls(kind="reset")
 
     @classmethod
-    def endless(cls, chunk: int = 65536) -> "Reply":
+    def endless(cls, chunk: int = 65536) -> Reply:
         """A 200 whose chunked body never ends: `chunk`-byte pieces of one JSON string, until the client leaves."""
         return cls(kind="endless", body=b"a" * chunk)
 
     @classmethod
-    def drip(cls, every: float = 0.5) -> "Reply":
+    def drip(cls, every: float = 0.5) -> Reply:
         """A 200 announcing a 1 MB body, then one byte of it every `every` seconds (each read is quick)."""
         return cls(kind="drip", delay=every)
 
     @classmethod
-    def redirect(cls, status: int = 301, location: str = "https://example.invalid/v1/chat/completions") -> "Reply":
+    def redirect(cls, status: int = 301, location: str = "https://example.invalid/v1/chat/completions") -> Reply:
         return cls(kind="status", status=status, headers={"Location": location}, body=b"")
 
     @classmethod
-    def gzip_bomb(cls, size: int = 256 * 2**20) -> "Reply":
+    def gzip_bomb(cls, size: int = 256 * 2**20) -> Reply:
         """A 200 whose gzip body is small on the wire and `size` bytes once decompressed."""
         return cls(kind="raw", status=200, body=_bomb(size),
                    headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
 
     @classmethod
-    def error_in_200(cls, message: str = "upstream overloaded") -> "Reply":
+    def error_in_200(cls, message: str = "upstream overloaded") -> Reply:
         """A 200 whose body is an error object (some proxies do this): choices is missing."""
         return cls(kind="error200", text=message)
 
@@ -142,7 +142,7 @@ ECHO_TOKEN = re.compile(r"\t|\n| ?[^\s]+| ")
 
 
 def echo_reply(req: Request, guess: Callable[[list[str], int], dict[str, float]], *, shift: int = 0,
-               pattern: "re.Pattern[str]" = ECHO_TOKEN, delay: float = 0.0) -> Reply:
+               pattern: re.Pattern[str] = ECHO_TOKEN, delay: float = 0.0) -> Reply:
     """A /v1/completions answer with `echo`: the prompt split by `pattern` into tokens with their
     offsets, `guess(tokens, i)` as the alternatives at position i, one generated token "0".
     `shift=1` reports every position's alternatives one position early, as llama.cpp does
@@ -237,7 +237,7 @@ class ScriptedServer:
         assert self._httpd is not None, "server not started"
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
-    def start(self) -> "ScriptedServer":
+    def start(self) -> ScriptedServer:
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.scripted = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -252,7 +252,7 @@ class ScriptedServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "ScriptedServer":
+    def __enter__(self) -> ScriptedServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

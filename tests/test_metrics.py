@@ -1,11 +1,15 @@
 """Metrics on hand-made inputs whose answers are known."""
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from explainer.metrics import auroc, average_ranks, classify, pearson
+from explainer.metrics import (auroc, average_ranks, balanced_accuracy_ci, bootstrap_ci, classify, judge_stats, pearson,
+    pearson_ci, simulation_stats)
 
 
 def test_pearson_perfect_scaled_and_inverted() -> None:
@@ -87,12 +91,6 @@ def test_classification_degenerate_cases() -> None:
 
 
 # --- bootstrap intervals (property tests) -----------------------------------------------------
-
-from hypothesis import given
-from hypothesis import settings as hsettings
-from hypothesis import strategies as st
-
-from explainer.metrics import balanced_accuracy_ci, bootstrap_ci, judge_stats, pearson_ci, simulation_stats
 
 
 def _items(seed: int, k: int, noise: float) -> tuple[list[np.ndarray], list[np.ndarray]]:

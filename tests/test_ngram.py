@@ -224,8 +224,8 @@ def test_explanation_filter_and_bad_filter(con) -> None:
 def test_shuffled_patterns_score_low_and_agent_api(con) -> None:
     dict_id = fill_db(con, LATENTS)
     train = ngram.load_split(con, dict_id, "train")
-    cands = {l: ngram.candidate_sets(train.latent(l), train.vocab) for l in (0, 1, 2)}
-    assert all(cands[l] for l in cands)
+    cands = {lat: ngram.candidate_sets(train.latent(lat), train.vocab) for lat in (0, 1, 2)}
+    assert all(cands[lat] for lat in cands)
     assert len({ps.patterns for ps in cands[2]}) == len(cands[2])  # distinct sets only
     scores = ngram.score_pattern_sets(con, dict_id, cands, split="validation")
     assert max(s.score for s in scores[2]) == pytest.approx(1.0)

@@ -78,7 +78,8 @@ def test_run_with_an_llm_endpoint_labels_and_scores_the_chosen_latents(
         assert len(srv.requests) == n_requests
     assert out["stages"][-1]["stage"] == "LLM"
     con = duckdb.connect(str(tmp_path / "run.duckdb"), read_only=True)
-    llm_rows = con.execute("SELECT count(*), count(DISTINCT latent) FROM explanations WHERE explainer = 'llm' AND status = 'ok'").fetchone()
+    llm_rows = con.execute(
+        "SELECT count(*), count(DISTINCT latent) FROM explanations WHERE explainer = 'llm' AND status = 'ok'").fetchone()
     scored = con.execute("SELECT count(*) FROM scores s JOIN explanations e ON e.id = s.explanation_id "
                          "WHERE e.explainer = 'llm' AND s.scorer = 'simulation' AND s.split = 'heldout'").fetchone()[0]
     costs = con.execute("SELECT sum(calls) FROM costs").fetchone()[0]

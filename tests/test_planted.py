@@ -1,6 +1,6 @@
 """The planted benchmark through the real sampler: exact ground truth, recovery, stored results, rerun."""
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
 
 import json
 import re

@@ -128,10 +128,10 @@ def test_browse_writes_index_and_pages(filled_db: Path, tmp_path: Path) -> None:
 def test_db_locked_by_another_process_is_a_clear_error(filled_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import subprocess
     import sys
-    import time
 
     holder = subprocess.Popen([sys.executable, "-c",
-                               f"import duckdb, time; c = duckdb.connect({str(filled_db)!r}); print('ok', flush=True); time.sleep(30)"],
+                               f"import duckdb, time; c = duckdb.connect({str(filled_db)!r}); "
+                               "print('ok', flush=True); time.sleep(30)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ok"
@@ -147,7 +147,8 @@ def test_sql_without_a_query_is_an_interactive_prompt(filled_db: Path, monkeypat
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     import io
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("SELECT latent FROM labels ORDER BY latent\nSELEC oops\nSELECT 41 + 1 AS answer\n"))
+    monkeypatch.setattr("sys.stdin",
+                        io.StringIO("SELECT latent FROM labels ORDER BY latent\nSELEC oops\nSELECT 41 + 1 AS answer\n"))
     assert main(["sql", "--db", str(filled_db), "--json"]) == 0
     out, err = capsys.readouterr()
     assert '"answer": 42' in out and '"latent": 2' in out

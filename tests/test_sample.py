@@ -112,7 +112,7 @@ def test_examples_match_a_brute_force_pass(env: dict[str, Any]) -> None:
             top = ex.get((latent, split, "top"), [])
             assert [r[0] for r in top] == list(range(len(top)))
             assert [r[1] for r in top] == [ctxs[i].context_id for i in want]
-            for (_, cid, mx, a, _), i in zip(top, want):
+            for (_, _cid, mx, a, _), i in zip(top, want):
                 assert mx == pytest.approx(float(ctx_max[i, latent]), rel=1e-6)
                 assert torch.allclose(torch.tensor(a), acts[i, :, latent], atol=1e-5)
                 checked_top += 1
@@ -122,7 +122,7 @@ def test_examples_match_a_brute_force_pass(env: dict[str, Any]) -> None:
                 assert len(quant) == min(4, len(firing) - len(top_ids))
             else:
                 assert 3 <= len(quant) <= 4
-            for _, cid, mx, a, b in quant:
+            for _, cid, _mx, a, b in quant:
                 assert cid not in top_ids and ctx_max[cid, latent] > 0 and b in (0, 1)
                 assert torch.allclose(torch.tensor(a), acts[cid, :, latent], atol=1e-5)
             non = ex.get((latent, split, "nonactivating"), [])
@@ -149,7 +149,7 @@ def test_examples_match_a_brute_force_pass(env: dict[str, Any]) -> None:
                 hard_checked += 1
             rnd = ex[(latent, split, "random")]
             assert [r[1] for r in rnd] == pool[split][:3]
-            for _, cid, mx, a, _ in rnd:
+            for _, cid, _mx, a, _ in rnd:
                 assert torch.allclose(torch.tensor(a), acts[cid, :, latent], atol=1e-5)
     assert checked_top > 100 and hard_checked > 20 and topped_up > 5
     # The random contexts are shared by all latents of a split.
@@ -390,7 +390,7 @@ def test_a_jumprelu_dictionary_samples_like_a_brute_force_pass(env: dict[str, An
     assert fired == {latent: int(n) for latent, n in enumerate((acts > 0).sum((0, 1)).tolist())}
     split_of = [c.split for c in ctxs]
     ctx_max = acts.amax(1)
-    for latent, split, cid, mx in tops:
+    for latent, split, _cid, mx in tops:
         best = max(float(ctx_max[i, latent]) for i in range(len(ctxs)) if split_of[i] == split)
         assert mx == pytest.approx(best, rel=1e-5)
 

@@ -256,7 +256,8 @@ def test_fuzzing_choice_is_deterministic(db):
         con.close()
     a = score.fuzzing_items(snips, 0, seed=0)
     b = score.fuzzing_items(snips, 0, seed=0)
-    assert [(x.snippet.context_id, x.label, x.highlights) for x in a] == [(x.snippet.context_id, x.label, x.highlights) for x in b]
+    assert ([(x.snippet.context_id, x.label, x.highlights) for x in a]
+            == [(x.snippet.context_id, x.label, x.highlights) for x in b])
     assert sum(not x.label for x in a) == 2
 
 
@@ -326,7 +327,8 @@ def test_evaluate_returns_per_token_predictions_on_validation(db, llm_server):
         settings = make_settings(llm_server, db)
         out = score.evaluate(con, settings, 1, 0, "capitalised city names", split="validation")
         assert out.score == pytest.approx(1.0)
-        assert [(r.snippet.kind, r.snippet.tokens[1]) for r in out.results] == [("top", " Paris"), ("quantile", " Rome"), ("random", " quiet")]
+        assert ([(r.snippet.kind, r.snippet.tokens[1]) for r in out.results]
+                == [("top", " Paris"), ("quantile", " Rome"), ("random", " quiet")])
         assert out.results[0].snippet.acts == [0.0, 2.0, 0.0, 0.0, 0.0] and out.results[0].predicted == [0, 8, 0, 0, 0]
         det = score.evaluate(con, settings, 1, 0, "capitalised city names", scorer="detection", split="validation")
         assert {(r.snippet.context_id, r.label, r.answer) for r in det.results} == {(20, True, True), (22, False, False)}

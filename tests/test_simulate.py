@@ -144,7 +144,8 @@ def test_perfect_simulation_scores_one(con, llm_server):
 
 
 def test_constant_simulation_scores_zero(con, llm_server):
-    llm_server.responder = lambda req: Reply.content(json.dumps({str(i): [3] * len(t) for i, t in enumerate(snippets_in(req), 1)}))
+    llm_server.responder = lambda req: Reply.content(
+        json.dumps({str(i): [3] * len(t) for i, t in enumerate(snippets_in(req), 1)}))
     out = run_sim(con, llm_server, ScoreSettings(per_call=4))
     assert out.score == 0.0 and out.details["constant_prediction"]
 

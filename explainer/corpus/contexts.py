@@ -294,7 +294,8 @@ def iter_contexts(
         yield Context(cid, doc_id, split, list(ids))
 
 
-def count_contexts(settings: CorpusSettings, tokenizer: Any, documents: Optional[Iterable[tuple[str, str]]] = None) -> dict[str, int]:
+def count_contexts(settings: CorpusSettings, tokenizer: Any,
+                   documents: Optional[Iterable[tuple[str, str]]] = None) -> dict[str, int]:
     """How many contexts each split yields (tokenizes the whole corpus)."""
     counts = {s: 0 for s in SPLITS}
     for c in iter_contexts(settings, tokenizer, splits=counts.keys(), documents=documents):

@@ -51,7 +51,8 @@ def _open_text(path: Path, shown: str) -> Any:
     try:
         return path.open(encoding="utf-8")
     except OSError as e:
-        raise ExplainerError(f"corpus file {shown} cannot be read ({e.strerror or e}); fix its permissions or remove it") from None
+        raise ExplainerError(
+            f"corpus file {shown} cannot be read ({e.strerror or e}); fix its permissions or remove it") from None
 
 
 def _not_utf8(shown: str, e: UnicodeDecodeError) -> ExplainerError:

@@ -8,7 +8,7 @@ validation score and its worst validation mistakes. Two ledger stages: `agent` (
 counted against the per-latent budget) and `agent-heldout` (the chosen explanation's final score).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
 
 import asyncio
 import time
@@ -218,7 +218,7 @@ class _LLMLatent:
             return
         s = self.ctx.settings.score
         try:
-            outcome: Optional[Outcome] = await score.score_explanation(
+            outcome = await score.score_explanation(
                 self.ctx.llm, s, "simulation", self.ctx.sim_tpl, self.latent, text, self.val)
             assert outcome is not None
             row = _ok_row(outcome, self.val)

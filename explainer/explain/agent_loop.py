@@ -53,7 +53,7 @@ class Node:
 
     candidate: int
     round: int
-    parent: Optional["Node"]
+    parent: Optional[Node]
     template: str
     template_hash: Optional[str]
     text: Optional[str] = None

@@ -18,7 +18,7 @@
 token and cost caps never bind here (candidates and rounds still do).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
 
 import asyncio
 import time
@@ -122,7 +122,7 @@ class _NgramLatent:
         for m in fns:
             ids = ex.exact[rows[m.row]]
             tok = self.vocab[ids[m.pos]]
-            shapes = [((tok,), "exact"), ((tok,), "norm")]
+            shapes: list[tuple[tuple[Optional[str], ...], str]] = [((tok,), "exact"), ((tok,), "norm")]
             if m.pos > 0 and ids[m.pos - 1] >= 0:
                 prev = self.vocab[ids[m.pos - 1]]
                 shapes += [((prev, tok), "exact"), ((prev, None), "exact")]

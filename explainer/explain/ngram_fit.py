@@ -65,9 +65,10 @@ class Pattern:
         target = "any token" if last is None else q(last)
         if not ctx:
             return target
-        if ctx[-1] is None:
-            return f"{target} two tokens after {q(ctx[0])}"
-        joined = "".join(ctx) if self.mode == "exact" else " ".join(ctx)
+        words = [s for s in ctx if s is not None]
+        if len(words) < len(ctx):  # [p2, *, t]
+            return f"{target} two tokens after {q(words[0])}"
+        joined = "".join(words) if self.mode == "exact" else " ".join(words)
         return f"{target} after {q(joined)}"
 
 
@@ -92,7 +93,7 @@ class PatternSet:
                 "patterns": [p.to_json() for p in self.patterns], "fit": self.fit}
 
     @staticmethod
-    def from_json(data: str | Mapping[str, Any]) -> "PatternSet":
+    def from_json(data: str | Mapping[str, Any]) -> PatternSet:
         d = json.loads(data) if isinstance(data, str) else data
         if not isinstance(d, Mapping) or d.get("format") != FORMAT:
             raise ExplainerError(f"not an {FORMAT} pattern (got {str(d)[:80]!r}); explain with --explainer ngram")
@@ -212,6 +213,7 @@ def score_examples(ps: PatternSet, ex: LatentExamples, index: Optional[tuple[dic
     bootstrap over snippets seeded by `seed`)."""
     kinds = list(kinds)
     if pred is None:
+        assert index is not None, "score_examples needs the vocab index unless given the predictions"
         pred = simulate(ps, ex, index)
     rows = scored_rows(ex, kinds)
     valid = ex.exact[rows] >= 0
@@ -263,7 +265,7 @@ def _groups(ex: LatentExamples, modes: Sequence[str], min_support: int) -> list[
 
 def _decode(g: _Group, key: int, vocab: tuple[list[str], list[str]]) -> tuple[Optional[str], ...]:
     names = vocab[0] if g.mode == "exact" else vocab[1]
-    digits = []
+    digits: list[Optional[str]] = []
     for k in reversed(range(g.length)):
         if k in g.wild:
             digits.append(None)
@@ -319,16 +321,16 @@ def fit(ex: LatentExamples, vocab: tuple[list[str], list[str]], *, max_patterns:
             j = int(np.argmax(gain))
             if gain[j] > best[0]:
                 best = (float(gain[j]), g, j)
-        g = best[1]
-        if g is None or best[0] < min_gain * (total_sq if objective == "sse" else 1.0):
+        pick = best[1]
+        if pick is None or best[0] < min_gain * (total_sq if objective == "sse" else 1.0):
             break
-        hit = g.inv == best[2]
+        hit = pick.inv == best[2]
         if objective == "sse":
             owner[hit] = len(chosen)
         else:
             owner[hit & (owner < 0)] = len(chosen)
             best_f1 += best[0]
-        chosen.append((g, best[2]))
+        chosen.append((pick, best[2]))
         counts = np.bincount(owner[owner >= 0], minlength=len(chosen))
         sums = np.bincount(owner[owner >= 0], weights=a[owner >= 0], minlength=len(chosen))
         means = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)

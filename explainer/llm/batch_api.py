@@ -124,7 +124,9 @@ def read_line(raw: bytes, endpoint: str) -> tuple[Optional[str], Optional[dict[s
         if isinstance(err, dict):
             return key, None, f"{err.get('code') or 'error'}: {short(err.get('message') or '')}"
         return key, None, short(err)
-    resp = rec.get("response") if isinstance(rec.get("response"), dict) else {}
+    resp = rec.get("response")
+    if not isinstance(resp, dict):
+        resp = {}
     code, body = resp.get("status_code"), resp.get("body")
     if code == 200 and isinstance(body, dict):
         try:

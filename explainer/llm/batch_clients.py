@@ -93,7 +93,7 @@ class Collector(LLMClient):
         self.writer = _NoWrites(con)
         self.spool = spool
 
-    async def __aenter__(self) -> "Collector":
+    async def __aenter__(self) -> Collector:
         return self  # no HTTP client: nothing is sent
 
     async def __aexit__(self, *exc: Any) -> None:

@@ -161,7 +161,7 @@ class LLMClient:
         """This client's call and spend totals so far, for a stage result or progress report."""
         return LLMSpend(self.calls, self.cache_hits, self.prompt_tokens, self.completion_tokens, self.cost)
 
-    async def __aenter__(self) -> "LLMClient":
+    async def __aenter__(self) -> LLMClient:
         n = self.settings.concurrency
         http = http_client(n, self.settings.timeout, self.settings.max_response_bytes)
         self._client = openai.AsyncOpenAI(
@@ -265,7 +265,7 @@ class LLMClient:
         )
         self.calls += 1
         try:
-            value = await retrying(self._attempt, endpoint, body, key, parse, st)
+            value: T = await retrying(self._attempt, endpoint, body, key, parse, st)
         except _OverBudget:
             # Never sent, so no ledger row; the latent fails and a rerun (a new budget) asks again.
             self.failures += 1
@@ -346,6 +346,11 @@ class LLMClient:
         st.spent_in, st.spent_out, st.spent_cached = _add(st.spent_in, p), _add(st.spent_out, c), _add(st.spent_cached, pc)
         st.used_in, st.used_out, st.used_cached = _add(st.used_in, p), _add(st.used_out, c), _add(st.used_cached, pc)
 
+    async def _fetch(self, path: str, body: dict[str, Any]) -> str:
+        assert self._client is not None
+        resp = await self._client.post(path, body=body, cast_to=_httpx.Response)
+        return resp.text
+
     async def _post(self, endpoint: str, body: dict[str, Any], st: _CallState) -> dict[str, Any]:
         assert self._client is not None and self._sem is not None
         path = "/chat/completions" if endpoint == "chat" else "/completions"
@@ -358,14 +363,14 @@ class LLMClient:
             t0 = time.perf_counter()
             try:
                 # One deadline for connect, headers and the whole body: httpx's own timeout is per
-                # read, so a server dripping a byte per read would hold the call forever.
-                async with asyncio.timeout(self.settings.timeout):
-                    resp = await self._client.post(path, body=body, cast_to=_httpx.Response)
-                    text = resp.text
+                # read, so a server dripping a byte per read would hold the call forever. wait_for,
+                # not asyncio.timeout: that one is Python 3.11+, and 3.10 is supported.
+                text = await asyncio.wait_for(self._fetch(path, body), self.settings.timeout)
             except ResponseTooLarge as e:
                 self.responses += 1
                 raise _Retryable(f"{url} sent a {e}") from None
-            except (openai.APITimeoutError, TimeoutError):
+            # asyncio.TimeoutError is TimeoutError from 3.11 on, a class of its own on 3.10.
+            except (openai.APITimeoutError, TimeoutError, asyncio.TimeoutError):
                 raise _Retryable(f"no answer from {url} within {self.settings.timeout:g}s", connection=True) from None
             except openai.APIConnectionError as e:
                 # A reset's cause (ReadError) has an empty message: name its type instead.

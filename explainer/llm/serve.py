@@ -63,7 +63,7 @@ def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 120.0) ->
             with urllib.request.urlopen(f"{base_url}/models", timeout=2) as r:
                 if r.status == 200:
                     return
-        except (urllib.error.URLError, ConnectionError, socket.timeout):
+        except (TimeoutError, urllib.error.URLError, ConnectionError):
             pass
         time.sleep(0.3)
     raise ExplainerError(f"the llama.cpp server at {base_url} did not answer within {timeout:.0f} s")
@@ -88,9 +88,9 @@ def local_server(model: str = "smollm2", port: Optional[int] = None, n_ctx: int 
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "llama.json"
         cfg_path.write_text(json.dumps(cfg))
-        out = open(log, "ab") if log else subprocess.DEVNULL
+        out = open(log, "ab") if log else None
         proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--config_file", str(cfg_path)],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out if out is not None else subprocess.DEVNULL, stderr=subprocess.STDOUT)
         base_url = f"http://127.0.0.1:{port}/v1"
         try:
             wait_ready(base_url, proc)
@@ -102,5 +102,5 @@ def local_server(model: str = "smollm2", port: Optional[int] = None, n_ctx: int 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            if log:
+            if out is not None:
                 out.close()

@@ -11,7 +11,7 @@ are the independent units. `computed_on` in the metrics says what each number wa
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from explainer.sae.outliers import OutlierRule, mean_ci95, position_histogram
 from explainer.settings import Settings
 
 
-def _eval_contexts(lm: Any, settings: Settings, documents: list, n_ctx: int) -> tuple[str, list[list[int]]]:
+def _eval_contexts(lm: Any, settings: Settings, documents: Iterable[tuple[str, str]], n_ctx: int) -> tuple[str, list[list[int]]]:
     """The first n_ctx held-out contexts (validation ones when the corpus has no held-out split)."""
     from explainer.corpus.contexts import iter_contexts
 
@@ -56,7 +56,7 @@ class _Sums:
 
 
 @torch.no_grad()
-def evaluate(lm: Any, sae: TopKSAE, settings: Settings, documents: list,
+def evaluate(lm: Any, sae: TopKSAE, settings: Settings, documents: Iterable[tuple[str, str]],
              rule: Optional[OutlierRule] = None) -> tuple[dict[str, Any], Tensor, int]:
     """FVU, L0 and firing on held-out tokens; CE increase of splicing x_hat vs zero-ablating the layer.
 

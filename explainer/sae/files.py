@@ -30,7 +30,7 @@ def read_tensors(path: Path, wanted: dict[str, Optional[tuple[int, ...]]]) -> di
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = set(f.keys())
-            for name, shape in wanted.items():
+            for name in wanted:
                 if name not in keys:
                     raise ExplainerError(
                         f"{path} has no tensor {name!r} (it holds {', '.join(sorted(keys)) or 'nothing'}); "

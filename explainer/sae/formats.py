@@ -4,7 +4,7 @@ EleutherAI sparsify folders (cfg.json + sae.safetensors) and Gemma Scope params.
 local or on the Hugging Face hub. Reading the files themselves is sae_files.py's.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
 
 import hashlib
 import json
@@ -32,7 +32,7 @@ SAELENS_ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
 def fingerprint(sae: TopKSAE) -> str:
     """Hash of k and the weights: the DB never files two different dictionaries under one id."""
     h = hashlib.blake2b(digest_size=16)
-    tensors = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    tensors: list[Tensor] = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     if sae.activation == "topk":
         h.update(f"topk:{sae.d_in}:{sae.d_sae}:{sae.k}".encode())
     else:  # k is only how many codes per token are kept, not part of the dictionary
@@ -224,6 +224,7 @@ def _build(d_in, d_sae, k, W_enc, b_enc, W_dec, b_dec, cfg, activation: str = "t
         sae.W_dec.copy_(W_dec)
         sae.b_dec.copy_(b_dec)
         if threshold is not None:
+            assert sae.threshold is not None  # a threshold comes only with activation="jumprelu"
             sae.threshold.copy_(threshold)
     return sae
 

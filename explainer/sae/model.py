@@ -57,6 +57,8 @@ class TopKSAE(nn.Module):
     more, so the codes are never silently truncated.
     """
 
+    threshold: Optional[Tensor]  # a buffer (JumpReLU only); declared so its type is not Module's
+
     def __init__(self, d_in: int, d_sae: int, k: int, *, device: Any = None, cfg: Optional[dict] = None,
                  activation: str = "topk", normalize: str = "none"):
         super().__init__()
@@ -108,6 +110,7 @@ class TopKSAE(nn.Module):
         pre = torch.addmm(self.b_enc, flat - self.b_dec, self.W_enc)
         z = F.relu(pre)
         if self.activation == "jumprelu":
+            assert self.threshold is not None  # registered for every JumpReLU dictionary
             z = z * (pre > self.threshold)
         active = int((z > 0).sum(1).max()) if z.numel() else 0
         if active > self.k:
@@ -218,7 +221,7 @@ class TopKSAE(nn.Module):
         grad.addcmul_(parallel.unsqueeze(1), self.W_dec, value=-1.0)
 
     @torch.no_grad()
-    def folded(self, scale: float) -> "TopKSAE":
+    def folded(self, scale: float) -> TopKSAE:
         """A copy that takes raw activations x where this one took x * scale; latents unchanged."""
         out = TopKSAE(self.d_in, self.d_sae, self.k, device=self.device, cfg=self.cfg, normalize=self.normalize)
         out.W_enc.copy_(self.W_enc * scale)

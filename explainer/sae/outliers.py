@@ -41,11 +41,11 @@ class OutlierRule:
                 "outlier_threshold": self.threshold if math.isfinite(self.threshold) else None}
 
     @classmethod
-    def measure(cls, factor: float, raw: Tensor) -> "OutlierRule":
+    def measure(cls, factor: float, raw: Tensor) -> OutlierRule:
         return cls(float(factor), float(raw.float().norm(dim=-1).median()))
 
     @classmethod
-    def from_cfg(cls, cfg: dict[str, Any]) -> Optional["OutlierRule"]:
+    def from_cfg(cls, cfg: dict[str, Any]) -> Optional[OutlierRule]:
         """The rule a dictionary was trained with; None for dictionaries trained without one."""
         factor, median = cfg.get("outlier_factor"), cfg.get("outlier_median_norm")
         if cfg.get("outlier_rule") != RULE or not isinstance(factor, (int, float)) or not isinstance(median, (int, float)):

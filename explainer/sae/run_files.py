@@ -25,11 +25,13 @@ def _check_out(out: Path, resume: bool) -> Optional[dict[str, Any]]:
     if ckpt.is_file():
         if not resume:
             state = "a finished" if (out / METRICS).is_file() else "an unfinished"
-            raise ExplainerError(f"{out} already holds {state} training run; pass --resume to continue it or choose another --out")
+            raise ExplainerError(
+                f"{out} already holds {state} training run; pass --resume to continue it or choose another --out")
         try:
             return torch.load(ckpt, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a truncated or garbled pickle
-            raise ExplainerError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); delete {ckpt.parent} to start over") from None
+            raise ExplainerError(
+                f"checkpoint {ckpt} is unreadable ({type(e).__name__}); delete {ckpt.parent} to start over") from None
     if out.exists() and not out.is_dir():
         raise ExplainerError(f"--out {out} is a file; choose a folder path for the dictionary")
     if out.is_dir() and any(out.iterdir()):

@@ -170,8 +170,9 @@ class _SparseSAE(torch.autograd.Function):
     """Encoder + TopK (+ AuxK, Multi-TopK) + sparse decoder, with one shared sparse backward.
 
     Outputs per latent set (main, aux, multi): (decoded [N, d] or [N, 0], values, indices). The aux
-    set decodes without b_dec (it predicts a residual) but passes its gradient to b_dec. Backward sorts all selected (token, latent)
-    pairs by latent once and builds the W_enc and W_dec gradients from that one order.
+    set decodes without b_dec (it predicts a residual) but passes its gradient to b_dec. Backward
+    sorts all selected (token, latent) pairs by latent once and builds the W_enc and W_dec gradients
+    from that one order.
     """
 
     @staticmethod

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -40,7 +40,8 @@ Progress = Callable[[dict[str, Any]], None]
 class ContextStream:
     """Train-split contexts in corpus order, epoch after epoch, resumable at (epoch, next_id)."""
 
-    def __init__(self, settings: Settings, tokenizer: Any, documents: list, epoch: int = 0, next_id: int = 0):
+    def __init__(self, settings: Settings, tokenizer: Any, documents: Iterable[tuple[str, str]], epoch: int = 0,
+                 next_id: int = 0):
         self.settings, self.tokenizer, self.documents = settings, tokenizer, documents
         self.epoch, self.next_id = epoch, next_id
         self._it: Optional[Iterator] = None
@@ -145,7 +146,8 @@ def _prepare(x: Tensor, ts: TrainSettings, scale: float) -> Tensor:
     return (layer_norm(x)[0] if ts.normalize == "layernorm" else x) * scale
 
 
-def _start(settings: Settings, lm: Any, documents: list, meta: dict, dist: Any, state: Optional[dict]) -> tuple[_Run, dict]:
+def _start(settings: Settings, lm: Any, documents: Iterable[tuple[str, str]], meta: dict, dist: Any,
+           state: Optional[dict]) -> tuple[_Run, dict]:
     """A fresh run (b_pre init on a sample) or the checkpoint's; returns it and the stream position."""
     ts, ctx_len = settings.train, settings.corpus.ctx_len
     sae = TopKSAE(lm.d_model, ts.n_latents, ts.k, device=lm.device, cfg=meta)
@@ -266,7 +268,7 @@ def _run(settings: Settings, report: Progress, resume: bool, out: Path, dist: An
     return TrainResult(out, metrics, trainer.steps, trainer.tokens, seconds, tok_s, state is not None)
 
 
-def _finish(settings: Settings, lm: Any, documents: list, r: _Run, out: Path, seconds: float, tok_s: float,
+def _finish(settings: Settings, lm: Any, documents: Iterable[tuple[str, str]], r: _Run, out: Path, seconds: float, tok_s: float,
             stats: dict, world: int, report: Progress) -> dict[str, Any]:
     """Evaluate the folded dictionary on held-out tokens and save it with its metrics, in one rename."""
     from explainer.sae.evaluate import evaluate

@@ -30,12 +30,12 @@ class LatentMap:
         self._tables: dict[torch.device, Tensor] = {}
 
     @classmethod
-    def keep(cls, subset: Optional[Tensor], d_sae: int) -> "LatentMap":
+    def keep(cls, subset: Optional[Tensor], d_sae: int) -> LatentMap:
         """The map of a run keeping `subset` (sorted dictionary ids; None: all) of d_sae latents."""
         return cls(d_sae) if subset is None else cls(len(subset) + 1, subset.tolist())
 
     @classmethod
-    def of_state(cls, state: SampleState) -> "LatentMap":
+    def of_state(cls, state: SampleState) -> LatentMap:
         return cls(state.d_sae, state.meta.get("latents"))
 
     def meta(self) -> dict[str, Any]:

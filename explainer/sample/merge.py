@@ -5,7 +5,7 @@ counts all merge exactly (sampler_state.merge_states), so the merged tables equa
 one unsharded run. Shard outputs are DB files (state file beside each) or one `--parquet` folder.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
 
 import json
 import time
@@ -108,9 +108,9 @@ def merge(con: duckdb.DuckDBPyConnection, shard_outputs: Sequence[Path | str], *
             con.execute("DELETE FROM contexts WHERE dict_id = ?", [dict_id])
             for i, path in enumerate(dbs):
                 quoted = str(path).replace("'", "''")
-                src_id = con.execute(f"ATTACH '{quoted}' AS shard{i} (READ_ONLY); "
-                                     f"SELECT id FROM shard{i}.dictionaries WHERE fingerprint = ?",
-                                     [dict_row["fingerprint"]]).fetchone()[0]
+                src_id = store.one_row(con.execute(f"ATTACH '{quoted}' AS shard{i} (READ_ONLY); "
+                                                   f"SELECT id FROM shard{i}.dictionaries WHERE fingerprint = ?",
+                                                   [dict_row["fingerprint"]]))[0]
                 con.execute(f"INSERT INTO contexts SELECT ? AS dict_id, context_id, doc_id, split, token_ids, tokens "
                             f"FROM shard{i}.contexts WHERE dict_id = ?", [dict_id, src_id])
                 con.execute(f"DETACH shard{i}")

@@ -182,8 +182,8 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
     fp = fingerprint(sae)
     name = dict_name or ("/".join(hub).strip("/") if hub else sae_path.resolve().name)
     dict_id = store.register_dictionary(
-        con, name=name, path="/".join(hub).strip("/") if hub else str(sae_path.resolve()), model=lm.name, hook=lm.hook, d_in=sae.d_in,
-        d_sae=sae.d_sae, k=sae.k, fingerprint=fp, config=sae.cfg)
+        con, name=name, path="/".join(hub).strip("/") if hub else str(sae_path.resolve()), model=lm.name, hook=lm.hook,
+        d_in=sae.d_in, d_sae=sae.d_sae, k=sae.k, fingerprint=fp, config=sae.cfg)
     # Tokens the dictionary was trained without (outliers.py) are left out of its statistics and
     # examples: its codes there are extrapolations, often 5-100x the activations it was trained on,
     # which would fill the top examples of the latents that happen to fire on them.
@@ -282,7 +282,7 @@ def _prepare(con: duckdb.DuckDBPyConnection, job: _Job, resume: bool) -> _Stream
     counts, notes = plan_contexts(settings, lm.tokenizer, docs, limit, ss, dropped)
     job.warnings += notes
     db_path = db_file(con)
-    dict_row = con.execute(f"SELECT {', '.join(DICT_FIELDS)} FROM dictionaries WHERE id = ?", [job.dict_id]).fetchone()
+    dict_row = store.one_row(con.execute(f"SELECT {', '.join(DICT_FIELDS)} FROM dictionaries WHERE id = ?", [job.dict_id]))
     contexts = sink(con, job.dict_id, job.shard, ss.parquet, dict(zip(DICT_FIELDS, dict_row)))
     if isinstance(contexts, ParquetContexts):
         spath: Optional[Path] = contexts.state_path

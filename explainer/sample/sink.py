@@ -53,9 +53,9 @@ class DbContexts:
                          [self.dict_id, start, self.shard[1], self.shard[0]])
 
     def count_below(self, below: int) -> int:
-        return self.con.execute(
+        return store.one_row(self.con.execute(
             "SELECT count(*) FROM contexts WHERE dict_id = ? AND context_id < ? AND context_id % ? = ?",
-            [self.dict_id, below, self.shard[1], self.shard[0]]).fetchone()[0]
+            [self.dict_id, below, self.shard[1], self.shard[0]]))[0]
 
     def relation(self) -> str:
         return f"(SELECT * FROM contexts WHERE dict_id = {int(self.dict_id)})"
@@ -132,7 +132,8 @@ def read_dictionary(folder: Path) -> dict[str, Any]:
         row = json.loads((folder / "dictionary.json").read_text())
         return {k: row[k] for k in DICT_FIELDS}
     except (OSError, ValueError, KeyError) as e:
-        raise ExplainerError(f"{folder}/dictionary.json is unreadable ({e}); that folder is not a `sample --parquet` output") from None
+        raise ExplainerError(
+            f"{folder}/dictionary.json is unreadable ({e}); that folder is not a `sample --parquet` output") from None
 
 
 def is_parquet_folder(path: Path) -> bool:

@@ -114,7 +114,7 @@ class SampleState:
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "meta"}
 
-    def to(self, device: torch.device | str) -> "SampleState":
+    def to(self, device: torch.device | str) -> SampleState:
         return SampleState(meta=dict(self.meta), **{k: v.to(device) for k, v in self.tensors().items()})
 
 
@@ -130,7 +130,7 @@ def state_bytes(*, d_sae: int, ctx_len: int, k: int, n_top: int, n_reservoir: in
 def new_state(*, d_sae: int, ctx_len: int, k: int, n_top: int, n_reservoir: int, n_pool: int, n_zero: int,
               acts_dtype: torch.dtype, device: torch.device | str, meta: dict[str, Any]) -> SampleState:
     N, T = S * d_sae, ctx_len
-    i64 = dict(dtype=torch.int64, device=device)
+    i64: dict[str, Any] = dict(dtype=torch.int64, device=device)
     return SampleState(
         meta={**meta, "format": FORMAT, "d_sae": d_sae, "ctx_len": ctx_len, "k": k},
         n_tokens=torch.zeros(S, **i64),

@@ -85,7 +85,8 @@ def latent_subset(text: str, d_sae: int) -> Optional[torch.Tensor]:
     sel = selectors.parse(text, "sample.latents")
     if sel.kind == "all":
         return None
-    bad = f"sample.latents={text!r}: expected all, random:N, or ids and ranges: an id (7), a range (0-99) or a comma list (1,5,10-19)"
+    bad = (f"sample.latents={text!r}: expected all, random:N, or ids and ranges: "
+           "an id (7), a range (0-99) or a comma list (1,5,10-19)")
     if sel.kind == "random":
         if sel.n is None or not 0 < sel.n <= d_sae:
             raise ExplainerError(f"{bad}, with 0 < N <= {d_sae}")

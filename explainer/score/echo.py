@@ -39,7 +39,7 @@ from explainer.settings import ScoreSettings
 SLOT = "unknown"
 _SENTINEL = "\x00ROWS\x00"
 PROBE = ", ".join(str(i) for i in range(1, 41))
-_probes: "weakref.WeakKeyDictionary[LLMClient, asyncio.Task]" = weakref.WeakKeyDictionary()
+_probes: weakref.WeakKeyDictionary[LLMClient, asyncio.Task] = weakref.WeakKeyDictionary()
 
 
 def rows_text(tokens: Sequence[str], values: Sequence[str]) -> str:
@@ -86,16 +86,16 @@ def _require_echo(reply: Reply, base_url: str, min_tokens: int) -> None:
 def parse_slots(reply: Reply, slots: Sequence[int], base_url: str) -> list[tuple[float, float]]:
     """(expected digit, digit mass) at each slot."""
     _require_echo(reply, base_url, len(slots) + 1)
-    where = {}
+    where: dict[int, int] = {}
     for j, o in enumerate(_offsets(reply)):
         where.setdefault(o, j)
     out = []
     for n, slot in enumerate(slots):
-        j = where.get(slot)
-        if j is None:
+        at = where.get(slot)
+        if at is None:
             raise ValueError(f"no token starts at the slot of snippet token {n}: the server's tokenizer joins "
                              "it to the text before")
-        out.append(expected_digit(reply.top_logprobs[j]))  # type: ignore[index]
+        out.append(expected_digit(reply.top_logprobs[at]))  # type: ignore[index]
     return out
 
 

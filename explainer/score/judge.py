@@ -36,7 +36,7 @@ def _activating(snippets: Sequence[Snippet]) -> list[Snippet]:
     """Top and quantile snippets that fire, interleaved so a cut keeps both kinds."""
     top = [x for x in snippets if x.kind == "top" and x.max_act > 0]
     qua = [x for x in snippets if x.kind == "quantile" and x.max_act > 0]
-    out = []
+    out: list[Snippet] = []
     for i in range(max(len(top), len(qua))):
         out.extend(x[i] for x in (top, qua) if i < len(x))
     return out
@@ -103,7 +103,7 @@ async def judge(llm: LLMClient, s: ScoreSettings, scorer: str, tpl: prompts.Temp
     for group, answer in zip(groups, answers):
         for k, it in enumerate(group, 1):
             it.answer = answer[str(k)]
-    c = classify([it.answer for it in items], [it.label for it in items])
+    c = classify([bool(it.answer) for it in items], [bool(it.label) for it in items])
     per_kind = {}
     for kind in KINDS:
         ks = [it for it in items if it.snippet.kind == kind]

@@ -221,7 +221,7 @@ def correlation(results: Sequence[SnippetResult]) -> tuple[float, dict[str, Any]
         t = np.concatenate([np.asarray(r.snippet.acts, dtype=np.float64) for r in rs])
         per_kind[kind] = pearson(p, t) if np.ptp(t) > 0 else None
         tokens_per_kind[kind] = int(t.size)
-    stats = {
+    stats: dict[str, Any] = {
         "pearson": pearson(pred, true), "per_kind": per_kind, "n_tokens": int(true.size),
         "tokens_per_kind": tokens_per_kind, "constant_prediction": bool(np.ptp(pred) == 0),
     }

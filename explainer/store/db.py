@@ -206,11 +206,19 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[Mappi
 # --- runs -------------------------------------------------------------------------------
 
 
+def one_row(cur: duckdb.DuckDBPyConnection) -> tuple[Any, ...]:
+    """The row of a query that always yields one: an aggregate, INSERT ... RETURNING, a known id."""
+    row = cur.fetchone()
+    if row is None:
+        raise LookupError("the query returned no row")
+    return row
+
+
 def start_run(con: duckdb.DuckDBPyConnection, stage: str, settings: dict[str, Any]) -> int:
-    return con.execute(
+    return one_row(con.execute(
         "INSERT INTO runs (stage, settings, status, started_at) VALUES (?, ?, 'running', ?) RETURNING id",
         [stage, json.dumps(settings), now()],
-    ).fetchone()[0]
+    ))[0]
 
 
 @contextmanager
@@ -268,11 +276,11 @@ def register_dictionary(con: duckdb.DuckDBPyConnection, *, name: str, path: str,
     row = con.execute("SELECT id, name FROM dictionaries WHERE fingerprint = ?", [fingerprint]).fetchone()
     if row is not None:
         return row[0]
-    return con.execute(
+    return one_row(con.execute(
         """INSERT INTO dictionaries (name, path, model, hook, d_in, d_sae, k, fingerprint, config, created_at)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id""",
         [name, path, model, hook, d_in, d_sae, k, fingerprint, json.dumps(config), now()],
-    ).fetchone()[0]
+    ))[0]
 
 
 # --- latent selectors ---------------------------------------------------------------------

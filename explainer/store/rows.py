@@ -85,7 +85,7 @@ class StageRows:
     def add(self, table: str, row: dict[str, Any]) -> None:
         self.tables.setdefault(table, []).append(row)
 
-    def extend(self, other: "StageRows") -> None:
+    def extend(self, other: StageRows) -> None:
         for table, rows in other.tables.items():
             self.tables.setdefault(table, []).extend(rows)
         self.deletes.extend(other.deletes)
