@@ -9,11 +9,16 @@ and what it takes, never pydantic's multi-line dump.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import tomllib
 from pydantic import ValidationError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # tomllib is 3.11+; tomli is the same parser under its PyPI name
+    import tomli as tomllib
 
 from explainer.errors import ExplainerError
 from explainer.settings import Settings, base_type
