@@ -22,7 +22,8 @@ from explainer.errors import ExplainerError
 from explainer.explain.agent_loop import (AgentResult, LatentReport, Node, ScoreRow, agent_latents, failed_node,
     finish_latent, latent_rows, misses, search, show_misses)
 from explainer.explain.llm import load_train_examples, parse_explanation, prompt_values
-from explainer.llm.client import LLMClient, gather_or_cancel
+from explainer.llm.client import LLMClient
+from explainer.llm.pool import gather_or_cancel
 from explainer.llm.wire import Answer, CallFailed, resolve_endpoint
 from explainer.results import OnProgress, Progress
 from explainer.score import scorer as score

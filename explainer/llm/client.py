@@ -22,7 +22,6 @@ import asyncio
 import json
 import logging
 import random
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
@@ -110,28 +109,6 @@ def _add(a: Optional[int], b: Optional[int]) -> Optional[int]:
 
 
 # --- the client -------------------------------------------------------------------------
-
-
-_REASON_KINDS = r"HTTP \d{3}|not JSON|cannot reach|no answer from|answer rejected|unusable 200|--budget"
-
-
-def reason_kind(error: Optional[str], extra: str = "") -> str:
-    """A failure reason without its details, for summaries (e.g. 'HTTP 500'); `extra` adds stage patterns."""
-    text = error or "unknown"
-    m = re.search(_REASON_KINDS + (f"|{extra}" if extra else ""), text)
-    return m.group(0) if m else text[:60]
-
-
-async def gather_or_cancel(coros: list[Any]) -> None:
-    """Run coroutines as tasks together; if one fails, cancel the rest before re-raising."""
-    tasks = [asyncio.create_task(c) for c in coros]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 class LLMClient:

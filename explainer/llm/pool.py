@@ -11,6 +11,7 @@ import asyncio
 import copy
 import functools
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generic, Iterable, Iterator, Optional, TypeVar
@@ -18,7 +19,7 @@ from typing import Any, Awaitable, Callable, Generic, Iterable, Iterator, Option
 import duckdb
 
 from explainer.llm.batch_clients import Collector, Spool
-from explainer.llm.client import LLMClient, gather_or_cancel, reason_kind
+from explainer.llm.client import LLMClient
 from explainer.results import LLMSpend, OnProgress, Progress, StageResult
 from explainer.settings import LLMSettings
 from explainer.store import db as store
@@ -26,6 +27,27 @@ from explainer.store import db as store
 Job = TypeVar("Job")
 ClientFactory = Callable[..., LLMClient]
 REPORT_EVERY_S = 0.1  # progress is reported at most this often, and once at the end
+# Failure reasons are tallied by kind, without their details.
+_REASON_KINDS = r"HTTP \d{3}|not JSON|cannot reach|no answer from|answer rejected|unusable 200|--budget"
+
+
+def reason_kind(error: Optional[str], extra: str = "") -> str:
+    """A failure reason without its details, for summaries (e.g. 'HTTP 500'); `extra` adds stage patterns."""
+    text = error or "unknown"
+    m = re.search(_REASON_KINDS + (f"|{extra}" if extra else ""), text)
+    return m.group(0) if m else text[:60]
+
+
+async def gather_or_cancel(coros: list[Any]) -> None:
+    """Run coroutines as tasks together; if one fails, cancel the rest before re-raising."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 @dataclass
@@ -38,7 +60,7 @@ class Pass(Generic[Job]):
     jobs: Callable[[LLMClient], Iterable[Job]]
     handle: Callable[[LLMClient, Job], Awaitable[Optional[str]]]
     total: int
-    known_errors: str = ""  # the stage's own failure patterns, for the tally (llm.reason_kind)
+    known_errors: str = ""  # the stage's own failure patterns, for the tally (reason_kind)
 
 
 class PassResult(StageResult):
