@@ -133,6 +133,7 @@ BAD = [
     ("broken.jsonl", b'{"latent": 0, "explanation": "a"}\n{"latent": 1,\n', "broken.jsonl line 2: not a JSON object"),
     ("np.json", b'[{"index": "0", "description": "a"}, {"index": "1", "description": ""}]',
      "np.json item 2: empty explanation for latent 1"),
+    ("bad.parquet", b"not parquet at all", "bad.parquet: not a readable Parquet file"),
     ("labels.txt", b"0 cities\n", "labels.txt: unknown file type"),
 ]
 
