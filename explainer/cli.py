@@ -174,6 +174,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from explainer import ui
+    from explainer.explain import imported
+    from explainer.store import db as store
+
+    s = settings_from(args)
+    with store.connect(s.db) as con:
+        dict_id = store.dictionary_id(con, args.dict)
+        res = imported.run(con, Path(args.file), dict_id, source=args.source, model=args.model)
+    ui.show_result(res, as_json=args.json, title=f"explanations imported into {s.db}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from contextlib import AbstractContextManager, nullcontext
 
@@ -260,6 +273,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
                ("model", "corpus", "sample")),
     "merge": (cmd_merge, "combine `sample --shard i/N` outputs (shard DBs or a --parquet folder) into one DB, exactly", ()),
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain", "agent")),
+    "import": (cmd_import, "add explanations made elsewhere (CSV, JSONL, Parquet, a delphi folder, Neuronpedia JSON) "
+               "so score and labels treat them like ours", ()),
     "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing", ("llm", "score")),
     "bench": (cmd_bench, "planted-feature benchmark: known latents through sample, explain and score",
               ("corpus", "sample", "llm", "score")),
@@ -309,7 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--agent", action="store_true",
                            help="propose candidates, pick the best on validation, refine it from its mistakes, "
                                 "score the choice on heldout (agent settings; simulator: --set score.FIELD=...)")
-        if verb in ("explain", "score", "search", "show", "browse"):
+        if verb == "import":
+            p.add_argument("file", help="CSV / JSONL / Parquet with columns latent, explanation (optional: source, "
+                                        "model), a delphi explanations folder, or a Neuronpedia export .json")
+            p.add_argument("--source", default=None,
+                           help="name stored as the rows' template (default: the file's source column, else e.g. "
+                                "csv:FILE, delphi, neuronpedia)")
+            p.add_argument("--model", default=None,
+                           help="model that wrote the explanations (default: the file's model column, else unknown)")
+        if verb in ("explain", "score", "search", "show", "browse", "import"):
             p.add_argument("--dict", default=None, help="dictionary name or id when the DB holds several")
         if verb == "search":
             p.add_argument("query", help="words to look for in explanations")
