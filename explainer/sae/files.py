@@ -57,7 +57,8 @@ def read_cfg(folder: Path) -> dict:
         hint = f"; it has dictionaries in subfolders: {', '.join(subs)}" if subs else ""
         raise ExplainerError(
             f"{folder} is not a dictionary folder: no {CFG_FILE}{hint} "
-            "(expected SAELens cfg.json + sae_weights.safetensors or sparsify cfg.json + sae.safetensors)"
+            "(expected SAELens cfg.json + sae_weights.safetensors, sparsify cfg.json + sae.safetensors, "
+            "dictionary_learning config.json + ae.pt, or an OpenAI sparse_autoencoder .pt file)"
         )
     try:
         cfg = json.loads(path.read_text())

@@ -1,7 +1,8 @@
 """A dictionary on disk: saved in the SAELens layout (cfg.json + sae_weights.safetensors +
 sparsity.safetensors) so other tools read ours; loaded from that layout (TopK, ReLU, JumpReLU),
 EleutherAI sparsify folders (cfg.json + sae.safetensors) and Gemma Scope params.npz folders,
-local or on the Hugging Face hub. Reading the files themselves is sae_files.py's.
+local or on the Hugging Face hub; PyTorch checkpoints of other tools are sae/checkpoints.py's.
+Reading the files themselves is sae_files.py's.
 """
 
 from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
@@ -19,9 +20,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from explainer.errors import ExplainerError
+from explainer.sae.checkpoints import DL_CONFIG_FILE, DL_WEIGHTS_FILE, load_dictionary_learning, load_openai
 from explainer.sae.files import (CFG_FILE, GEMMA_SCOPE_FILE, carry_over, positive_int, read_cfg, read_tensors,
     recover_folder, resolve_dictionary, save_siblings)
-from explainer.sae.model import NORMALIZATIONS, TopKSAE
+from explainer.sae.model import NORMALIZATIONS, TopKSAE, build_sae
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
@@ -106,14 +108,25 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
 def load_dictionary(path: str | Path, device: Any = "cpu", max_active: int = 256) -> TopKSAE:
     """Load a dictionary from a SAELens-layout folder (ours; TopK, ReLU or JumpReLU), an
     EleutherAI sparsify folder or a Gemma Scope params.npz folder, local or on the Hugging Face
-    hub (owner/repo/folder). `max_active`: codes kept per token for ReLU and JumpReLU ones."""
+    hub (owner/repo/folder), or from an OpenAI sparse_autoencoder .pt file or a dictionary_learning
+    ae.pt + config.json folder (sae/checkpoints.py). `max_active`: codes kept per token for the
+    dictionaries whose number of active latents varies (ReLU, JumpReLU, BatchTopK)."""
     folder = resolve_dictionary(path)
     if not folder.exists() and folder.parent.is_dir():
         recover_folder(folder)  # a save killed between its two renames
     if not folder.exists():
         raise ExplainerError(f"dictionary folder {folder} does not exist (train one with `explainer train`)")
+    if folder.is_file():  # a lone checkpoint: OpenAI's, or a dictionary_learning ae.pt beside its config
+        dl = folder.name == DL_WEIGHTS_FILE and (folder.parent / DL_CONFIG_FILE).is_file()
+        sae = load_dictionary_learning(folder.parent, max_active) if dl else load_openai(folder, max_active)
+        sae.cfg.setdefault("path", str(folder))
+        return sae.to(device)
     if not (folder / CFG_FILE).is_file() and (folder / GEMMA_SCOPE_FILE).is_file():
         return _load_gemma_scope(folder, max_active).to(device)
+    if not (folder / CFG_FILE).is_file() and (folder / DL_WEIGHTS_FILE).is_file():
+        sae = load_dictionary_learning(folder, max_active)
+        sae.cfg.setdefault("path", str(folder))
+        return sae.to(device)
     cfg = read_cfg(folder)
     cfg_path = folder / CFG_FILE
     if (folder / WEIGHTS_FILE).is_file() or "d_sae" in cfg:
@@ -164,8 +177,8 @@ def _load_saelens(folder: Path, cfg: dict, cfg_path: Path, max_active: int) -> T
     if cfg.get("apply_b_dec_to_input", True) is False:
         # Ours always subtracts b_dec before encoding; compensate in the encoder bias.
         b_enc = b_enc + t["b_dec"].float() @ t["W_enc"].float()
-    return _build(d_in, d_sae, k, t["W_enc"].float(), b_enc, t["W_dec"], t["b_dec"], {**cfg, "format": "saelens"},
-                  activation, t.get("threshold"), normalize)
+    return build_sae(d_in, d_sae, k, t["W_enc"].float(), b_enc, t["W_dec"], t["b_dec"], {**cfg, "format": "saelens"},
+                     activation, t.get("threshold"), normalize)
 
 
 def _load_gemma_scope(folder: Path, max_active: int) -> TopKSAE:
@@ -193,8 +206,8 @@ def _load_gemma_scope(folder: Path, max_active: int) -> TopKSAE:
     layer = re.search(r"layer_(\d+)", str(folder))
     cfg = {"format": "gemma_scope", **({"hook_layer": int(layer.group(1))} if layer else {})}
     b_enc = arrays["b_enc"] + arrays["b_dec"] @ arrays["W_enc"]
-    return _build(d_in, d_sae, min(max_active, d_sae), arrays["W_enc"], b_enc, arrays["W_dec"], arrays["b_dec"], cfg,
-                  "jumprelu", arrays["threshold"])
+    return build_sae(d_in, d_sae, min(max_active, d_sae), arrays["W_enc"], b_enc, arrays["W_dec"], arrays["b_dec"], cfg,
+                     "jumprelu", arrays["threshold"])
 
 
 def _load_sparsify(folder: Path, cfg: dict, cfg_path: Path) -> TopKSAE:
@@ -210,23 +223,7 @@ def _load_sparsify(folder: Path, cfg: dict, cfg_path: Path) -> TopKSAE:
         "encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
     })
     meta = {"format": "sparsify", "sparsify_cfg": cfg}
-    return _build(d_in, d_sae, k, t["encoder.weight"].float().t(), t["encoder.bias"], t["W_dec"], t["b_dec"], meta)
-
-
-def _build(d_in, d_sae, k, W_enc, b_enc, W_dec, b_dec, cfg, activation: str = "topk",
-           threshold: Optional[Tensor] = None, normalize: str = "none") -> TopKSAE:
-    if activation == "topk" and k >= d_sae:
-        raise ExplainerError(f"dictionary config says k={k} with only {d_sae} latents; the config is corrupt")
-    sae = TopKSAE(d_in, d_sae, k, cfg=cfg, activation=activation, normalize=normalize)
-    with torch.no_grad():
-        sae.W_enc.copy_(W_enc)
-        sae.b_enc.copy_(b_enc)
-        sae.W_dec.copy_(W_dec)
-        sae.b_dec.copy_(b_dec)
-        if threshold is not None:
-            assert sae.threshold is not None  # a threshold comes only with activation="jumprelu"
-            sae.threshold.copy_(threshold)
-    return sae
+    return build_sae(d_in, d_sae, k, t["encoder.weight"].float().t(), t["encoder.bias"], t["W_dec"], t["b_dec"], meta)
 
 
 def read_sparsity(folder: str | Path) -> Optional[Tensor]:

@@ -229,3 +229,20 @@ class TopKSAE(nn.Module):
         out.W_dec.copy_(self.W_dec / scale)
         out.b_dec.copy_(self.b_dec / scale)
         return out
+
+
+def build_sae(d_in, d_sae, k, W_enc, b_enc, W_dec, b_dec, cfg, activation: str = "topk",
+              threshold: Optional[Tensor] = None, normalize: str = "none") -> TopKSAE:
+    """A TopKSAE holding these weights (W_enc [d_in, d_sae]); every loader of another format ends here."""
+    if activation == "topk" and k >= d_sae:
+        raise ExplainerError(f"dictionary config says k={k} with only {d_sae} latents; the config is corrupt")
+    sae = TopKSAE(d_in, d_sae, k, cfg=cfg, activation=activation, normalize=normalize)
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.b_enc.copy_(b_enc)
+        sae.W_dec.copy_(W_dec)
+        sae.b_dec.copy_(b_dec)
+        if threshold is not None:
+            assert sae.threshold is not None  # a threshold comes only with activation="jumprelu"
+            sae.threshold.copy_(threshold)
+    return sae
