@@ -19,6 +19,7 @@ from explainer.planted.benchmark import run_planted
 from explainer.planted.report import separation
 from explainer.score import embedding
 from explainer.score import scorer as score
+from explainer.score import setup as score_setup
 from explainer.score.records import ScoreFailed
 from explainer.settings_load import deep_merge, load_settings, parse_assignment
 from explainer.store import db as store
@@ -57,7 +58,7 @@ def main() -> None:
         matched = dict(con.execute(
             "SELECT latent, score FROM scores WHERE dict_id = ? AND scorer = 'embedding' AND split = 'heldout' "
             "AND status = 'ok' AND setup_hash = ?",
-            [res.dict_id, score._setup_hash(score.setup_of(settings, "embedding"))]).fetchall())
+            [res.dict_id, score_setup.setup_hash(score_setup.setup_of(settings, "embedding"))]).fetchall())
         snippets = examples.load(con, res.dict_id, sorted(texts), "heldout", examples.counts_of(settings.score),
                                  scoring=True)
     t = time.perf_counter()

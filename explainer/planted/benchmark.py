@@ -162,6 +162,7 @@ def _llm_stage(con: Any, dict_id: int, latents: list[int], settings: Any, base_u
     from explainer.explain import llm as explain
     from explainer.explain import ngram
     from explainer.score import scorer as score
+    from explainer.score import setup as score_setup
 
     s = settings.model_copy(deep=True)
     s.llm.base_url = base_url
@@ -179,8 +180,8 @@ def _llm_stage(con: Any, dict_id: int, latents: list[int], settings: Any, base_u
     fractions: dict[str, float] = {}
     seps: list[Separation] = []
     notes: list[str] = [] if shuffled else ["shuffled pairs not scored by the LLM (--no-shuffled)"]
-    for scorer in score.parse_scorers(s.score.scorers):
-        mode = score.mode_of(s.score, scorer)
+    for scorer in score_setup.parse_scorers(s.score.scorers):
+        mode = score_setup.mode_of(s.score, scorer)
         for explainer in ("llm", "ngram"):
             texts = _texts(con, dict_id, explainer, model, latents)
             got = _cells(con, dict_id, explainer, scorer, mode, model, latents)

@@ -63,7 +63,10 @@ class Embedder:
     def __init__(self, device: Optional[str] = None) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # our own bars own the terminal; no third-party bar leaks
         folder = model_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder).eval()

@@ -27,8 +27,6 @@ returns every snippet's predictions (the agent uses it on `validation`).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,75 +43,17 @@ from explainer.results import LLMSpend, OnProgress
 from explainer.score import embedding
 from explainer.score.judge import detection_items, fuzzing_items, judge
 from explainer.score.records import Outcome, ScoreFailed, Snippet, Spend
-from explainer.score.simulate import check_template, simulate
+from explainer.score.setup import load_template, mode_of, parse_scorers, setup_hash, setup_of, splits_of
+from explainer.score.simulate import simulate
 from explainer.settings import ScoreSettings, Settings
 from explainer.store import db as store
 from explainer.store import examples
 from explainer.store.rows import StageRows, score_row
 
-SCORERS = ("simulation", "detection", "fuzzing", embedding.MODE)
 CHUNK = 256  # latents whose snippets are read in one query
 
 
 # --- inputs ----------------------------------------------------------------------------------
-
-
-def parse_scorers(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in SCORERS]
-    if bad or not names:
-        raise ExplainerError(f"--scorer {text!r}: unknown scorer {bad[0] if bad else '(none)'}; "
-                             f"use a comma list of {', '.join(SCORERS)}")
-    return list(dict.fromkeys(names))
-
-
-def splits_of(s: ScoreSettings) -> list[str]:
-    """The splits one score run writes, validation first (it is what selects; heldout only reports)."""
-    return list(vocab.SCORE_SPLITS) if s.split == "both" else [s.split]
-
-
-def setup_of(settings: Settings, scorer: str) -> dict[str, Any]:
-    """What, besides model and template, changes a score: a rerun with another setup is a new row."""
-    s = settings.score
-    setup: dict[str, Any] = {k: getattr(s, k) for k in ("n_top", "n_quantile", "n_random", "n_nonactivating", "seed")}
-    if scorer == embedding.MODE:
-        return setup  # no LLM: its temperature and batching change nothing
-    setup["temperature"] = settings.llm.temperature
-    # Markers for changes in how a score is computed, so a rerun rescores rows made the old way even when
-    # a custom template kept its hash: shuffled json batches, fuzzing's balanced accuracy, the digit-mass floor.
-    if scorer != "simulation" or s.mode == "json":
-        setup["per_call"] = s.per_call
-        if scorer == "simulation":
-            setup["order"] = "shuffled"
-        if scorer == "fuzzing":
-            setup["metric"] = "balanced_accuracy"
-    elif s.mode == "logprobs":
-        setup.update(top_logprobs=s.top_logprobs, logprobs_api=s.logprobs_api, min_digit_mass=s.min_digit_mass)
-    else:
-        setup.update(top_logprobs=s.top_logprobs, min_digit_mass=s.min_digit_mass)
-    return setup
-
-
-def _setup_hash(setup: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def mode_of(s: ScoreSettings, scorer: str) -> str:
-    # Detection and fuzzing always answer in JSON; only the simulator has a logprobs mode.
-    return s.mode if scorer == "simulation" else embedding.MODE if scorer == embedding.MODE else "json"
-
-
-def load_template(s: ScoreSettings, scorer: str) -> prompts.Template:
-    """The scorer's template, checked for its placeholders before any call."""
-    if scorer == "simulation":
-        tpl = prompts.load({"json": s.simulation_template, "logprobs": s.logprobs_template,
-                            "all_at_once": s.all_at_once_template}[s.mode])
-        check_template(tpl, s.mode)
-        return tpl
-    tpl = prompts.load(s.detection_template if scorer == "detection" else s.fuzzing_template)
-    tpl.require(("explanation", "snippets"))
-    tpl.render(explanation="", snippets="", n_snippets=0)
-    return tpl
 
 
 def load_snippets(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int], split: str,
@@ -323,7 +263,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     for eid, latent, text in explanations:
         for split in splits:
             for name in scorers:
-                key = (eid, split, name, mode_of(s, name), hashes[name], _setup_hash(setups[name]))
+                key = (eid, split, name, mode_of(s, name), hashes[name], setup_hash(setups[name]))
                 status = done.get(key, set())
                 if "ok" not in status:
                     jobs.append(_Job(eid, latent, text, name, "failed" in status, split))
@@ -337,7 +277,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     if embed_jobs or not llm_scorers:
         with store.recorded_run(con, run_id, result, t0):
             setup = setups.get(embedding.MODE, {})
-            embedding.run_jobs(con, s, dict_id, embed_jobs, run_id=run_id, setup=setup, setup_hash=_setup_hash(setup),
+            embedding.run_jobs(con, s, dict_id, embed_jobs, run_id=run_id, setup=setup, setup_hash=setup_hash(setup),
                                on_done=lambda job, score, error: _tally(result, job, score, error), progress=progress)
     if llm_scorers:
         llm_jobs = [j for j in jobs if j.scorer != embedding.MODE]
@@ -375,7 +315,7 @@ def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
         mode = mode_of(s, job.scorer)
         setup = setups[job.scorer]
         details: dict[str, Any] = {"model": model, "template": tpl.name, "template_hash": tpl.sha256,
-                                   "setup": setup, "setup_hash": _setup_hash(setup)}
+                                   "setup": setup, "setup_hash": setup_hash(setup)}
         outcome: Optional[Outcome] = None
         try:
             outcome = await score_explanation(llm, s, job.scorer, tpl, job.latent, job.text, snippets)
