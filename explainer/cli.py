@@ -187,6 +187,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_dictionary(args: argparse.Namespace) -> int:
+    from explainer import ui
+    from explainer.sae import export
+
+    s = settings_from(args)
+    folder = export.export_sparsify(Path(args.sae) if args.sae else s.train.out, args.out, args.hookpoint)
+    ui.emit_mapping({"folder": str(folder), "format": args.format,
+                     "load with": f"sparsify.SparseCoder.load_from_disk({str(folder)!r})"},
+                    as_json=args.json, title="dictionary exported")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from contextlib import AbstractContextManager, nullcontext
 
@@ -285,6 +297,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "browse": (cmd_browse, "write a static HTML site: index with search and sort, a page per latent", ()),
     "serve": (cmd_serve, "serve the packaged SmolLM2 through llama.cpp's OpenAI-compatible server on 127.0.0.1", ()),
     "export": (cmd_export, "write every table as Parquet and a Neuronpedia-like JSON per dictionary", ()),
+    "export-dictionary": (cmd_export_dictionary, "write a dictionary in EleutherAI sparsify's layout "
+                          "(a folder per hookpoint: cfg.json + sae.safetensors) for sparsify and delphi", ()),
     "forget": (forget.cmd_forget, "delete cached LLM answers, explanations or scores by selector, so work can be redone", ()),
 }
 
@@ -351,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
         if verb in ("browse", "export"):
             p.add_argument("--out", type=Path, required=True, help="output folder")
+        if verb == "export-dictionary":
+            p.add_argument("--sae", default=None, help="dictionary to export (any format `sample --sae` reads); "
+                                                       "default: train.out")
+            p.add_argument("--out", type=Path, required=True, help="folder that gets a subfolder per hookpoint")
+            p.add_argument("--format", choices=["sparsify"], default="sparsify", help="layout to write (default: sparsify)")
+            p.add_argument("--hookpoint", default=None,
+                           help="subfolder name, as sparsify names hookpoints (default: layers.<the dictionary's layer>)")
         if verb == "run":
             p.add_argument("--local", action="store_true",
                            help="start the packaged llama.cpp endpoint (extra `local`) and use it for LLM labels (poor quality)")
