@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     # verbs over the stages and the DB, then the command line
     "query": 9, "forget": 9, "planted": 9, "pipeline": 9,
     "browse": 10,
-    "cli_read": 11,
+    "cli_read": 11, "cli_args": 11,
     "cli": 12,
     "__main__": 13,
 }
