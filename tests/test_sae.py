@@ -390,8 +390,6 @@ def test_layer_norm_dictionary_round_trips(tmp_path: Path) -> None:
 def test_a_failed_save_leaves_the_previous_dictionary_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from explainer.sae import formats as sae_mod
-
     def make(k: int, seed: int) -> TopKSAE:
         s = TopKSAE(16, 64, k)
         s.init_tied(torch.Generator().manual_seed(seed))
@@ -414,10 +412,10 @@ def test_a_failed_save_leaves_the_previous_dictionary_whole(tmp_path: Path, monk
             raise KeyboardInterrupt
         real_rename(src, dst)
 
-    monkeypatch.setattr(sae_mod.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)  # the os module every save renames through
     with pytest.raises(KeyboardInterrupt):
         save_dictionary(second, tmp_path / "d")
-    monkeypatch.setattr(sae_mod.os, "rename", real_rename)
+    monkeypatch.setattr(os, "rename", real_rename)
     assert not (tmp_path / "d").exists()
     back = load_dictionary(tmp_path / "d")
     assert back.k == 8 and torch.equal(back.W_dec, second.W_dec)

@@ -9,7 +9,6 @@ TopK(ReLU(encoder(x - b_dec))), as ours does, so the weights carry over unchange
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from explainer.errors import ExplainerError
-from explainer.sae.files import CFG_FILE, recover_folder, save_siblings
+from explainer.sae.files import CFG_FILE, recover_folder, save_siblings, swap_in
 from explainer.sae.formats import SPARSIFY_WEIGHTS_FILE, load_dictionary
 from explainer.sae.model import TopKSAE
 
@@ -89,7 +88,7 @@ def export_sparsify(src: str | Path, out: str | Path, hookpoint: Optional[str] =
             raise ExplainerError(f"{folder} exists and holds {', '.join(foreign[:3])}, not a sparsify export; "
                                  "choose another --out or --hookpoint")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    saving, ready, old = save_siblings(folder)
+    saving = save_siblings(folder)[0]
     saving.mkdir()
     try:
         save_file({
@@ -102,9 +101,4 @@ def export_sparsify(src: str | Path, out: str | Path, hookpoint: Optional[str] =
     except BaseException:
         shutil.rmtree(saving, ignore_errors=True)
         raise
-    os.rename(saving, ready)  # complete: from here on recover_folder prefers it
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(ready, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return swap_in(folder)

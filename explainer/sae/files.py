@@ -143,6 +143,17 @@ def save_siblings(folder: Path) -> tuple[Path, Path, Path]:
     return tuple(folder.parent / f".{folder.name}.{what}" for what in ("saving", "ready", "old"))  # type: ignore[return-value]
 
 
+def swap_in(folder: Path) -> Path:
+    """Replace `folder` by its complete `.saving` sibling, in renames that recover_folder can finish or undo."""
+    saving, ready, old = save_siblings(folder)
+    os.rename(saving, ready)  # complete: from here on recover_folder prefers it
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(ready, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
 def recover_folder(folder: Path) -> None:
     """Finish or undo a save that was killed: afterwards `folder` is the old or the new dictionary, whole."""
     folder = Path(folder)

@@ -9,9 +9,7 @@ from __future__ import annotations  # noqa: I001  (keeps the wrapped import belo
 
 import hashlib
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +20,7 @@ from torch import Tensor
 from explainer.errors import ExplainerError
 from explainer.sae.checkpoints import DL_CONFIG_FILE, DL_WEIGHTS_FILE, load_dictionary_learning, load_openai
 from explainer.sae.files import (CFG_FILE, GEMMA_SCOPE_FILE, carry_over, positive_int, read_cfg, read_tensors,
-    recover_folder, resolve_dictionary, save_siblings)
+    recover_folder, resolve_dictionary, save_siblings, swap_in)
 from explainer.sae.model import NORMALIZATIONS, TopKSAE, build_sae
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -61,7 +59,7 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
     recover_folder(folder)
     if folder.exists() and not folder.is_dir():
         raise ExplainerError(f"{folder} is a file; choose a folder path for the dictionary")
-    saving, ready, old = save_siblings(folder)
+    saving = save_siblings(folder)[0]
     saving.mkdir()
     tensors = {
         "W_enc": sae.W_enc.detach().float().contiguous().cpu(),
@@ -97,12 +95,7 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
         (saving / name).write_text(text)
     if folder.is_dir():
         carry_over(folder, saving, written)
-    os.rename(saving, ready)  # complete: from here on recover_folder prefers it
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(ready, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return swap_in(folder)
 
 
 def load_dictionary(path: str | Path, device: Any = "cpu", max_active: int = 256) -> TopKSAE:
