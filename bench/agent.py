@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from explainer.explain import agent, agent_loop, ngram
+from explainer.explain import agent, agent_loop, ngram, ngram_fit
 from explainer.planted.benchmark import run_planted
 from explainer.planted.features import default_features
 from explainer.score import scorer as score
@@ -57,7 +57,7 @@ def baselines(con: Any, dict_id: int, model: str) -> dict[int, dict[str, Any]]:
 
 
 def heldout_ngram(con: Any, dict_id: int, picks: dict[int, Optional[tuple[str, str]]]) -> dict[int, float]:
-    sets = {lat: [ngram.PatternSet.from_json(p[1])] for lat, p in picks.items() if p}
+    sets = {lat: [ngram_fit.PatternSet.from_json(p[1])] for lat, p in picks.items() if p}
     return {lat: s[0].score for lat, s in ngram.score_pattern_sets(con, dict_id, sets, "heldout").items()}
 
 

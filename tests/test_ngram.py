@@ -16,7 +16,7 @@ import pytest
 
 from explainer import vocab
 from explainer.errors import ExplainerError
-from explainer.explain import ngram
+from explainer.explain import ngram, ngram_fit
 from explainer.explain.ngram_fit import Pattern, PatternSet
 from explainer.store import db as store
 from explainer.store import examples
@@ -224,7 +224,7 @@ def test_explanation_filter_and_bad_filter(con) -> None:
 def test_shuffled_patterns_score_low_and_agent_api(con) -> None:
     dict_id = fill_db(con, LATENTS)
     train = ngram.load_split(con, dict_id, "train")
-    cands = {lat: ngram.candidate_sets(train.latent(lat), train.vocab) for lat in (0, 1, 2)}
+    cands = {lat: ngram_fit.candidate_sets(train.latent(lat), train.vocab) for lat in (0, 1, 2)}
     assert all(cands[lat] for lat in cands)
     assert len({ps.patterns for ps in cands[2]}) == len(cands[2])  # distinct sets only
     scores = ngram.score_pattern_sets(con, dict_id, cands, split="validation")
@@ -236,12 +236,12 @@ def test_shuffled_patterns_score_low_and_agent_api(con) -> None:
 
 
 def test_simulate_semantics_first_match_wins_and_unknown_tokens() -> None:
-    ex = ngram.LatentExamples(0, np.array(["top"], dtype=object), np.array([0]),
+    ex = ngram_fit.LatentExamples(0, np.array(["top"], dtype=object), np.array([0]),
                               np.array([[0, 1, 2, 1]]), np.array([[0, 1, 2, 1]]), np.zeros((1, 4), np.float32))
     index = ({"a": 0, " of": 1, " the": 2}, {"a": 0, "of": 1, "the": 2})
     ps = PatternSet((Pattern((" of", " the"), "exact", 3.0), Pattern(("the",), "norm", 1.0),
                      Pattern(("zzz",), "exact", 9.0), Pattern(("a", None), "exact", 0.5)))
-    assert ngram.simulate(ps, ex, index).tolist() == [[0.0, 0.5, 3.0, 0.0]]
+    assert ngram_fit.simulate(ps, ex, index).tolist() == [[0.0, 0.5, 3.0, 0.0]]
     assert ps.text() == ('fires on " the" after " of" (medium); \'the\' (any case) (weak); '
                          '"zzz" (strong); any token after "a" (weak)')
     assert PatternSet.from_json(json.dumps(ps.to_json())).patterns == ps.patterns

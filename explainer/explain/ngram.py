@@ -30,21 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from explainer.errors import ExplainerError
-from explainer.explain.ngram_fit import (  # noqa: F401  (re-exported: the agent and the benchmark use them from here)
-    FORMAT,
-    KEY_BASE,
-    MODES,
-    LatentExamples,
-    Pattern,
-    PatternSet,
-    SimScore,
-    candidate_sets,
-    fit,
-    match,
-    normalize,
-    score_examples,
-    simulate,
-)
+from explainer.explain.ngram_fit import FORMAT, KEY_BASE, LatentExamples, PatternSet, SimScore, fit, normalize, score_examples
 from explainer.results import StageResult
 from explainer.store import db as store
 from explainer.store import examples, schema

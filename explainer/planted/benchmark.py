@@ -115,25 +115,25 @@ Progress = Optional[Callable[[dict[str, Any]], None]]
 def _ngram_stage(con: Any, dict_id: int, n: int, settings: Any,
                  progress: Progress) -> tuple[list[dict[str, Any]], Separation]:
     from explainer import vocab
-    from explainer.explain import ngram
+    from explainer.explain import ngram, ngram_fit
     from explainer.store import examples
 
     # The score settings' snippet counts, so the n-gram and an LLM simulator read the same snippets.
     limits = examples.counts_of(settings.score, vocab.SIM_KINDS)
     ngram.explain_all(con, dict_id, latents=list(range(n)), progress=tagged(progress, "n-gram explain"))
-    ngram.score_all(con, dict_id, "heldout", explanation_filter=f"explainer = 'ngram' AND template = '{ngram.FORMAT}'",
+    ngram.score_all(con, dict_id, "heldout", explanation_filter=f"explainer = 'ngram' AND template = '{ngram_fit.FORMAT}'",
                     latents=list(range(n)), limits=limits, progress=tagged(progress, "n-gram score"))
     rows = con.execute(f"""
         SELECT e.latent, e.text, e.pattern::VARCHAR, s.score, s.details::VARCHAR, s.ci_low, s.ci_high, s.snippet_set
         FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id AND s.scorer = 'simulation'
              AND s.mode = 'ngram' AND s.split = 'heldout' AND s.status = 'ok' AND s.setup_hash = ?
-        WHERE e.dict_id = ? AND e.explainer = 'ngram' AND e.template = '{ngram.FORMAT}'
+        WHERE e.dict_id = ? AND e.explainer = 'ngram' AND e.template = '{ngram_fit.FORMAT}'
         ORDER BY e.latent, e.id, s.id""", [ngram.setup_hash(limits), dict_id]).fetchall()
     found: dict[int, dict[str, Any]] = {}
     for latent, text, pattern, score, details, lo, hi, snippet_set in rows:
         found.setdefault(latent, {"text": text, "pattern": pattern, "score": score, "details": details,
                                   "cell": Cell(score, lo, hi, snippet_set)})
-    sets = {i: ngram.PatternSet.from_json(r["pattern"]) for i, r in found.items() if r["pattern"]}
+    sets = {i: ngram_fit.PatternSet.from_json(r["pattern"]) for i, r in found.items() if r["pattern"]}
     # Every explanation against every other latent's held-out text: the n-gram costs nothing.
     wrong = {i: [sets[j] for j in sorted(sets) if j != i] for i in range(n)}
     shuffled = [s.score for per in ngram.score_pattern_sets(con, dict_id, wrong, "heldout", limits).values()
@@ -160,7 +160,7 @@ def _llm_stage(con: Any, dict_id: int, latents: list[int], settings: Any, base_u
     Fills each row's llm_explanation, llm_simulation, ngram_llm_simulation and cells.
     """
     from explainer.explain import llm as explain
-    from explainer.explain import ngram
+    from explainer.explain import ngram_fit
     from explainer.score import scorer as score
     from explainer.score import setup as score_setup
 
@@ -171,7 +171,7 @@ def _llm_stage(con: Any, dict_id: int, latents: list[int], settings: Any, base_u
     s.score.split = "heldout"
     model = s.llm.model
     s.score.explanations = (f"(explainer = 'llm' AND model = {_sql_text(model)}) "
-                            f"OR (explainer = 'ngram' AND template = '{ngram.FORMAT}')")
+                            f"OR (explainer = 'ngram' AND template = '{ngram_fit.FORMAT}')")
     explain.run(con, s, dict_id, progress=tagged(progress, "LLM explain"))
     score.run(con, s, dict_id, progress=tagged(progress, "LLM score"))
     errors = dict(con.execute("""SELECT latent, arg_max(error, id) FROM explanations WHERE dict_id = ?
