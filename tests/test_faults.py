@@ -25,7 +25,7 @@ import duckdb
 import pytest
 
 from explainer.explain import llm as explain
-from explainer.llm import client as llm
+from explainer.llm import wire
 from explainer.score import scorer as score
 from explainer.settings import ExplainSettings, LLMSettings, ScoreSettings, Settings
 from explainer.store import db as store
@@ -97,7 +97,7 @@ def body_key(req: Request) -> str:
 
 def key_of(req: Request) -> str:
     """The client's cache key for this request (what llm_calls.cache_key holds)."""
-    return llm.cache_key("chat", req.body)
+    return wire.cache_key("chat", req.body)
 
 
 class FaultScript:

@@ -4,7 +4,7 @@ Each stage runs as a real `python -m explainer` subprocess, is killed with SIGKI
 (once the server has answered some requests, or the sampler has saved a checkpoint), and is
 then rerun to completion. The final tables must equal those of an uninterrupted run
 (ids, timestamps and run ids aside), and the answers paid for before the kill must not be
-bought again beyond what was in flight or not yet flushed (llm.FLUSH_SECONDS) at the kill.
+bought again beyond what was in flight or not yet flushed (wire.FLUSH_SECONDS) at the kill.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import duckdb
 import pytest
 
 from explainer.cli import main
-from explainer.llm import client as llm
+from explainer.llm import wire
 from tests.conftest import make_corpus_text
 from tests.openai_server import ScriptedServer
 from tests.test_faults import MODEL, build_db, good_answer
@@ -96,7 +96,7 @@ def cache_keys(db: Path) -> set[str]:
 
 
 def key_of(req: Any) -> str:
-    return llm.cache_key("chat", req.body)
+    return wire.cache_key("chat", req.body)
 
 
 @pytest.mark.parametrize("stage", ["explain", "score"])
@@ -156,7 +156,7 @@ def test_kill_9_mid_stage_then_rerun_loses_nothing_and_pays_once(stage: str, tmp
     twice = len(killed_reqs) + len(rerun_reqs) - uninterrupted
     assert twice == len(asked_again)
     ages = [killed_at - t for r, t in zip(killed_reqs, killed_times) if key_of(r) in asked_again]
-    bound = CONCURRENCY * (2 * llm.FLUSH_SECONDS / LATENCY + 1)
+    bound = CONCURRENCY * (2 * wire.FLUSH_SECONDS / LATENCY + 1)
     print(f"\n{stage}: uninterrupted {uninterrupted} requests; killed run {len(killed_reqs)}, rerun {len(rerun_reqs)}; "
           f"paid twice {twice} (bound {bound:g}), asked {min(ages, default=0):.2f}-{max(ages, default=0):.2f} s before "
           f"the kill; rerun cache hits {hits}; rows committed before the kill {written} of {n}")

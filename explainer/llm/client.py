@@ -31,7 +31,7 @@ import openai
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from explainer.errors import ExplainerError
-from explainer.llm.http import ResponseTooLarge, error_message, http_client, redirect_message, short  # noqa: F401
+from explainer.llm.http import ResponseTooLarge, error_message, http_client, redirect_message, short
 from explainer.results import LLMSpend
 from explainer.settings import LLMSettings
 from explainer.store import db as store
@@ -41,8 +41,7 @@ try:  # openai >= 3 ships httpx2; older releases use httpx
 except ImportError:  # pragma: no cover
     import httpx as _httpx  # type: ignore[no-redef]
 
-from explainer.llm.wire import (  # noqa: F401  re-exported: stages import these from explainer.llm
-    DEFAULT_BASE_URL,
+from explainer.llm.wire import (
     FLUSH_SECONDS,
     LOOPBACK_KEY,
     UNREACHABLE_AFTER,
@@ -53,7 +52,6 @@ from explainer.llm.wire import (  # noqa: F401  re-exported: stages import these
     Writer,
     cache_key,
     checked_reply,
-    is_loopback,
     parse_retry_after,
     price_of,
     reply_from,
