@@ -296,5 +296,45 @@ def m006_validation_labels(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(ddl)
 
 
+def m007_latent_pages(con: duckdb.DuckDBPyConnection) -> None:
+    """What a latent page shows beyond its examples (issue 20): the output side and statistics.
+
+    latent_logits: the decoder direction through the model's final norm and unembedding, the
+    top and bottom tokens by logit (residual-stream hooks only). latent_neighbours: nearest
+    latents by decoder cosine, and by Jaccard of the contexts they fire in. latent_histograms:
+    the per-token activation histogram over firing tokens, accumulated by the sampler."""
+    con.execute(
+        """
+        CREATE TABLE latent_logits (
+            dict_id INTEGER NOT NULL,
+            latent INTEGER NOT NULL,
+            sign VARCHAR NOT NULL,        -- top | bottom
+            rank INTEGER NOT NULL,        -- 0 = largest (top) or most negative (bottom)
+            token_id INTEGER NOT NULL,
+            token VARCHAR NOT NULL,       -- as the tokenizer decodes it alone
+            value REAL NOT NULL,          -- logit contribution of a unit step along the decoder row
+            PRIMARY KEY (dict_id, latent, sign, rank)
+        );
+        CREATE TABLE latent_neighbours (
+            dict_id INTEGER NOT NULL,
+            latent INTEGER NOT NULL,
+            kind VARCHAR NOT NULL,        -- decoder_cosine | cooccurrence
+            rank INTEGER NOT NULL,
+            neighbour INTEGER NOT NULL,
+            value REAL NOT NULL,          -- cosine of decoder rows, or Jaccard of firing contexts
+            PRIMARY KEY (dict_id, latent, kind, rank)
+        );
+        CREATE TABLE latent_histograms (
+            dict_id INTEGER NOT NULL,
+            latent INTEGER NOT NULL,
+            edges REAL[] NOT NULL,        -- len(counts) + 1 bin edges over activation values
+            counts BIGINT[] NOT NULL,     -- firing tokens per bin
+            PRIMARY KEY (dict_id, latent)
+        );
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
-    m001_core, m002_views, m003_llm_batches, m004_cached_tokens, m005_score_provenance, m006_validation_labels]
+    m001_core, m002_views, m003_llm_batches, m004_cached_tokens, m005_score_provenance, m006_validation_labels,
+    m007_latent_pages]
