@@ -105,11 +105,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from explainer import ui
+    from explainer.sample import ranks
     from explainer.sample import sampler as sample
     from explainer.store import db as store
 
     s = settings_from(args)
     sae_path = Path(args.sae) if args.sae else s.train.out
+    if ranks.under_torchrun():
+        with ui.progress_bar("sample", enabled=not args.json and ranks.is_main()) as bar:
+            res = ranks.run(s, sae_path, dict_name=args.dict_name, resume=not args.restart, progress=bar)
+        if res.shard == "merged":  # rank 0 alone reports, the merged result
+            ui.show_result(res, as_json=args.json, title=f"samples of every rank merged into {s.db}")
+        return 0
     with store.connect(s.db) as con:
         with ui.progress_bar("sample", enabled=not args.json) as bar:
             res = sample.run(con, s, sae_path, dict_name=args.dict_name, resume=not args.restart, progress=bar)
