@@ -9,6 +9,9 @@ gradient all-reduces), per-step FVU rel 1e-4, dead counters exactly equal.
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +148,39 @@ def test_init_shard_slices_the_single_process_init() -> None:
 def test_unshardable_grid_is_refused(change: dict, needle: str) -> None:
     with pytest.raises(ExplainerError, match=needle):
         check_shardable(TrainSettings(**{"n_latents": 64, "k": 4, **change}), world=4)
+
+
+def test_torchrun_latent_shards_train_resume_and_export_like_one_process(tiny_lm: Path, tiny_corpus: Path,
+                                                                          tmp_path: Path) -> None:
+    """`explainer train --latent-shards 2` on 2 gloo ranks, stopped and resumed, against one process:
+    the dictionary written shard by shard loads (formats.load_dictionary) equal to the single one."""
+    from safetensors.torch import load_file
+
+    from explainer.sae.formats import SPARSITY_FILE, load_dictionary
+    from tests.test_distributed import _env, _train_args
+
+    def args(out: Path, tokens: int) -> list[str]:
+        # One step per shuffle block, so a run stopped after 3 steps saw what a longer one sees first.
+        base = _train_args(tiny_lm, tiny_corpus, out) + ["--shuffle-steps", "1", "--tokens", str(tokens)]
+        return base if tokens > 3072 else base + ["--eval-tokens", "0"]  # the shell path, no whole dictionary
+
+    single, multi = tmp_path / "single", tmp_path / "shard"
+    subprocess.run([sys.executable, "-m", "explainer", *args(single, 6144)], check=True, env=_env(),
+                   capture_output=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "explainer"]
+    for tokens, extra in ((3072, []), (6144, ["--resume"])):
+        res = subprocess.run([*torchrun, *args(multi, tokens), "--latent-shards", "2", *extra], env=_env(),
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (multi / "checkpoint" / "state.shard1of2.pt").is_file()
+    a, b = load_dictionary(single), load_dictionary(multi)
+    assert (a.d_sae, a.k) == (b.d_sae, b.k)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), (name, float((x - y).abs().max()))
+    m1, m2 = (json.loads((p / "metrics.json").read_text()) for p in (single, multi))
+    assert m2["latent_shards"] == 2 and m1["steps"] == m2["steps"] == 6
+    assert m2["fvu"] == pytest.approx(m1["fvu"], rel=1e-3)
+    assert m2["dead_fraction"] == m1["dead_fraction"]
+    assert torch.equal(load_file(single / SPARSITY_FILE)["sparsity"], load_file(multi / SPARSITY_FILE)["sparsity"])
+    assert not list(tmp_path.glob(".*sharded-weights"))  # moved into the folder, not left beside it
