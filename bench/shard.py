@@ -8,7 +8,7 @@ R > 1 runs R fresh processes (spawned, so each one's peak RSS is its own) joined
 holding n/R latents. Per rank it prints: the bytes of its dictionary state (weights, gradients,
 Adam m and v: 16 bytes per parameter in fp32), its peak RSS (ru_maxrss, which also counts torch
 itself, ~0.3 GB), the fastest step of `--steps` after one warm-up, and the bytes its collectives
-moved per step, counted on the tensors handed to them (the all-gather counts what this rank
+moved per step (after the warm-up), counted on the tensors handed to them (the all-gather counts what this rank
 receives). The machine has 2 cores that other processes share: R ranks split 2 cores, so the
 step time of R > 1 shows the work per rank plus communication, not the speed-up R devices give.
 """
@@ -59,8 +59,9 @@ def _batch(batch: int, d: int) -> torch.Tensor:
     return torch.randn(batch, d, generator=torch.Generator().manual_seed(1)) + 1.0
 
 
-def _time(trainer: Trainer, x: torch.Tensor, steps: int) -> float:
-    trainer.step(x)  # warm-up: allocations, the workspace
+def _time(trainer: Trainer, x: torch.Tensor, steps: int, moved: dict[str, int]) -> float:
+    trainer.step(x)  # warm-up: allocations, the workspace (and no dead latent yet, so no AuxK)
+    moved.update(dict.fromkeys(moved, 0))  # count the steady state only
     best = float("inf")
     for _ in range(steps):
         start = time.perf_counter()
@@ -86,8 +87,8 @@ def _rank(rank: int, world: int, a: dict[str, Any], out: str) -> None:
         grid.moved = moved = {"all_gather": 0, "all_reduce": 0}
         sae = init_shard(d, n, k, grid, torch.Generator().manual_seed(0), "cpu")
         trainer = ShardedTrainer(sae, _settings(n, k), grid)
-    seconds = _time(trainer, x, a["steps"])
-    steps = a["steps"] + 1
+    seconds = _time(trainer, x, a["steps"], moved)
+    steps = a["steps"]
     params = sum(p.numel() for p in sae.parameters())
     row = {"rank": rank, "R": world, "n": n, "latents_here": sae.d_sae, "state_gb": 16 * params / GB,
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, "step_s": seconds,
