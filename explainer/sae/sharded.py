@@ -109,7 +109,10 @@ class ShardedTrainer(Trainer):
         if self.world > 1:
             x = x[self.rank :: self.world]
         dead = self.dead_mask().nonzero().flatten() if s.auxk_coef > 0 else None
-        n_dead = int(g.all_reduce_latent(torch.tensor([len(dead) if dead is not None else 0]))[0])
+        # Every shard's dead count: AuxK runs if any latent is dead, and each shard offers only as many
+        # candidates as the shard with the most dead latents has (few are dead, most of the time).
+        counts = [int(c[0]) for c in g.all_gather_latent(torch.tensor([len(dead) if dead is not None else 0]))]
+        n_dead, width = sum(counts), min(self.k_aux, max(counts))
         f = sparse_forward(x, sae.W_enc, sae.b_enc, None, sae.b_dec, sae.k, dead=dead, k_aux=self.k_aux,
                            mm_dtype=self.mm_dtype, workspace=sae.workspace)
         part, mine = self._decode(f.values, f.indices, sae.k)
@@ -118,8 +121,8 @@ class ShardedTrainer(Trainer):
         loss = fvu
         auxk = torch.zeros((), device=x.device)
         if n_dead > 0 and self.k_aux > 0:
-            # Pad to k_aux candidates per shard (value -1 never wins: at least min(k_aux, n_dead) real ones are >= 0).
-            pad = self.k_aux - f.aux_values.shape[1]
+            # Pad to `width` candidates per shard (value -1 never wins: at least min(k_aux, n_dead) real ones are >= 0).
+            pad = width - f.aux_values.shape[1]
             aux_v = torch.cat([f.aux_values, f.aux_values.new_full((len(x), pad), -1.0)], dim=1)
             aux_i = torch.cat([f.aux_indices, f.aux_indices.new_zeros(len(x), pad)], dim=1)
             aux_hat, _ = self._decode(aux_v, aux_i, min(self.k_aux, n_dead))
