@@ -142,13 +142,15 @@ def test_init_shard_slices_the_single_process_init() -> None:
 
 @pytest.mark.parametrize("change,needle", [
     ({"latent_shards": 3}, "does not divide the 4"),
+    ({"latent_shards": 2, "world": 1}, "launch with `torchrun --nproc-per-node 2"),
     ({"latent_shards": 4, "n_latents": 66}, "must divide --n-latents 66"),
     ({"latent_shards": 4, "k": 16}, "wider than --k 16"),
     ({"latent_shards": 2, "multi_topk": True}, "drop --multi-topk"),
 ])
 def test_unshardable_grid_is_refused(change: dict, needle: str) -> None:
     with pytest.raises(ExplainerError, match=needle):
-        check_shardable(TrainSettings(**{"n_latents": 64, "k": 4, **change}), world=4)
+        world = change.pop("world", 4)
+        check_shardable(TrainSettings(**{"n_latents": 64, "k": 4, **change}), world=world)
 
 
 def test_torchrun_latent_shards_train_resume_and_export_like_one_process(tiny_lm: Path, tiny_corpus: Path,

@@ -113,6 +113,11 @@ class Grid:
     def all_reduce_world(self, t: Tensor) -> Tensor:
         return self.dist.all_reduce(t)
 
+    def counts(self, values: list[int]) -> Tensor:
+        """Small integers as a tensor the backend can carry (NCCL takes CUDA tensors only)."""
+        nccl = self.dist.active and torch.distributed.get_backend() == "nccl"
+        return torch.tensor(values, device=f"cuda:{self.dist.local_rank}" if nccl else "cpu")
+
     def all_gather_latent(self, t: Tensor) -> list[Tensor]:
         """Every shard's tensor of t's shape, in shard order."""
         if self.shards == 1:

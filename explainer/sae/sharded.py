@@ -38,6 +38,9 @@ def check_shardable(ts: TrainSettings, world: int) -> None:
     r = ts.latent_shards
     if r == 1:
         return
+    if world == 1:
+        raise ExplainerError(f"--latent-shards {r} splits the dictionary over torchrun processes; launch with "
+                             f"`torchrun --nproc-per-node {r} -m explainer train ...` or drop --latent-shards")
     if world % r:
         raise ExplainerError(f"--latent-shards {r} does not divide the {world} torchrun processes; "
                              f"launch a multiple of {r} processes (--nproc-per-node)")
@@ -111,7 +114,7 @@ class ShardedTrainer(Trainer):
         dead = self.dead_mask().nonzero().flatten() if s.auxk_coef > 0 else None
         # Every shard's dead count: AuxK runs if any latent is dead, and each shard offers only as many
         # candidates as the shard with the most dead latents has (few are dead, most of the time).
-        counts = [int(c[0]) for c in g.all_gather_latent(torch.tensor([len(dead) if dead is not None else 0]))]
+        counts = [int(c[0]) for c in g.all_gather_latent(g.counts([len(dead) if dead is not None else 0]))]
         n_dead, width = sum(counts), min(self.k_aux, max(counts))
         f = sparse_forward(x, sae.W_enc, sae.b_enc, None, sae.b_dec, sae.k, dead=dead, k_aux=self.k_aux,
                            mm_dtype=self.mm_dtype, workspace=sae.workspace)
@@ -175,7 +178,7 @@ def shard_checkpoint(path: Path, grid: Grid) -> Path:
 def load_shard_state(path: Path, grid: Grid, state0: dict[str, Any]) -> dict[str, Any]:
     """This shard's checkpoint; refuses shards that stopped at different steps (a kill between their writes)."""
     state = state0 if grid.shard == 0 else _load(shard_checkpoint(path, grid))
-    steps = torch.tensor([int(state["trainer"]["steps"])])
+    steps = grid.counts([int(state["trainer"]["steps"])])
     every = [int(t[0]) for t in grid.all_gather_latent(steps)]
     if len(set(every)) > 1 or state["trainer"].get("shards", grid.shards) != grid.shards:
         raise ExplainerError(f"the checkpoint shards in {path.parent} stopped at steps {every} (a kill between "
