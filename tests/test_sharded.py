@@ -159,6 +159,7 @@ def test_torchrun_latent_shards_train_resume_and_export_like_one_process(tiny_lm
     the dictionary written shard by shard loads (formats.load_dictionary) equal to the single one."""
     from safetensors.torch import load_file
 
+    from explainer.cli import main
     from explainer.sae.formats import SPARSITY_FILE, load_dictionary
     from tests.test_distributed import _env, _train_args
 
@@ -168,8 +169,7 @@ def test_torchrun_latent_shards_train_resume_and_export_like_one_process(tiny_lm
         return base if tokens > 2048 else base + ["--eval-tokens", "0"]  # the shell path, no whole dictionary
 
     single, multi = tmp_path / "single", tmp_path / "shard"
-    subprocess.run([sys.executable, "-m", "explainer", *args(single, 4096)], check=True, env=_env(),
-                   capture_output=True, timeout=300)
+    assert main(args(single, 4096)) == 0  # in-process: one interpreter start fewer
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "explainer"]
     for tokens, extra in ((2048, []), (4096, ["--resume"])):
         res = subprocess.run([*torchrun, *args(multi, tokens), "--latent-shards", "2", *extra], env=_env(),
