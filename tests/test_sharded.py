@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from explainer.errors import ExplainerError
 from explainer.sae.distributed import Dist, Grid, make_grid
 from explainer.sae.model import TopKSAE
-from explainer.sae.sharded import ShardedTrainer, check_shardable, init_shard
+from explainer.sae.sharded import ShardedTrainer, check_shardable, init_shard, load_shard_state, shard_checkpoint
 from explainer.sae.step import Trainer
 from explainer.settings import TrainSettings
 
@@ -187,3 +187,29 @@ def test_torchrun_latent_shards_train_resume_and_export_like_one_process(tiny_lm
     assert m2["dead_fraction"] == m1["dead_fraction"]
     assert torch.equal(load_file(single / SPARSITY_FILE)["sparsity"], load_file(multi / SPARSITY_FILE)["sparsity"])
     assert not list(tmp_path.glob(".*sharded-weights"))  # moved into the folder, not left beside it
+
+
+def _mismatch_worker(rank: int, world: int, tmp: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        grid = make_grid(Dist(rank, world), world)
+        path = Path(tmp) / "checkpoint" / "state.pt"
+        path.parent.mkdir(exist_ok=True)
+        # Shard 1 was killed before it wrote step 4: its file still holds step 3.
+        state = {"trainer": {"steps": 4 - rank, "shards": world}}
+        torch.save(state, shard_checkpoint(path, grid))
+        grid.dist.barrier()
+        try:
+            load_shard_state(path, grid, torch.load(path, weights_only=True))
+            outcome = "loaded"
+        except ExplainerError as e:
+            outcome = str(e)
+        Path(f"{tmp}/rank{rank}.txt").write_text(outcome)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_shards_checkpointed_at_different_steps_are_refused(tmp_path: Path) -> None:
+    mp.start_processes(_mismatch_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    for rank in range(2):
+        assert "stopped at steps [4, 3]" in (tmp_path / f"rank{rank}.txt").read_text()
