@@ -141,6 +141,10 @@ class TrainSettings(Section):
         8, ge=1, le=2**16, description="optimizer steps whose activations are pooled and shuffled together (decorrelates batches)"
     )
     checkpoint_every: int = Field(50, ge=1, le=2**40, description="optimizer steps between resumable checkpoints")
+    latent_shards: int = Field(
+        1, ge=1, le=2**16, description="under torchrun, split the latents over this many ranks (each holds 1/R of "
+        "the encoder, decoder, Adam state and dead counters; global top-k); world = data replicas x latent shards",
+    )
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for init and data order")
     outlier_factor: float = Field(
         10.0, ge=0, allow_inf_nan=False,

@@ -9,6 +9,7 @@ from __future__ import annotations  # noqa: I001  (keeps the wrapped import belo
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -46,13 +47,15 @@ def fingerprint(sae: TopKSAE) -> str:
 
 
 def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = None, cfg: Optional[dict] = None,
-                    extra: Optional[dict[str, str]] = None) -> Path:
+                    extra: Optional[dict[str, str]] = None, weights_from: Optional[Path] = None) -> Path:
     """Write `sae` in the SAELens layout, atomically: a kill mid-save leaves the previous folder or the new one.
 
     The files are written into a sibling folder that then replaces `folder` by rename; what the old
     folder held besides the dictionary (a training checkpoint) is carried over as hard links.
     `sparsity` is the log10 firing frequency per latent (SAELens' sparsity.safetensors); `extra` maps
-    further file names to their text (metrics.json), saved with the dictionary.
+    further file names to their text (metrics.json), saved with the dictionary. `weights_from`: a
+    weights file already written (a latent-sharded run's, shard by shard), moved in instead of
+    writing `sae`'s tensors, which then serve only for cfg.json.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -61,14 +64,17 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
         raise ExplainerError(f"{folder} is a file; choose a folder path for the dictionary")
     saving = save_siblings(folder)[0]
     saving.mkdir()
-    tensors = {
+    if weights_from is not None:
+        os.replace(weights_from, saving / WEIGHTS_FILE)
+    tensors = {} if weights_from is not None else {
         "W_enc": sae.W_enc.detach().float().contiguous().cpu(),
         "b_enc": sae.b_enc.detach().float().cpu(),
         "W_dec": sae.W_dec.detach().float().contiguous().cpu(),
         "b_dec": sae.b_dec.detach().float().cpu(),
         **({"threshold": sae.threshold.detach().float().cpu()} if sae.threshold is not None else {}),
     }
-    save_file(tensors, str(saving / WEIGHTS_FILE))
+    if tensors:
+        save_file(tensors, str(saving / WEIGHTS_FILE))
     written = {WEIGHTS_FILE, CFG_FILE, SPARSITY_FILE, *(extra or {})}  # never carried over from the old folder
     if sparsity is not None:
         save_file({"sparsity": sparsity.detach().float().cpu().contiguous()}, str(saving / SPARSITY_FILE))
