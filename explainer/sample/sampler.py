@@ -81,6 +81,8 @@ def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
     exclude = {"checkpoint_every", "shard", "force_layer", "parquet"} | ({"max_active"} if topk else set())
     cfg = {
         "fingerprint": fingerprint, "model": lm.name, "layer": lm.layer, "dtype": str(lm.dtype),
+        # Only off the default residual hook, so runs saved before --hook existed keep their key.
+        **({"hook": lm.hook} if lm.hook != f"layers.{lm.layer}" else {}),
         "corpus": settings.corpus.model_dump(mode="json"),
         "sample": settings.sample.model_dump(mode="json", exclude=exclude),
         # Only when there is a rule, so dictionaries without one keep their earlier config keys.
