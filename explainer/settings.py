@@ -96,8 +96,8 @@ class ModelSettings(Section):
             raise ValueError(str(e)) from None
         given = data.get("layer")
         if given is not None and str(given).strip() != str(layer):
-            raise ValueError(f"--hook {data['hook']} reads layer {layer} but --layer is {given}; --hook wins over "
-                             f"--layer, so drop --layer or give --layer {layer}")
+            raise ValueError(f"--hook {data['hook']} reads layer {layer} but --layer (model.layer) is {given}; --hook "
+                             f"wins over --layer, so drop --layer (from the flags and the config) or give --layer {layer}")
         return {**data, "layer": layer}
 
     def hook_point(self) -> Hook:

@@ -194,7 +194,7 @@ def test_settings_hook_and_layer() -> None:
     assert ModelSettings(hook="blocks.3.hook_mlp_out").layer == 3
     assert ModelSettings(hook="layers.3.mlp", layer=3).hook_point() == Hook(3, "mlp")
     assert ModelSettings(layer=4).hook_point() == Hook(4)
-    with pytest.raises(ValueError, match="reads layer 3 but --layer is 5; --hook wins over --layer"):
+    with pytest.raises(ValueError, match=r"reads layer 3 but --layer \(model.layer\) is 5; --hook wins over --layer"):
         ModelSettings(hook="layers.3.mlp", layer=5)
 
 
@@ -214,3 +214,81 @@ def test_cli_hook_flag(tiny_lm: Path, capsys: pytest.CaptureFixture[str]) -> Non
     err = capsys.readouterr().err
     assert rc != 0 and "error:" in err and "--hook wins over --layer" in err and "Traceback" not in err
     assert load_model(ModelSettings(name=str(tiny_lm), hook="layers.1.mlp")).hook == "layers.1.mlp"
+
+
+def test_dictionary_trained_on_mlp_records_its_hook_and_samples_only_there(
+        tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    import json
+
+    import duckdb
+
+    from explainer.sae.formats import load_dictionary
+    from explainer.sae.train import run
+    from explainer.sample import sampler
+    from explainer.settings import CorpusSettings, SampleSettings, Settings, TrainSettings
+    from explainer.store import db as store
+
+    def settings(hook: str) -> Settings:
+        return Settings(
+            db=tmp_path / "x.duckdb",
+            model=ModelSettings(name=str(tiny_lm), hook=hook, device="cpu", batch_size=4),
+            corpus=CorpusSettings(source=str(tiny_corpus), ctx_len=16, validation_fraction=0.2, heldout_fraction=0.2),
+            train=TrainSettings(out=tmp_path / "sae", n_latents=64, k=4, tokens=512, batch_tokens=128, eval_tokens=128,
+                                ce_tokens=64, shuffle_steps=2, median_samples=128, dead_tokens=256),
+            sample=SampleSettings(n_top=3, n_quantile=2, n_quantile_bins=2, n_nonactivating=2, n_random=2,
+                                  n_reservoir=4, nonactivating_pool=8, tokens=200 * 16, acts_dtype="float32"),
+        )
+
+    res = run(settings("layers.1.mlp"))
+    assert res.metrics["ce_spliced"] == res.metrics["ce_spliced"]  # ΔCE spliced at the MLP's output
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert (cfg["hook_name"], cfg["hook"], cfg["hook_layer"]) == ("blocks.1.hook_mlp_out", "layers.1.mlp", 1)
+    assert dictionary_hook(load_dictionary(tmp_path / "sae").cfg) == Hook(1, "mlp")
+
+    for wrong in ("layers.1", "blocks.1.hook_attn_out"):
+        con = store.connect(tmp_path / "x.duckdb")
+        try:
+            with pytest.raises(ExplainerError, match=r"\(hook layers\.1\.mlp\) but the model is hooked at layer 1 \(hook "
+                                                     r"layers\.1(\.self_attn)?\); pass --hook layers\.1\.mlp"):
+                sampler.run(con, settings(wrong), tmp_path / "sae")
+        finally:
+            con.close()
+    con = store.connect(tmp_path / "x.duckdb")
+    try:
+        sampler.run(con, settings("blocks.1.hook_mlp_out"), tmp_path / "sae")
+    finally:
+        con.close()
+    with duckdb.connect(str(tmp_path / "x.duckdb"), read_only=True) as ro:
+        assert ro.execute("SELECT hook FROM dictionaries").fetchall() == [("layers.1.mlp",)]
+
+
+@pytest.mark.parametrize("location,hook", [
+    ("resid_post_mlp", "layers.6"), ("resid_delta_attn", "layers.6.self_attn"), ("resid_delta_mlp", "layers.6.mlp"),
+    ("resid_post_attn", "layers.6.ln_2:input"), ("mlp_post_act", "layers.6.mlp.act")])
+def test_loaders_read_the_hook_from_where_each_format_keeps_it(tmp_path: Path, location: str, hook: str) -> None:
+    import numpy as np
+
+    from explainer.sae.formats import load_dictionary
+    from explainer.sae.model import TopKSAE
+    from tests.test_formats import openai_state
+    from tests.test_sae import write_sparsify_folder
+
+    folder = tmp_path / f"{location}_v5_32k" / "autoencoders"  # OpenAI: the location is in the path, the layer the name
+    folder.mkdir(parents=True)
+    torch.save(openai_state(8), folder / "6.pt")
+    assert dictionary_hook(load_dictionary(folder / "6.pt").cfg) == parse_hook(hook)
+    if location != "resid_post_mlp":
+        return
+    sae = TopKSAE(32, 64, 4)
+    for name, want in (("layers.3.mlp", Hook(3, "mlp")), ("h.2.attn", Hook(2, "self_attn")), ("layers.4", Hook(4))):
+        write_sparsify_folder(tmp_path / "sp" / name, sae)  # sparsify: the folder is named by its hookpoint
+        assert dictionary_hook(load_dictionary(tmp_path / "sp" / name).cfg) == want
+    arrays = {"W_enc": np.zeros((8, 16), np.float32), "W_dec": np.zeros((16, 8), np.float32),
+              "b_enc": np.zeros(16, np.float32), "b_dec": np.zeros(8, np.float32), "threshold": np.ones(16, np.float32)}
+    for release, want in (("gemma-scope-2b-pt-res", Hook(5)), ("gemma-scope-2b-pt-mlp-canonical", Hook(5, "mlp")),
+                          ("models--google--gemma-scope-2b-pt-att", Hook(5, "self_attn.o_proj", "input"))):
+        gs = tmp_path / release / "layer_5" / "width_16k" / "average_l0_9"
+        gs.mkdir(parents=True)
+        np.savez(gs / "params.npz", **arrays)
+        assert dictionary_hook(load_dictionary(gs).cfg) == want
+    assert Hook(5, "self_attn.o_proj", "input").saelens_name == "blocks.5.attn.hook_z"

@@ -33,9 +33,9 @@ def check_dictionary(sae: Any, lm: Any, ss: SampleSettings) -> list[str]:
         named = sae.cfg.get("hook_name")
         what = f"hook {named!r}, which explainer cannot map" if named else "no layer"
         warnings.append(f"the dictionary's config names {what}; assuming it reads {lm.hook}")
-    elif point is not None and theirs != point:
-        msg = (f"the dictionary was trained at layer {theirs.layer}, hook {theirs}, but the model is hooked at "
-               f"layer {lm.layer}, hook {lm.hook}")
+    elif point is not None and theirs is not None and theirs != point:
+        msg = (f"the dictionary was trained at layer {theirs.layer} (hook {theirs}) but the model is hooked at "
+               f"layer {lm.layer} (hook {lm.hook})")
         fix = f"--layer {theirs.layer} (or --hook {theirs})" if theirs.is_residual else f"--hook {theirs}"
         if not ss.force_layer:
             raise ExplainerError(f"{msg}; pass {fix}, or --force-layer to sample anyway")
