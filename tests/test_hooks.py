@@ -153,6 +153,17 @@ def test_splice_replaces_the_hooked_tensor(arch: str) -> None:
     torch.testing.assert_close(got[0][:, :1], base[:, :1])  # the prefix position is left alone
 
 
+def test_openai_gpt2_locations_read_what_their_readme_names() -> None:
+    """resid_post_attn = hook_resid_mid = residual before the layer + attention's output; mlp_post_act
+    is the GELU's output, 4x wider, its width measured at load."""
+    model = build("gpt2")
+    pre, attn = subject(model, "layers.1:input").activations(IDS), subject(model, "layers.1.self_attn").activations(IDS)
+    torch.testing.assert_close(subject(model, "layers.1.ln_2:input").activations(IDS), pre + attn)
+    act = subject(model, "layers.1.mlp.act")
+    assert act.d_model == 4 * H and act.activations(IDS).shape == (2, 8, 4 * H)
+    assert (act.activations(IDS) >= -0.2).all()  # GELU's floor
+
+
 def test_forward_stops_after_the_hooked_module() -> None:
     model = build("llama")
     seen: list[str] = []
@@ -228,10 +239,10 @@ def test_dictionary_trained_on_mlp_records_its_hook_and_samples_only_there(
     from explainer.settings import CorpusSettings, SampleSettings, Settings, TrainSettings
     from explainer.store import db as store
 
-    def settings(hook: str) -> Settings:
+    def settings(hook: str, db: str = "x.duckdb") -> Settings:
         return Settings(
-            db=tmp_path / "x.duckdb",
-            model=ModelSettings(name=str(tiny_lm), hook=hook, device="cpu", batch_size=4),
+            db=tmp_path / db,
+            model=ModelSettings(name=str(tiny_lm), device="cpu", batch_size=4, **({"hook": hook} if hook else {})),
             corpus=CorpusSettings(source=str(tiny_corpus), ctx_len=16, validation_fraction=0.2, heldout_fraction=0.2),
             train=TrainSettings(out=tmp_path / "sae", n_latents=64, k=4, tokens=512, batch_tokens=128, eval_tokens=128,
                                 ce_tokens=64, shuffle_steps=2, median_samples=128, dead_tokens=256),
@@ -253,13 +264,15 @@ def test_dictionary_trained_on_mlp_records_its_hook_and_samples_only_there(
                 sampler.run(con, settings(wrong), tmp_path / "sae")
         finally:
             con.close()
-    con = store.connect(tmp_path / "x.duckdb")
-    try:
-        sampler.run(con, settings("blocks.1.hook_mlp_out"), tmp_path / "sae")
-    finally:
-        con.close()
-    with duckdb.connect(str(tmp_path / "x.duckdb"), read_only=True) as ro:
-        assert ro.execute("SELECT hook FROM dictionaries").fetchall() == [("layers.1.mlp",)]
+    for given, db in (("blocks.1.hook_mlp_out", "x.duckdb"), ("", "adopted.duckdb")):  # no hook given: the dictionary's
+        con = store.connect(tmp_path / db)
+        try:
+            res = sampler.run(con, settings(given, db), tmp_path / "sae")
+        finally:
+            con.close()
+        assert any("hooked at layers.1.mlp, the hook the dictionary" in w for w in res.warnings) == (not given)
+        with duckdb.connect(str(tmp_path / db), read_only=True) as ro:
+            assert ro.execute("SELECT hook FROM dictionaries").fetchall() == [("layers.1.mlp",)]
 
 
 @pytest.mark.parametrize("location,hook", [

@@ -19,6 +19,17 @@ from explainer.settings import SampleSettings, Settings
 from explainer.vocab import SPLITS
 
 
+def adopt_hook(settings: Settings, cfg: dict) -> tuple[Settings, list[str]]:
+    """Settings reading the dictionary's own hook when the user named none (neither --hook nor
+    --layer, in flags or config), so a Gemma Scope or SAELens dictionary needs no --layer."""
+    theirs = dictionary_hook(cfg)
+    if theirs is None or {"hook", "layer"} & settings.model.model_fields_set:
+        return settings, []
+    model = settings.model.model_copy(update={"hook": str(theirs), "layer": theirs.layer})
+    note = f"hooked at {theirs}, the hook the dictionary's config names (pass --hook or --layer to choose another)"
+    return settings.model_copy(update={"model": model}), [note]
+
+
 def check_dictionary(sae: Any, lm: Any, ss: SampleSettings) -> list[str]:
     """Refuse a dictionary that cannot read this model's hook; return warnings for the rest."""
     if sae.d_in != lm.d_model:
