@@ -233,6 +233,7 @@ def test_dictionary_trained_on_mlp_records_its_hook_and_samples_only_there(
 
     import duckdb
 
+    from explainer.sae.export import export_sparsify
     from explainer.sae.formats import load_dictionary
     from explainer.sae.train import run
     from explainer.sample import sampler
@@ -255,6 +256,8 @@ def test_dictionary_trained_on_mlp_records_its_hook_and_samples_only_there(
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert (cfg["hook_name"], cfg["hook"], cfg["hook_layer"]) == ("blocks.1.hook_mlp_out", "layers.1.mlp", 1)
     assert dictionary_hook(load_dictionary(tmp_path / "sae").cfg) == Hook(1, "mlp")
+    exported = export_sparsify(tmp_path / "sae", tmp_path / "sparsify")  # sparsify names the folder by the hook
+    assert exported.name == "layers.1.mlp" and dictionary_hook(load_dictionary(exported).cfg) == Hook(1, "mlp")
 
     for wrong in ("layers.1", "blocks.1.hook_attn_out"):
         con = store.connect(tmp_path / "x.duckdb")

@@ -70,7 +70,7 @@ def check_exportable(sae: TopKSAE, src: str | Path) -> None:
 def export_sparsify(src: str | Path, out: str | Path, hookpoint: Optional[str] = None) -> Path:
     """Write the dictionary at `src` (any format load_dictionary reads) to out/<hookpoint>/ in
     sparsify's layout, atomically: a kill mid-write leaves the previous export or the new one.
-    `hookpoint` defaults to layers.<the dictionary's layer>. Returns the hookpoint folder."""
+    `hookpoint` defaults to the dictionary's hook (layers.6, layers.6.mlp). Returns the hookpoint folder."""
     sae = load_dictionary(src)
     check_exportable(sae, src)
     hookpoint = hookpoint if hookpoint is not None else default_hookpoint(sae, src)
