@@ -10,7 +10,8 @@ A hook is a module path inside decoder layer L and a side, written as sparsify w
     layers.12.mlp.act       any other module inside the layer, by its own name (output, or :input)
 
 `mlp` and `self_attn` are canonical: they resolve to whatever the architecture calls them
-(`feed_forward`, `ffn`, `fc1`/`fc2`; `attn`, `attention`, `self_attention`), and their output
+(`feed_forward`, `ffn`, `block_sparse_moe`, `fc1`/`fc2`; `attn`, `attention`,
+`self_attention`), and their output
 is what the block writes into the residual stream, as TransformerLens' hook_mlp_out and
 hook_attn_out are. Where a module's own output is not that, the hook moves to the module that
 is: Gemma 2/3 and OLMo 2 normalise each block's output (post_*_layernorm) before adding it;
@@ -30,7 +31,7 @@ MLP = "mlp"
 ATTN = "self_attn"
 # Names architectures give the two blocks, in the order they are tried.
 ALIASES: dict[str, tuple[str, ...]] = {
-    MLP: ("mlp", "feed_forward", "ffn"),
+    MLP: ("mlp", "feed_forward", "ffn", "block_sparse_moe"),
     ATTN: ("self_attn", "attn", "attention", "self_attention"),
 }
 # model_type -> canonical part -> module path (inside the layer) whose output the block adds to
@@ -115,6 +116,16 @@ def parse_hook(text: str) -> Hook:
     if not m:
         raise ExplainerError(f"hook {text!r} is not a hook name; use {SYNTAX}")
     return Hook(int(m.group(1)), _canonical(m.group(2).lstrip(".")), m.group(3) or "output")
+
+
+def layer_of(hook: str, layer: Any) -> int:
+    """The layer `hook` reads; `layer`, when given too, must name the same one (one error saying which wins)."""
+    point = parse_hook(hook)
+    if layer is not None and str(layer).strip() != str(point.layer):
+        raise ExplainerError(f"--hook {hook} reads layer {point.layer} but --layer (model.layer) is {layer}; --hook "
+                             f"wins over --layer, so drop --layer (from the flags and the config) or give "
+                             f"--layer {point.layer}")
+    return point.layer
 
 
 def _child_names(module: Any) -> list[str]:

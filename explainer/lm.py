@@ -170,7 +170,7 @@ class SubjectModel:
         def shaped(hidden: torch.Tensor) -> Optional[torch.Tensor]:
             if hidden.dim() == 3:
                 return on_hidden(hidden)
-            new = on_hidden(hidden.view(batch, -1, hidden.shape[-1]))
+            new = on_hidden(hidden.reshape(batch, -1, hidden.shape[-1]))
             return None if new is None else new.reshape(hidden.shape)
 
         if self._side == "input":

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from explainer.errors import ExplainerError
-from explainer.hooks import Hook, parse_hook
+from explainer.hooks import Hook, layer_of, parse_hook
 
 
 def cache_dir() -> Path:
@@ -91,14 +91,9 @@ class ModelSettings(Section):
         if not isinstance(data, dict) or not data.get("hook"):
             return data
         try:
-            layer = parse_hook(data["hook"]).layer
+            return {**data, "layer": layer_of(data["hook"], data.get("layer"))}
         except ExplainerError as e:  # pydantic reports only ValueErrors as validation errors
             raise ValueError(str(e)) from None
-        given = data.get("layer")
-        if given is not None and str(given).strip() != str(layer):
-            raise ValueError(f"--hook {data['hook']} reads layer {layer} but --layer (model.layer) is {given}; --hook "
-                             f"wins over --layer, so drop --layer (from the flags and the config) or give --layer {layer}")
-        return {**data, "layer": layer}
 
     def hook_point(self) -> Hook:
         """The hook to read: --hook, else the residual stream after --layer."""
