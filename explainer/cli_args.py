@@ -56,7 +56,7 @@ def verb_arguments(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument("--out", type=Path, required=True, help="folder that gets a subfolder per hookpoint")
         p.add_argument("--format", choices=["sparsify"], default="sparsify", help="layout to write (default: sparsify)")
         p.add_argument("--hookpoint", default=None,
-                       help="subfolder name, as sparsify names hookpoints (default: layers.<the dictionary's layer>)")
+                       help="subfolder name, as sparsify names hookpoints (default: the dictionary's hook, e.g. layers.6.mlp)")
     if verb == "run":
         p.add_argument("--local", action="store_true",
                        help="start the packaged llama.cpp endpoint (extra `local`) and use it for LLM labels (poor quality)")

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from explainer.errors import ExplainerError
+from explainer.hooks import ATTN, MLP, Hook, parse_hook
 from explainer.sae.checkpoints import DL_CONFIG_FILE, DL_WEIGHTS_FILE, load_dictionary_learning, load_openai
 from explainer.sae.files import (CFG_FILE, GEMMA_SCOPE_FILE, carry_over, positive_int, read_cfg, read_tensors,
     recover_folder, resolve_dictionary, save_siblings, swap_in)
@@ -203,7 +204,13 @@ def _load_gemma_scope(folder: Path, max_active: int) -> TopKSAE:
         if not torch.isfinite(arrays[name]).all():
             raise ExplainerError(f"{path}: array {name!r} holds NaN or infinite values; the file is corrupt")
     layer = re.search(r"layer_(\d+)", str(folder))
-    cfg = {"format": "gemma_scope", **({"hook_layer": int(layer.group(1))} if layer else {})}
+    cfg: dict[str, Any] = {"format": "gemma_scope", **({"hook_layer": int(layer.group(1))} if layer else {})}
+    # The release names the site: gemma-scope-2b-pt-res (residual), -mlp (hook_mlp_out), -att (hook_z,
+    # the heads' outputs before o_proj); the hub cache keeps the repo name in the path.
+    site = re.search(r"gemma-scope-[^/]*?-(res|mlp|att)(?:-canonical)?(?:/|$)", str(folder).replace("--", "/"))
+    if layer and site:
+        parts = {"res": ("", "output"), "mlp": (MLP, "output"), "att": (f"{ATTN}.o_proj", "input")}[site.group(1)]
+        cfg["hook"] = str(Hook(int(layer.group(1)), *parts))
     b_enc = arrays["b_enc"] + arrays["b_dec"] @ arrays["W_enc"]
     return build_sae(d_in, d_sae, min(max_active, d_sae), arrays["W_enc"], b_enc, arrays["W_dec"], arrays["b_dec"], cfg,
                      "jumprelu", arrays["threshold"])
@@ -221,7 +228,11 @@ def _load_sparsify(folder: Path, cfg: dict, cfg_path: Path) -> TopKSAE:
     t = read_tensors(folder / SPARSIFY_WEIGHTS_FILE, {
         "encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
     })
-    meta = {"format": "sparsify", "sparsify_cfg": cfg}
+    meta: dict[str, Any] = {"format": "sparsify", "sparsify_cfg": cfg}
+    try:  # sparsify names the folder by its hookpoint: layers.6, layers.6.mlp, h.6
+        meta["hook"] = str(parse_hook(folder.name))
+    except ExplainerError:
+        pass  # another name (embed_tokens, a renamed folder): the layer is unknown, as before
     return build_sae(d_in, d_sae, k, t["encoder.weight"].float().t(), t["encoder.bias"], t["W_dec"], t["b_dec"], meta)
 
 

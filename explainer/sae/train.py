@@ -111,6 +111,8 @@ def _run_identity(settings: Settings) -> dict[str, Any]:
     model = settings.model.model_dump(mode="json")
     model.pop("batch_size")
     model.pop("device")
+    if not model["hook"]:
+        model.pop("hook")  # runs checkpointed before --hook existed resume unchanged
     return {"model": model, "corpus": settings.corpus.model_dump(mode="json"), "train": train}
 
 
@@ -247,8 +249,11 @@ def _run(settings: Settings, report: Progress, resume: bool, out: Path, dist: An
     lm = load_model(settings.model)
     check_train_fits(ts, ctx_len, lm.d_model, torch.device(lm.device))  # before any dictionary tensor exists
     documents = load_documents(settings.corpus)
-    meta = {"model_name": settings.model.name, "hook_name": lm.hook, "hook_layer": settings.model.layer,
-            "context_size": ctx_len}
+    # hook_name in SAELens' (TransformerLens) naming where it has one, so SAELens hooks the same
+    # point; `hook` in ours (hooks.py), which is what explainer reads back.
+    point = lm.hook_point
+    meta = {"model_name": settings.model.name, "hook_name": point.saelens_name or lm.hook, "hook": lm.hook,
+            "hook_layer": lm.layer, "context_size": ctx_len}
     if state is None:
         report({"stage": "b_pre init"})
     r, position = _start(settings, lm, documents, meta, dist, state)
