@@ -195,12 +195,12 @@ def payloads(con: duckdb.DuckDBPyConnection, dict_id: int, latents: Sequence[int
             e = {"id": r["id"], "explainer": r["explainer"], "model": r["model"], "text": r["text"], "scores": []}
             expl[r["id"]] = e
             out[r["latent"]]["explanations"].append(e)
-    for r in con.execute(
+    for sr in con.execute(
             """SELECT explanation_id, scorer, mode, model, split, score, ci_low, ci_high, baseline, n_snippets
                FROM scores WHERE dict_id = ? AND latent BETWEEN ? AND ? AND status = 'ok' AND score IS NOT NULL
                ORDER BY id""", rng).fetchall():
-        if r[0] in expl:
-            expl[r[0]]["scores"].append([_round(v) for v in r[1:]])
+        if sr[0] in expl:
+            expl[sr[0]]["scores"].append([_round(v) for v in sr[1:]])
     if "latent_histograms" in have:
         for lat, edges, counts in con.execute("SELECT latent, edges, counts FROM latent_histograms "
                                               "WHERE dict_id = ? AND latent BETWEEN ? AND ?", rng).fetchall():

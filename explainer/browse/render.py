@@ -21,7 +21,8 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1150px}
 table{border-collapse:collapse;width:100%}th,td{padding:3px 8px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
 th{background:#f6f6f6}th[data-k]{cursor:pointer}input,select{font-size:1em;padding:3px}
-.ex{font-family:ui-monospace,monospace;font-size:13px;white-space:pre-wrap;margin:3px 0;padding:4px;border:1px solid #eee;overflow-wrap:anywhere}
+.ex{font-family:ui-monospace,monospace;font-size:13px;white-space:pre-wrap;margin:3px 0;padding:4px;border:1px solid #eee;
+  overflow-wrap:anywhere}
 .tok{border-radius:2px}.kind{color:#555;font-size:13px;margin-top:.8em;font-weight:600}.num{text-align:right}
 .expl{overflow-wrap:anywhere}.muted{color:#777;font-size:.9em}.cols{display:flex;gap:2em;flex-wrap:wrap}
 .cols>div{min-width:260px}.pager button{margin-right:.5em}svg text{font-size:10px;fill:#444}
@@ -102,7 +103,8 @@ def latent_shell(title: str, config: dict[str, Any], payload: Any = None) -> str
 def overview_svg(ov: dict[str, Any], w: int = 640, h: int = 200) -> str:
     """Latents binned by log10 frequency (x) and validation score (y), darker = more; numbers only."""
     if not ov.get("cells"):
-        return f"<p class=muted>overview: no latent has both a frequency and a validation score ({ov.get('total', 0)} latents)</p>"
+        return (f"<p class=muted>overview: no latent has both a frequency and a validation score "
+                f"({ov.get('total', 0)} latents)</p>")
     left, bottom = 40, 30
     pw, ph = w - left - 10, h - bottom - 10
     cw, ch = pw / ov["nx"], ph / ov["ny"]
