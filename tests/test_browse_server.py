@@ -32,6 +32,10 @@ def add_page_rows(db: Path) -> None:
     con.execute("INSERT INTO latent_logits VALUES (1, 0, 'bottom', 0, 9, ?, -2.0)", [HOSTILE_EXTRA[1]])
     con.execute("INSERT INTO latent_neighbours VALUES (1, 0, 'decoder_cosine', 0, 1, 0.42)")
     con.execute("INSERT INTO latent_histograms VALUES (1, 0, [0.0, 1.0, 2.0, 3.0], [5, 3, 1])")
+    for eid, score in [(1, 0.7), (3, 0.5)]:  # validation scores: what labels and the spread order rank by
+        con.execute("INSERT INTO scores (explanation_id, dict_id, latent, scorer, mode, model, split, score, snippet_set, "
+                    "status, created_at) SELECT id, 1, latent, 'simulation', 'json', 'sim', 'validation', ?, 's', 'ok', now() "
+                    "FROM explanations WHERE id = ?", [score, eid])
     for i, text in enumerate(HOSTILE_EXTRA):
         con.execute("INSERT INTO latents VALUES (1, ?, 0.02, 10, 100, 3, 2.0, 1.0, [0.5, 1.0, 2.0])", [20 + i])
         con.execute("INSERT INTO explanations (dict_id, latent, explainer, model, text, status, created_at) "
@@ -86,7 +90,7 @@ def served(page_db: Path) -> Iterator[Served]:
 def test_index_api_pages_sorts_filters_and_searches(served: Served) -> None:
     status, res = served.json("/api/latents")
     assert status == 200 and res["total"] == 3 + len(HOSTILE_EXTRA)
-    assert res["rows"][0]["latent"] == 0  # no validation scores here: the spread order falls back to latent order
+    assert res["rows"][0]["latent"] == 0  # the more frequent of the two scored latents
     _, res = served.json("/api/latents?sort=latent&desc=1&limit=2&offset=1")
     assert [r["latent"] for r in res["rows"]] == [23, 22] and res["total"] == 8
     _, res = served.json("/api/latents?q=CITY")

@@ -13,7 +13,7 @@ function fmt(v){ if (v===null || v===undefined) return '';
 function latentHref(n, fromLatentPage){ n = Number(n);
   if (CONFIG.mode === 'served') return (fromLatentPage ? '' : 'latent/') + n;
   return 'latent.html#' + n; }
-// file:// pages cannot fetch(); a <script src> of a data file can, so static data comes as .js files.
+// file:// pages cannot fetch(); a script element with a src can, so static data comes as .js files.
 function loadScript(src){ return new Promise((ok, fail) => { const s = document.createElement('script');
   s.setAttribute('src', src); s.onload = ok; s.onerror = () => fail(new Error('cannot load ' + src));
   document.head.appendChild(s); }); }
