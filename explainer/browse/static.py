@@ -10,7 +10,7 @@ window of tokens around their maximum, and the index and shards share nothing pe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import duckdb
 
@@ -37,29 +37,42 @@ def build(con: duckdb.DuckDBPyConnection, dict_id: int, out: Path,
     config = {"mode": "static", "total": total, "chunk": CHUNK, "shard": SHARD}
     written.append(_write(out / "index.html", render.index_page(name, config, data.overview(con))))
     written.append(_write(out / "latent.html", render.latent_shell(f"{name}: latent", {"mode": "static", "shard": SHARD})))
-    cur = con.execute(f"SELECT {', '.join(data.COLUMNS)} FROM {data.INDEX} ORDER BY spread")
-    k = 0
-    while batch := cur.fetchmany(CHUNK):
-        rows = [[data._round(v) for v in r] for r in batch]
-        written.append(_write(out / "data" / f"index_{k}.js",
-                              f"window.EXPLAINER_INDEX[{k}]={render.json_for_script(rows)};\n"))
-        k += 1
+    for k, chunk in enumerate(index_chunks(con)):
+        written.append(_write(out / "data" / f"index_{k}.js", chunk))
     ids = data.latent_ids(con, dict_id)
-    shards: dict[int, list[int]] = {}
-    for lat in ids:
-        shards.setdefault(lat // SHARD, []).append(lat)
     done = 0
-    for s, lats in sorted(shards.items()):
-        pages = data.payloads(con, dict_id, lats, have=have, per_kind=PER_KIND, splits=("train",), window=WINDOW)
-        body = render.json_for_script({str(lat): p for lat, p in pages.items()})
-        written.append(_write(out / "data" / f"shard_{s}.js",
-                              f"window.EXPLAINER_SHARD=window.EXPLAINER_SHARD||{{}};window.EXPLAINER_SHARD[{s}]={body};\n"))
+    for s, lats in shards(ids).items():
+        written.append(_write(out / "data" / f"shard_{s}.js", shard_text(con, dict_id, s, lats, have)))
         done += len(lats)
         if progress is not None:
             progress({"done": done, "total": len(ids)})
     size = sum(p.stat().st_size for p in written)
     return {"latents": len(ids), "files": len(written), "bytes": size,
             "bytes_per_latent": round(size / max(len(ids), 1)), "index": str(out / "index.html")}
+
+
+def index_chunks(con: duckdb.DuckDBPyConnection) -> Iterator[str]:
+    """The snapshot's rows in the default order, CHUNK per data file (rows as arrays: no repeated keys)."""
+    cur = con.execute(f"SELECT {', '.join(data.COLUMNS)} FROM {data.INDEX} ORDER BY spread")
+    k = 0
+    while batch := cur.fetchmany(CHUNK):
+        rows = [[data._round(v) for v in r] for r in batch]
+        yield f"window.EXPLAINER_INDEX[{k}]={render.json_for_script(rows)};\n"
+        k += 1
+
+
+def shards(latents: Sequence[int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for lat in latents:
+        out.setdefault(lat // SHARD, []).append(lat)
+    return out
+
+
+def shard_text(con: duckdb.DuckDBPyConnection, dict_id: int, s: int, latents: Sequence[int], have: set[str]) -> str:
+    """The data file of shard `s`: each latent's page data (train examples, cut to WINDOW tokens)."""
+    pages = data.payloads(con, dict_id, latents, have=have, per_kind=PER_KIND, splits=("train",), window=WINDOW)
+    body = render.json_for_script({str(lat): p for lat, p in pages.items()})
+    return f"window.EXPLAINER_SHARD=window.EXPLAINER_SHARD||{{}};window.EXPLAINER_SHARD[{s}]={body};\n"
 
 
 def _write(path: Path, page: str) -> Path:
