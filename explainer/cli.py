@@ -241,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"  explainer sql --db {db} \"SELECT latent, explanation, simulation, ngram_simulation FROM labels "
         "ORDER BY simulation DESC LIMIT 20\"\n"
         + (f"  explainer search --db {db} \"{word}\"\n" if word else "")
-        + f"  explainer browse --db {db} --out runs/site   # then open runs/site/index.html"
+        + f"  explainer browse --db {db} --serve   # then open http://127.0.0.1:8765/"
     ))
     return 0
 

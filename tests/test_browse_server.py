@@ -173,3 +173,29 @@ def test_spread_order_takes_one_latent_per_text_and_every_frequency_decile(db_pa
     # 71 candidates in 10 deciles: the first ten come one from each, most frequent first.
     freqs = [r["frequency"] for r in top]
     assert freqs == sorted(freqs, reverse=True) and freqs[0] > 1e-2 and freqs[-1] < 1e-4
+
+
+def test_browse_serve_from_the_command_line_prints_its_url_and_stops_on_ctrl_c(page_db: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "explainer", "browse", "--db", str(page_db), "--serve", "--port", "0",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while not lines or lines[-1] != "}\n":
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else "no output"
+            lines.append(line)
+        info = json.loads("".join(lines))
+        assert info["url"].startswith("http://127.0.0.1:") and info["latents"] == 8
+        with urllib.request.urlopen(info["url"] + "api/latents?limit=1", timeout=30) as r:
+            assert json.loads(r.read())["total"] == 8
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
