@@ -199,3 +199,12 @@ def test_browse_serve_from_the_command_line_prints_its_url_and_stops_on_ctrl_c(p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_bad_port_is_one_line(page_db: Path, port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from explainer.cli import main
+
+    assert main(["browse", "--db", str(page_db), "--serve", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--port" in err

@@ -117,6 +117,8 @@ _ROUTES: dict[str, Callable[[Any, Browser, dict[str, str]], None]] = {
 
 def make_server(app: Browser, port: int) -> ThreadingHTTPServer:
     """Bound to 127.0.0.1:port (0 picks a free port: server.server_address[1])."""
+    if not 0 <= port <= 65535:
+        raise ExplainerError(f"browse --port {port} is not a TCP port; pass 1..65535 (or 0 for any free one)")
     try:
         server = ThreadingHTTPServer(("127.0.0.1", port), _handler(app))
     except OSError as e:
