@@ -39,7 +39,9 @@ async function render(){
   document.getElementById('next').disabled = state.offset + state.limit >= res.total;
   document.getElementById('body').replaceChildren(...res.rows.map(r => {
     const tr = el('tr'); cell(tr, '').appendChild(el('a', {href: latentHref(r.latent)}, r.latent));
-    cell(tr, fmt(r.explanation), 'expl'); cell(tr, fmt(r.explainer));
+    const full = fmt(r.explanation), td = cell(tr, full.length > 300 ? full.slice(0, 300) + '\u2026' : full, 'expl');
+    if (full.length > 300) td.setAttribute('title', full);  // the latent page shows it whole
+    cell(tr, fmt(r.explainer));
     cell(tr, fmt(r.validation), 'num'); cell(tr, fmt(r.simulation), 'num');
     cell(tr, (r.ci_low === null || r.ci_low === undefined) ? '' : fmt(r.ci_low) + '\u2013' + fmt(r.ci_high), 'num');
     for (const k of ['ngram_simulation', 'frequency', 'max_act']) cell(tr, fmt(r[k]), 'num');
