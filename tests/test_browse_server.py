@@ -91,6 +91,8 @@ def test_index_api_pages_sorts_filters_and_searches(served: Served) -> None:
     status, res = served.json("/api/latents")
     assert status == 200 and res["total"] == 3 + len(HOSTILE_EXTRA)
     assert res["rows"][0]["latent"] == 0  # the more frequent of the two scored latents
+    everything = [r["latent"] for r in served.json("/api/latents?limit=500")[1]["rows"]]
+    assert [r["latent"] for r in served.json("/api/latents?limit=3&offset=2")[1]["rows"]] == everything[2:5]
     _, res = served.json("/api/latents?sort=latent&desc=1&limit=2&offset=1")
     assert [r["latent"] for r in res["rows"]] == [23, 22] and res["total"] == 8
     _, res = served.json("/api/latents?q=CITY")

@@ -117,16 +117,19 @@ def index_page(con: duckdb.DuckDBPyConnection, q: IndexQuery) -> dict[str, Any]:
     assert q.sort in SORTS  # parse_query refused anything else; the name goes into SQL below
     order = f"{q.sort} {'DESC' if q.desc else 'ASC'} NULLS LAST, latent"
     cond = " AND ".join(where)
-    cur = con.execute(f"SELECT {', '.join(COLUMNS)}, count(*) OVER () AS total FROM {INDEX} WHERE {cond} "
-                      f"ORDER BY {order} LIMIT ? OFFSET ?", [*params, q.limit, q.offset])
+    page_params: list[Any] = [*params, q.limit, q.offset]
+    if len(where) == 1 and q.sort == "spread" and not q.desc:
+        # The default view: spread is 1..n in the table's own order, so a page is a range (zone maps
+        # skip the rest) instead of a sort of every row.
+        cond, page_params = "spread > ?", [q.offset, q.limit, 0]
+    cur = con.execute(f"SELECT {', '.join(COLUMNS)} FROM {INDEX} WHERE {cond} "
+                      f"ORDER BY {order} LIMIT ? OFFSET ?", page_params)
     cols = [d[0] for d in cur.description]
     found = [dict(zip(cols, r)) for r in cur.fetchall()]
-    if found:
-        total = found[0]["total"]
-    else:
-        one = con.execute(f"SELECT count(*) FROM {INDEX} WHERE {cond}", params).fetchone()
-        total = one[0] if one else 0
-    out_rows = [{k: _round(v) for k, v in r.items() if k != "total"} for r in found]
+    # A separate count: count(*) OVER () in the page query would carry every matching row through the sort.
+    one = con.execute(f"SELECT count(*) FROM {INDEX} WHERE {' AND '.join(where)}", params).fetchone()
+    total = one[0] if one else 0
+    out_rows = [{k: _round(v) for k, v in r.items()} for r in found]
     return {"total": int(total), "offset": q.offset, "limit": q.limit, "sort": q.sort, "desc": q.desc, "rows": out_rows}
 
 
