@@ -22,10 +22,13 @@ function histogram(root, P){
     width: Math.max(X(edges[i + 1]) - X(edges[i]) - 0.5, 0.5), height: bh, fill: '#e08a2c'});
     r.appendChild(svg('title', {}, fmt(edges[i]) + '\u2013' + fmt(edges[i + 1]) + ': ' + fmt(counts[i]))); s.appendChild(r); });
   // Where the examples below come from: a tick per quantile example (labelled by bin), top examples in red.
+  const bins = {};
   for (const x of P.examples) { if (x.kind !== 'quantile' && x.kind !== 'top') continue;
     const tx = X(x.max), q = x.kind === 'quantile';
     s.appendChild(svg('line', {x1: tx, x2: tx, y1: 10 + ph, y2: 10 + ph + (q ? 8 : 12), stroke: q ? '#2a5bd7' : '#c00', 'stroke-width': 1.5}));
-    if (q && x.bin !== null) s.appendChild(svg('text', {x: tx, y: 10 + ph + 18, 'text-anchor': 'middle', fill: '#2a5bd7'}, 'b' + x.bin)); }
+    if (q && x.bin !== null && x.bin !== undefined) (bins[x.bin] = bins[x.bin] || []).push(tx); }
+  for (const b in bins) { const xs = bins[b].sort((a, c) => a - c);  // one label per bin, at its middle example
+    s.appendChild(svg('text', {x: xs[Math.floor(xs.length / 2)], y: 10 + ph + 18, 'text-anchor': 'middle', fill: '#2a5bd7'}, 'b' + b)); }
   for (let i = 0; i <= 4; i++) { const v = x0 + (x1 - x0) * i / 4;
     s.appendChild(svg('text', {x: X(v), y: H - 1, 'text-anchor': 'middle'}, fmt(v))); }
   root.appendChild(s);
