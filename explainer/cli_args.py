@@ -48,8 +48,14 @@ def verb_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     if verb == "serve":
         p.add_argument("--serve-model", default="smollm2", help="smollm2, gemma3-270m or a .gguf path (default: smollm2)")
         p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
-    if verb in ("browse", "export"):
+    if verb == "export":
         p.add_argument("--out", type=Path, required=True, help="output folder")
+    if verb == "browse":
+        p.add_argument("--out", type=Path, default=None,
+                       help="write a static site here: index.html, latent.html#N, data in pages and shards")
+        p.add_argument("--serve", action="store_true",
+                       help="serve pages on demand from the DB (read-only) on 127.0.0.1 instead of writing files")
+        p.add_argument("--port", type=int, default=8765, help="port for --serve on 127.0.0.1 (default: 8765; 0 picks one)")
     if verb == "export-dictionary":
         p.add_argument("--sae", default=None, help="dictionary to export (any format `sample --sae` reads); "
                                                    "default: train.out")
