@@ -31,8 +31,8 @@ td.expl{max-width:520px}.lbl{font-size:1.15em;margin:.3em 0;overflow-wrap:anywhe
 """
 
 _JS_DIR = Path(__file__).with_name("js")
-# ui.visible builds its translation table on every call (~50 us); tokens repeat across a shard's
-# examples, so a cache cuts a 1,024-latent shard from ~27 s to a few.
+# Tokens repeat across a shard's examples: caching each string's escape saves the translate
+# and regex pass per occurrence.
 _visible = functools.lru_cache(maxsize=1 << 16)(visible)
 
 
