@@ -156,6 +156,7 @@ def _embedding_stage(con: Any, dict_id: int, n: int, settings: Any,
     quantile and random ones the n-gram simulation reads, plus the non-activating ones (its
     silent class). A latent lacking activating or silent windows cannot be scored: it is left
     out and counted in a note."""
+    from explainer import embed
     from explainer.explain import ngram_fit
     from explainer.score import embedding
     from explainer.score import scorer as score
@@ -163,7 +164,7 @@ def _embedding_stage(con: Any, dict_id: int, n: int, settings: Any,
     from explainer.store import examples
 
     try:
-        model = embedding.embedder()
+        model = embed.embedder()
     except ExplainerError as e:
         return None, [f"embedding scorer skipped: {e}"]
     s = settings.model_copy(deep=True)
