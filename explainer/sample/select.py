@@ -69,8 +69,9 @@ def context_vectors(con: duckdb.DuckDBPyConnection, relations: list[str], state:
     con.register("_vec_ids", pa.table({"context_id": pa.array(ids.numpy(), pa.int64())}))
     try:
         union = " UNION ALL ".join(f"SELECT context_id, tokens FROM {r}" for r in relations)
-        rows = con.sql(f"SELECT u.context_id, u.tokens FROM ({union}) u SEMI JOIN _vec_ids k USING (context_id)"
-                       ).fetchall()
+        # In id order: the encoder's batches (and so its padding) are then the same on every run.
+        rows = con.sql(f"SELECT u.context_id, u.tokens FROM ({union}) u SEMI JOIN _vec_ids k USING (context_id) "
+                       "ORDER BY u.context_id").fetchall()
     finally:
         con.unregister("_vec_ids")
     vecs = embed.embedder().encode([embed.text_of(tokens) for _, tokens in rows])
