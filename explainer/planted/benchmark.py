@@ -188,9 +188,10 @@ def _embedding_stage(con: Any, dict_id: int, n: int, settings: Any,
     snippets = examples.load(con, dict_id, sorted(matched), "heldout", examples.counts_of(s.score), scoring=True)
     wrong: list[float] = []
     wrong_of: list[int] = []
+    cache: dict[int, Any] = {}  # window embeddings by context id: the random windows are every latent's
     for i in sorted(matched):
         others = [texts[j] for j in sorted(texts) if j != i]
-        got = embedding.score_texts(others, snippets[i], seed=s.score.seed, model=model)
+        got = embedding.score_texts(others, snippets[i], seed=s.score.seed, model=model, cache=cache)
         wrong += [r.score for r in got]
         wrong_of += [i] * len(got)
     notes = []
