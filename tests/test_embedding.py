@@ -207,7 +207,7 @@ def test_default_rule_keeps_earlier_sample_config_keys(tiny_lm: Path) -> None:
 
     from explainer.sample import sampler
 
-    lm = SimpleNamespace(name="m", layer=1, dtype="float32")
+    lm = SimpleNamespace(name="m", layer=1, dtype="float32", hook="layers.1")
     _, default = sampler._config(Settings(), lm, "fp", True)
     _, emb = sampler._config(Settings(sample={"hard_negatives": "embedding"}), lm, "fp", True)
     # A DB sampled before the setting existed matches a default run, so it is not resampled.
