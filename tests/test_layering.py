@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     # data: the DuckDB file, prompt templates, text, the subject model
     "store": 5, "prompts": 5, "corpus": 5, "lm": 5,
     # the two engines the stages use: the LLM client and the dictionary
-    "llm": 6, "sae": 6,
+    "llm": 6, "sae": 6, "embed": 6,
     # stages (explain's agent scores its candidates, so score sits below explain)
     "sample": 7, "score": 7,
     "explain": 8,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations  # noqa: I001  (keeps the wrapped import below compact; ruff's isort writes one name per line)
 
+import importlib.util
 import json
 import re
 from collections import Counter
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from explainer import embed
 from explainer.errors import ExplainerError
 from explainer.planted.benchmark import PlantedModel, run_planted
 from explainer.planted.features import (ANIMALS, COLOURS, KINSHIP, NUMBER_WORDS, Feature, after, after_word, bigram,
@@ -53,11 +55,26 @@ def test_planted_benchmark_recovers_token_and_bigram(tokenizer, tiny_corpus: Pat
     assert rows["in_paris"].explanation == 'fires on "Paris" after "in" (strong)'
     assert rows["in_paris"].score >= 0.9
     assert rows["after_in"].score >= 0.9
-    (sep,) = res.separation
+    seps = {(x.explainer, x.scorer): x for x in res.separation}
+    sep = seps["ngram", "simulation"]
     assert (sep.explainer, sep.scorer, sep.n_matched, sep.n_shuffled) == ("ngram", "simulation", 5, 20)
     assert sep.matched_mean > sep.shuffled_mean
-    assert 0.0 <= res.fraction_good["ngram/simulation(ngram)"] <= 1.0
+    assert sep.ci_low is not None and sep.ci_low <= sep.auroc <= sep.ci_high
+    # The embedding scorer beside it, on the same explanations and held-out split (its model is a test extra;
+    # without it, a note says it was skipped).
     summary = res.summary()
+    has_model = importlib.util.find_spec(embed.PACKAGE) is not None
+    if has_model:
+        emb = seps["ngram", "embedding"]
+        # A latent lacking activating or silent held-out windows is left out, and a note says so.
+        assert 3 <= emb.n_matched <= 5 and (emb.n_matched == 5) != any(n.startswith("embedding:") for n in res.notes)
+        assert emb.n_shuffled == emb.n_matched * 4 and emb.latents_per_s is not None and emb.latents_per_s > 0
+        assert emb.ci_low is not None and emb.ci_low <= emb.auroc <= emb.ci_high
+        assert summary["ngram/embedding(embedding): matched vs shuffled AUROC"] == emb.auroc
+        assert summary["ngram/embedding(embedding): latents/s"] > 0
+    else:
+        assert ("ngram", "embedding") not in seps and "embedding scorer skipped" in summary["notes"]
+    assert 0.0 <= res.fraction_good["ngram/simulation(ngram)"] <= 1.0
     assert summary["ngram mean score, token latents"] == pytest.approx(rows["king"].score, abs=1e-4)
 
     with store.connect(db_path) as con:
@@ -73,6 +90,8 @@ def test_planted_benchmark_recovers_token_and_bigram(tokenizer, tiny_corpus: Pat
         for latent, acts, ids in got:
             want = model.activations(torch.tensor([ids]))[0, :, latent].numpy()
             np.testing.assert_allclose(np.asarray(acts, np.float32), want, rtol=1e-3)
+        n_emb = con.execute("SELECT count(*) FROM scores WHERE scorer = 'embedding' AND split = 'heldout'").fetchall()
+        assert n_emb[0][0] == (5 if has_model else 0)  # a row per matched pair (failed where a latent lacks a class)
         n_expl = con.execute("SELECT count(*) FROM explanations").fetchall()[0][0]
         n_scores = con.execute("SELECT count(*) FROM scores").fetchall()[0][0]
 
@@ -122,7 +141,7 @@ def test_llm_path_explains_and_checks_llm_scorers(tokenizer, tiny_corpus: Path, 
     s.llm.backoff = 0.001
     steps: list[dict] = []
     res = run_planted(db_path, s, base_url=llm_server.url, progress=steps.append,
-                      features=FEATURES, tokenizer=tokenizer)
+                      features=FEATURES, tokenizer=tokenizer, embedding=False)
     assert {"sample", "n-gram explain", "n-gram score", "LLM explain", "LLM score"} <= {x["stage"] for x in steps}
     with store.connect(db_path) as con:
         llm_text = dict(con.execute("SELECT latent, text FROM explanations WHERE explainer = 'llm'").fetchall())
@@ -187,7 +206,7 @@ def test_benchmark_reports_ngram_and_llm_side_by_side_per_class(tokenizer, tiny_
     s = settings(tiny_corpus)
     s.llm.model = "test-model"
     s.llm.backoff = 0.001
-    res = run_planted(db_path, s, base_url=llm_server.url, features=WIDE, tokenizer=tokenizer)
+    res = run_planted(db_path, s, base_url=llm_server.url, features=WIDE, tokenizer=tokenizer, embedding=False)
     rows = {r.feature: r for r in res.rows}
     # The identity dictionary reproduces the new features exactly: position fires in every context.
     assert rows["first"].frequency == pytest.approx(2 / 16, abs=1e-6)
@@ -219,7 +238,7 @@ def test_an_explainer_copying_a_worked_example_gets_no_explanation(tokenizer, ti
     llm_server.responder = copier
     s = settings(tiny_corpus)
     s.llm.model, s.llm.backoff, s.llm.max_attempts = "copier", 0.001, 2
-    res = run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer)
+    res = run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer, embedding=False)
     with store.connect(db_path) as con:
         rows = con.execute("SELECT status, text, error FROM explanations WHERE explainer = 'llm'").fetchall()
         scored = con.execute("""SELECT count(*) FROM scores sc JOIN explanations e ON e.id = sc.explanation_id
@@ -236,7 +255,7 @@ def test_ngram_and_llm_simulators_read_the_same_snippets_with_non_default_counts
     s = settings(tiny_corpus)
     s.llm.model, s.llm.backoff = "test-model", 0.001
     s.score.n_top, s.score.n_quantile, s.score.n_random = 2, 1, 0
-    run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer)
+    run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer, embedding=False)
     with store.connect(db_path) as con:
         rows = con.execute("""
             SELECT e.latent, list(DISTINCT sc.snippet_set), list(DISTINCT e.explainer || '/' || sc.mode), max(n_snippets)
@@ -256,7 +275,7 @@ def test_an_llm_subset_without_shuffled_pairs_reports_intervals_and_shared_snipp
     s = settings(tiny_corpus)
     s.llm.model, s.llm.backoff = "test-model", 0.001
     res = run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer,
-                      llm_latents=[0, 3], shuffled=False)
+                      llm_latents=[0, 3], shuffled=False, embedding=False)
     with store.connect(db_path) as con:
         explained = [r[0] for r in con.execute(
             "SELECT latent FROM explanations WHERE explainer = 'llm' ORDER BY latent").fetchall()]
@@ -281,4 +300,19 @@ def test_an_llm_subset_without_shuffled_pairs_reports_intervals_and_shared_snipp
     assert res.summary()["latents whose compared scores share one snippet_set"] == "2 of 2"
     assert "shuffled pairs not scored" in res.summary()["notes"]
     with pytest.raises(ExplainerError, match="llm-latents"):
-        run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer, llm_latents=[9])
+        run_planted(db_path, s, base_url=llm_server.url, features=FEATURES, tokenizer=tokenizer, llm_latents=[9],
+                    embedding=False)
+
+
+def test_separation_interval_resamples_latents_with_their_pairs() -> None:
+    from explainer.planted.report import separation
+
+    # Latent 0's matched pair beats its shuffled ones; latent 1's does not: AUROC 5/8 over all pairs.
+    sep = separation("x", "s", "m", [0.9, 0.2], [0.5, 0.1, 0.6, 0.3], matched_latents=[0, 1],
+                     shuffled_latents=[0, 0, 1, 1])
+    assert sep.auroc == pytest.approx(0.625)
+    # Drawing only latent 0 gives 1.0, only latent 1 gives 0.0: the interval spans both.
+    assert sep.ci_low == pytest.approx(0.0) and sep.ci_high == pytest.approx(1.0)
+    assert separation("x", "s", "m", [0.9], [0.1]).ci_low is None
+    with pytest.raises(ValueError, match="one latent per"):
+        separation("x", "s", "m", [0.9], [0.1], matched_latents=[0, 1], shuffled_latents=[0])

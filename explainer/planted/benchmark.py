@@ -136,12 +136,73 @@ def _ngram_stage(con: Any, dict_id: int, n: int, settings: Any,
     sets = {i: ngram_fit.PatternSet.from_json(r["pattern"]) for i, r in found.items() if r["pattern"]}
     # Every explanation against every other latent's held-out text: the n-gram costs nothing.
     wrong = {i: [sets[j] for j in sorted(sets) if j != i] for i in range(n)}
-    shuffled = [s.score for per in ngram.score_pattern_sets(con, dict_id, wrong, "heldout", limits).values()
-                for s in per]
-    matched = [found[i]["score"] for i in sorted(found) if found[i]["score"] is not None]
+    got = ngram.score_pattern_sets(con, dict_id, wrong, "heldout", limits)
+    shuffled = [s.score for per in got.values() for s in per]
+    shuffled_of = [i for i, per in got.items() for _ in per]
     # A latent the explainer could not explain is a matched pair scoring 0, not a missing one.
-    matched += [0.0] * (n - len(matched))
-    return [found.get(i, {}) for i in range(n)], separation("ngram", "simulation", "ngram", matched, shuffled)
+    matched = {i: found[i]["score"] if i in found and found[i]["score"] is not None else 0.0 for i in range(n)}
+    return [found.get(i, {}) for i in range(n)], separation(
+        "ngram", "simulation", "ngram", list(matched.values()), shuffled, matched_latents=list(matched),
+        shuffled_latents=shuffled_of)
+
+
+def _embedding_stage(con: Any, dict_id: int, n: int, settings: Any,
+                     progress: Progress) -> tuple[Optional[Separation], list[str]]:
+    """The embedding scorer (no LLM either) on the n-gram's explanations, beside the n-gram simulation.
+
+    Matched pairs are stored score rows (`score.run`, timed with the model already loaded, for
+    latents/s); shuffled ones, every explanation against every other latent's held-out windows
+    as the n-gram's, are computed in memory. It reads the score settings' snippets: the top,
+    quantile and random ones the n-gram simulation reads, plus the non-activating ones (its
+    silent class). A latent lacking activating or silent windows cannot be scored: it is left
+    out and counted in a note."""
+    from explainer import embed
+    from explainer.explain import ngram_fit
+    from explainer.score import embedding
+    from explainer.score import scorer as score
+    from explainer.score import setup as score_setup
+    from explainer.store import examples
+
+    try:
+        model = embed.embedder()
+    except ExplainerError as e:
+        return None, [f"embedding scorer skipped: {e}"]
+    s = settings.model_copy(deep=True)
+    s.score.scorers, s.score.split, s.score.latents = "embedding", "heldout", ",".join(map(str, range(n)))
+    s.score.explanations = f"explainer = 'ngram' AND template = '{ngram_fit.FORMAT}'"
+    t = time.perf_counter()
+    res = score.run(con, s, dict_id, progress=tagged(progress, "embedding score"))
+    dt = time.perf_counter() - t
+    scored = res.ok + res.failed  # 0 on a rerun that found every row stored: nothing was timed
+    newest = con.execute(f"""
+        SELECT latent, max(id), arg_max(text, id) FROM explanations WHERE dict_id = ? AND explainer = 'ngram'
+          AND template = '{ngram_fit.FORMAT}' AND status = 'ok' AND latent < ? GROUP BY latent""",
+                         [dict_id, n]).fetchall()
+    texts = {lat: text for lat, _, text in newest}
+    matched = dict(con.execute("""
+        SELECT e.latent, arg_max(sc.score, sc.id) FROM scores sc JOIN explanations e ON e.id = sc.explanation_id
+        WHERE sc.dict_id = ? AND sc.scorer = 'embedding' AND sc.split = 'heldout' AND sc.status = 'ok'
+          AND sc.setup_hash = ? AND list_contains(?, sc.explanation_id) GROUP BY e.latent""",
+                               [dict_id, score_setup.setup_hash(score_setup.setup_of(s, "embedding")),
+                                [i for _, i, _ in newest]]).fetchall())
+    snippets = examples.load(con, dict_id, sorted(matched), "heldout", examples.counts_of(s.score), scoring=True)
+    wrong: list[float] = []
+    wrong_of: list[int] = []
+    cache: dict[int, Any] = {}  # window embeddings by context id: the random windows are every latent's
+    for i in sorted(matched):
+        others = [texts[j] for j in sorted(texts) if j != i]
+        got = embedding.score_texts(others, snippets[i], seed=s.score.seed, model=model, cache=cache)
+        wrong += [r.score for r in got]
+        wrong_of += [i] * len(got)
+    notes = []
+    if len(matched) < n:
+        left = sorted(set(range(n)) - set(matched))
+        notes.append(f"embedding: latents {left} left out (no n-gram explanation, or no activating or no silent "
+                     "held-out window)")
+    sep = separation("ngram", "embedding", "embedding", [matched[i] for i in sorted(matched)], wrong,
+                     matched_latents=sorted(matched), shuffled_latents=wrong_of,
+                     latents_per_s=scored / dt if scored and dt > 0 else None)
+    return sep, notes
 
 
 def _sql_text(value: str) -> str:
@@ -186,13 +247,15 @@ def _llm_stage(con: Any, dict_id: int, latents: list[int], settings: Any, base_u
             texts = _texts(con, dict_id, explainer, model, latents)
             got = _cells(con, dict_id, explainer, scorer, mode, model, latents)
             have = sorted(texts)
-            wrong, failed = _shuffled(con, s, dict_id, texts, scorer) if shuffled else ([], 0)
+            wrong, wrong_of, failed = _shuffled(con, s, dict_id, texts, scorer) if shuffled else ([], [], 0)
             # An unexplained latent is a matched pair scoring 0; a failed score is left out and counted.
+            matched_of = [i for i in have if i in got] + [i for i in latents if i not in texts]
             matched = [got[i].score for i in have if i in got] + [0.0] * (len(latents) - len(have))
             failed += sum(1 for i in have if i not in got)
             if failed:
                 notes.append(f"{explainer}/{scorer}: {failed} scores failed and are left out")
-            seps.append(separation(explainer, scorer, mode, [x or 0.0 for x in matched], wrong))
+            seps.append(separation(explainer, scorer, mode, [x or 0.0 for x in matched], wrong,
+                                   matched_latents=matched_of, shuffled_latents=wrong_of))
             if scorer == "simulation":
                 fractions[f"{explainer}/{scorer}({mode})"] = float(np.mean([(x or 0.0) >= GOOD for x in matched]))
                 pair = "llm/llm" if explainer == "llm" else "ngram/llm"
@@ -229,12 +292,13 @@ def _cells(con: Any, dict_id: int, explainer: str, scorer: str, mode: Optional[s
     return {lat: Cell(sc, lo, hi, ss) for lat, sc, lo, hi, ss in got}
 
 
-def _shuffled(con: Any, s: Any, dict_id: int, texts: dict[int, str], scorer: str) -> tuple[list[float], int]:
-    """Each latent scored against the next explained latent's text; (scores, failures)."""
+def _shuffled(con: Any, s: Any, dict_id: int, texts: dict[int, str], scorer: str
+              ) -> tuple[list[float], list[int], int]:
+    """Each latent scored against the next explained latent's text; (scores, their latents, failures)."""
     from explainer.score import scorer as score
 
     have = sorted(texts)
-    out, failed = [], 0
+    out, of, failed = [], [], 0
     for k, i in enumerate(have):
         j = have[(k + 1) % len(have)]
         if j == i:
@@ -242,21 +306,24 @@ def _shuffled(con: Any, s: Any, dict_id: int, texts: dict[int, str], scorer: str
         try:
             out.append(score.evaluate(con, s, dict_id, i, texts[j], scorer=scorer, split="heldout",
                                       stage="bench-planted").score)
+            of.append(i)
         except score.ScoreFailed:
             failed += 1
-    return out, failed
+    return out, of, failed
 
 
 def run_planted(db_path: Path | str, settings: Any, base_url: Optional[str] = None, progress: Progress = None, *,
                 features: Optional[Sequence[Feature]] = None, tokenizer: Any = None,
-                llm_latents: Optional[Sequence[int]] = None, shuffled: bool = True) -> PlantedResult:
+                llm_latents: Optional[Sequence[int]] = None, shuffled: bool = True,
+                embedding: bool = True) -> PlantedResult:
     """Sample the planted dictionary over settings.corpus into db_path, explain, score, report.
 
     Uses settings.model.name only for its tokenizer, settings.corpus, settings.sample (tokens
     budget, examples per kind) and settings.score (snippet counts, for the n-gram too; the LLM
     scorers). With base_url, the LLM explains and scores `llm_latents` (default: all), and,
-    unless `shuffled` is off, also scores shuffled pairs. Rerunning on the same file reuses
-    what is there.
+    unless `shuffled` is off, also scores shuffled pairs. With `embedding` (and its model
+    installed; otherwise a note), the embedding scorer's separation of the n-gram's matched and
+    shuffled pairs joins the n-gram simulation's. Rerunning on the same file reuses what is there.
     """
     from explainer.sample import sampler as sample
     from explainer.store import db as store
@@ -281,6 +348,10 @@ def run_planted(db_path: Path | str, settings: Any, base_url: Optional[str] = No
             out.rows = _rows(con, res.dict_id, features, found)
             out.fraction_good["ngram/simulation(ngram)"] = float(np.mean([(r.score or 0.0) >= GOOD for r in out.rows]))
             out.separation.append(sep)
+            if embedding:
+                emb, emb_notes = _embedding_stage(con, res.dict_id, n, settings, progress)
+                out.separation += [emb] if emb else []
+                out.notes += emb_notes
             if base_url:
                 llm_frac, llm_seps, llm_notes = _llm_stage(con, res.dict_id, subset, settings, base_url, progress,
                                                            out.rows, shuffled)

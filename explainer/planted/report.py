@@ -5,12 +5,14 @@ latent's compared scores were computed on one snippet set.
 Three pairs are compared: the n-gram explanation on the n-gram simulator, the n-gram
 explanation on the LLM simulator, and the LLM explanation on the LLM simulator. The first
 costs nothing and runs on every latent; the others only where an endpoint was given.
+Separately, each scorer's matched-vs-shuffled AUROC (with an interval over latents): the n-gram
+simulator, the embedding scorer (no LLM either) and, with an endpoint, each LLM scorer.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -60,7 +62,9 @@ class LatentRow:
 
 @dataclass
 class Separation:
-    """Does a scorer rank matched explanation/latent pairs above shuffled ones?"""
+    """Does a scorer rank matched explanation/latent pairs above shuffled ones? `ci_low`/`ci_high`:
+    95% bootstrap interval of the AUROC resampling latents (a latent carries its matched pair and
+    the shuffled pairs scored on its snippets), when the pairs' latents were given."""
 
     explainer: str
     scorer: str
@@ -70,13 +74,41 @@ class Separation:
     matched_mean: Optional[float]
     shuffled_mean: Optional[float]
     auroc: Optional[float]
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    latents_per_s: Optional[float] = None  # matched pairs scored per second, where the bench timed it
 
 
-def separation(explainer: str, scorer: str, mode: str, matched: list[float], shuffled: list[float]) -> Separation:
+def separation(explainer: str, scorer: str, mode: str, matched: list[float], shuffled: list[float], *,
+               matched_latents: Optional[Sequence[int]] = None, shuffled_latents: Optional[Sequence[int]] = None,
+               latents_per_s: Optional[float] = None) -> Separation:
+    """AUROC of matched against shuffled scores; with each pair's latent (whose snippets it was
+    scored on), also its interval over latents, since pairs of one latent share snippets and are
+    not independent."""
     labels = [1] * len(matched) + [0] * len(shuffled)
+    lo = hi = None
+    if matched_latents is not None and shuffled_latents is not None:
+        lo, hi = _auroc_ci_over_latents(matched, shuffled, matched_latents, shuffled_latents)
     return Separation(explainer, scorer, mode, len(matched), len(shuffled),
                       float(np.mean(matched)) if matched else None, float(np.mean(shuffled)) if shuffled else None,
-                      auroc(matched + shuffled, labels))
+                      auroc(matched + shuffled, labels), lo, hi, latents_per_s)
+
+
+def _auroc_ci_over_latents(matched: list[float], shuffled: list[float], matched_latents: Sequence[int],
+                           shuffled_latents: Sequence[int]) -> tuple[Optional[float], Optional[float]]:
+    if len(matched_latents) != len(matched) or len(shuffled_latents) != len(shuffled):
+        raise ValueError("separation: one latent per matched and per shuffled score")
+    scores = np.asarray(matched + shuffled, dtype=np.float64)
+    labels = np.r_[np.ones(len(matched), bool), np.zeros(len(shuffled), bool)]
+    ids = sorted(set(matched_latents) | set(shuffled_latents))
+    where = {lat: i for i, lat in enumerate(ids)}
+    item = np.array([where[x] for x in list(matched_latents) + list(shuffled_latents)], dtype=np.int64)
+
+    def one(ix: np.ndarray) -> Optional[float]:
+        weight = np.bincount(ix, minlength=len(ids))[item]  # each pair as often as its latent was drawn
+        return auroc(np.repeat(scores, weight), np.repeat(labels, weight))
+
+    return bootstrap_ci(one, len(ids))
 
 
 def _mean(vals: list[float]) -> Optional[float]:
@@ -160,7 +192,12 @@ class PlantedResult(StageResult):
         for ex, frac in self.fraction_good.items():
             out[f"{ex}: fraction with simulation >= {GOOD}"] = round(frac, 4)
         for s in self.separation:
-            out[f"{s.explainer}/{s.scorer}({s.mode}): matched vs shuffled AUROC"] = s.auroc
+            name = f"{s.explainer}/{s.scorer}({s.mode}): matched vs shuffled AUROC"
+            out[name] = s.auroc
+            if s.ci_low is not None:
+                out[f"{name} 95% CI over latents"] = [round(s.ci_low, 4), round(s.ci_high or 0.0, 4)]
+            if s.latents_per_s is not None:
+                out[f"{s.explainer}/{s.scorer}({s.mode}): latents/s"] = round(s.latents_per_s, 1)
         for c in self.by_class() + [self.overall()]:
             out[f"ngram mean score, {c['class']} latents"] = c["ngram"]
             out[f"ngram mean score 95% CI, {c['class']} latents"] = c["ngram ci"]

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import duckdb
 import torch
 
+from explainer import embed
 from explainer.corpus.contexts import Context, iter_contexts, load_documents
 from explainer.errors import ExplainerError
 from explainer.results import StageResult
@@ -79,6 +80,8 @@ def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
     """What determines the results; a saved state or a finished run counts only if it matches."""
     # Where the output goes does not change it; max_active only matters without a fixed k.
     exclude = {"checkpoint_every", "shard", "force_layer", "parquet"} | ({"max_active"} if topk else set())
+    # The default hard-negative rule stays out, so runs from before the setting keep their config keys.
+    exclude |= {"hard_negatives"} if settings.sample.hard_negatives == "tokens" else set()
     cfg = {
         "fingerprint": fingerprint, "model": lm.name, "layer": lm.layer, "dtype": str(lm.dtype),
         # Only off the default residual hook, so runs saved before --hook existed keep their key.
@@ -347,6 +350,8 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     prev = previous_result(con, job.dict_id, job.name, job.key, job.shard_text, resume)
     if prev is not None:
         return job.result(con, prev, t0, already=True)
+    if settings.sample.hard_negatives == "embedding":
+        embed.model_dir()  # a missing encoder fails now, not after the whole corpus went through
     stream = _prepare(con, job, resume)
     run_id = store.start_run(con, "sample", settings.public_dict())
     try:

@@ -4,14 +4,18 @@
 - quantile: equal-count bins over the reservoir (a uniform sample of the activating
   contexts) minus the top examples; n_quantile evenly spaced order statistics, with bin.
 - nonactivating: pool contexts where the latent is zero on every token, alternating hard
-  ones (holding a token the top examples peak on, so scorers test specificity) and plain
-  ones in the latent's own hash order; ranks 0, 2, 4... are hard where the pool has them.
+  ones (so scorers test specificity) and plain ones in the latent's own hash order; ranks 0,
+  2, 4... are hard where the pool has them. sample.hard_negatives picks the rule: "tokens"
+  (default) holds a token the top examples peak on; "embedding" is most similar, in
+  all-MiniLM-L6-v2 cosine, to the mean embedding of the latent's top examples (delphi's
+  FAISS negatives, by exact search).
 - random: the first n_random pool contexts, the same for every latent.
 - latents.quantiles: per-context max activation at QUANTILE_LEVELS, from the reservoirs.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import duckdb
@@ -20,6 +24,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from explainer import embed
 from explainer.sample.latent_map import LatentMap
 from explainer.sample.state import EMPTY, M31, S, SampleState, hash31, one_thread, sketch_cid, sort_slots, top_cid, top_max
 from explainer.settings import SampleSettings
@@ -28,6 +33,8 @@ from explainer.vocab import SPLITS
 
 QUANTILE_LEVELS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 HARD_TOKENS = 3  # distinct top-example tokens a hard negative may share
+EMBED_TOP = 10  # best top examples per latent whose mean embedding the embedding rule compares with
+EMBED_BLOCK = 4096  # latents whose top-example vectors ([block, EMBED_TOP, 384] floats) are held at once
 
 
 class TokenTable:
@@ -43,6 +50,32 @@ class TokenTable:
         if cids.numel() and not bool((self.cids[pos] == cids).all()):
             raise KeyError("a kept context has no row in the contexts table")
         return self.tokens[pos]
+
+
+class ContextVectors(TokenTable):
+    """Unit sentence embeddings of contexts, looked up by context id; each context embedded once."""
+
+    def __init__(self, cids: Tensor, vecs: Tensor) -> None:
+        order = cids.argsort()
+        self.cids, self.tokens = cids[order], vecs[order].float()
+
+
+def context_vectors(con: duckdb.DuckDBPyConnection, relations: list[str], state: SampleState) -> ContextVectors:
+    """all-MiniLM-L6-v2 embeddings of every pool context and each latent's best EMBED_TOP top
+    examples, in every split: the most the embedding rule reads, so the work is bounded by the
+    contexts sampled, not by latents x pool."""
+    tk, pk = state.top_key[:, :EMBED_TOP].cpu(), state.pool_key.cpu()
+    ids = torch.cat([top_cid(tk[tk >= 0]), sketch_cid(pk[pk < EMPTY])]).unique()
+    con.register("_vec_ids", pa.table({"context_id": pa.array(ids.numpy(), pa.int64())}))
+    try:
+        union = " UNION ALL ".join(f"SELECT context_id, tokens FROM {r}" for r in relations)
+        # In id order: the encoder's batches (and so its padding) are then the same on every run.
+        rows = con.sql(f"SELECT u.context_id, u.tokens FROM ({union}) u SEMI JOIN _vec_ids k USING (context_id) "
+                       "ORDER BY u.context_id").fetchall()
+    finally:
+        con.unregister("_vec_ids")
+    vecs = embed.embedder().encode([embed.text_of(tokens) for _, tokens in rows])
+    return ContextVectors(torch.tensor([c for c, _ in rows], dtype=torch.int64), torch.from_numpy(vecs))
 
 
 def latent_rows(state: SampleState) -> dict[str, Any]:
@@ -86,8 +119,9 @@ def _rows(lat: Tensor, rank: Tensor, cid: Tensor, max_act: Tensor, acts: Tensor,
 
 
 def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_nonactivating: int,
-                 n_random: int, tokens: TokenTable) -> dict[str, dict[str, Any]]:
-    """Rows of each example kind for split index s (per-kind dicts of tensors); `state` went through sort_slots()."""
+                 n_random: int, tokens: TokenTable, vectors: ContextVectors | None = None) -> dict[str, dict[str, Any]]:
+    """Rows of each example kind for split index s (per-kind dicts of tensors); `state` went through
+    sort_slots(). With `vectors`, hard negatives are chosen by embedding similarity, else by tokens."""
     L = state.d_sae
     sl = slice(s * L, (s + 1) * L)
     tk = state.top_key[sl]
@@ -95,7 +129,7 @@ def example_rows(state: SampleState, s: int, *, n_quantile: int, n_bins: int, n_
     lat, rank = t_valid.nonzero(as_tuple=True)
     top = _rows(lat, rank, t_cid[lat, rank], top_max(tk)[lat, rank], state.top_acts[sl][lat, rank])
     return {"top": top, "quantile": _quantile(state, sl, t_valid, t_cid, n_quantile, n_bins),
-            "nonactivating": _nonactivating(state, s, t_valid, t_cid, n_nonactivating, tokens),
+            "nonactivating": _nonactivating(state, s, t_valid, t_cid, n_nonactivating, tokens, vectors),
             "random": _random(state, s, n_random)}
 
 
@@ -136,10 +170,11 @@ def _hard_tokens(top_acts: Tensor, t_valid: Tensor, t_cid: Tensor, tokens: Token
 
 
 def _nonactivating(state: SampleState, s: int, t_valid: Tensor, t_cid: Tensor, n_nonactivating: int,
-                   tokens: TokenTable) -> dict[str, Any]:
+                   tokens: TokenTable, vectors: ContextVectors | None = None) -> dict[str, Any]:
     """Pool contexts where the latent is zero everywhere, alternating hard ones (holding a token
-    the top examples peak on, so scorers test specificity) and plain ones in the latent's own
-    hash order; topped up from the zero sketch."""
+    the top examples peak on, so scorers test specificity; with `vectors`, the most similar to
+    the top examples' mean embedding) and plain ones in the latent's own hash order; topped up
+    from the zero sketch."""
     L, T = state.d_sae, int(state.meta["ctx_len"])
     sl = slice(s * L, (s + 1) * L)
     hard_tok, hard_cnt = _hard_tokens(state.top_acts[sl], t_valid, t_cid, tokens)
@@ -154,6 +189,9 @@ def _nonactivating(state: SampleState, s: int, t_valid: Tensor, t_cid: Tensor, n
     q_tok = tokens.of(q_cid).sort(1).values  # [nq, T]
     lats, ranks, cids = [], [], []
     step = max(1, (1 << 20) // max(nq * max(n_h, 1), 1))
+    if vectors is not None:
+        step = min(step, EMBED_BLOCK)
+        q_vec = vectors.of(q_cid)  # [nq, d]
     for lo in range(0, L if nq and n_nonactivating else 0, step):
         ls = slice(lo, min(lo + step, L))
         n_l = ls.stop - lo
@@ -163,9 +201,13 @@ def _nonactivating(state: SampleState, s: int, t_valid: Tensor, t_cid: Tensor, n
         hardness = (share * hard_cnt[ls].unsqueeze(1)).sum(2)  # [n_l, nq]
         cand = ~fired_q[:, ls].T
         h = hash31(ids[ls].view(-1, 1), q_cid.view(1, -1))
-        hard, plain = cand & (hardness > 0), cand & (hardness == 0)
         big = torch.iinfo(torch.int64).max
-        hard_rank = _ranks(torch.where(hard, -hardness * (M31 + 1) + h, big))
+        if vectors is None:
+            hard, plain = cand & (hardness > 0), cand & (hardness == 0)
+            hard_rank = _ranks(torch.where(hard, -hardness * (M31 + 1) + h, big))
+        else:
+            hard, hard_rank = _similar(vectors, q_vec, t_valid[ls], t_cid[ls], cand, (n_nonactivating + 1) // 2)
+            plain = cand & ~hard
         plain_rank = _ranks(torch.where(plain, h, big))
         turn = torch.where(hard, 2 * hard_rank, torch.where(plain, 2 * plain_rank + 1, big))
         kept, pick = turn.topk(min(n_nonactivating, nq), dim=1, largest=False)
@@ -176,6 +218,19 @@ def _nonactivating(state: SampleState, s: int, t_valid: Tensor, t_cid: Tensor, n
     lat, rank, cid = (torch.cat(x) if x else torch.zeros(0, dtype=torch.long) for x in (lats, ranks, cids))
     lat, rank, cid = _top_up(state.zero_key[sl], lat, rank, cid, n_nonactivating)
     return _rows(lat, rank, cid, torch.zeros(len(cid)), torch.zeros(len(cid), T))
+
+
+def _similar(vectors: ContextVectors, q_vec: Tensor, t_valid: Tensor, t_cid: Tensor, cand: Tensor,
+             n_hard: int) -> tuple[Tensor, Tensor]:
+    """The n_hard candidates [n_l, nq] most similar (cosine) to each latent's mean top-example
+    embedding, and every candidate's rank by similarity; a latent without top examples gets none."""
+    tv, tc = t_valid[:, :EMBED_TOP], t_cid[:, :EMBED_TOP]
+    top = torch.zeros(*tv.shape, q_vec.shape[1])
+    top[tv] = vectors.of(tc[tv])
+    mean = torch.nn.functional.normalize(top.sum(1), dim=-1)  # the mean's direction; a zero row stays zero
+    sim = mean @ q_vec.T  # [n_l, nq]
+    rank = _ranks(torch.where(cand, -sim, torch.inf))
+    return cand & (rank < n_hard) & tv.any(1, keepdim=True), rank
 
 
 def _random(state: SampleState, s: int, n_random: int) -> dict[str, Any]:
@@ -213,7 +268,7 @@ def _top_up(zero_key: Tensor, lat: Tensor, rank: Tensor, cid: Tensor, n: int) ->
 
 def _ranks(keys: Tensor) -> Tensor:
     """Position of each entry in its row's ascending order."""
-    out = torch.empty_like(keys)
+    out = torch.empty(keys.shape, dtype=torch.int64)
     order = keys.argsort(dim=1)
     return out.scatter_(1, order, torch.arange(keys.shape[1]).expand_as(keys).contiguous())
 
@@ -274,6 +329,10 @@ def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleSta
         state = state.to(cpu)
         sort_slots(state)  # in place: the caller is done with the state
         lat = latent_rows(state)
+    # Outside one_thread: the encoder is the costly part and uses every thread it is given.
+    t = time.perf_counter()
+    vectors = context_vectors(con, relations, state) if ss.hard_negatives == "embedding" else None
+    embed_s = time.perf_counter() - t
     latents = LatentMap.of_state(state)  # state rows -> the dictionary's latent ids; the sink row is dropped
     lat = {**{k: v[:latents.n_latents] for k, v in lat.items()}, "latent": latents.latents()}
     store.insert_arrow(con, "latents", pa.table({
@@ -284,10 +343,15 @@ def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleSta
     for s, split in enumerate(SPLITS):
         with one_thread(cpu):
             kinds = example_rows(state, s, n_quantile=ss.n_quantile, n_bins=ss.n_quantile_bins,
-                                 n_nonactivating=ss.n_nonactivating, n_random=ss.n_random, tokens=tokens)
+                                 n_nonactivating=ss.n_nonactivating, n_random=ss.n_random, tokens=tokens,
+                                 vectors=vectors)
         for kind, rows in kinds.items():
             rows = latents.to_dictionary(rows)
             if len(rows["latent"]):
                 store.insert_arrow(con, "examples", _examples_table(dict_id, split, kind, rows))
     freq = torch.from_numpy(lat["frequency"])
-    return {"dead_latents": int((freq == 0).sum()), "median_frequency": float(freq.median())}
+    # Which rule chose the hard negatives, beside the counts: a score's snippets trace back to it.
+    return {"dead_latents": int((freq == 0).sum()), "median_frequency": float(freq.median()),
+            "hard_negatives": ss.hard_negatives,
+            **({"hard_negatives_model": embed.MODEL, "hard_negatives_contexts": len(vectors.cids),
+                "hard_negatives_embed_s": round(embed_s, 2)} if vectors is not None else {})}

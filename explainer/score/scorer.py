@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import duckdb
 
-from explainer import prompts, vocab
+from explainer import embed, prompts, vocab
 from explainer.errors import ExplainerError
 from explainer.llm import pool as llm_pool
 from explainer.llm.client import LLMClient
@@ -251,14 +251,14 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     if llm_scorers:
         resolve_endpoint(settings.llm)  # a missing key fails before anything is written
     else:
-        embedding.model_dir()  # so does a missing embedding model
+        embed.model_dir()  # so does a missing embedding model
     templates = {name: load_template(s, name) for name in llm_scorers}
     hashes = {**{name: tpl.sha256 for name, tpl in templates.items()}, embedding.MODE: embedding.RECIPE_HASH}
     setups = {name: setup_of(settings, name) for name in scorers}
     latents = store.select_latents(con, dict_id, s.latents)
     explanations = select_explanations(con, dict_id, latents, s.explanations)
     model = settings.llm.model
-    done = {**_scored(con, dict_id, splits, model), **_scored(con, dict_id, splits, embedding.MODEL)}
+    done = {**_scored(con, dict_id, splits, model), **_scored(con, dict_id, splits, embed.MODEL)}
     jobs: list[_Job] = []
     for eid, latent, text in explanations:
         for split in splits:
