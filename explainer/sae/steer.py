@@ -1,0 +1,293 @@
+"""A latent's decoder direction written back into the subject model: steered greedy generation,
+the KL divergence it causes, and the strength that reaches a target KL.
+
+- add:   h += S * d on every position after the model's fixed prefix token (the prompt's and
+         every generated one's), d the latent's decoder row as stored (not renormalised).
+- clamp: h += (S - a(h)) * d, a(h) the latent's activation in the dictionary's encoding of h
+         (0 where it is not among a TopK dictionary's k): the dictionary's reconstruction with the
+         latent set to S, plus the reconstruction's error, as Neuronpedia and delphi clamp.
+
+The prefix token (BOS) is left alone, as the dictionary never read it (lm.py). Generation is
+greedy, so a continuation is a function of prompt, latent, mode and strength.
+
+KL (KL_DEFINITION): the clean continuation is fed, teacher-forced, through the clean and the
+steered model; at each position that predicts one of its tokens the steered next-token
+distribution is compared with the clean one, KL(clean || steered) in nats, and the positions
+are averaged (then the prompts, for several). Strength 0 gives exactly 0.
+
+It lives beside the dictionary (layer 6) rather than above the stages because the intervention
+scorer (score/intervention.py) steers too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from explainer.errors import ExplainerError
+from explainer.results import StageResult
+from explainer.sae.model import TopKSAE
+from explainer.settings import Settings
+
+MODES = ("add", "clamp")
+KL_DEFINITION = ("mean over the clean continuation's positions of KL(clean || steered) in nats: the clean greedy "
+                 "continuation is teacher-forced through the clean and the steered model and their next-token "
+                 "distributions compared at each position that predicts one of its tokens")
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+def steer_point(lm: Any) -> torch.nn.Module:
+    """The module whose output is steered: the hooked decoder layer, the residual stream the
+    dictionary reads. The one place to change when the hook becomes configurable."""
+    return lm.layers[lm.layer]
+
+
+@dataclass(frozen=True)
+class Intervention:
+    latent: int
+    strength: float
+    mode: str = "add"
+
+
+def check_latent(sae: TopKSAE, latent: int) -> None:
+    if not 0 <= latent < sae.d_sae:
+        raise ExplainerError(f"latent {latent} out of range: the dictionary has {sae.d_sae} latents "
+                             f"(use 0..{sae.d_sae - 1})")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ExplainerError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
+
+
+def latent_activation(sae: TopKSAE, h: torch.Tensor, latent: int) -> torch.Tensor:
+    """The latent's activation on each row of h [..., d_in] (0 where it is not active)."""
+    values, indices = sae.encode(h)
+    return (values * (indices == latent)).sum(-1).to(h.dtype)
+
+
+def edit_of(sae: TopKSAE, iv: Intervention) -> Edit:
+    """h [..., d_in] float32 -> the steered h."""
+    check_latent(sae, iv.latent)
+    check_mode(iv.mode)
+    d = sae.W_dec[iv.latent].detach().float()
+    if iv.mode == "add":
+        return lambda h: h + iv.strength * d.to(h.device)
+    return lambda h: h + (iv.strength - latent_activation(sae, h, iv.latent)).unsqueeze(-1) * d.to(h.device)
+
+
+@contextlib.contextmanager
+def _hooked(lm: Any, edit: Optional[Edit]) -> Iterator[None]:
+    """Steer the forward passes run inside: the first one holds the prefix token (left alone), the
+    later ones (a KV-cached generation's single tokens) are all steered."""
+    if edit is None:
+        yield
+        return
+    skip = [lm.n_prefix]
+
+    def hook(_mod: Any, _inp: Any, out: Any) -> Any:
+        hidden = out[0] if isinstance(out, tuple) else out
+        new = hidden.clone()
+        new[:, skip[0]:] = edit(hidden[:, skip[0]:].float()).to(hidden.dtype)
+        skip[0] = 0
+        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+    handle = steer_point(lm).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.inference_mode()
+def generate(lm: Any, prompt_ids: Sequence[int], max_new_tokens: int, edit: Optional[Edit] = None) -> list[int]:
+    """Greedy continuation of prompt_ids (without the prefix token), steered by `edit`; at most
+    max_new_tokens, ending early at the model's end-of-text token (kept). transformers' own
+    generate keeps the KV cache, so each step's forward holds only the new token."""
+    if not prompt_ids:
+        raise ExplainerError("the prompt is empty after tokenization; give --prompt some text")
+    full = lm._with_prefix(torch.tensor([list(prompt_ids)]))
+    eos = getattr(lm.tokenizer, "eos_token_id", None)
+    with _hooked(lm, edit), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a model's sampling defaults, overridden here, are warned about
+        out = lm.model.generate(input_ids=full, attention_mask=torch.ones_like(full), max_new_tokens=max_new_tokens,
+                                do_sample=False, num_beams=1, pad_token_id=eos)
+    return [int(t) for t in out[0, full.shape[1]:]]
+
+
+@torch.inference_mode()
+def next_token_logprobs(lm: Any, prompt_ids: Sequence[int], continuation: Sequence[int],
+                        edit: Optional[Edit] = None) -> torch.Tensor:
+    """log p(. | prefix) [len(continuation), vocab] at each position predicting a continuation token."""
+    seq = list(prompt_ids) + list(continuation[:-1])
+    with _hooked(lm, edit):
+        logits = lm.model(input_ids=lm._with_prefix(torch.tensor([seq])), use_cache=False).logits
+    first = lm.n_prefix + len(prompt_ids) - 1
+    return torch.log_softmax(logits[0, first:first + len(continuation)].float(), dim=-1)
+
+
+def kl(clean: torch.Tensor, steered: torch.Tensor) -> float:
+    """Mean over positions of KL(clean || steered), both log-probabilities [positions, vocab]."""
+    return float((clean.exp() * (clean - steered)).sum(-1).clamp_min(0).mean())
+
+
+@dataclass
+class Prompt:
+    """A prompt with its clean greedy continuation and the clean model's log-probabilities on it."""
+
+    ids: list[int]
+    clean: list[int]
+    clean_logprobs: torch.Tensor
+
+
+def prepare(lm: Any, prompt_ids: Sequence[int], max_new_tokens: int) -> Prompt:
+    clean = generate(lm, prompt_ids, max_new_tokens)
+    return Prompt(list(prompt_ids), clean, next_token_logprobs(lm, prompt_ids, clean))
+
+
+def mean_kl(lm: Any, sae: TopKSAE, prompts: Sequence[Prompt], iv: Intervention) -> float:
+    """KL_DEFINITION, averaged over prompts."""
+    edit = edit_of(sae, iv)
+    return sum(kl(p.clean_logprobs, next_token_logprobs(lm, p.ids, p.clean, edit)) for p in prompts) / len(prompts)
+
+
+@dataclass
+class Tuned:
+    """The strength a bisection chose, the KL it gives, and every strength it tried."""
+
+    strength: float
+    kl: float
+    reached: bool  # |kl - target| <= tolerance
+    trace: list[tuple[float, float]] = field(default_factory=list)  # (strength, kl)
+
+
+def tune_strength(lm: Any, sae: TopKSAE, prompts: Sequence[Prompt], latent: int, mode: str, *, target: float,
+                  tolerance: float, max_steps: int = 30) -> Tuned:
+    """A strength S >= 0 whose mean KL over `prompts` is within `tolerance` of `target` (as delphi's
+    intervention scorers tune theirs). The bracket starts at the strength that adds the prompts'
+    mean residual norm and doubles until it passes the target; then it is bisected. KL grows with
+    S in practice but is not guaranteed to, so the closest strength tried is returned."""
+    if not prompts:
+        raise ExplainerError("tuning a steering strength needs at least one prompt")
+    trace: list[tuple[float, float]] = []
+
+    def at(s: float) -> float:
+        value = mean_kl(lm, sae, prompts, Intervention(latent, s, mode))
+        trace.append((s, value))
+        return value
+
+    norm = float(sae.W_dec[latent].norm()) or 1.0
+    hi = _residual_norm(lm, prompts) / norm
+    lo = 0.0
+    steps = 0
+    value = at(hi)
+    while value < target and steps < max_steps:
+        lo, hi, steps = hi, hi * 2, steps + 1
+        value = at(hi)
+    while abs(value - target) > tolerance and steps < max_steps:
+        mid = (lo + hi) / 2
+        value = at(mid)
+        lo, hi = (mid, hi) if value < target else (lo, mid)
+        steps += 1
+    best_s, best_kl = min(trace, key=lambda t: abs(t[1] - target))
+    return Tuned(best_s, best_kl, abs(best_kl - target) <= tolerance, trace)
+
+
+@torch.inference_mode()
+def _residual_norm(lm: Any, prompts: Sequence[Prompt]) -> float:
+    norms = [lm.activations(torch.tensor([p.ids])).norm(dim=-1).median() for p in prompts]
+    return float(torch.stack(norms).mean()) or 1.0
+
+
+# --- `explainer steer` -----------------------------------------------------------------------
+
+
+@dataclass
+class SteerResult(StageResult):
+    latent: int
+    mode: str
+    strength: float
+    model: str
+    hook: str
+    dictionary: str
+    prompt: str
+    clean: str
+    steered: str
+    max_new_tokens: int
+    kl: float
+    kl_definition: str = KL_DEFINITION
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {"continuations (greedy)": [
+            {"run": "clean", "continuation": self.clean},
+            {"run": f"steered ({self.mode} {self.strength:g} x latent {self.latent})", "continuation": self.steered}]}
+
+    def summary(self) -> dict[str, Any]:
+        out = self.as_dict()
+        for k in ("clean", "steered"):
+            out.pop(k)
+        out["kl"] = round(self.kl, 6)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return self.as_dict()
+
+
+def dictionary_path(db: Optional[Path], sae: Optional[str], dict_name: Optional[str]) -> tuple[str, Optional[tuple[str, str]]]:
+    """The dictionary to steer with: --sae, or the DB's `dictionaries.path`, with the (model, hook) the DB sampled it at."""
+    if sae:
+        return sae, None
+    if db is None or not Path(db).is_file():
+        raise ExplainerError(f"no dictionary to steer with: {db or 'the default DB'} does not exist; pass --sae PATH "
+                             "(a dictionary folder) or --db with a sampled dictionary")
+    from explainer.store import db as store
+
+    with store.connect(db, read_only=True) as con:
+        dict_id = store.dictionary_id(con, dict_name)
+        path, model, hook = con.execute("SELECT path, model, hook FROM dictionaries WHERE id = ?", [dict_id]).fetchone()
+    if not path:
+        raise ExplainerError(f"the dictionary in {db} records no path; pass --sae PATH")
+    return path, (model, hook)
+
+
+def load_pair(settings: Settings, sae_path: str, sampled_at: Optional[tuple[str, str]] = None) -> tuple[Any, TopKSAE]:
+    """The subject model and the dictionary on its device, checked to fit each other."""
+    from explainer.lm import load_model
+    from explainer.sae.files import resolve_dictionary
+    from explainer.sae.formats import load_dictionary
+
+    if sampled_at is not None and (sampled_at[0] != settings.model.name or sampled_at[1] != f"layers.{settings.model.layer}"):
+        raise ExplainerError(f"the DB sampled this dictionary on model {sampled_at[0]!r} at {sampled_at[1]}, not "
+                             f"{settings.model.name!r} at layers.{settings.model.layer}; pass --model and --layer to match")
+    sae = load_dictionary(resolve_dictionary(sae_path))
+    lm = load_model(settings.model)
+    if sae.d_in != lm.d_model:
+        raise ExplainerError(f"dictionary width d_in={sae.d_in} does not match {lm.name} (d_model={lm.d_model}); "
+                             "pass the model the dictionary was trained on with --model")
+    return lm, sae.to(lm.device).eval()
+
+
+def run(settings: Settings, *, latent: int, prompt: str, strength: float, mode: str = "add", max_new_tokens: int = 32,
+        sae_path: str, sampled_at: Optional[tuple[str, str]] = None, dict_label: str = "") -> SteerResult:
+    """Clean and steered greedy continuations of `prompt` and the KL between them (KL_DEFINITION)."""
+    check_mode(mode)
+    if max_new_tokens < 1:
+        raise ExplainerError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token")
+    if not math.isfinite(strength):
+        raise ExplainerError(f"--strength {strength}: give a finite number")
+    lm, sae = load_pair(settings, sae_path, sampled_at)
+    check_latent(sae, latent)
+    ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    p = prepare(lm, ids, max_new_tokens)
+    iv = Intervention(latent, strength, mode)
+    steered = generate(lm, ids, max_new_tokens, edit_of(sae, iv))
+    text = lambda t: lm.tokenizer.decode(t)  # noqa: E731
+    return SteerResult(latent=latent, mode=mode, strength=strength, model=lm.name, hook=lm.hook,
+                       dictionary=dict_label or sae_path, prompt=prompt, clean=text(p.clean), steered=text(steered),
+                       max_new_tokens=max_new_tokens, kl=mean_kl(lm, sae, [p], iv))
