@@ -4,16 +4,22 @@ direction added or the latent clamped, the KL they cause, and the strength tuned
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from explainer.cli import main
+from explainer.errors import ExplainerError
 from explainer.sae import steer
 from explainer.sae.formats import save_dictionary
 from explainer.sae.model import TopKSAE
-from explainer.settings import ModelSettings, Settings
+from explainer.score import scorer
+from explainer.settings import LLMSettings, ModelSettings, ScoreSettings, Settings
+from explainer.store import db as store
+from tests.openai_server import Reply, Request, ScriptedServer, llm_server  # noqa: F401
 
 PROMPT = "the king of Paris and the queen of"
 
@@ -26,14 +32,24 @@ def tiny_dict(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_lm: Path, tiny_dict: Path):
-    settings = Settings(model=ModelSettings(name=str(tiny_lm), layer=1, device="cpu"))
-    lm, sae = steer.load_pair(settings, str(tiny_dict))
-    # The random tiny model's next-token distributions are near uniform (KL saturates near 0.01 nats);
-    # a larger final-norm gain makes them as peaked as a trained model's, so KL spans a useful range.
+def peaked_lm(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_lm with a 30x final-norm gain: the random model's next-token distributions are near
+    uniform (KL saturates near 0.01 nats); these are as peaked as a trained model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("peaked_lm")
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
     with torch.no_grad():
-        lm.model.model.norm.weight.mul_(30)
-    return lm, sae
+        model.model.norm.weight.mul_(30)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair(peaked_lm: Path, tiny_dict: Path):
+    settings = Settings(model=ModelSettings(name=str(peaked_lm), layer=1, device="cpu"))
+    return steer.load_pair(settings, str(tiny_dict))
 
 
 def ids_of(lm, text: str = PROMPT) -> list[int]:
@@ -115,3 +131,103 @@ def test_missing_dictionary_is_one_line(tiny_lm: Path, tmp_path: Path, capsys: p
     assert main(base + ["--sae", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+# --- the intervention scorer ------------------------------------------------------------------
+
+TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def steer_db(peaked_lm: Path, tiny_dict: Path, tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DB sampled with the peaked model and the random dictionary, an explanation for two latents."""
+    db = tmp_path_factory.mktemp("steer_db") / "s.duckdb"
+    assert main(["sample", "--model", str(peaked_lm), "--layer", "1", "--corpus", str(tiny_corpus), "--ctx-len", "16",
+                 "--sae", str(tiny_dict), "--db", str(db), "--set", "sample.tokens=1600", "--device", "cpu",
+                 "--json"]) == 0
+    con = store.connect(db)
+    try:
+        latents = [r[0] for r in con.execute(
+            "SELECT latent FROM examples WHERE split = 'heldout' AND kind = 'top' AND max_act > 0 "
+            "GROUP BY latent HAVING count(*) >= 3 ORDER BY latent LIMIT 2").fetchall()]
+        for lat in latents:
+            con.execute("INSERT INTO explanations (dict_id, latent, explainer, model, text, status, created_at) "
+                        "VALUES (1, ?, 'llm', 'x', ?, 'ok', now())", [lat, f"latent {lat} [red]words[/red]"])
+    finally:
+        con.close()
+    assert len(latents) == 2
+    return db
+
+
+def score_settings(srv: ScriptedServer, db: Path, judge: str = "judge", **kw: Any) -> Settings:
+    llm = LLMSettings(base_url=srv.url, model=judge, timeout=5.0, backoff=0.001, backoff_max=0.005, max_attempts=2,
+                      concurrency=2)
+    sc = ScoreSettings(scorers="intervention", intervention_kl=2.0, intervention_prompts=4, intervention_tokens=TOKENS,
+                       **kw)
+    return Settings(db=db, llm=llm, score=sc, model=ModelSettings(device="cpu"))
+
+
+def oracle(lm: Any):
+    """Answers the steered continuation: the one that is not the clean greedy continuation."""
+    ask = re.compile(r"Start of the text: (.*)\n\nContinuation A: (.*)\n\nContinuation B: (.*)", re.S)
+
+    def answer(req: Request) -> Reply:
+        prompt, a, b = ask.search(req.question()).groups()
+        clean = lm.tokenizer.decode(steer.generate(lm, ids_of(lm, prompt), TOKENS))
+        return Reply.content(json.dumps({"steered": "B" if a == clean else "A"}))
+    return answer
+
+
+def run_score(db: Path, settings: Settings) -> Any:
+    con = store.connect(db)
+    try:
+        return scorer.run(con, settings, 1)
+    finally:
+        con.close()
+
+
+def score_rows(db: Path) -> list[dict[str, Any]]:
+    con = store.connect(db, read_only=True)
+    try:
+        cur = con.execute("SELECT * FROM scores WHERE scorer = 'intervention' ORDER BY latent, id")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+    finally:
+        con.close()
+
+
+def test_a_judge_that_knows_the_steered_text_scores_one(steer_db: Path, pair, llm_server: ScriptedServer) -> None:
+    llm_server.responder = oracle(pair[0])
+    res = run_score(steer_db, score_settings(llm_server, steer_db))
+    assert (res.ok, res.failed) == (2, 0)
+    got = score_rows(steer_db)
+    assert [r["score"] for r in got] == [1.0, 1.0] and all(r["baseline"] == 0.5 for r in got)
+    for r in got:
+        d = json.loads(r["details"])
+        assert d["kl_reached"] and abs(d["kl"] - 2.0) <= 0.2 and d["strength"] > 0
+        assert d["calls"] == r["n_snippets"] == len(d["pairs"]) - d["identical_pairs"] > 0
+        assert r["prompt_tokens"] > 0 and d["steer_seconds"] > 0
+        assert r["model"] == "judge" and r["setup_hash"] and r["snippet_set"] and r["ci_low"] <= 1.0
+    con = store.connect(steer_db, read_only=True)
+    try:
+        calls = con.execute("SELECT count(*), count(DISTINCT latent) FROM llm_calls WHERE stage = 'score'").fetchone()
+    finally:
+        con.close()
+    assert calls == (sum(r["n_snippets"] for r in got), 2)
+    # The explanation's markup reaches the judge as text.
+    assert any("[red]words[/red]" in r.question() for r in llm_server.requests)
+
+
+def test_a_constant_judge_scores_the_baseline(steer_db: Path, llm_server: ScriptedServer) -> None:
+    llm_server.responder = lambda req: Reply.content('{"steered": "A"}')
+    res = run_score(steer_db, score_settings(llm_server, steer_db, judge="always-a"))
+    assert (res.ok, res.failed) == (2, 0)
+    new = [r for r in score_rows(steer_db) if r["model"] == "always-a"]
+    assert len(new) == 2 and all(r["n_snippets"] >= 2 and r["score"] == r["baseline"] == 0.5 for r in new)
+
+
+def test_intervention_with_batch_is_refused(steer_db: Path, llm_server: ScriptedServer) -> None:
+    settings = score_settings(llm_server, steer_db)
+    settings.llm.batch = True
+    with pytest.raises(ExplainerError, match="without --batch"):
+        run_score(steer_db, settings)

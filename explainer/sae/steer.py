@@ -182,7 +182,7 @@ def tune_strength(lm: Any, sae: TopKSAE, prompts: Sequence[Prompt], latent: int,
         trace.append((s, value))
         return value
 
-    norm = float(sae.W_dec[latent].norm()) or 1.0
+    norm = float(sae.W_dec[latent].detach().norm()) or 1.0
     hi = _residual_norm(lm, prompts) / norm
     lo = 0.0
     steps = 0
@@ -250,7 +250,8 @@ def dictionary_path(db: Optional[Path], sae: Optional[str], dict_name: Optional[
 
     with store.connect(db, read_only=True) as con:
         dict_id = store.dictionary_id(con, dict_name)
-        path, model, hook = con.execute("SELECT path, model, hook FROM dictionaries WHERE id = ?", [dict_id]).fetchone()
+        row = con.execute("SELECT path, model, hook FROM dictionaries WHERE id = ?", [dict_id]).fetchone()
+    path, model, hook = row if row is not None else (None, "", "")
     if not path:
         raise ExplainerError(f"the dictionary in {db} records no path; pass --sae PATH")
     return path, (model, hook)
