@@ -58,14 +58,14 @@ def ids_of(lm, text: str = PROMPT) -> list[int]:
 
 def test_strength_zero_changes_nothing(pair) -> None:
     lm, sae = pair
-    p = steer.prepare(lm, ids_of(lm), 12)
+    p = steer.prepare(lm, [ids_of(lm)], 12)[0]
     assert steer.generate(lm, p.ids, 12, steer.edit_of(sae, steer.Intervention(3, 0.0))) == p.clean
     assert steer.mean_kl(lm, sae, [p], steer.Intervention(3, 0.0)) == 0.0
 
 
 def test_kl_grows_with_strength(pair) -> None:
     lm, sae = pair
-    p = steer.prepare(lm, ids_of(lm), 12)
+    p = steer.prepare(lm, [ids_of(lm)], 12)[0]
     kls = [steer.mean_kl(lm, sae, [p], steer.Intervention(5, s)) for s in (0.0, 1.0, 4.0, 16.0)]
     assert kls == sorted(kls) and kls[0] == 0.0 and kls[-1] > 0.1
     neg = [steer.mean_kl(lm, sae, [p], steer.Intervention(5, s)) for s in (-1.0, -16.0)]
@@ -76,7 +76,7 @@ def test_kl_grows_with_strength(pair) -> None:
 
 def test_clamping_to_the_natural_activation_changes_nothing(pair) -> None:
     lm, sae = pair
-    p = steer.prepare(lm, ids_of(lm), 12)
+    p = steer.prepare(lm, [ids_of(lm)], 12)[0]
     acts = sae.dense_latents(lm.activations(torch.tensor([p.ids + p.clean[:-1]])))[0]
     silent = int((acts.abs().sum(0) == 0).nonzero()[0])  # a latent that is 0 on the whole text: its natural value
     clamp = steer.Intervention(silent, 0.0, "clamp")
@@ -91,9 +91,18 @@ def test_clamping_to_the_natural_activation_changes_nothing(pair) -> None:
     assert steer.mean_kl(lm, sae, [p], steer.Intervention(silent, 20.0, "clamp")) > 0
 
 
+def test_a_batch_generates_what_each_prompt_does_alone(pair) -> None:
+    lm, sae = pair
+    texts = [PROMPT, "3 swords", "the queen in Venice loves the old wise lord of"]
+    ids = [ids_of(lm, t) for t in texts]
+    for iv in (None, steer.Intervention(5, 3.0), steer.Intervention(9, 2.0, "clamp")):
+        edit = None if iv is None else steer.edit_of(sae, iv)
+        assert steer.generate_many(lm, ids, 10, edit) == [steer.generate(lm, p, 10, edit) for p in ids]
+
+
 def test_bisection_hits_the_target(pair) -> None:
     lm, sae = pair
-    prompts = [steer.prepare(lm, ids_of(lm, t), 8) for t in (PROMPT, "3 swords and 4 crowns of")]
+    prompts = steer.prepare(lm, [ids_of(lm, t) for t in (PROMPT, "3 swords and 4 crowns of")], 8)
     tuned = steer.tune_strength(lm, sae, prompts, 5, "add", target=0.5, tolerance=0.05)
     assert tuned.reached and abs(tuned.kl - 0.5) <= 0.05
     assert abs(steer.mean_kl(lm, sae, prompts, steer.Intervention(5, tuned.strength)) - tuned.kl) < 1e-6

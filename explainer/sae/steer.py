@@ -83,19 +83,20 @@ def edit_of(sae: TopKSAE, iv: Intervention) -> Edit:
 
 
 @contextlib.contextmanager
-def _hooked(lm: Any, edit: Optional[Edit]) -> Iterator[None]:
-    """Steer the forward passes run inside: the first one holds the prefix token (left alone), the
-    later ones (a KV-cached generation's single tokens) are all steered."""
+def _hooked(lm: Any, edit: Optional[Edit], keep: torch.Tensor) -> Iterator[None]:
+    """Steer the forward passes run inside. `keep` [B, T] marks the first pass's positions left alone
+    (prefix tokens, left padding); the later passes (a KV-cached generation's new tokens) are all steered."""
     if edit is None:
         yield
         return
-    skip = [lm.n_prefix]
+    first = [True]
 
     def hook(_mod: Any, _inp: Any, out: Any) -> Any:
         hidden = out[0] if isinstance(out, tuple) else out
-        new = hidden.clone()
-        new[:, skip[0]:] = edit(hidden[:, skip[0]:].float()).to(hidden.dtype)
-        skip[0] = 0
+        new = edit(hidden.float()).to(hidden.dtype)
+        if first[0]:
+            new = torch.where(keep.to(hidden.device).unsqueeze(-1), hidden, new)
+            first[0] = False
         return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
     handle = steer_point(lm).register_forward_hook(hook)
@@ -106,28 +107,50 @@ def _hooked(lm: Any, edit: Optional[Edit]) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def generate(lm: Any, prompt_ids: Sequence[int], max_new_tokens: int, edit: Optional[Edit] = None) -> list[int]:
-    """Greedy continuation of prompt_ids (without the prefix token), steered by `edit`; at most
-    max_new_tokens, ending early at the model's end-of-text token (kept). transformers' own
-    generate keeps the KV cache, so each step's forward holds only the new token."""
-    if not prompt_ids:
-        raise ExplainerError("the prompt is empty after tokenization; give --prompt some text")
-    full = lm._with_prefix(torch.tensor([list(prompt_ids)]))
+def generate_many(lm: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  edit: Optional[Edit] = None) -> list[list[int]]:
+    """Greedy continuations of several prompts (without the prefix token) in one left-padded batch,
+    steered by `edit`: at most max_new_tokens each, ending at the end-of-text token (kept).
+    Generation reads every weight once per step, so a batch costs about what one prompt does
+    on a CPU. transformers' generate keeps the KV cache; a step's forward holds only new tokens."""
+    if not prompts or any(not p for p in prompts):
+        raise ExplainerError("a prompt is empty after tokenization; give --prompt some text")
+    width = max(len(p) for p in prompts) + lm.n_prefix
     eos = getattr(lm.tokenizer, "eos_token_id", None)
-    with _hooked(lm, edit), warnings.catch_warnings():
+    pad = eos if isinstance(eos, int) else 0
+    rows, mask = [], []
+    for p in prompts:
+        full = lm._with_prefix(torch.tensor([list(p)]))[0].tolist()
+        rows.append([pad] * (width - len(full)) + full)
+        mask.append([0] * (width - len(full)) + [1] * len(full))
+    ids = torch.tensor(rows, device=lm.device)
+    attention = torch.tensor(mask, device=lm.device)
+    keep = (attention == 0) | (torch.arange(width, device=lm.device) < (width - torch.tensor(
+        [len(p) for p in prompts], device=lm.device)).unsqueeze(1))
+    with _hooked(lm, edit, keep), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a model's sampling defaults, overridden here, are warned about
-        out = lm.model.generate(input_ids=full, attention_mask=torch.ones_like(full), max_new_tokens=max_new_tokens,
-                                do_sample=False, num_beams=1, pad_token_id=eos)
-    return [int(t) for t in out[0, full.shape[1]:]]
+        out = lm.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                do_sample=False, num_beams=1, pad_token_id=pad)
+    result = []
+    for row in out[:, width:].tolist():
+        cut = row.index(eos) + 1 if eos in row else len(row)
+        result.append([int(t) for t in row[:cut]])
+    return result
+
+
+def generate(lm: Any, prompt_ids: Sequence[int], max_new_tokens: int, edit: Optional[Edit] = None) -> list[int]:
+    """Greedy continuation of one prompt (generate_many's)."""
+    return generate_many(lm, [prompt_ids], max_new_tokens, edit)[0]
 
 
 @torch.inference_mode()
 def next_token_logprobs(lm: Any, prompt_ids: Sequence[int], continuation: Sequence[int],
                         edit: Optional[Edit] = None) -> torch.Tensor:
     """log p(. | prefix) [len(continuation), vocab] at each position predicting a continuation token."""
-    seq = list(prompt_ids) + list(continuation[:-1])
-    with _hooked(lm, edit):
-        logits = lm.model(input_ids=lm._with_prefix(torch.tensor([seq])), use_cache=False).logits
+    full = lm._with_prefix(torch.tensor([list(prompt_ids) + list(continuation[:-1])]))
+    keep = torch.arange(full.shape[1]).unsqueeze(0) < lm.n_prefix
+    with _hooked(lm, edit, keep):
+        logits = lm.model(input_ids=full, use_cache=False).logits
     first = lm.n_prefix + len(prompt_ids) - 1
     return torch.log_softmax(logits[0, first:first + len(continuation)].float(), dim=-1)
 
@@ -146,9 +169,10 @@ class Prompt:
     clean_logprobs: torch.Tensor
 
 
-def prepare(lm: Any, prompt_ids: Sequence[int], max_new_tokens: int) -> Prompt:
-    clean = generate(lm, prompt_ids, max_new_tokens)
-    return Prompt(list(prompt_ids), clean, next_token_logprobs(lm, prompt_ids, clean))
+def prepare(lm: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Prompt]:
+    """Each prompt with its clean greedy continuation and the clean log-probabilities on it."""
+    cleans = generate_many(lm, prompts, max_new_tokens)
+    return [Prompt(list(p), c, next_token_logprobs(lm, p, c)) for p, c in zip(prompts, cleans)]
 
 
 def mean_kl(lm: Any, sae: TopKSAE, prompts: Sequence[Prompt], iv: Intervention) -> float:
@@ -285,7 +309,7 @@ def run(settings: Settings, *, latent: int, prompt: str, strength: float, mode: 
     lm, sae = load_pair(settings, sae_path, sampled_at)
     check_latent(sae, latent)
     ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    p = prepare(lm, ids, max_new_tokens)
+    p = prepare(lm, [ids], max_new_tokens)[0]
     iv = Intervention(latent, strength, mode)
     steered = generate(lm, ids, max_new_tokens, edit_of(sae, iv))
     text = lambda t: lm.tokenizer.decode(t)  # noqa: E731

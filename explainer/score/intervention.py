@@ -111,13 +111,13 @@ class Steerer:
         steer.check_latent(sae, latent)
         t0 = time.perf_counter()
         ids = self._token_ids(chosen)
-        plist = [steer.prepare(lm, ids[sn.context_id][:_first_firing(sn) + 1], s.intervention_tokens) for sn in chosen]
+        plist = steer.prepare(lm, [ids[sn.context_id][:_first_firing(sn) + 1] for sn in chosen], s.intervention_tokens)
         tuned = steer.tune_strength(lm, sae, plist, latent, STEER_MODE, target=s.intervention_kl,
                                     tolerance=TOLERANCE * s.intervention_kl)
         edit = steer.edit_of(sae, steer.Intervention(latent, tuned.strength, STEER_MODE))
         text = lm.tokenizer.decode
-        pairs = [Pair(sn, text(p.ids), text(p.clean), text(steer.generate(lm, p.ids, s.intervention_tokens, edit)))
-                 for sn, p in zip(chosen, plist)]
+        steered = steer.generate_many(lm, [p.ids for p in plist], s.intervention_tokens, edit)
+        pairs = [Pair(sn, text(p.ids), text(p.clean), text(st)) for sn, p, st in zip(chosen, plist, steered)]
         done = Steered(tuned.strength, tuned.kl, tuned.reached, tuned.trace, pairs, time.perf_counter() - t0)
         self._done[key] = done
         while len(self._done) > self.KEEP:
