@@ -87,13 +87,13 @@ def score_cost(settings, db: Path, latents: list[int]) -> None:
         server.wait(10)
     print(f"\nintervention scorer, {len(latents)} latents, wall {wall:.1f} s (subject model load included), "
           f"{res.ok} ok / {res.failed} failed")
-    print("latent  status  strength  KL     steps  identical  calls  prompt_tok  completion_tok  steer_s")
+    print("latent  status  score  asked  strength  KL     steps  identical  calls  prompt_tok  completion_tok  steer_s")
     for lat, sc, status, err, n, pt, ct, det in rows:
         d = json.loads(det)
         if status != "ok":
             print(f"{lat:<7} {status}: {err}")
             continue
-        print(f"{lat:<7} {status:<7} {d['strength']:<9.1f} {d['kl']:<6.3f} {len(d['kl_trace']):<6} "
+        print(f"{lat:<7} {status:<7} {sc:<6.3f} {n:<6} {d['strength']:<9.1f} {d['kl']:<6.3f} {len(d['kl_trace']):<6} "
               f"{d['identical_pairs']:<10} {d['calls']:<6} {pt:<11} {ct:<15} {d['steer_seconds']:.1f}")
 
 
