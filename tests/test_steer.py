@@ -100,6 +100,14 @@ def test_a_batch_generates_what_each_prompt_does_alone(pair) -> None:
         assert steer.generate_many(lm, ids, 10, edit) == [steer.generate(lm, p, 10, edit) for p in ids]
 
 
+def test_a_layer_norm_dictionary_steers_in_each_tokens_scale() -> None:
+    sae = TopKSAE(32, 64, 4, normalize="layer_norm")
+    sae.init_tied(torch.Generator().manual_seed(1))
+    h = torch.randn(3, 32, generator=torch.Generator().manual_seed(2)) * torch.tensor([[1.0], [10.0], [100.0]])
+    moved = steer.edit_of(sae, steer.Intervention(4, 2.0))(h) - h
+    assert torch.allclose(moved, 2.0 * sae.W_dec[4].detach() * h.std(dim=-1, keepdim=True), rtol=1e-4, atol=1e-3)
+
+
 def test_bisection_hits_the_target(pair) -> None:
     lm, sae = pair
     prompts = steer.prepare(lm, [ids_of(lm, t) for t in (PROMPT, "3 swords and 4 crowns of")], 8)
@@ -233,6 +241,16 @@ def test_a_constant_judge_scores_the_baseline(steer_db: Path, llm_server: Script
     assert (res.ok, res.failed) == (2, 0)
     new = [r for r in score_rows(steer_db) if r["model"] == "always-a"]
     assert len(new) == 2 and all(r["n_snippets"] >= 2 and r["score"] == r["baseline"] == 0.5 for r in new)
+
+
+def test_steer_reads_the_dictionary_from_the_db(steer_db: Path, peaked_lm: Path, tiny_lm: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["steer", "0", "--prompt", PROMPT, "--strength", "2", "--db", str(steer_db), "--layer", "1", "--device", "cpu"]
+    assert main(base + ["--model", str(peaked_lm), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dictionary"].endswith("dict")
+    assert main(base + ["--model", str(tiny_lm)]) == 2  # not the model the DB sampled it on
+    err = capsys.readouterr().err
+    assert err.startswith("error: the DB sampled this dictionary on model") and len(err.strip().splitlines()) == 1
 
 
 def test_intervention_with_batch_is_refused(steer_db: Path, llm_server: ScriptedServer) -> None:

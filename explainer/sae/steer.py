@@ -32,7 +32,7 @@ import torch
 
 from explainer.errors import ExplainerError
 from explainer.results import StageResult
-from explainer.sae.model import TopKSAE
+from explainer.sae.model import TopKSAE, layer_norm
 from explainer.settings import Settings
 
 MODES = ("add", "clamp")
@@ -77,9 +77,14 @@ def edit_of(sae: TopKSAE, iv: Intervention) -> Edit:
     check_latent(sae, iv.latent)
     check_mode(iv.mode)
     d = sae.W_dec[iv.latent].detach().float()
+
+    def direction(h: torch.Tensor) -> torch.Tensor:
+        # A layer_norm dictionary decodes in normalised space; reconstruct() maps it back with each token's std.
+        return d.to(h.device) * layer_norm(h)[2] if sae.normalize == "layer_norm" else d.to(h.device)
+
     if iv.mode == "add":
-        return lambda h: h + iv.strength * d.to(h.device)
-    return lambda h: h + (iv.strength - latent_activation(sae, h, iv.latent)).unsqueeze(-1) * d.to(h.device)
+        return lambda h: h + iv.strength * direction(h)
+    return lambda h: h + (iv.strength - latent_activation(sae, h, iv.latent)).unsqueeze(-1) * direction(h)
 
 
 @contextlib.contextmanager
