@@ -300,7 +300,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain", "agent")),
     "import": (cmd_import, "add explanations made elsewhere (CSV, JSONL, Parquet, a delphi folder, Neuronpedia JSON) "
                "so score and labels treat them like ours", ()),
-    "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing", ("llm", "score")),
+    "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing, embedding, "
+              "intervention", ("llm", "score")),
     "steer": (cmd_steer, "generate from a prompt with a latent's decoder direction added (or the latent clamped): "
               "clean and steered greedy continuations and the KL between them", ("model",)),
     "bench": (cmd_bench, "planted-feature benchmark: known latents through sample, explain and score",
