@@ -33,11 +33,12 @@ PROMPT = "The old king walked into the hall and said to his daughter that"
 
 
 def spread(db: Path, n: int) -> list[int]:
-    """n latents at evenly spaced frequency ranks among those with a held-out top example."""
+    """n latents at evenly spaced frequency ranks among those with a held-out top example and an ok explanation."""
     with store.connect(db, read_only=True) as con:
         lat = [r[0] for r in con.execute(
             "SELECT l.latent FROM latents l WHERE l.frequency > 0 AND EXISTS (SELECT 1 FROM examples e WHERE "
-            "e.latent = l.latent AND e.split = 'heldout' AND e.kind = 'top' AND e.max_act > 0) "
+            "e.latent = l.latent AND e.split = 'heldout' AND e.kind = 'top' AND e.max_act > 0) AND EXISTS (SELECT 1 "
+            "FROM explanations x WHERE x.latent = l.latent AND x.status = 'ok') "
             "ORDER BY l.frequency DESC").fetchall()]
     return [lat[int(i * (len(lat) - 1) / max(1, n - 1))] for i in range(n)]
 
@@ -85,6 +86,7 @@ def score_cost(settings, db: Path, latents: list[int]) -> None:
         assert server.stdin is not None
         server.stdin.close()
         server.wait(10)
+        shutil.rmtree(work.parent)
     print(f"\nintervention scorer, {len(latents)} latents, wall {wall:.1f} s (subject model load included), "
           f"{res.ok} ok / {res.failed} failed")
     print("latent  status  score  asked  strength  KL     steps  identical  calls  prompt_tok  completion_tok  steer_s")
