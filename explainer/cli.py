@@ -105,11 +105,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from explainer import ui
+    from explainer.sample import ranks
     from explainer.sample import sampler as sample
     from explainer.store import db as store
 
     s = settings_from(args)
     sae_path = Path(args.sae) if args.sae else s.train.out
+    if ranks.under_torchrun():
+        with ui.progress_bar("sample", enabled=not args.json and ranks.is_main()) as bar:
+            res = ranks.run(s, sae_path, dict_name=args.dict_name, resume=not args.restart, progress=bar)
+        if res.shard == "merged":  # rank 0 alone reports, the merged result
+            ui.show_result(res, as_json=args.json, title=f"samples of every rank merged into {s.db}")
+        return 0
     with store.connect(s.db) as con:
         with ui.progress_bar("sample", enabled=not args.json) as bar:
             res = sample.run(con, s, sae_path, dict_name=args.dict_name, resume=not args.restart, progress=bar)
@@ -253,7 +260,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"  explainer sql --db {db} \"SELECT latent, explanation, simulation, ngram_simulation FROM labels "
         "ORDER BY simulation DESC LIMIT 20\"\n"
         + (f"  explainer search --db {db} \"{word}\"\n" if word else "")
-        + f"  explainer browse --db {db} --out runs/site   # then open runs/site/index.html"
+        + f"  explainer browse --db {db} --serve   # then open http://127.0.0.1:8765/"
     ))
     return 0
 
@@ -310,7 +317,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "search": (cmd_search, "rank explanations by relevance to a text query (BM25)", ()),
     "show": (cmd_show, "one latent: its explanations, scores and highlighted examples", ()),
     "status": (cmd_status, "what the DB holds per stage (sampled, explained, scored, spent) and what is unfinished", ()),
-    "browse": (cmd_browse, "write a static HTML site: index with search and sort, a page per latent", ()),
+    "browse": (cmd_browse, "browse latents: --serve pages on demand from the DB, or --out DIR a compact static site", ()),
     "serve": (cmd_serve, "serve the packaged SmolLM2 through llama.cpp's OpenAI-compatible server on 127.0.0.1", ()),
     "export": (cmd_export, "write every table as Parquet and a Neuronpedia-like JSON per dictionary", ()),
     "export-dictionary": (cmd_export_dictionary, "write a dictionary in EleutherAI sparsify's layout "

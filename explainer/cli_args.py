@@ -58,15 +58,21 @@ def verb_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     if verb == "serve":
         p.add_argument("--serve-model", default="smollm2", help="smollm2, gemma3-270m or a .gguf path (default: smollm2)")
         p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
-    if verb in ("browse", "export"):
+    if verb == "export":
         p.add_argument("--out", type=Path, required=True, help="output folder")
+    if verb == "browse":
+        p.add_argument("--out", type=Path, default=None,
+                       help="write a static site here: index.html, latent.html#N, data in pages and shards")
+        p.add_argument("--serve", action="store_true",
+                       help="serve pages on demand from the DB (read-only) on 127.0.0.1 instead of writing files")
+        p.add_argument("--port", type=int, default=8765, help="port for --serve on 127.0.0.1 (default: 8765; 0 picks one)")
     if verb == "export-dictionary":
         p.add_argument("--sae", default=None, help="dictionary to export (any format `sample --sae` reads); "
                                                    "default: train.out")
         p.add_argument("--out", type=Path, required=True, help="folder that gets a subfolder per hookpoint")
         p.add_argument("--format", choices=["sparsify"], default="sparsify", help="layout to write (default: sparsify)")
         p.add_argument("--hookpoint", default=None,
-                       help="subfolder name, as sparsify names hookpoints (default: layers.<the dictionary's layer>)")
+                       help="subfolder name, as sparsify names hookpoints (default: the dictionary's hook, e.g. layers.6.mlp)")
     if verb == "run":
         p.add_argument("--local", action="store_true",
                        help="start the packaged llama.cpp endpoint (extra `local`) and use it for LLM labels (poor quality)")

@@ -116,14 +116,31 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_browse(args: argparse.Namespace) -> int:
-    from explainer import browse, ui
+    from explainer import ui
+    from explainer.browse import server, static
     from explainer.store import db as store
 
+    if args.serve == (args.out is not None):
+        raise ExplainerError("browse needs exactly one of --serve (pages on demand) or --out DIR (a static site)")
     with store.connect(_db(args), read_only=True) as con:
         dict_id = store.dictionary_id(con, args.dict)
-        with ui.progress_bar("browse", enabled=not args.json) as bar:
-            n = browse.build(con, dict_id, args.out, progress=bar)
-    ui.emit_mapping({"pages": n, "index": str(args.out / "index.html")}, as_json=args.json, title="static site written")
+        if args.out is not None:
+            with ui.progress_bar("browse", enabled=not args.json) as bar:
+                res = static.build(con, dict_id, args.out, progress=bar)
+            ui.emit_mapping(res, as_json=args.json, title="static site written")
+            return 0
+        app = server.Browser(con, dict_id)
+        httpd = server.make_server(app, args.port)
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        ui.emit_mapping({"url": url, "latents": app.total, "db": str(_db(args))}, as_json=args.json,
+                        title="serving (read-only; Ctrl-C stops; no writer can open the DB meanwhile)")
+        sys.stdout.flush()
+        try:
+            httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            httpd.server_close()
     return 0
 
 

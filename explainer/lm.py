@@ -1,8 +1,9 @@
-"""The subject model: loading (built-in GGUF packages, hub ids, local folders) and the layer hook.
+"""The subject model: loading (built-in GGUF packages, hub ids, local folders) and the hook.
 
-Activations are read at the output of decoder layer L (the residual stream). The forward
-pass stops right after that layer by raising from the hook, so collection never pays for
-the upper layers or the LM head (SmolLM2 to layer 15: ~2.5x the full model's tokens/s).
+Activations are read at one hook point (explainer/hooks.py): by default the output of decoder
+layer L (the residual stream), else a block's output or a module's input inside that layer. The
+forward pass stops right after the hooked module by raising from the hook, so collection never
+pays for the upper layers or the LM head (SmolLM2 to layer 15: ~2.5x the full model's tokens/s).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from explainer.errors import ExplainerError
+from explainer.hooks import ATTN, MLP, Hook, locate
 from explainer.settings import ModelSettings, cache_dir
 
 # name -> (description, function returning (folder, gguf file name))
@@ -112,28 +114,38 @@ def pick_device(spec: str) -> torch.device:
     return dev
 
 
-class SubjectModel:
-    """A causal LM with a residual-stream hook at one decoder layer."""
+def _hidden_of_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a module is called with: first positional argument, else the keyword
+    (Llama-style attention is called with hidden_states=...)."""
+    return args[0] if args else kwargs["hidden_states"]
 
-    def __init__(self, model: Any, tokenizer: Any, name: str, layer: int, device: torch.device) -> None:
+
+class SubjectModel:
+    """A causal LM with a hook at one point (hooks.Hook) inside one decoder layer."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, hook: Hook, device: torch.device) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.layers = _decoder_layers(model)
         self.n_layers = len(self.layers)
-        if not 0 <= layer < self.n_layers:
-            raise ExplainerError(
-                f"layer {layer} out of range: model {name} has {self.n_layers} layers (use --layer 0..{self.n_layers - 1})"
-            )
-        self.layer = layer
-        self.hook = f"layers.{layer}"
+        model_type = str(getattr(model.config.get_text_config(), "model_type", "") or model.config.model_type)
+        self._module, self._side = locate(self.layers, model_type, hook, name)
+        self.hook_point = hook
+        self.layer = hook.layer
+        self.hook = str(hook)
         self.device = device
-        self.d_model = int(model.config.get_text_config().hidden_size)
         self.dtype = next(model.parameters()).dtype
         # The first position is a fixed prefix token whose residual norm is an outlier
         # (Gemma: ~55k vs ~3k); it is fed to the model but never returned as an activation.
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.prefix_token: Optional[int] = bos
+        # Width of the activations at the hook: the residual width for the residual stream and the
+        # canonical blocks; a module path inside a block (mlp.act, o_proj:input) is measured.
+        width = int(model.config.get_text_config().hidden_size)
+        if hook.path not in ("", MLP, ATTN):
+            width = int(self.activations(torch.zeros((1, 1), dtype=torch.long)).shape[-1])
+        self.d_model = width
 
     def _with_prefix(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self.device)
@@ -146,16 +158,51 @@ class SubjectModel:
     def n_prefix(self) -> int:
         return 0 if self.prefix_token is None else 1
 
+    def hooked_module(self) -> tuple[torch.nn.Module, str]:
+        """(module, side) the hook reads: side 'output' = the module's output (first element of a
+        tuple), 'input' = its hidden-states argument. Steering and other hooks attach here."""
+        return self._module, self._side
+
+    def _register(self, on_hidden: Callable[[torch.Tensor], Optional[torch.Tensor]], batch: int) -> Any:
+        """Register `on_hidden` at the hook; a tensor it returns replaces the hooked one. It always
+        sees [batch, T, d]: some layers run their MLP on flattened tokens (OPT's fc1/fc2 take [B*T, d])."""
+
+        def shaped(hidden: torch.Tensor) -> Optional[torch.Tensor]:
+            if hidden.dim() == 3:
+                return on_hidden(hidden)
+            new = on_hidden(hidden.reshape(batch, -1, hidden.shape[-1]))
+            return None if new is None else new.reshape(hidden.shape)
+
+        if self._side == "input":
+            def pre(_mod: Any, args: tuple, kwargs: dict) -> Any:
+                new = shaped(_hidden_of_input(args, kwargs))
+                if new is None:
+                    return None
+                if args:
+                    return (new, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": new}
+
+            return self._module.register_forward_pre_hook(pre, with_kwargs=True)
+
+        def post(_mod: Any, _inp: Any, out: Any) -> Any:
+            new = shaped(out[0] if isinstance(out, tuple) else out)
+            if new is None:
+                return None
+            return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+        return self._module.register_forward_hook(post)
+
     @torch.inference_mode()
     def activations(self, ids: torch.Tensor) -> torch.Tensor:
-        """Residual stream after the hooked layer: float32 [B, T, d_model] for ids [B, T]."""
+        """Activations at the hook: float32 [B, T, d] for ids [B, T] (d = d_model for the blocks'
+        outputs and the residual stream; a module path inside a block may have another width)."""
         captured: list[torch.Tensor] = []
 
-        def hook(_mod: Any, _inp: Any, out: Any) -> None:
-            captured.append(out[0] if isinstance(out, tuple) else out)
+        def hook(hidden: torch.Tensor) -> None:
+            captured.append(hidden)
             raise _Stop
 
-        handle = self.layers[self.layer].register_forward_hook(hook)
+        handle = self._register(hook, ids.shape[0])
         try:
             self.model(input_ids=self._with_prefix(ids), use_cache=False)
         except _Stop:
@@ -170,16 +217,16 @@ class SubjectModel:
 
     @torch.inference_mode()
     def ce_losses(self, ids: torch.Tensor, splice: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
-        """Mean next-token cross-entropy of each context [B] (for intervals paired by context)."""
+        """Mean next-token cross-entropy of each context [B] (for intervals paired by context); `splice`
+        replaces the hooked module's output (its input for an :input hook) at every non-prefix position."""
 
-        def hook(_mod: Any, _inp: Any, out: Any) -> Any:
+        def hook(hidden: torch.Tensor) -> torch.Tensor:
             assert splice is not None  # the hook is registered only with a splice
-            hidden = out[0] if isinstance(out, tuple) else out
             new = hidden.clone()
             new[:, self.n_prefix :] = splice(hidden[:, self.n_prefix :].float()).to(hidden.dtype)
-            return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+            return new
 
-        handle = self.layers[self.layer].register_forward_hook(hook) if splice is not None else None
+        handle = self._register(hook, ids.shape[0]) if splice is not None else None
         try:
             full = self._with_prefix(ids)
             logits = self.model(input_ids=full, use_cache=False).logits[:, self.n_prefix :-1].float()
@@ -230,4 +277,4 @@ def load_model(settings: ModelSettings) -> SubjectModel:
     model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped `to` loses its self in the stubs
     for p in model.parameters():
         p.requires_grad_(False)
-    return SubjectModel(model, tokenizer, settings.name, settings.layer, device)
+    return SubjectModel(model, tokenizer, settings.name, settings.hook_point(), device)

@@ -22,6 +22,7 @@ from explainer.errors import ExplainerError
 from explainer.results import StageResult
 from explainer.settings import Settings
 from explainer.store import db as store
+from explainer.store import spread
 
 # A factory of per-stage progress callbacks: stage name -> context manager yielding a callback.
 BarFactory = Callable[[str], ContextManager[Callable[[Any], None]]]
@@ -47,7 +48,8 @@ class PipelineResult(StageResult):
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"stages": self.stages,
-                "labels: best explanation per latent (chosen on validation; held-out score reported)": self.labels}
+                "labels: a spread (the best of each frequency decile in turn, one per distinct text; "
+                "chosen on validation; held-out reported)": self.labels}
 
     def to_json(self) -> dict[str, Any]:
         return {"db": str(self.db), "stages": self.stages, "labels": self.labels}
@@ -100,12 +102,8 @@ def run(settings: Settings, *, llm: bool, llm_latents: int = 32, bars: BarFactor
                                   "detail": f"{n_ok} latents explained and scored on validation and heldout"})
             if llm:
                 result.stages.append(_llm(con, settings, dict_id, llm_latents, bars))
-            result.labels = [dict(zip([d[0] for d in cur.description], r)) for cur in [con.execute(
-                """SELECT latent, explanation, explainer, selected_by, round(validation, 3) AS validation,
-                          round(simulation, 3) AS heldout, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
-                          round(ngram_simulation, 3) AS ngram, round(frequency, 5) AS frequency
-                   FROM labels WHERE dict_id = ? AND explanation IS NOT NULL
-                   ORDER BY validation DESC NULLS LAST, latent LIMIT 15""", [dict_id])] for r in cur.fetchall()]
+            # What the dictionary learned, not 15 copies of its best idea: the browser's spread order.
+            result.labels = spread.spread_labels(con, dict_id, 15)
     return result
 
 

@@ -16,6 +16,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from explainer.errors import ExplainerError
+from explainer.hooks import Hook, layer_of, parse_hook
+
 
 def cache_dir() -> Path:
     """Where explainer keeps what it derives from packages (dequantized models, the builtin corpus)."""
@@ -69,11 +72,32 @@ class ModelSettings(Section):
         15, ge=0, le=4096,
         description="hook the residual stream at the output of this decoder layer (0-based; SmolLM2 has 30)",
     )
+    hook: str = Field(
+        "", description="where to read activations instead of --layer's residual stream: layers.L (residual after layer L), "
+        "layers.L:input (before it), layers.L.mlp / layers.L.self_attn (what the MLP / attention adds; named per "
+        "architecture), a module path inside the layer, or blocks.L.hook_resid_post/_pre/hook_mlp_out/hook_attn_out; "
+        "it sets the layer, and wins over --layer, which must then agree or be left out",
+    )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the subject model's forward pass"
     )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
     batch_size: int = Field(8, ge=1, le=65536, description="contexts per forward pass")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layer_from_hook(cls, data: Any) -> Any:
+        """--hook names the layer too; a --layer beside it must name the same one."""
+        if not isinstance(data, dict) or not data.get("hook"):
+            return data
+        try:
+            return {**data, "layer": layer_of(data["hook"], data.get("layer"))}
+        except ExplainerError as e:  # pydantic reports only ValueErrors as validation errors
+            raise ValueError(str(e)) from None
+
+    def hook_point(self) -> Hook:
+        """The hook to read: --hook, else the residual stream after --layer."""
+        return parse_hook(self.hook) if self.hook else Hook(self.layer)
 
 
 class CorpusSettings(Section):
@@ -141,6 +165,10 @@ class TrainSettings(Section):
         8, ge=1, le=2**16, description="optimizer steps whose activations are pooled and shuffled together (decorrelates batches)"
     )
     checkpoint_every: int = Field(50, ge=1, le=2**40, description="optimizer steps between resumable checkpoints")
+    latent_shards: int = Field(
+        1, ge=1, le=2**16, description="under torchrun, split the latents over this many ranks (each holds 1/R of "
+        "the encoder, decoder, Adam state and dead counters; global top-k); world = data replicas x latent shards",
+    )
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for init and data order")
     outlier_factor: float = Field(
         10.0, ge=0, allow_inf_nan=False,
@@ -184,7 +212,7 @@ class SampleSettings(Section):
         "with read_parquet('DIR/contexts/*/*.parquet'); shards share one folder and `explainer merge DIR` combines them",
     )
     force_layer: bool = Field(
-        False, description="sample even though the dictionary's config names another layer than --layer"
+        False, description="sample even though the dictionary's config names another hook than --hook / --layer"
     )
     latents: str = Field(
         "all", description="latents to keep statistics and examples for: all, ids and ranges like 0-9999,12000, "

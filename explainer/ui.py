@@ -5,6 +5,7 @@ Stages never print; they call `progress(...)` and return results. Only the CLI i
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -34,10 +35,16 @@ _VISIBLE.update({ord(c): f"\\u{ord(c):04x}" for c in _BIDI})
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+@functools.lru_cache(maxsize=64)
+def _table(keep: str) -> dict[int, str]:
+    # Built once per `keep`: rebuilding it on every call was most of the cost of exporting pages.
+    return {c: r for c, r in _VISIBLE.items() if chr(c) not in keep}
+
+
 def visible(text: str, *, keep: str = "\n\t") -> str:
     """`text` made safe to show: every control, bidi or unencodable character becomes its escape
     (ESC -> \\x1b, CR -> \\r, U+202E -> \\u202e) except those in `keep`. The one place that decides this."""
-    out = text.translate({c: r for c, r in _VISIBLE.items() if chr(c) not in keep})
+    out = text.translate(_table(keep))
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", out)
 
 

@@ -318,17 +318,17 @@ def test_search_limit_must_be_a_positive_count(filled_db: Path, limit: str, caps
     ["<!--", "<script>", "</script>", "<", ">", "&", "\u2028", "\u2029", "]]>", "\x1b"]), max_size=20).map("".join),
     max_size=5), st.floats(allow_nan=True, allow_infinity=True))
 def test_inline_index_data_cannot_leave_its_script_element(texts: list[str], number: float) -> None:
-    from explainer.browse import _json_for_script, _text
+    from explainer.browse.render import json_for_script, text
 
     rows = [{"latent": i, "explanation": t, "simulation": number} for i, t in enumerate(texts)]
-    payload = _json_for_script(rows)
+    payload = json_for_script(rows)
     # The HTML tokenizer only leaves script data at '<'; JSON.parse reads the escapes back.
     assert not any(c in payload for c in "<>&\u2028\u2029")
     back = json.loads(payload)
     assert [r["explanation"] for r in back] == [ui.visible(t) for t in texts]
     assert all(r["simulation"] is None or r["simulation"] == number for r in back)
     for t in texts:
-        assert "<" not in _text(t) and ">" not in _text(t)
+        assert "<" not in text(t) and ">" not in text(t)
 
 
 def test_browse_into_a_file_is_one_line(filled_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

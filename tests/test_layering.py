@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parent.parent / "explainer"
 LAYERS: dict[str, int] = {
     # foundation: the error type, the shared words, settings, statistics, result shapes, display
     "__init__": 0, "errors": 0,
-    "vocab": 1, "selectors": 1,
+    "vocab": 1, "selectors": 1, "hooks": 1,
     "settings": 2, "metrics": 2,
     "settings_load": 3, "results": 3,
     "ui": 4,

@@ -116,13 +116,20 @@ def test_export_parquet_and_json(filled_db: Path, tmp_path: Path) -> None:
     assert data["latents"][0]["explanations"][0]["description"].startswith("capitalised")
 
 
-def test_browse_writes_index_and_pages(filled_db: Path, tmp_path: Path) -> None:
+def test_browse_writes_a_compact_site(filled_db: Path, tmp_path: Path) -> None:
     out = tmp_path / "site"
     assert main(["browse", "--db", str(filled_db), "--out", str(out), "--json"]) == 0
     index = (out / "index.html").read_text()
-    assert "capitalised city names" in index and "http" not in index.replace("http-equiv", "")
-    page = (out / "latent_0.html").read_text()
-    assert "background:rgba(255,120,0,1.00)" in page and "Paris" in page
+    assert "http" not in index.replace("http-equiv", "").replace("http://www.w3.org/2000/svg", "")
+    assert "capitalised city names" in (out / "data" / "index_0.js").read_text()
+    shard = (out / "data" / "shard_0.js").read_text()
+    assert "Paris" in shard and "capitalised city names" in shard
+    assert sorted(p.name for p in out.iterdir()) == ["data", "index.html", "latent.html"]
+
+
+def test_browse_needs_serve_or_out(filled_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["browse", "--db", str(filled_db)]) == 2
+    assert "--serve" in capsys.readouterr().err
 
 
 def test_db_locked_by_another_process_is_a_clear_error(filled_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -245,9 +252,9 @@ def test_every_read_verb_after_every_write_path(db_path: Path, tmp_path: Path,
         assert query.search(con, "sword")
         assert query.status(con)["scores"]
         query.export(con, tmp_path / "export")
-        from explainer import browse
+        from explainer.browse import static
 
-        assert browse.build(con, 1, tmp_path / "site") == 5
+        assert static.build(con, 1, tmp_path / "site")["latents"] == 5
         # Like with like: the LLM simulator scored the n-gram and the LLM explanation on one snippet set,
         # and so did the n-gram simulator when given the same counts.
         sets = dict(con.execute("""SELECT s.mode || '/' || e.explainer || '/' || s.split, s.snippet_set

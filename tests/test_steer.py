@@ -108,6 +108,17 @@ def test_a_layer_norm_dictionary_steers_in_each_tokens_scale() -> None:
     assert torch.allclose(moved, 2.0 * sae.W_dec[4].detach() * h.std(dim=-1, keepdim=True), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("hook", ["layers.1.mlp", "layers.1:input"])
+def test_steering_works_at_other_hooks(peaked_lm: Path, tiny_dict: Path, hook: str) -> None:
+    settings = Settings(model=ModelSettings(name=str(peaked_lm), hook=hook, device="cpu"))
+    lm, sae = steer.load_pair(settings, str(tiny_dict))
+    assert lm.hook == hook
+    p = steer.prepare(lm, [ids_of(lm)], 8)[0]
+    assert steer.generate(lm, p.ids, 8, steer.edit_of(sae, steer.Intervention(5, 0.0))) == p.clean
+    assert steer.mean_kl(lm, sae, [p], steer.Intervention(5, 0.0)) == 0.0
+    assert steer.mean_kl(lm, sae, [p], steer.Intervention(5, 8.0)) > 0.01
+
+
 def test_bisection_hits_the_target(pair) -> None:
     lm, sae = pair
     prompts = steer.prepare(lm, [ids_of(lm, t) for t in (PROMPT, "3 swords and 4 crowns of")], 8)

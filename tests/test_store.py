@@ -130,3 +130,18 @@ def test_m005_backfills_provenance_from_details(tmp_path: Path, monkeypatch: pyt
     assert got["simulation", "ngram"] == ("ngram", None, None, None, 0.0, 0.4, None)
     assert got["detection", "json"] == ("sim", "t" * 64, "s" * 16, schema.snippet_hash([(12, "quantile")]),
                                         0.5, None, None)
+
+
+def test_a_db_file_named_like_any_alias_of_the_views_opens_and_its_views_answer(tmp_path: Path) -> None:
+    import re
+
+    from explainer.store import views
+
+    # The file's stem becomes a catalog name, which competes with table aliases in 3-part names.
+    aliases = set(re.findall(r"\b([a-z_]{1,12})\.[a-z_]", "".join(v for v in vars(views).values() if isinstance(v, str))))
+    assert {"h", "bh", "b"} <= aliases
+    for name in sorted(aliases | {"main", "labels", "scores"}):
+        con = store.connect(tmp_path / f"{name}.duckdb")
+        for view in ("labels", "explanation_scores", "costs"):
+            con.execute(f"SELECT * FROM {view}").fetchall()
+        con.close()

@@ -119,7 +119,8 @@ def test_run_trains_evaluates_and_saves(tiny_lm: Path, tiny_corpus: Path, tmp_pa
     assert train_updates[-1]["tokens"] == train_updates[-1]["total"] == 2048
     assert {"loss", "fvu", "dead", "tok_s"} <= set(train_updates[-1])
     sae = load_dictionary(tmp_path / "sae")
-    assert (sae.d_in, sae.d_sae, sae.k) == (32, 64, 4) and sae.cfg["hook_name"] == "layers.1"
+    assert (sae.d_in, sae.d_sae, sae.k) == (32, 64, 4)
+    assert sae.cfg["hook_name"] == "blocks.1.hook_resid_post" and sae.cfg["hook"] == "layers.1"  # SAELens's, ours
     assert (tmp_path / "sae" / "metrics.json").is_file() and (tmp_path / "sae" / "sparsity.safetensors").is_file()
 
     with pytest.raises(ExplainerError, match="--resume"):

@@ -20,12 +20,22 @@ import torch
 from torch import Tensor
 
 from explainer.errors import ExplainerError
+from explainer.hooks import ATTN, MLP, Hook
 from explainer.sae.model import TopKSAE, build_sae
 
 DL_WEIGHTS_FILE = "ae.pt"
 DL_CONFIG_FILE = "config.json"
-# Where OpenAI's GPT-2 dictionaries read the model; recorded only (hooking them is the model's concern).
-OPENAI_LOCATIONS = ("resid_post_mlp", "resid_post_attn", "resid_delta_attn", "resid_delta_mlp", "mlp_post_act")
+# Where OpenAI's GPT-2 dictionaries read the model, as hooks (hooks.py). Their README maps them to
+# TransformerLens: resid_post_mlp = hook_resid_post, resid_delta_attn = hook_attn_out, resid_delta_mlp =
+# hook_mlp_out, resid_post_attn = hook_resid_mid (the residual between attention and MLP, which in
+# HF's GPT-2 is ln_2's input; not mlp:input, which is after ln_2), mlp_post_act = mlp.hook_post (the GELU's output).
+OPENAI_LOCATIONS: dict[str, tuple[str, str]] = {
+    "resid_post_mlp": ("", "output"),
+    "resid_post_attn": ("ln_2", "input"),
+    "resid_delta_attn": (ATTN, "output"),
+    "resid_delta_mlp": (MLP, "output"),
+    "mlp_post_act": ("mlp.act", "output"),
+}
 DL_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder")
 
 
@@ -90,8 +100,9 @@ def load_openai(path: Path, max_active: int) -> TopKSAE:
         raise ExplainerError(f"{path}: activation {activation!r} is not supported; TopK and ReLU checkpoints load")
     layer = _layer_from_name(path)
     location = next((loc for loc in OPENAI_LOCATIONS if loc in str(path)), None)
+    hook = str(Hook(layer, *OPENAI_LOCATIONS[location])) if location and layer is not None else None
     cfg = {"format": "openai", **({"hook_layer": layer} if layer is not None else {}),
-           **({"openai_location": location} if location else {})}
+           **({"openai_location": location} if location else {}), **({"hook": hook} if hook else {})}
     return build_sae(d_in, d_sae, keep, W_enc.t(), latent_bias, W_dec.t(), pre_bias, cfg, kind, normalize=normalize)
 
 

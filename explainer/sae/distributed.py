@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -75,3 +76,77 @@ def setup(device_spec: str) -> tuple[Dist, str]:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=60))
     return Dist(rank, world, local), device_spec if use_cuda else "cpu"
+
+
+@dataclass
+class Grid:
+    """The world as data replicas x latent shards (world = D x R); a rank is data * R + shard.
+
+    A latent group (consecutive ranks, one node on GPU machines) holds one copy of the dictionary
+    split by latent and sees the same rows; a data group holds the same shard on different rows.
+    Without a process group, or with R = 1, every collective over a trivial group is the identity.
+    """
+
+    dist: Dist
+    shards: int = 1
+    latent_group: Any = None
+    data_group: Any = None
+
+    @property
+    def shard(self) -> int:
+        return self.dist.rank % self.shards
+
+    @property
+    def data_rank(self) -> int:
+        return self.dist.rank // self.shards
+
+    @property
+    def data_world(self) -> int:
+        return self.dist.world // self.shards
+
+    def all_reduce_data(self, t: Tensor) -> Tensor:
+        return _all_reduce(t, self.data_group, self.data_world)
+
+    def all_reduce_latent(self, t: Tensor) -> Tensor:
+        return _all_reduce(t, self.latent_group, self.shards)
+
+    def all_reduce_world(self, t: Tensor) -> Tensor:
+        return self.dist.all_reduce(t)
+
+    def counts(self, values: list[int]) -> Tensor:
+        """Small integers as a tensor the backend can carry (NCCL takes CUDA tensors only)."""
+        nccl = self.dist.active and torch.distributed.get_backend() == "nccl"
+        return torch.tensor(values, device=f"cuda:{self.dist.local_rank}" if nccl else "cpu")
+
+    def all_gather_latent(self, t: Tensor) -> list[Tensor]:
+        """Every shard's tensor of t's shape, in shard order."""
+        if self.shards == 1:
+            return [t]
+        parts = [torch.empty_like(t) for _ in range(self.shards)]
+        torch.distributed.all_gather(parts, t.contiguous(), group=self.latent_group)
+        return parts
+
+
+def _all_reduce(t: Tensor, group: Any, size: int) -> Tensor:
+    if size == 1:
+        return t
+    out = t.clone()
+    torch.distributed.all_reduce(out, group=group)
+    return out
+
+
+def make_grid(dist: Dist, shards: int) -> Grid:
+    """Split the world into latent groups of `shards` consecutive ranks and the matching data groups.
+
+    Every rank creates every group, in the same order, as torch.distributed.new_group requires."""
+    if shards == 1 or not dist.active:
+        return Grid(dist, shards)
+    replicas = dist.world // shards
+    latent = data = None
+    for d in range(replicas):
+        g = torch.distributed.new_group(list(range(d * shards, (d + 1) * shards)))
+        latent = g if dist.rank // shards == d else latent
+    for r in range(shards):
+        g = torch.distributed.new_group(list(range(r, dist.world, shards)))
+        data = g if dist.rank % shards == r else data
+    return Grid(dist, shards, latent, data)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from explainer.errors import ExplainerError
+from explainer.hooks import dictionary_hook
 from explainer.sae.files import CFG_FILE, recover_folder, save_siblings, swap_in
 from explainer.sae.formats import SPARSIFY_WEIGHTS_FILE, load_dictionary
 from explainer.sae.model import TopKSAE
@@ -48,11 +49,12 @@ def sparsify_cfg(sae: TopKSAE) -> dict:
 
 
 def default_hookpoint(sae: TopKSAE, src: str | Path) -> str:
-    layer = sae.cfg.get("hook_layer")
-    if not isinstance(layer, int) or isinstance(layer, bool):
+    """The dictionary's own hook (hooks.py names them as sparsify does: layers.6, layers.6.mlp)."""
+    hook = dictionary_hook(sae.cfg)
+    if hook is None:
         raise ExplainerError(f"dictionary {src} does not record its layer; name the folder with --hookpoint, "
                              "e.g. --hookpoint layers.6")
-    return f"layers.{layer}"
+    return str(hook)
 
 
 def check_exportable(sae: TopKSAE, src: str | Path) -> None:
@@ -68,7 +70,7 @@ def check_exportable(sae: TopKSAE, src: str | Path) -> None:
 def export_sparsify(src: str | Path, out: str | Path, hookpoint: Optional[str] = None) -> Path:
     """Write the dictionary at `src` (any format load_dictionary reads) to out/<hookpoint>/ in
     sparsify's layout, atomically: a kill mid-write leaves the previous export or the new one.
-    `hookpoint` defaults to layers.<the dictionary's layer>. Returns the hookpoint folder."""
+    `hookpoint` defaults to the dictionary's hook (layers.6, layers.6.mlp). Returns the hookpoint folder."""
     sae = load_dictionary(src)
     check_exportable(sae, src)
     hookpoint = hookpoint if hookpoint is not None else default_hookpoint(sae, src)

@@ -9,6 +9,7 @@ from __future__ import annotations  # noqa: I001  (keeps the wrapped import belo
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from explainer.errors import ExplainerError
+from explainer.hooks import ATTN, MLP, Hook, parse_hook
 from explainer.sae.checkpoints import DL_CONFIG_FILE, DL_WEIGHTS_FILE, load_dictionary_learning, load_openai
 from explainer.sae.files import (CFG_FILE, GEMMA_SCOPE_FILE, carry_over, positive_int, read_cfg, read_tensors,
     recover_folder, resolve_dictionary, save_siblings, swap_in)
@@ -46,13 +48,15 @@ def fingerprint(sae: TopKSAE) -> str:
 
 
 def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = None, cfg: Optional[dict] = None,
-                    extra: Optional[dict[str, str]] = None) -> Path:
+                    extra: Optional[dict[str, str]] = None, weights_from: Optional[Path] = None) -> Path:
     """Write `sae` in the SAELens layout, atomically: a kill mid-save leaves the previous folder or the new one.
 
     The files are written into a sibling folder that then replaces `folder` by rename; what the old
     folder held besides the dictionary (a training checkpoint) is carried over as hard links.
     `sparsity` is the log10 firing frequency per latent (SAELens' sparsity.safetensors); `extra` maps
-    further file names to their text (metrics.json), saved with the dictionary.
+    further file names to their text (metrics.json), saved with the dictionary. `weights_from`: a
+    weights file already written (a latent-sharded run's, shard by shard), moved in instead of
+    writing `sae`'s tensors, which then serve only for cfg.json.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -61,14 +65,17 @@ def save_dictionary(sae: TopKSAE, folder: Path, *, sparsity: Optional[Tensor] = 
         raise ExplainerError(f"{folder} is a file; choose a folder path for the dictionary")
     saving = save_siblings(folder)[0]
     saving.mkdir()
-    tensors = {
+    if weights_from is not None:
+        os.replace(weights_from, saving / WEIGHTS_FILE)
+    tensors = {} if weights_from is not None else {
         "W_enc": sae.W_enc.detach().float().contiguous().cpu(),
         "b_enc": sae.b_enc.detach().float().cpu(),
         "W_dec": sae.W_dec.detach().float().contiguous().cpu(),
         "b_dec": sae.b_dec.detach().float().cpu(),
         **({"threshold": sae.threshold.detach().float().cpu()} if sae.threshold is not None else {}),
     }
-    save_file(tensors, str(saving / WEIGHTS_FILE))
+    if tensors:
+        save_file(tensors, str(saving / WEIGHTS_FILE))
     written = {WEIGHTS_FILE, CFG_FILE, SPARSITY_FILE, *(extra or {})}  # never carried over from the old folder
     if sparsity is not None:
         save_file({"sparsity": sparsity.detach().float().cpu().contiguous()}, str(saving / SPARSITY_FILE))
@@ -197,7 +204,13 @@ def _load_gemma_scope(folder: Path, max_active: int) -> TopKSAE:
         if not torch.isfinite(arrays[name]).all():
             raise ExplainerError(f"{path}: array {name!r} holds NaN or infinite values; the file is corrupt")
     layer = re.search(r"layer_(\d+)", str(folder))
-    cfg = {"format": "gemma_scope", **({"hook_layer": int(layer.group(1))} if layer else {})}
+    cfg: dict[str, Any] = {"format": "gemma_scope", **({"hook_layer": int(layer.group(1))} if layer else {})}
+    # The release names the site: gemma-scope-2b-pt-res (residual), -mlp (hook_mlp_out), -att (hook_z,
+    # the heads' outputs before o_proj); the hub cache keeps the repo name in the path.
+    site = re.search(r"gemma-scope-[^/]*?-(res|mlp|att)(?:-canonical)?(?:/|$)", str(folder).replace("--", "/"))
+    if layer and site:
+        parts = {"res": ("", "output"), "mlp": (MLP, "output"), "att": (f"{ATTN}.o_proj", "input")}[site.group(1)]
+        cfg["hook"] = str(Hook(int(layer.group(1)), *parts))
     b_enc = arrays["b_enc"] + arrays["b_dec"] @ arrays["W_enc"]
     return build_sae(d_in, d_sae, min(max_active, d_sae), arrays["W_enc"], b_enc, arrays["W_dec"], arrays["b_dec"], cfg,
                      "jumprelu", arrays["threshold"])
@@ -215,7 +228,11 @@ def _load_sparsify(folder: Path, cfg: dict, cfg_path: Path) -> TopKSAE:
     t = read_tensors(folder / SPARSIFY_WEIGHTS_FILE, {
         "encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
     })
-    meta = {"format": "sparsify", "sparsify_cfg": cfg}
+    meta: dict[str, Any] = {"format": "sparsify", "sparsify_cfg": cfg}
+    try:  # sparsify names the folder by its hookpoint: layers.6, layers.6.mlp, h.6
+        meta["hook"] = str(parse_hook(folder.name))
+    except ExplainerError:
+        pass  # another name (embed_tokens, a renamed folder): the layer is unknown, as before
     return build_sae(d_in, d_sae, k, t["encoder.weight"].float().t(), t["encoder.bias"], t["W_dec"], t["b_dec"], meta)
 
 

@@ -41,9 +41,9 @@ def _check_out(out: Path, resume: bool) -> Optional[dict[str, Any]]:
 
 
 def _save_checkpoint(out: Path, trainer: Any, identity: dict, scale: float, position: dict, meta: dict,
-                     outliers: dict) -> None:
+                     outliers: dict, name: Path = CHECKPOINT) -> None:
     _check_finite(trainer)  # never checkpoint weights a resume could not train on
-    path = out / CHECKPOINT
+    path = out / name
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "version": 1, "identity": json.dumps(identity, sort_keys=True), "trainer": trainer.state_dict(),

@@ -15,8 +15,9 @@ steered model; at each position that predicts one of its tokens the steered next
 distribution is compared with the clean one, KL(clean || steered) in nats, and the positions
 are averaged (then the prompts, for several). Strength 0 gives exactly 0.
 
-It lives beside the dictionary (layer 6) rather than above the stages because the intervention
-scorer (score/intervention.py) steers too.
+Steering happens at the subject model's hook (lm.py: the residual stream after a layer, a block's
+output or a module's input), where the dictionary reads. It lives beside the dictionary (layer 6)
+rather than above the stages because the intervention scorer (score/intervention.py) steers too.
 """
 
 from __future__ import annotations
@@ -40,12 +41,6 @@ KL_DEFINITION = ("mean over the clean continuation's positions of KL(clean || st
                  "continuation is teacher-forced through the clean and the steered model and their next-token "
                  "distributions compared at each position that predicts one of its tokens")
 Edit = Callable[[torch.Tensor], torch.Tensor]
-
-
-def steer_point(lm: Any) -> torch.nn.Module:
-    """The module whose output is steered: the hooked decoder layer, the residual stream the
-    dictionary reads. The one place to change when the hook becomes configurable."""
-    return lm.layers[lm.layer]
 
 
 @dataclass(frozen=True)
@@ -89,22 +84,22 @@ def edit_of(sae: TopKSAE, iv: Intervention) -> Edit:
 
 @contextlib.contextmanager
 def _hooked(lm: Any, edit: Optional[Edit], keep: torch.Tensor) -> Iterator[None]:
-    """Steer the forward passes run inside. `keep` [B, T] marks the first pass's positions left alone
+    """Steer the forward passes run inside, at the subject model's hook (its module's output, or
+    its input for an :input hook; lm.py). `keep` [B, T] marks the first pass's positions left alone
     (prefix tokens, left padding); the later passes (a KV-cached generation's new tokens) are all steered."""
     if edit is None:
         yield
         return
     first = [True]
 
-    def hook(_mod: Any, _inp: Any, out: Any) -> Any:
-        hidden = out[0] if isinstance(out, tuple) else out
+    def hook(hidden: torch.Tensor) -> torch.Tensor:
         new = edit(hidden.float()).to(hidden.dtype)
         if first[0]:
             new = torch.where(keep.to(hidden.device).unsqueeze(-1), hidden, new)
             first[0] = False
-        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+        return new
 
-    handle = steer_point(lm).register_forward_hook(hook)
+    handle = lm._register(hook, keep.shape[0])
     try:
         yield
     finally:
@@ -292,11 +287,13 @@ def load_pair(settings: Settings, sae_path: str, sampled_at: Optional[tuple[str,
     from explainer.sae.files import resolve_dictionary
     from explainer.sae.formats import load_dictionary
 
-    if sampled_at is not None and (sampled_at[0] != settings.model.name or sampled_at[1] != f"layers.{settings.model.layer}"):
-        raise ExplainerError(f"the DB sampled this dictionary on model {sampled_at[0]!r} at {sampled_at[1]}, not "
-                             f"{settings.model.name!r} at layers.{settings.model.layer}; pass --model and --layer to match")
     sae = load_dictionary(resolve_dictionary(sae_path))
+    if sampled_at is not None and sampled_at[0] != settings.model.name:
+        raise ExplainerError(f"the DB sampled this dictionary on model {sampled_at[0]!r}, not {settings.model.name!r}; "
+                             f"pass --model {sampled_at[0]} --hook {sampled_at[1]}")
     lm = load_model(settings.model)
+    if sampled_at is not None and sampled_at[1] != lm.hook:
+        raise ExplainerError(f"the DB sampled this dictionary at {sampled_at[1]}, not {lm.hook}; pass --hook {sampled_at[1]}")
     if sae.d_in != lm.d_model:
         raise ExplainerError(f"dictionary width d_in={sae.d_in} does not match {lm.name} (d_model={lm.d_model}); "
                              "pass the model the dictionary was trained on with --model")

@@ -23,11 +23,13 @@ from torch import Tensor
 
 from explainer.errors import ExplainerError
 from explainer.results import StageResult
+from explainer.sae.distributed import Grid, make_grid
 from explainer.sae.files import recover_folder
 from explainer.sae.formats import log10_frequency, save_dictionary
-from explainer.sae.model import TopKSAE, layer_norm
+from explainer.sae.model import TopKSAE, build_sae, layer_norm
 from explainer.sae.outliers import OutlierRule, position_histogram
-from explainer.sae.run_files import METRICS, _check_finite, _check_out, _locked, _save_checkpoint
+from explainer.sae.run_files import CHECKPOINT, METRICS, _check_finite, _check_out, _locked, _save_checkpoint
+from explainer.sae.sharded import ShardedTrainer, check_shardable, init_shard, load_shard_state, shard_checkpoint, write_weights
 from explainer.sae.step import Trainer, geometric_median
 from explainer.settings import Settings, TrainSettings
 
@@ -109,6 +111,8 @@ def _run_identity(settings: Settings) -> dict[str, Any]:
     model = settings.model.model_dump(mode="json")
     model.pop("batch_size")
     model.pop("device")
+    if not model["hook"]:
+        model.pop("hook")  # runs checkpointed before --hook existed resume unchanged
     return {"model": model, "corpus": settings.corpus.model_dump(mode="json"), "train": train}
 
 
@@ -121,6 +125,7 @@ def run(settings: Settings, progress: Optional[Progress] = None, resume: bool = 
 
     out = Path(ts.out)
     dist, device = setup(settings.model.device)
+    check_shardable(ts, dist.world)
     if dist.active:
         settings = settings.model_copy(deep=True)
         settings.model.device = device
@@ -139,6 +144,17 @@ class _Run:
     scale: float
     rule: OutlierRule
     outlier_positions: Tensor  # [ctx_len] outlier tokens left out of training, by position
+    grid: Optional[Grid] = None  # latent-sharded runs only
+
+    @property
+    def writes_checkpoint(self) -> bool:
+        """Rank 0 saves the checkpoint; in a sharded run the first data replica saves one per shard."""
+        return self.grid.data_rank == 0 if self.grid is not None else self.trainer.rank == 0
+
+    def save(self, out: Path, identity: dict, position: dict, meta: dict) -> None:
+        if self.writes_checkpoint:
+            name = shard_checkpoint(CHECKPOINT, self.grid) if self.grid is not None else CHECKPOINT
+            _save_checkpoint(out, self.trainer, identity, self.scale, position, meta, _outlier_state(self), name)
 
 
 def _prepare(x: Tensor, ts: TrainSettings, scale: float) -> Tensor:
@@ -150,25 +166,39 @@ def _start(settings: Settings, lm: Any, documents: Iterable[tuple[str, str]], me
            state: Optional[dict]) -> tuple[_Run, dict]:
     """A fresh run (b_pre init on a sample) or the checkpoint's; returns it and the stream position."""
     ts, ctx_len = settings.train, settings.corpus.ctx_len
-    sae = TopKSAE(lm.d_model, ts.n_latents, ts.k, device=lm.device, cfg=meta)
+    grid = make_grid(dist, ts.latent_shards) if ts.latent_shards > 1 else None
+    init = torch.Generator().manual_seed(ts.seed)
+    if grid is not None:  # the shard alone is ever built
+        sae = init_shard(lm.d_model, ts.n_latents, ts.k, grid, init, lm.device, meta)
+    else:
+        sae = TopKSAE(lm.d_model, ts.n_latents, ts.k, device=lm.device, cfg=meta)
     if state is not None:
-        trainer = Trainer(sae, ts, all_reduce=dist.all_reduce, rank=dist.rank, world=dist.world)
+        if grid is not None:
+            state = load_shard_state(Path(ts.out) / CHECKPOINT, grid, state)
+        trainer = _trainer(sae, ts, dist, grid)
         trainer.load_state_dict(state["trainer"])
         torch.set_rng_state(state["rng"])
         o = state["outliers"]
         rule = OutlierRule(float(o["factor"]), float(o["median_norm"]))
-        return _Run(trainer, float(state["scale"]), rule, o["positions"].clone()), dict(state["position"])
+        return _Run(trainer, float(state["scale"]), rule, o["positions"].clone(), grid), dict(state["position"])
     sample_stream = ContextStream(settings, lm.tokenizer, documents)
     ids = sample_stream.take(math.ceil(ts.median_samples / ctx_len))
     sample = _activations(lm, ids, settings.model.batch_size)[: ts.median_samples]
     rule = OutlierRule.measure(ts.outlier_factor, sample.cpu())
     sample = _prepare(sample[~rule.mask(sample)], ts, 1.0)  # the init describes the tokens trained on
     scale = math.sqrt(lm.d_model) / float(sample.norm(dim=1).mean().clamp_min(1e-12))
-    sae.init_tied(torch.Generator().manual_seed(ts.seed))
+    if grid is None:
+        sae.init_tied(init)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample * scale))
-    trainer = Trainer(sae, ts, all_reduce=dist.all_reduce, rank=dist.rank, world=dist.world)
-    return _Run(trainer, scale, rule, torch.zeros(ctx_len, dtype=torch.long)), {"epoch": 0, "next_id": 0}
+    trainer = _trainer(sae, ts, dist, grid)
+    return _Run(trainer, scale, rule, torch.zeros(ctx_len, dtype=torch.long), grid), {"epoch": 0, "next_id": 0}
+
+
+def _trainer(sae: TopKSAE, ts: TrainSettings, dist: Any, grid: Optional[Grid]) -> Trainer:
+    if grid is not None:
+        return ShardedTrainer(sae, ts, grid)
+    return Trainer(sae, ts, all_reduce=dist.all_reduce, rank=dist.rank, world=dist.world)
 
 
 def _block(settings: Settings, lm: Any, ids: Tensor, dist: Any, r: _Run, block: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -219,14 +249,17 @@ def _run(settings: Settings, report: Progress, resume: bool, out: Path, dist: An
     lm = load_model(settings.model)
     check_train_fits(ts, ctx_len, lm.d_model, torch.device(lm.device))  # before any dictionary tensor exists
     documents = load_documents(settings.corpus)
-    meta = {"model_name": settings.model.name, "hook_name": lm.hook, "hook_layer": settings.model.layer,
-            "context_size": ctx_len}
+    # hook_name in SAELens' (TransformerLens) naming where it has one, so SAELens hooks the same
+    # point; `hook` in ours (hooks.py), which is what explainer reads back.
+    point = lm.hook_point
+    meta = {"model_name": settings.model.name, "hook_name": point.saelens_name or lm.hook, "hook": lm.hook,
+            "hook_layer": lm.layer, "context_size": ctx_len}
     if state is None:
         report({"stage": "b_pre init"})
     r, position = _start(settings, lm, documents, meta, dist, state)
     trainer = r.trainer
-    if state is None and dist.main:
-        _save_checkpoint(out, trainer, identity, r.scale, position, meta, _outlier_state(r))
+    if state is None:
+        r.save(out, identity, position, meta)
 
     stream = ContextStream(settings, lm.tokenizer, documents, **position)
     spb = ts.shuffle_steps
@@ -248,33 +281,35 @@ def _run(settings: Settings, report: Progress, resume: bool, out: Path, dist: An
                     _check_finite(trainer, stats["loss"])
             else:
                 trainer.steps += 1
-            if dist.main and (trainer.steps % ts.checkpoint_every == 0 or trainer.steps == total_steps):
+            if trainer.steps % ts.checkpoint_every == 0 or trainer.steps == total_steps:
                 # Mid-block checkpoints point at the block's start: resuming recomputes the block and skips ahead.
-                pos = stream.position if trainer.steps % spb == 0 else block_start
-                _save_checkpoint(out, trainer, identity, r.scale, pos, meta, _outlier_state(r))
+                r.save(out, identity, stream.position if trainer.steps % spb == 0 else block_start, meta)
             elapsed = time.perf_counter() - started
             report({"stage": "train", "tokens": trainer.steps * step_tokens, "total": total_steps * step_tokens,
                     **stats, "tok_s": (trainer.tokens - tokens_before) / max(elapsed, 1e-9)})
     seconds = time.perf_counter() - started
     tok_s = (trainer.tokens - tokens_before) / max(seconds, 1e-9)
     _check_finite(trainer)
+    shards = _write_shards(out, r) if r.grid is not None else None
 
     if not dist.main:
         dist.barrier()  # rank 0 evaluates and writes; the others wait for it
         metrics = {"rank": dist.rank, "tokens_per_s": round(tok_s, 1)}
         return TrainResult(out, metrics, trainer.steps, trainer.tokens, seconds, tok_s, state is not None)
-    metrics = _finish(settings, lm, documents, r, out, seconds, tok_s, stats, dist.world, report)
+    metrics = _finish(settings, lm, documents, r, out, seconds, tok_s, stats, dist.world, report, shards)
     dist.barrier()
     return TrainResult(out, metrics, trainer.steps, trainer.tokens, seconds, tok_s, state is not None)
 
 
 def _finish(settings: Settings, lm: Any, documents: Iterable[tuple[str, str]], r: _Run, out: Path, seconds: float, tok_s: float,
-            stats: dict, world: int, report: Progress) -> dict[str, Any]:
-    """Evaluate the folded dictionary on held-out tokens and save it with its metrics, in one rename."""
+            stats: dict, world: int, report: Progress, shards: Optional[tuple[Path, Tensor]] = None) -> dict[str, Any]:
+    """Evaluate the folded dictionary on held-out tokens and save it with its metrics, in one rename.
+
+    A sharded run's weights are already in the file `shards` names, with the fire counts of every latent."""
     from explainer.sae.evaluate import evaluate
 
     ts, trainer = settings.train, r.trainer
-    raw = r.trainer.sae.folded(r.scale)
+    raw = r.trainer.sae.folded(r.scale) if shards is None else _sharded_dictionary(ts, r, shards[0])
     raw.normalize = "layer_norm" if ts.normalize == "layernorm" else "none"
     raw.cfg.update(r.rule.cfg())
     report({"stage": "eval"})
@@ -285,16 +320,37 @@ def _finish(settings: Settings, lm: Any, documents: Iterable[tuple[str, str]], r
         "train_outlier_tokens": int(r.outlier_positions.sum()), "train_outlier_positions": train_outliers,
         "steps": trainer.steps, "final_train_fvu": stats.get("fvu"), "train_seconds": round(seconds, 3),
         "tokens_per_s": round(tok_s, 1), "activation_scale": r.scale, "lr": trainer.lr, "world_size": world,
-        "normalize": ts.normalize, "outlier_rule": r.rule.cfg(),
+        "normalize": ts.normalize, "outlier_rule": r.rule.cfg(), "latent_shards": ts.latent_shards,
     })
     metrics.setdefault("computed_on", {})["train_tokens, final_train_fvu, dead_fraction"] = (
         "train split, ordinary tokens only (outlier tokens are left out of every training batch)")
-    counts, n = (eval_counts, eval_tokens) if eval_tokens else (trainer.fire_counts, trainer.tokens)
+    counts, n = (eval_counts, eval_tokens) if eval_tokens else (
+        trainer.fire_counts if shards is None else shards[1], trainer.tokens)
     cfg = {"activation_scale_folded": r.scale, "trained_tokens": trainer.tokens, "corpus": settings.corpus.source,
            "sparsity_source": "heldout" if eval_tokens else "train", "seed": ts.seed,
            "train_outlier_tokens": int(r.outlier_positions.sum()), "train_outlier_positions": train_outliers,
            "eval_outlier_tokens": metrics.get("n_outlier_tokens"),
            "eval_outlier_positions": metrics.get("outlier_positions", {})}
     save_dictionary(raw, out, sparsity=log10_frequency(counts.cpu(), n), cfg=cfg,
-                    extra={METRICS: json.dumps(metrics, indent=2) + "\n"})
+                    extra={METRICS: json.dumps(metrics, indent=2) + "\n"}, weights_from=shards and shards[0])
     return metrics
+
+
+def _write_shards(out: Path, r: _Run) -> tuple[Path, Tensor]:
+    """Every rank: the whole folded dictionary's weights file, written shard by shard, and all fire counts."""
+    assert r.grid is not None and isinstance(r.trainer, ShardedTrainer)
+    path = out.parent / f".{out.name}.sharded-weights"
+    write_weights(path, r.trainer.sae.folded(r.scale), r.grid)
+    return path, r.trainer.gather_latent(r.trainer.fire_counts)
+
+
+def _sharded_dictionary(ts: TrainSettings, r: _Run, weights: Path) -> TopKSAE:
+    """What rank 0 evaluates and describes: the written dictionary when held-out metrics are asked
+    for (that alone holds the whole of it on one rank), else a shell on the meta device."""
+    sae = r.trainer.sae
+    if ts.eval_tokens == 0:
+        return TopKSAE(sae.d_in, ts.n_latents, ts.k, device="meta", cfg=sae.cfg)
+    from safetensors.torch import load_file
+
+    t = load_file(str(weights), device=str(sae.device))
+    return build_sae(sae.d_in, ts.n_latents, ts.k, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], sae.cfg).to(sae.device)

@@ -35,7 +35,7 @@ from explainer.sample.runs import db_bytes, db_file, done_runs, parse_shard, pre
 from explainer.sample.select import write_results
 from explainer.sample.sink import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sample.state import M31, SampleState, load_state, new_state, one_thread, save_state, update
-from explainer.sample.subset import check_dictionary, check_fits, latent_subset, plan_contexts
+from explainer.sample.subset import adopt_hook, check_dictionary, check_fits, latent_subset, plan_contexts
 from explainer.settings import Settings
 from explainer.store import db as store
 from explainer.vocab import SPLITS
@@ -81,6 +81,8 @@ def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
     exclude = {"checkpoint_every", "shard", "force_layer", "parquet"} | ({"max_active"} if topk else set())
     cfg = {
         "fingerprint": fingerprint, "model": lm.name, "layer": lm.layer, "dtype": str(lm.dtype),
+        # Only off the default residual hook, so runs saved before --hook existed keep their key.
+        **({"hook": lm.hook} if lm.hook != f"layers.{lm.layer}" else {}),
         "corpus": settings.corpus.model_dump(mode="json"),
         "sample": settings.sample.model_dump(mode="json", exclude=exclude),
         # Only when there is a rule, so dictionaries without one keep their earlier config keys.
@@ -175,8 +177,11 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
     hub = hub_id(sae_path)
     sae_path = resolve_dictionary(sae_path)
     sae = load_dictionary(sae_path, max_active=ss.max_active)
-    lm = lm if lm is not None else load_model(settings.model)
-    warnings = check_dictionary(sae, lm, ss)
+    adopted: list[str] = []
+    if lm is None:
+        settings, adopted = adopt_hook(settings, sae.cfg)
+        lm = load_model(settings.model)
+    warnings = adopted + check_dictionary(sae, lm, ss)
     latents = LatentMap.keep(latent_subset(ss.latents, sae.d_sae), sae.d_sae)  # bad input fails before any write
     sae = sae.to(lm.device).eval()
     fp = fingerprint(sae)

@@ -4,7 +4,6 @@ dictionary reads this model's hook, the corpus yields every split, which latents
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Optional
 
 import torch
@@ -12,6 +11,7 @@ import torch
 from explainer import selectors
 from explainer.corpus.contexts import iter_contexts
 from explainer.errors import ExplainerError
+from explainer.hooks import dictionary_hook
 from explainer.sae.sizing import available_bytes
 from explainer.sample.latent_map import LatentMap
 from explainer.sample.state import state_bytes
@@ -19,12 +19,15 @@ from explainer.settings import SampleSettings, Settings
 from explainer.vocab import SPLITS
 
 
-def _hook_layer(cfg: dict) -> Optional[int]:
-    layer = cfg.get("hook_layer")
-    if isinstance(layer, int) and not isinstance(layer, bool):
-        return layer
-    m = re.search(r"(?:layers|blocks|h|layer)\.(\d+)", str(cfg.get("hook_name") or ""))
-    return int(m.group(1)) if m else None
+def adopt_hook(settings: Settings, cfg: dict) -> tuple[Settings, list[str]]:
+    """Settings reading the dictionary's own hook when the user named none (neither --hook nor
+    --layer, in flags or config), so a Gemma Scope or SAELens dictionary needs no --layer."""
+    theirs = dictionary_hook(cfg)
+    if theirs is None or {"hook", "layer"} & settings.model.model_fields_set:
+        return settings, []
+    model = settings.model.model_copy(update={"hook": str(theirs), "layer": theirs.layer})
+    note = f"hooked at {theirs}, the hook the dictionary's config names (pass --hook or --layer to choose another)"
+    return settings.model_copy(update={"model": model}), [note]
 
 
 def check_dictionary(sae: Any, lm: Any, ss: SampleSettings) -> list[str]:
@@ -35,13 +38,18 @@ def check_dictionary(sae: Any, lm: Any, ss: SampleSettings) -> list[str]:
             "pass the model the dictionary was trained on with --model, or another --sae"
         )
     warnings = []
-    layer = _hook_layer(sae.cfg)
-    if layer is None:
-        warnings.append(f"the dictionary's config names no layer; assuming it reads {lm.hook}")
-    elif layer != lm.layer:
-        msg = f"the dictionary was trained at layer {layer} but the model is hooked at layer {lm.layer}"
+    point = getattr(lm, "hook_point", None)  # the planted benchmark's stand-in model has no hook point
+    theirs = dictionary_hook(sae.cfg)
+    if point is not None and theirs is None:
+        named = sae.cfg.get("hook_name")
+        what = f"hook {named!r}, which explainer cannot map" if named else "no layer"
+        warnings.append(f"the dictionary's config names {what}; assuming it reads {lm.hook}")
+    elif point is not None and theirs is not None and theirs != point:
+        msg = (f"the dictionary was trained at layer {theirs.layer} (hook {theirs}) but the model is hooked at "
+               f"layer {lm.layer} (hook {lm.hook})")
+        fix = f"--layer {theirs.layer} (or --hook {theirs})" if theirs.is_residual else f"--hook {theirs}"
         if not ss.force_layer:
-            raise ExplainerError(f"{msg}; pass --layer {layer}, or --force-layer to sample anyway")
+            raise ExplainerError(f"{msg}; pass {fix}, or --force-layer to sample anyway")
         warnings.append(msg + " (--force-layer)")
     trained_on = sae.cfg.get("model_name")
     if trained_on and trained_on != lm.name:

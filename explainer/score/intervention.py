@@ -84,12 +84,12 @@ class Steerer:
 
             row = self.con.execute("SELECT path, model, hook FROM dictionaries WHERE id = ?", [self.dict_id]).fetchone()
             path, model, hook = row if row else (None, None, None)
-            if not path or not str(hook).startswith("layers."):
-                raise ExplainerError(f"--scorer intervention needs the dictionary's files and a residual hook; the DB "
-                                     f"records path {path!r}, hook {hook!r}")
+            if not path:
+                raise ExplainerError("--scorer intervention needs the dictionary's files; the DB records no path")
             ms = self.settings.model
-            model_settings = ModelSettings(name=model, layer=int(str(hook).split(".")[1]), device=ms.device, dtype=ms.dtype)
-            self._pair = steer.load_pair(self.settings.model_copy(update={"model": model_settings}), path)
+            model_settings = ModelSettings(name=model, hook=hook, device=ms.device, dtype=ms.dtype)
+            self._pair = steer.load_pair(self.settings.model_copy(update={"model": model_settings}), path,
+                                         (model, hook))
         return self._pair
 
     def _token_ids(self, snippets: Sequence[Snippet]) -> dict[int, list[int]]:

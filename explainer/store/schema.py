@@ -335,6 +335,14 @@ def m007_latent_pages(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def m008_labels_any_file_name(con: duckdb.DuckDBPyConnection) -> None:
+    """The labels view again, its struct fields read as (alias.h).field: written alias.h.field,
+    DuckDB could not bind it in a DB file named after an alias (h.duckdb, bh.duckdb), since the
+    file's stem is a catalog name. m006 carries the same text (a fresh DB of any name must get
+    through it); this re-creates the view in DBs made before the fix."""
+    con.execute(views.M006_LABELS)
+
+
 MIGRATIONS: list[Callable[[duckdb.DuckDBPyConnection], None]] = [
     m001_core, m002_views, m003_llm_batches, m004_cached_tokens, m005_score_provenance, m006_validation_labels,
-    m007_latent_pages]
+    m007_latent_pages, m008_labels_any_file_name]

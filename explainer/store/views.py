@@ -138,15 +138,15 @@ M006_LABELS = """
                  AND (b.sel_mode IS NULL OR (h.mode = b.sel_mode AND h.model IS NOT DISTINCT FROM b.sel_model
                       AND h.template_hash IS NOT DISTINCT FROM b.sel_thash
                       AND h.setup_hash IS NOT DISTINCT FROM b.sel_shash))
-            QUALIFY row_number() OVER (PARTITION BY b.id ORDER BY h.h.id DESC NULLS LAST) = 1
+            QUALIFY row_number() OVER (PARTITION BY b.id ORDER BY (h.h).id DESC NULLS LAST) = 1
         ),
         ngram AS (  -- the n-gram explanation's held-out score by the same simulator on the same snippets
-            SELECT bh.id, arg_max(h.h.score, h.h.id) AS score
+            SELECT bh.id, arg_max((h.h).score, (h.h).id) AS score
             FROM best_held bh
             JOIN cand c ON c.dict_id = bh.dict_id AND c.latent = bh.latent AND c.explainer = 'ngram'
             JOIN held h ON h.explanation_id = c.id AND h.mode = bh.h_mode AND h.model IS NOT DISTINCT FROM bh.h_model
                  AND h.template_hash IS NOT DISTINCT FROM bh.h_thash AND h.setup_hash IS NOT DISTINCT FROM bh.h_shash
-                 AND h.h.snippet_set = bh.h.snippet_set
+                 AND (h.h).snippet_set = (bh.h).snippet_set
             GROUP BY bh.id
         ),
         judged AS (  -- detection and fuzzing on held-out, reported: the latest of each
@@ -160,9 +160,9 @@ M006_LABELS = """
                CASE WHEN b.validation IS NOT NULL THEN 'simulation/' || b.sel_mode || '/' || coalesce(b.sel_model, '?')
                     END AS selected_by,
                b.validation,
-               b.h.score AS simulation, b.h.ci_low AS ci_low, b.h.ci_high AS ci_high, b.h.baseline AS baseline,
-               b.h.top_random AS simulation_top_random, b.h_mode AS simulation_mode, b.h_model AS simulation_model,
-               b.h.snippet_set AS snippet_set, n.score AS ngram_simulation, j.detection, j.fuzzing
+               (b.h).score AS simulation, (b.h).ci_low AS ci_low, (b.h).ci_high AS ci_high, (b.h).baseline AS baseline,
+               (b.h).top_random AS simulation_top_random, b.h_mode AS simulation_mode, b.h_model AS simulation_model,
+               (b.h).snippet_set AS snippet_set, n.score AS ngram_simulation, j.detection, j.fuzzing
         FROM latents l
         LEFT JOIN best_held b USING (dict_id, latent)
         LEFT JOIN ngram n ON n.id = b.id
