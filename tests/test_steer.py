@@ -190,8 +190,8 @@ def steer_db(peaked_lm: Path, tiny_dict: Path, tiny_corpus: Path, tmp_path_facto
 def score_settings(srv: ScriptedServer, db: Path, judge: str = "judge", **kw: Any) -> Settings:
     llm = LLMSettings(base_url=srv.url, model=judge, timeout=5.0, backoff=0.001, backoff_max=0.005, max_attempts=2,
                       concurrency=2)
-    sc = ScoreSettings(scorers="intervention", intervention_kl=2.0, intervention_prompts=4, intervention_tokens=TOKENS,
-                       **kw)
+    sc = ScoreSettings(**{"scorers": "intervention", "intervention_kl": 2.0, "intervention_prompts": 4,
+                          "intervention_tokens": TOKENS, **kw})
     return Settings(db=db, llm=llm, score=sc, model=ModelSettings(device="cpu"))
 
 
@@ -262,6 +262,14 @@ def test_steer_reads_the_dictionary_from_the_db(steer_db: Path, peaked_lm: Path,
     assert main(base + ["--model", str(tiny_lm)]) == 2  # not the model the DB sampled it on
     err = capsys.readouterr().err
     assert err.startswith("error: the DB sampled this dictionary on model") and len(err.strip().splitlines()) == 1
+
+
+def test_one_pair_is_a_failed_score(steer_db: Path, llm_server: ScriptedServer) -> None:
+    llm_server.responder = lambda req: Reply.content('{"steered": "A"}')
+    res = run_score(steer_db, score_settings(llm_server, steer_db, judge="one-pair", intervention_prompts=1))
+    assert (res.ok, res.failed) == (0, 2) and not llm_server.requests
+    got = [r for r in score_rows(steer_db) if r["model"] == "one-pair"]
+    assert all(r["status"] == "failed" and "needs 2 pairs" in r["error"] and r["score"] is None for r in got)
 
 
 def test_intervention_with_batch_is_refused(steer_db: Path, llm_server: ScriptedServer) -> None:

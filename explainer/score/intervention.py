@@ -8,7 +8,8 @@ clean, and the strength S of `h += S * d` is bisected until the mean KL(clean ||
 (sae/steer.py KL_DEFINITION) over those prompts is `score.intervention_kl` within 10%; then
 each prompt is continued again, steered at S. The judge sees the explanation, the prompt and the
 two continuations as A and B (half the pairs each way, seeded), and names the steered one. A pair whose
-continuations are identical is not asked (only counted): there is nothing to recognise.
+continuations are identical is not asked (only counted): there is nothing to recognise. Fewer
+than 2 pairs left is a failed score (one pair has one label: 0 or 1 whatever the judge knows).
 
 Score: balanced accuracy over the pairs (labels: steered is A or B), so a judge that always
 answers A scores 0.5, the baseline; interval: the 95% bootstrap of metrics.judge_stats. The
@@ -146,9 +147,11 @@ async def judge(llm: LLMClient, s: ScoreSettings, tpl: prompts.Template, explana
     """Ask which continuation of each pair was steered, and score the answers."""
     # Identical continuations carry nothing to recognise: asking would pay for a coin flip.
     pairs = [p for p in done.pairs if p.clean != p.steered]
-    if not pairs:
-        raise ScoreFailed(f"steering at strength {done.strength:.4g} (KL {done.kl:.3g}) left all {len(done.pairs)} "
-                          "continuations unchanged; raise score.intervention_kl or score.intervention_tokens", spend)
+    if len(pairs) < 2:
+        # One pair has one label: any judge then scores 0 or 1, and so does the always-A baseline.
+        raise ScoreFailed(f"intervention needs 2 pairs whose continuations differ; {len(pairs)} of {len(done.pairs)} "
+                          f"did at strength {done.strength:.4g} (KL {done.kl:.3g}): raise score.intervention_prompts, "
+                          "score.intervention_kl or score.intervention_tokens", spend)
     # Half the pairs (seeded) show the steered text as A, so both labels are present from 2 pairs on
     # and a judge that always answers A scores exactly 0.5.
     steered_is_a = [i < (len(pairs) + 1) // 2 for i in range(len(pairs))]
