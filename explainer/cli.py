@@ -182,6 +182,18 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_steer(args: argparse.Namespace) -> int:
+    from explainer import ui
+    from explainer.sae import steer
+
+    s = settings_from(args)
+    path, sampled_at = steer.dictionary_path(None if args.sae else s.db, args.sae, args.dict)
+    res = steer.run(s, latent=args.latent, prompt=args.prompt, strength=args.strength, mode=args.mode,
+                    max_new_tokens=args.max_new_tokens, sae_path=path, sampled_at=sampled_at)
+    ui.show_result(res, as_json=args.json, title="steering")
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from explainer import ui
     from explainer.explain import imported
@@ -295,7 +307,10 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain", "agent")),
     "import": (cmd_import, "add explanations made elsewhere (CSV, JSONL, Parquet, a delphi folder, Neuronpedia JSON) "
                "so score and labels treat them like ours", ()),
-    "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing", ("llm", "score")),
+    "score": (cmd_score, "score explanations on held-out snippets: simulation, detection, fuzzing, embedding, "
+              "intervention", ("llm", "score")),
+    "steer": (cmd_steer, "generate from a prompt with a latent's decoder direction added (or the latent clamped): "
+              "clean and steered greedy continuations and the KL between them", ("model",)),
     "bench": (cmd_bench, "planted-feature benchmark: known latents through sample, explain and score",
               ("corpus", "sample", "llm", "score")),
     "sql": (cmd_sql, "query the results database read-only (and the Parquet/CSV files a query names as sources)", ()),

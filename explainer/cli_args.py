@@ -31,7 +31,17 @@ def verb_arguments(p: argparse.ArgumentParser, verb: str) -> None:
                             "csv:FILE, delphi, neuronpedia)")
         p.add_argument("--model", default=None,
                        help="model that wrote the explanations (default: the file's model column, else unknown)")
-    if verb in ("explain", "score", "search", "show", "browse", "import"):
+    if verb == "steer":
+        p.add_argument("latent", type=int, help="latent index")
+        p.add_argument("--prompt", required=True, help="text to continue (shown and generated literally)")
+        p.add_argument("--strength", type=float, required=True,
+                       help="add: S in h += S * d (d the latent's decoder row); clamp: the activation S the latent is set to")
+        p.add_argument("--mode", choices=["add", "clamp"], default="add", help="add the direction, or clamp the latent "
+                       "to --strength: h += (S - a(h)) * d (default: add)")
+        p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate greedily (default: 32)")
+        p.add_argument("--sae", default=None, help="dictionary folder (any format `sample --sae` reads); default: the "
+                                                   "DB's dictionaries.path")
+    if verb in ("explain", "score", "search", "show", "browse", "import", "steer"):
         p.add_argument("--dict", default=None, help="dictionary name or id when the DB holds several")
     if verb == "search":
         p.add_argument("query", help="words to look for in explanations")

@@ -318,7 +318,7 @@ class ExplainSettings(Section):
 
 class ScoreSettings(Section):
     scorers: str = Field("simulation", description="comma list of scorers: simulation, detection, fuzzing, "
-                        "embedding (no LLM: all-MiniLM-L6-v2 AUROC, extra embed)")
+                        "embedding (no LLM: all-MiniLM-L6-v2 AUROC, extra embed), intervention (steered vs clean text)")
     mode: Literal["json", "logprobs", "all_at_once"] = Field(
         "json",
         description=(
@@ -364,6 +364,16 @@ class ScoreSettings(Section):
         "simulate_all_at_once", description="all_at_once-mode simulator prompt (placeholders {explanation}, {rows})"
     )
     detection_template: str = Field("detection", description="detection prompt: a name in prompts/ or a .txt path")
+    # 1 nat, as delphi's intervention scorers: text visibly moved, still mostly fluent (explainer/sae/steer.py).
+    intervention_kl: float = Field(
+        1.0, gt=0, le=100, description="intervention scorer: the steering strength is bisected until the mean "
+        "KL(clean || steered) over the latent's prompts is this, in nats (to within a tenth of it)")
+    intervention_prompts: int = Field(
+        8, ge=1, le=1000, description="intervention scorer: held-out firing snippets whose prefix (to the first firing "
+        "token) is continued clean and steered, one judged pair each")
+    intervention_tokens: int = Field(
+        16, ge=1, le=4096, description="intervention scorer: tokens generated greedily per continuation")
+    intervention_template: str = Field("intervention", description="intervention prompt: a name in prompts/ or a .txt path")
     fuzzing_template: str = Field("fuzzing", description="fuzzing prompt: a name in prompts/ or a .txt path")
     # 0.5: below it the model's likelier next token is not a digit at all, and the digits it
     # did weigh are a tail of top_logprobs; renormalizing them would report a confident number.

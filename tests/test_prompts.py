@@ -52,6 +52,12 @@ def rendered(name: str) -> str:
                       "false_positives": show_misses([Miss(1, 2, 0, 7.0)], toks),
                       "false_negatives": show_misses([Miss(2, 0, 2, 0.0)], toks)}
         return _dump(tpl.render(**values))
+    if name == "intervention":
+        from explainer.score.intervention import Pair
+        from explainer.score.intervention import render as render_pair
+
+        pair = Pair(SIM_SNIPPETS[0], "Thou art a", " villain, and\tthou\nknowest it", " villain villain villain")
+        return _dump(render_pair(tpl, "villains", pair, a_steered=False))
     if name == "simulate":
         return _dump(tpl.render(explanation="villains", snippets=snippet_list(SIM_SNIPPETS), n_snippets=2))
     if name in ("detection", "fuzzing"):

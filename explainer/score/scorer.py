@@ -40,7 +40,7 @@ from explainer.llm import pool as llm_pool
 from explainer.llm.client import LLMClient
 from explainer.llm.wire import resolve_endpoint
 from explainer.results import LLMSpend, OnProgress
-from explainer.score import embedding
+from explainer.score import embedding, intervention
 from explainer.score.judge import detection_items, fuzzing_items, judge
 from explainer.score.records import Outcome, ScoreFailed, Snippet, Spend
 from explainer.score.setup import load_template, mode_of, parse_scorers, setup_hash, setup_of, splits_of
@@ -93,10 +93,16 @@ def select_explanations(con: duckdb.DuckDBPyConnection, dict_id: int, latents: S
 
 
 async def score_explanation(llm: LLMClient, s: ScoreSettings, scorer: str, tpl: prompts.Template, latent: int,
-                            explanation: str, snippets: Sequence[Snippet]) -> Outcome:
+                            explanation: str, snippets: Sequence[Snippet],
+                            steerer: Optional[intervention.Steerer] = None, split: str = "heldout") -> Outcome:
     """One explanation, one scorer, on the given snippets. Raises ScoreFailed (reason + spend)."""
     spend = Spend()
     try:
+        if scorer == intervention.MODE:
+            if steerer is None:
+                raise ExplainerError("the intervention scorer runs in `explainer score` only (it needs the subject model)")
+            done = steerer.steered(latent, split, snippets, s)
+            return await intervention.judge(llm, s, tpl, explanation, latent, done, spend)
         if scorer == "simulation":
             return await simulate(llm, s, tpl, explanation, examples.simulation_snippets(snippets), latent, spend)
         items = (detection_items if scorer == "detection" else fuzzing_items)(snippets, latent, s.seed)
@@ -244,6 +250,8 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     splits = splits_of(s)
     for split in splits:
         vocab.check_split(split)
+    if settings.llm.batch and intervention.MODE in scorers:
+        raise ExplainerError("--scorer intervention runs the subject model between its calls; run it without --batch")
     if settings.llm.batch and s.mode == "all_at_once" and "simulation" in scorers:
         raise ExplainerError("--mode all_at_once reads echoed prompt logprobs, which the Batch API does not return; "
                              "run it without --batch (against vLLM or llama.cpp), or use --mode json with --batch")
@@ -308,6 +316,7 @@ def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     s = settings.score
     model = settings.llm.model
     splits = splits_of(s)
+    steerer = intervention.Steerer(con, settings, dict_id) if any(j.scorer == intervention.MODE for j in jobs) else None
 
     async def score_one(llm: LLMClient, item: tuple[_Job, list[Snippet]]) -> Optional[str]:
         job, snippets = item
@@ -318,7 +327,7 @@ def _pass(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
                                    "setup": setup, "setup_hash": setup_hash(setup)}
         outcome: Optional[Outcome] = None
         try:
-            outcome = await score_explanation(llm, s, job.scorer, tpl, job.latent, job.text, snippets)
+            outcome = await score_explanation(llm, s, job.scorer, tpl, job.latent, job.text, snippets, steerer, job.split)
             spend, score, status, error = outcome.spend, outcome.score, "ok", None
             details.update(outcome.details)
             stats = getattr(outcome, "stats", None) or {}

@@ -10,11 +10,11 @@ from typing import Any
 
 from explainer import prompts, vocab
 from explainer.errors import ExplainerError
-from explainer.score import embedding
+from explainer.score import embedding, intervention
 from explainer.score.simulate import check_template
 from explainer.settings import ScoreSettings, Settings
 
-SCORERS = ("simulation", "detection", "fuzzing", embedding.MODE)
+SCORERS = ("simulation", "detection", "fuzzing", embedding.MODE, intervention.MODE)
 
 
 def parse_scorers(text: str) -> list[str]:
@@ -37,6 +37,8 @@ def setup_of(settings: Settings, scorer: str) -> dict[str, Any]:
     setup: dict[str, Any] = {k: getattr(s, k) for k in ("n_top", "n_quantile", "n_random", "n_nonactivating", "seed")}
     if scorer == embedding.MODE:
         return setup  # no LLM: its temperature and batching change nothing
+    if scorer == intervention.MODE:
+        return intervention.setup(settings)
     setup["temperature"] = settings.llm.temperature
     # Markers for changes in how a score is computed, so a rerun rescores rows made the old way even when
     # a custom template kept its hash: shuffled json batches, fuzzing's balanced accuracy, the digit-mass floor.
@@ -68,6 +70,11 @@ def load_template(s: ScoreSettings, scorer: str) -> prompts.Template:
         tpl = prompts.load({"json": s.simulation_template, "logprobs": s.logprobs_template,
                             "all_at_once": s.all_at_once_template}[s.mode])
         check_template(tpl, s.mode)
+        return tpl
+    if scorer == intervention.MODE:
+        tpl = prompts.load(s.intervention_template)
+        tpl.require(("explanation", "prompt", "a", "b"))
+        tpl.render(explanation="", prompt="", a="", b="")
         return tpl
     tpl = prompts.load(s.detection_template if scorer == "detection" else s.fuzzing_template)
     tpl.require(("explanation", "snippets"))
