@@ -31,7 +31,10 @@ def verb_arguments(p: argparse.ArgumentParser, verb: str) -> None:
                             "csv:FILE, delphi, neuronpedia)")
         p.add_argument("--model", default=None,
                        help="model that wrote the explanations (default: the file's model column, else unknown)")
-    if verb in ("explain", "score", "search", "show", "browse", "import"):
+    if verb == "lens":
+        p.add_argument("--sae", default=None, help="the dictionary's folder, when it moved since it was sampled "
+                                                   "(default: the path the DB records)")
+    if verb in ("explain", "score", "search", "show", "browse", "import", "lens"):
         p.add_argument("--dict", default=None, help="dictionary name or id when the DB holds several")
     if verb == "search":
         p.add_argument("query", help="words to look for in explanations")

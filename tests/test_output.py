@@ -1,0 +1,198 @@
+"""The output side: logit lens, decoder and co-occurrence neighbours, activation histograms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+import torch
+
+from explainer.cli import main
+from explainer.sample import merge as sample_merge
+from explainer.sample import sampler as sample_mod
+from explainer.sample.lens import decoder_neighbours, final_norm, is_residual_hook, logit_lens, norm_map, unembedding
+from explainer.sample.outputs import write_lens
+from explainer.sample.state import HIST_EDGES
+from explainer.store import db as store
+from tests.test_sample import brute_force, env  # noqa: F401  (env is the module's sampled tiny run)
+
+
+def rows(db: Path, sql: str, params: list | None = None) -> list[tuple]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def test_residual_hooks_are_recognised() -> None:
+    assert is_residual_hook("layers.3") and is_residual_hook("layers.12:input")
+    assert not is_residual_hook("layers.3.mlp") and not is_residual_hook("layers.3.self_attn")
+
+
+def test_norm_map_reads_rmsnorm_layernorm_and_gemma_weights() -> None:
+    torch.manual_seed(0)
+    ln = torch.nn.LayerNorm(7)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(7))
+        ln.bias.copy_(torch.randn(7))
+    nm = norm_map(ln, 7)
+    assert nm.centred and torch.allclose(nm.gamma, ln.weight, atol=1e-4)
+
+    class GemmaNorm(torch.nn.Module):  # Gemma scales by (1 + w)
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+    g = GemmaNorm()
+    nm = norm_map(g, 6)
+    assert not nm.centred and torch.allclose(nm.gamma, 1 + g.weight.detach(), atol=1e-4)
+
+
+def test_lens_equals_a_full_computation_and_ignores_block_size(env: dict[str, Any]) -> None:  # noqa: F811
+    model = env["lm"].model
+    norm = final_norm(model)
+    assert norm is model.model.norm
+    W_U = unembedding(model)
+    nm = norm_map(norm, W_U.shape[1])
+    assert not nm.centred and torch.allclose(nm.gamma, norm.weight.detach(), atol=1e-4)
+    W_dec = torch.randn(37, W_U.shape[1], generator=torch.Generator().manual_seed(1))
+    full = (W_dec * norm.weight.detach()) @ W_U.detach().T   # [37, vocab]: small enough here
+    want_top, want_bot = full.topk(10, dim=1), full.topk(10, dim=1, largest=False)
+    for block in (1, 7, None):
+        res = logit_lens(W_dec, W_U.detach(), nm, block=block)
+        assert torch.equal(res.top_ids, want_top.indices) and torch.equal(res.bottom_ids, want_bot.indices)
+        assert torch.allclose(res.top_values, want_top.values, atol=1e-5)
+        assert torch.allclose(res.bottom_values, want_bot.values, atol=1e-5)
+
+
+def test_a_planted_unembedding_direction_puts_its_token_on_top(env: dict[str, Any]) -> None:  # noqa: F811
+    model = env["lm"].model
+    W_U = unembedding(model).detach()
+    nm = norm_map(final_norm(model), W_U.shape[1])
+    W_dec = torch.randn(5, W_U.shape[1], generator=torch.Generator().manual_seed(2)) * 1e-3
+    for row, token in enumerate((17, 250, 3)):
+        W_dec[row] = W_U[token] / nm.gamma  # undo the norm's weight: the logits are W_U @ W_U[token]
+    res = logit_lens(W_dec, W_U, nm)
+    assert res.top_ids[:3, 0].tolist() == [17, 250, 3]
+    assert res.bottom_ids[0, 0] != 17
+
+
+def test_decoder_neighbours_equal_brute_force_for_any_block() -> None:
+    W = torch.randn(50, 8, generator=torch.Generator().manual_seed(3))
+    W[4] = 0.0  # a dead row: cosine 0 with everything, never an error
+    unit = W / W.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    cos = unit @ unit.T
+    cos.fill_diagonal_(-torch.inf)
+    want = cos.topk(10, dim=1)
+    for block in (1, 3, 16, None):
+        vals, ids = decoder_neighbours(W, block=block)
+        assert torch.equal(ids, want.indices) and torch.allclose(vals, want.values)
+    sub = torch.tensor([0, 9, 49])
+    vals, ids = decoder_neighbours(W, rows=sub, block=2)
+    assert torch.equal(ids, want.indices[sub])
+
+
+def test_sample_writes_lens_neighbours_and_histograms(env: dict[str, Any]) -> None:  # noqa: F811
+    db, d_sae = env["settings"].db, 64
+    lens = rows(db, "SELECT latent, sign, count(*), bool_and(token <> '') FROM latent_logits GROUP BY 1, 2")
+    assert len(lens) == 2 * d_sae and all(n == 10 and ok for _, _, n, ok in lens)
+    top = rows(db, "SELECT value FROM latent_logits WHERE latent = 5 AND sign = 'top' ORDER BY rank")
+    assert [v for (v,) in top] == sorted((v for (v,) in top), reverse=True)
+    nb = rows(db, "SELECT count(*) FROM latent_neighbours WHERE kind = 'decoder_cosine'")
+    assert nb == [(d_sae * 10,)]
+    # Histograms: the counts of a latent add up to its firing tokens, and the edges cover its max.
+    hist = rows(db, "SELECT h.latent, h.edges, h.counts, l.n_fired, l.max_act FROM latent_histograms h "
+                    "JOIN latents l USING (dict_id, latent)")
+    fired = rows(db, "SELECT count(*) FROM latents WHERE n_fired > 0")[0][0]
+    assert len(hist) == fired > 0
+    for _, edges, counts, n_fired, max_act in hist:
+        assert sum(counts) == n_fired and len(edges) == len(counts) + 1 and counts[0] > 0 and counts[-1] > 0
+        assert edges[-1] >= max_act * (1 - 1e-6) and edges == sorted(edges)
+    assert env["result"].warnings == [] or all("lens" not in w for w in env["result"].warnings)
+
+
+def test_histograms_and_jaccard_equal_brute_force(env: dict[str, Any]) -> None:  # noqa: F811
+    ctxs, acts = brute_force(env)  # [N, T, d_sae]
+    db = env["settings"].db
+    edges = HIST_EDGES.float()
+    got = {lat: (e, c) for lat, e, c in rows(db, "SELECT latent, edges, counts FROM latent_histograms")}
+    for lat in range(acts.shape[2]):
+        a = acts[:, :, lat].reshape(-1)
+        a = a[a > 0]
+        if a.numel() == 0:
+            assert lat not in got
+            continue
+        bins = torch.bucketize(a, edges[1:-1], right=True)
+        counts = torch.bincount(bins, minlength=len(edges) - 1)
+        nz = counts.nonzero().squeeze(1)
+        assert got[lat][1] == counts[int(nz[0]):int(nz[-1]) + 1].tolist(), lat
+    fired = (acts.amax(1) > 0).float()  # [contexts, latents]
+    inter = fired.T @ fired
+    n = fired.sum(0)
+    jac = inter / (n.view(-1, 1) + n.view(1, -1) - inter).clamp(min=1)
+    jac.fill_diagonal_(-1)
+    stored: dict[int, list[tuple[int, float]]] = {}
+    for lat, nb, v in rows(db, "SELECT latent, neighbour, value FROM latent_neighbours "
+                               "WHERE kind = 'cooccurrence' ORDER BY latent, rank"):
+        stored.setdefault(lat, []).append((nb, v))
+    assert len(stored) > 20 and len(got) > 20
+    for lat in range(acts.shape[2]):
+        want = [float(x) for x in jac[lat].topk(10).values if x > 0]
+        assert [pytest.approx(v, abs=1e-6) for _, v in stored.get(lat, [])] == want
+        for nb, v in stored.get(lat, []):
+            assert float(jac[lat, nb]) == pytest.approx(v, abs=1e-6)
+
+
+def test_histograms_of_merged_shards_equal_one_run(env: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811
+    shard_dbs = []
+    for i in range(2):
+        s = env["settings"].model_copy(deep=True)
+        s.db, s.sample.shard = tmp_path / f"shard{i}.duckdb", f"{i}/2"
+        con = store.connect(s.db)
+        sample_mod.run(con, s, env["sae"], lm=env["lm"])
+        con.close()
+        shard_dbs.append(s.db)
+    con = store.connect(tmp_path / "merged.duckdb")
+    res = sample_merge.merge(con, shard_dbs)
+    con.close()
+    assert res.complete
+    q = "SELECT latent, edges, counts FROM latent_histograms ORDER BY latent"
+    assert rows(tmp_path / "merged.duckdb", q) == rows(env["settings"].db, q)
+    q = "SELECT latent, rank, neighbour, value FROM latent_neighbours WHERE kind = 'cooccurrence' ORDER BY 1, 2"
+    assert rows(tmp_path / "merged.duckdb", q) == rows(env["settings"].db, q)
+
+
+def test_a_non_residual_hook_skips_the_lens_and_says_why(env: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811
+    con = store.connect(tmp_path / "x.duckdb")
+    con.execute("INSERT INTO dictionaries (name, path, model, hook, d_in, d_sae, k, fingerprint, created_at) "
+                "VALUES ('m', '/x', 'tiny', 'layers.1.mlp', 32, 4, 1, 'fp', now())")
+    out = write_lens(con, 1, hook="layers.1.mlp", model=None, W_dec=torch.randn(4, 32), latent_ids=None,
+                     token_strings=lambda ids: [str(i) for i in ids])
+    assert out["logit_lens"].startswith("skipped: hook 'layers.1.mlp' is not the residual stream")
+    assert con.execute("SELECT count(*) FROM latent_logits").fetchone() == (0,)
+    assert con.execute("SELECT count(*) FROM latent_neighbours").fetchone() == (12,)
+    con.close()
+
+
+def test_lens_verb_recomputes_from_the_recorded_dictionary(env: dict[str, Any], tmp_path: Path,  # noqa: F811
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(env["settings"].db, db)
+    q = "SELECT latent, sign, rank, token_id, token, value FROM latent_logits ORDER BY 1, 2, 3"
+    before = rows(db, q)
+    con = store.connect(db)
+    con.execute("DELETE FROM latent_logits; DELETE FROM latent_neighbours WHERE kind = 'decoder_cosine'")
+    con.close()
+    assert main(["lens", "--db", str(db), "--json"]) == 0
+    assert "written for 64 latents" in capsys.readouterr().out
+    assert rows(db, q) == before
+    assert main(["lens", "--db", str(db), "--sae", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
