@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from explainer.cli import main
+from explainer.errors import ExplainerError
 from explainer.sample import merge as sample_merge
 from explainer.sample import sampler as sample_mod
 from explainer.sample.lens import decoder_neighbours, final_norm, is_residual_hook, logit_lens, norm_map, unembedding
 from explainer.sample.outputs import write_lens
 from explainer.sample.state import HIST_EDGES
 from explainer.store import db as store
+from tests.openai_server import ScriptedServer, llm_server  # noqa: F401
 from tests.test_sample import brute_force, env  # noqa: F401  (env is the module's sampled tiny run)
 
 
@@ -196,3 +198,43 @@ def test_lens_verb_recomputes_from_the_recorded_dictionary(env: dict[str, Any], 
     assert rows(db, q) == before
     assert main(["lens", "--db", str(db), "--sae", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_explain_with_show_logits_sends_the_lens_tokens(env: dict[str, Any], tmp_path: Path,  # noqa: F811
+                                                        llm_server: ScriptedServer) -> None:  # noqa: F811
+    import shutil
+
+    from explainer import prompts
+    from explainer.explain import llm as explain
+    from explainer.settings import ExplainSettings, LLMSettings, Settings
+
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(env["settings"].db, db)
+    con = store.connect(db)
+    latents = [r[0] for r in con.execute("SELECT latent FROM latents WHERE n_fired > 0 ORDER BY latent LIMIT 2").fetchall()]
+    llm = LLMSettings(base_url=llm_server.url, model="test-model", timeout=2, backoff=0.001, max_attempts=2)
+    llm_server.responder = lambda req: "some pattern of words"
+
+    def settings(**kw: Any) -> Settings:
+        return Settings(llm=llm, explain=ExplainSettings(**{"latents": ",".join(map(str, latents)), **kw}))
+
+    res = explain.run(con, settings(show_logits=True), 1)
+    assert res.ok == 2 and res.template == "explain_logits"
+    for lat in latents:
+        top = [t for (t,) in con.execute("SELECT token FROM latent_logits WHERE latent = ? AND sign = 'top' "
+                                         "ORDER BY rank", [lat]).fetchall()]
+        bottom = [t for (t,) in con.execute("SELECT token FROM latent_logits WHERE latent = ? AND sign = 'bottom' "
+                                            "ORDER BY rank", [lat]).fetchall()]
+        want = (f"Tokens the latent's output promotes most: {prompts.token_list(top)}\n"
+                f"Tokens it suppresses most: {prompts.token_list(bottom)}")
+        assert sum(want in r.prompt_text() for r in llm_server.requests) == 1, lat
+    hashes = {h for (h,) in con.execute("SELECT DISTINCT template_hash FROM explanations").fetchall()}
+    assert hashes == {prompts.load("explain_logits").sha256} != {prompts.load("explain").sha256}
+    # Without the tokens it is another setup: the latents are explained again, not skipped.
+    n = len(llm_server.requests)
+    assert explain.run(con, settings(), 1).ok == 2 and len(llm_server.requests) == n + 2
+    assert "promotes most" not in llm_server.requests[-1].prompt_text()
+    con.execute("DELETE FROM latent_logits")
+    with pytest.raises(ExplainerError, match="run `explainer lens` first"):
+        explain.run(con, settings(show_logits=True, latents="5"), 1)
+    con.close()

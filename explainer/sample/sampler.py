@@ -121,8 +121,8 @@ def _saved_state(con: duckdb.DuckDBPyConnection, path: Optional[Path], dict_id: 
                         [[rid for rid, _ in done_runs(con, dict_id)]])
             con.execute("DELETE FROM examples WHERE dict_id = ?", [dict_id])
             con.execute("DELETE FROM latents WHERE dict_id = ?", [dict_id])
-            con.execute("DELETE FROM latent_histograms WHERE dict_id = ?", [dict_id])
-            con.execute("DELETE FROM latent_neighbours WHERE dict_id = ? AND kind = 'cooccurrence'", [dict_id])
+            for table in ("latent_histograms", "latent_neighbours", "latent_logits"):  # fixed names
+                con.execute(f"DELETE FROM {table} WHERE dict_id = ?", [dict_id])
     if path is not None and path.exists() and resume:
         state = load_state(path, device)
         if state.meta.get("config_key") != key:
