@@ -238,3 +238,42 @@ def test_explain_with_show_logits_sends_the_lens_tokens(env: dict[str, Any], tmp
     with pytest.raises(ExplainerError, match="run `explainer lens` first"):
         explain.run(con, settings(show_logits=True, latents="5"), 1)
     con.close()
+
+
+def test_a_small_cooccurrence_buffer_gives_the_same_neighbours(env: dict[str, Any], tmp_path: Path,  # noqa: F811
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from explainer.sample import state as state_mod
+
+    monkeypatch.setattr(state_mod, "COOC_BUFFER", 12)  # batches of 8: flushed every other batch, and at the end
+    s = env["settings"].model_copy(deep=True)
+    s.db = tmp_path / "small.duckdb"
+    con = store.connect(s.db)
+    sample_mod.run(con, s, env["sae"], lm=env["lm"])
+    con.close()
+    q = "SELECT latent, rank, neighbour, value FROM latent_neighbours WHERE kind = 'cooccurrence' ORDER BY 1, 2"
+    assert rows(s.db, q) == rows(env["settings"].db, q) != []
+
+
+def test_over_the_cap_cooccurrence_is_skipped_and_said(env: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811
+    s = env["settings"].model_copy(deep=True)
+    s.db, s.sample.cooccurrence_max_latents, s.sample.lens = tmp_path / "cap.duckdb", 63, False
+    con = store.connect(s.db)
+    sample_mod.run(con, s, env["sae"], lm=env["lm"])
+    con.close()
+    assert rows(s.db, "SELECT count(*) FROM latent_neighbours") == [(0,)]
+    assert rows(s.db, "SELECT count(*) FROM latent_logits") == [(0,)]
+    result = rows(s.db, "SELECT result->>'cooccurrence', result->>'logit_lens' FROM runs WHERE stage = 'sample'")
+    assert result == [("skipped: 64 latents are over sample.cooccurrence_max_latents", "off (sample.lens)")]
+    q = "SELECT latent, edges, counts FROM latent_histograms ORDER BY latent"
+    assert rows(s.db, q) == rows(env["settings"].db, q)
+
+
+def test_state_bytes_counts_histograms_and_cooccurrence() -> None:
+    from explainer.sample.state import new_state, state_bytes
+
+    kw = dict(d_sae=64, ctx_len=16, k=4, n_top=5, n_reservoir=8, n_pool=20, n_zero=4)
+    for cap in (0, 63, 64):
+        st = new_state(**kw, acts_dtype=torch.float16, device="cpu", meta={}, cooc_cap=cap)
+        assert state_bytes(**kw, acts_bytes=2, cooc_cap=cap) == sum(t.numel() * t.element_size()
+                                                                    for t in st.tensors().values())
+        assert st.cooc.shape == ((64, 64) if cap == 64 else (0, 0))

@@ -19,7 +19,7 @@ from torch import Tensor
 from explainer.errors import ExplainerError
 from explainer.sample import lens
 from explainer.sample.latent_map import LatentMap
-from explainer.sample.state import HIST_EDGES, N_BINS, S, SampleState
+from explainer.sample.state import HIST_EDGES, N_BINS, S, SampleState, flush_pairs
 from explainer.store import db as store
 
 
@@ -52,6 +52,7 @@ def histogram_rows(dict_id: int, state: SampleState) -> pa.Table:
 def jaccard_neighbours(state: SampleState, k: int = lens.N_NEIGHBOURS) -> tuple[Tensor, Tensor]:
     """(Jaccard, state rows) [L, k] of each latent's most co-occurring latents over the sampled
     contexts: |A & B| / |A | B| of the sets of contexts each fires in. Zero where fewer share any."""
+    flush_pairs(state)
     C = state.cooc.shape[0]
     n = state.n_ctx_fired.view(S, -1).sum(0)[:C].double()
     inter = state.cooc.double()
