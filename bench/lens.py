@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from explainer.sample import lens
-from explainer.sample.state import COOC_BUFFER, N_BINS, _count_bins, _count_pairs
+from explainer.sample.state import COOC_BUFFER, N_BINS, _count_bins, _count_pairs, one_thread
 
 D, VOCAB = 576, 49_152
 
@@ -107,7 +107,8 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(one(args.one, args.max_seconds, args.smollm2)))
         return
-    print(json.dumps({"sampler_bookkeeping": sampler_overhead()}), flush=True)
+    with one_thread(torch.device("cpu")):  # as the sampler runs its bookkeeping
+        print(json.dumps({"sampler_bookkeeping": sampler_overhead()}), flush=True)
     for n in map(int, args.sizes.split(",")):
         cmd = [sys.executable, __file__, "--one", str(n), "--max-seconds", str(args.max_seconds)]
         cmd += (["--smollm2"] if args.smollm2 else []) + (["--threads", str(args.threads)] if args.threads else [])

@@ -198,7 +198,8 @@ class SampleSettings(Section):
         8192, ge=0, le=2**17, description="count co-occurring latents per context (Jaccard neighbours) only up to this "
         "many latents: the counts take latents^2 x 4 bytes (8,192: 256 MiB)")
     lens: bool = Field(True, description="at the end of a run, write each latent's logit-lens tokens and decoder-cosine "
-                       "neighbours (`explainer lens` recomputes them)")
+                       "neighbours (`explainer lens` recomputes them); exact neighbours cost latents^2 x d_in: at 1M "
+                       "latents turn this off and run `explainer lens` on a GPU")
 
 
 class LLMSettings(Section):

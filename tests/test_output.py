@@ -277,3 +277,19 @@ def test_state_bytes_counts_histograms_and_cooccurrence() -> None:
         assert state_bytes(**kw, acts_bytes=2, cooc_cap=cap) == sum(t.numel() * t.element_size()
                                                                     for t in st.tensors().values())
         assert st.cooc.shape == ((64, 64) if cap == 64 else (0, 0))
+
+
+def test_histogram_rows_trim_empty_bins_and_cover_the_max() -> None:
+    from explainer.sample.outputs import histogram_rows
+    from explainer.sample.state import N_BINS, new_state
+
+    st = new_state(d_sae=3, ctx_len=4, k=1, n_top=1, n_reservoir=1, n_pool=1, n_zero=1, acts_dtype=torch.float32,
+                   device="cpu", meta={})
+    st.hist[0, 5], st.hist[0, 9] = 2, 1          # latent 0: bins 5..9, with empty bins between
+    st.hist[2, N_BINS - 1] = 4                   # latent 2: past the last edge (1e5)
+    st.max_act[2] = 3e6
+    got = histogram_rows(7, st).to_pylist()
+    assert [r["latent"] for r in got] == [0, 2] and all(r["dict_id"] == 7 for r in got)
+    assert got[0]["counts"] == [2, 0, 0, 0, 1]
+    assert got[0]["edges"] == pytest.approx(HIST_EDGES[5:11].tolist(), rel=1e-6)
+    assert got[1]["counts"] == [4] and got[1]["edges"] == pytest.approx([HIST_EDGES[-2].item(), 3e6], rel=1e-6)

@@ -27,26 +27,34 @@ def histogram_rows(dict_id: int, state: SampleState) -> pa.Table:
     """One row per latent that fired: the bins from its first to its last nonzero count.
 
     The last bin also holds activations past HIST_EDGES' end; its upper edge becomes the
-    latent's max activation there, so the edges always cover every counted token."""
+    latent's max activation there, so the edges always cover every counted token. Built
+    with masks over [latents, bins], no Python loop per latent (1M latents)."""
     latents = LatentMap.of_state(state)
     L = latents.n_latents
     hist = state.hist[:L].cpu()
-    max_act = state.max_act.view(S, -1).amax(0)[:L].cpu().double()
-    ids = latents.latents()
-    out_lat, out_edges, out_counts = [], [], []
     nz = hist > 0
-    for row in nz.any(1).nonzero().squeeze(1).tolist():
-        cols = nz[row].nonzero().squeeze(1)
-        lo, hi = int(cols[0]), int(cols[-1])
-        edges = HIST_EDGES[lo:hi + 2].clone()
-        if hi == N_BINS - 1:
-            edges[-1] = max(float(edges[-1]), float(max_act[row]))
-        out_lat.append(int(ids[row]))
-        out_edges.append(edges.float().tolist())
-        out_counts.append(hist[row, lo:hi + 1].tolist())
-    return pa.table({"dict_id": pa.array([dict_id] * len(out_lat), pa.int32()), "latent": pa.array(out_lat, pa.int32()),
-                     "edges": pa.array(out_edges, pa.list_(pa.float32())),
-                     "counts": pa.array(out_counts, pa.list_(pa.int64()))})
+    alive = nz.any(1)
+    hist, nz = hist[alive], nz[alive]
+    max_act = state.max_act.view(S, -1).amax(0)[:L].cpu()[alive]
+    cols = torch.arange(N_BINS)
+    lo = nz.int().argmax(1)                                    # first nonzero bin
+    hi = N_BINS - 1 - nz.flip(1).int().argmax(1)               # last nonzero bin
+    in_counts = (cols >= lo[:, None]) & (cols <= hi[:, None])
+    cols_e = torch.arange(N_BINS + 1)
+    in_edges = (cols_e >= lo[:, None]) & (cols_e <= (hi + 1)[:, None])
+    n_counts = hi - lo + 1
+    c_off = torch.cat([torch.zeros(1, dtype=torch.long), n_counts.cumsum(0)])
+    e_off = c_off + torch.arange(len(c_off))
+    edges = HIST_EDGES.float().expand(len(hist), -1)[in_edges]
+    last = e_off[1:] - 1
+    top = hi == N_BINS - 1
+    edges[last[top]] = torch.maximum(edges[last[top]], max_act[top].float())
+    return pa.table({
+        "dict_id": pa.array(np.full(len(hist), dict_id, np.int32)),
+        "latent": pa.array(latents.latents()[alive.numpy()]),
+        "edges": pa.ListArray.from_arrays(pa.array(e_off.numpy().astype(np.int32)), pa.array(edges.numpy())),
+        "counts": pa.ListArray.from_arrays(pa.array(c_off.numpy().astype(np.int32)), pa.array(hist[in_counts].numpy())),
+    })
 
 
 def jaccard_neighbours(state: SampleState, k: int = lens.N_NEIGHBOURS) -> tuple[Tensor, Tensor]:
