@@ -293,3 +293,23 @@ def test_histogram_rows_trim_empty_bins_and_cover_the_max() -> None:
     assert got[0]["counts"] == [2, 0, 0, 0, 1]
     assert got[0]["edges"] == pytest.approx(HIST_EDGES[5:11].tolist(), rel=1e-6)
     assert got[1]["counts"] == [4] and got[1]["edges"] == pytest.approx([HIST_EDGES[-2].item(), 3e6], rel=1e-6)
+
+
+def test_jaccard_blocks_equal_one_pass() -> None:
+    from explainer.sample.outputs import jaccard_neighbours
+    from explainer.sample.state import _count_pairs, new_state
+
+    st = new_state(d_sae=20, ctx_len=4, k=1, n_top=1, n_reservoir=1, n_pool=1, n_zero=1, acts_dtype=torch.float32,
+                   device="cpu", meta={}, cooc_cap=20)
+    fired = torch.rand(30, 20, generator=torch.Generator().manual_seed(4)) < 0.3
+    _count_pairs(st.cooc, fired)
+    st.n_ctx_fired[:20] = fired.sum(0)  # all in the train split's rows
+    f = fired.double()
+    inter = f.T @ f
+    jac = inter / (f.sum(0)[:, None] + f.sum(0)[None, :] - inter).clamp(min=1)
+    jac.fill_diagonal_(-1)
+    want = jac.topk(10, dim=1).values.clamp(min=0).float()
+    for block in (3, 1024):
+        vals, ids = jaccard_neighbours(st, block=block)
+        assert torch.allclose(vals, want)
+        assert torch.allclose(jac.float().gather(1, ids).clamp(min=0), want)

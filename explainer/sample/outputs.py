@@ -57,17 +57,26 @@ def histogram_rows(dict_id: int, state: SampleState) -> pa.Table:
     })
 
 
-def jaccard_neighbours(state: SampleState, k: int = lens.N_NEIGHBOURS) -> tuple[Tensor, Tensor]:
+def jaccard_neighbours(state: SampleState, k: int = lens.N_NEIGHBOURS, block: int = 1024) -> tuple[Tensor, Tensor]:
     """(Jaccard, state rows) [L, k] of each latent's most co-occurring latents over the sampled
-    contexts: |A & B| / |A | B| of the sets of contexts each fires in. Zero where fewer share any."""
+    contexts: |A & B| / |A | B| of the sets of contexts each fires in. Zero where fewer share any.
+    `block` rows at a time, so the float64 temporaries stay [block, L] at the cap of 8,192+."""
     flush_pairs(state)
     C = state.cooc.shape[0]
-    n = state.n_ctx_fired.view(S, -1).sum(0)[:C].double()
-    inter = state.cooc.double()
-    jac = inter / (n.view(-1, 1) + n.view(1, -1) - inter).clamp(min=1)
-    jac.fill_diagonal_(-1.0)
-    top = jac.topk(min(k, max(C - 1, 0)), dim=1)
-    return top.values.clamp(min=0).float(), top.indices
+    n = state.n_ctx_fired.view(S, -1).sum(0)[:C].double().cpu()
+    k = min(k, max(C - 1, 0))
+    vals, ids = [], []
+    for lo in range(0, C, block):
+        inter = state.cooc[lo:lo + block].cpu().double()
+        jac = inter / (n[lo:lo + block, None] + n[None, :] - inter).clamp(min=1)
+        r = torch.arange(inter.shape[0])
+        jac[r, r + lo] = -1.0  # a latent is not its own neighbour
+        top = jac.topk(k, dim=1)
+        vals.append(top.values.clamp(min=0).float())
+        ids.append(top.indices)
+    if not vals:
+        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat(vals), torch.cat(ids)
 
 
 def neighbour_rows(dict_id: int, kind: str, latent: np.ndarray, values: Tensor, ids: np.ndarray) -> pa.Table:
@@ -124,10 +133,11 @@ def write_lens(con: duckdb.DuckDBPyConnection, dict_id: int, *, hook: str, model
         out["logit_lens"] = (f"skipped: hook {hook!r} is not the residual stream (layers.N), "
                              "so a decoder row does not reach the unembedding directly")
     vals, nbr = lens.decoder_neighbours(W_dec, rows=sel, block=block)
+    which = "" if latent_ids is None else " AND list_contains(?, latent)"
+    params = [dict_id] + ([] if latent_ids is None else [ids.tolist()])
     with store.transaction(con):
-        con.execute("DELETE FROM latent_logits WHERE dict_id = ? AND list_contains(?, latent)", [dict_id, ids.tolist()])
-        con.execute("DELETE FROM latent_neighbours WHERE dict_id = ? AND kind = 'decoder_cosine' "
-                    "AND list_contains(?, latent)", [dict_id, ids.tolist()])
+        con.execute(f"DELETE FROM latent_logits WHERE dict_id = ?{which}", params)
+        con.execute(f"DELETE FROM latent_neighbours WHERE dict_id = ? AND kind = 'decoder_cosine'{which}", params)
         if lens_table is not None:
             store.insert_arrow(con, "latent_logits", lens_table)
         store.insert_arrow(con, "latent_neighbours", neighbour_rows(dict_id, "decoder_cosine", ids, vals, nbr.numpy()))

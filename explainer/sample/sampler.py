@@ -343,7 +343,8 @@ def _lens(con: duckdb.DuckDBPyConnection, job: _Job) -> dict[str, Any]:
     if not job.settings.sample.lens:
         return {"logit_lens": "off (sample.lens)", "decoder_neighbours": "off (sample.lens)"}
     try:
-        return write_lens(con, job.dict_id, hook=job.lm.hook, model=job.lm.model, W_dec=job.sae.W_dec.detach(),
+        return write_lens(con, job.dict_id, hook=job.lm.hook, model=getattr(job.lm, "model", None),
+                          W_dec=job.sae.W_dec.detach(),
                           latent_ids=None if job.latents.ids is None else job.latents.latents(),
                           token_strings=job.lm.token_strings)
     except ExplainerError as e:
