@@ -313,3 +313,12 @@ def test_jaccard_blocks_equal_one_pass() -> None:
         vals, ids = jaccard_neighbours(st, block=block)
         assert torch.allclose(vals, want)
         assert torch.allclose(jac.float().gather(1, ids).clamp(min=0), want)
+
+
+def test_the_agent_refuses_show_logits_rather_than_dropping_the_tokens() -> None:
+    from explainer.explain.agent_llm import _load_templates
+    from explainer.settings import ExplainSettings, Settings
+
+    with pytest.raises(ExplainerError, match="show_logits is not supported with --agent"):
+        _load_templates(Settings(explain=ExplainSettings(show_logits=True)))
+    assert _load_templates(Settings())[0][0].name == "explain"
