@@ -62,7 +62,7 @@ def one(n: int, max_s: float, smollm2: bool) -> dict[str, Any]:
                            "unembedding": "smollm2" if smollm2 else "random"}
     lens_block = lens.block_size(W_U.shape[0])
     out["lens"] = _timed_blocks(n, lens_block, max_s, lambda sl: lens.logit_lens(W_dec[sl], W_U, nm))
-    nb_block = lens.block_size(n)
+    nb_block = lens.block_size(n, lens.NEIGHBOUR_BLOCK_ELEMENTS)
     out["neighbours"] = _timed_blocks(n, nb_block, max_s,
                                       lambda sl: lens.decoder_neighbours(W_dec, rows=torch.arange(sl.start, sl.stop)))
     if smollm2:  # sanity: a row along a token's unembedding (gamma undone) puts that token on top
