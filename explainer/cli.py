@@ -136,6 +136,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lens(args: argparse.Namespace) -> int:
+    from explainer import ui
+    from explainer.sample import outputs
+    from explainer.store import db as store
+
+    s = settings_from(args)
+    with store.connect(s.db) as con:
+        res = outputs.recompute(con, s, dict_name=args.dict, sae_path=args.sae)
+    ui.emit_mapping(res, as_json=args.json, title=f"logit lens and neighbours written to {s.db}")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from explainer import ui
     from explainer.explain import llm as explain
@@ -304,6 +316,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], str, tuple[str, ...]
     "sample": (cmd_sample, "store top, quantile, non-activating and random examples per latent in DuckDB",
                ("model", "corpus", "sample")),
     "merge": (cmd_merge, "combine `sample --shard i/N` outputs (shard DBs or a --parquet folder) into one DB, exactly", ()),
+    "lens": (cmd_lens, "(re)compute each latent's logit-lens tokens and decoder-cosine neighbours from the dictionary "
+             "and model the DB records", ("model",)),
     "explain": (cmd_explain, "write a natural-language explanation per latent with an LLM", ("llm", "explain", "agent")),
     "import": (cmd_import, "add explanations made elsewhere (CSV, JSONL, Parquet, a delphi folder, Neuronpedia JSON) "
                "so score and labels treat them like ours", ()),

@@ -41,7 +41,10 @@ def verb_arguments(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate greedily (default: 32)")
         p.add_argument("--sae", default=None, help="dictionary folder (any format `sample --sae` reads); default: the "
                                                    "DB's dictionaries.path")
-    if verb in ("explain", "score", "search", "show", "browse", "import", "steer"):
+    if verb == "lens":
+        p.add_argument("--sae", default=None, help="the dictionary's folder, when it moved since it was sampled "
+                                                   "(default: the path the DB records)")
+    if verb in ("explain", "score", "search", "show", "browse", "import", "steer", "lens"):
         p.add_argument("--dict", default=None, help="dictionary name or id when the DB holds several")
     if verb == "search":
         p.add_argument("query", help="words to look for in explanations")

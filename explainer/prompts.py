@@ -163,6 +163,11 @@ def firing_list(tokens: Sequence[str], levels: Sequence[int]) -> str:
     return ", ".join(f"{_quoted(t.strip() or t)} {lv}" for t, lv in zip(tokens, levels) if lv > 0)
 
 
+def token_list(tokens: Sequence[str]) -> str:
+    """`" the", "\\n"`: tokens as JSON strings (leading spaces kept: they are part of the token)."""
+    return ", ".join(_quoted(t) for t in tokens) or "(none)"
+
+
 _NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f]')
 
 

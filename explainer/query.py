@@ -21,7 +21,8 @@ from explainer.store.db import one_row
 from explainer.store.examples import Example
 from explainer.ui import score_key
 
-TABLES = ("dictionaries", "contexts", "latents", "examples", "explanations", "scores", "llm_calls", "runs")
+TABLES = ("dictionaries", "contexts", "latents", "examples", "explanations", "scores", "llm_calls", "runs",
+          "latent_logits", "latent_neighbours", "latent_histograms")
 
 
 def rows(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:

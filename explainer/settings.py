@@ -228,6 +228,12 @@ class SampleSettings(Section):
         256, ge=1, le=2**24, description="ReLU and JumpReLU dictionaries (no fixed k): active latents kept per token; a token "
         "with more is an error naming the count, never a silent cut",
     )
+    cooccurrence_max_latents: int = Field(
+        8192, ge=0, le=2**17, description="count co-occurring latents per context (Jaccard neighbours) only up to this "
+        "many latents: the counts take latents^2 x 4 bytes (8,192: 256 MiB)")
+    lens: bool = Field(True, description="at the end of a run, write each latent's logit-lens tokens and decoder-cosine "
+                       "neighbours (`explainer lens` recomputes them); exact neighbours cost latents^2 x d_in: at 1M "
+                       "latents turn this off and run `explainer lens` on a GPU")
 
 
 class LLMSettings(Section):
@@ -314,6 +320,8 @@ class ExplainSettings(Section):
     n_quantile: int = Field(10, ge=0, le=10_000, description="quantile train-split examples shown to the explainer")
     n_nonactivating: int = Field(4, ge=0, le=10_000, description="non-activating train-split contrast examples shown")
     max_chars: int = Field(300, ge=10, description="longest explanation accepted; longer answers are retried, then failed")
+    show_logits: bool = Field(False, description="also show the explainer the latent's logit-lens tokens (top and bottom; "
+                              "template explain_logits when template is explain)")
 
 
 class ScoreSettings(Section):

@@ -19,7 +19,7 @@ from typing import Any
 
 from explainer import prompts
 from explainer.explain.agent_loop import Miss, show_misses
-from explainer.explain.llm import prompt_values
+from explainer.explain.llm import logit_values, prompt_values
 from explainer.score.echo import rows_text
 from explainer.score.records import Snippet, SnippetResult
 from explainer.score.simulate import logprobs_values, snippet_list
@@ -72,6 +72,16 @@ def explain_demos() -> list[Demo]:
 
     return [(prompt_values([ex(s, i) for i, s in enumerate(UNITS_TRAIN)]) or {}, UNITS),
             (prompt_values([ex(s, i) for i, s in enumerate(PARENS_TRAIN)]) or {}, PARENS)]
+
+
+UNITS_LOGITS = ([" of", " per", " each", " long", " away"], [" the", "ly", " was", " and", " is"])
+PARENS_LOGITS = ([")", " etc", " or", " e", " i"], ["(", " The", " We", " It", " In"])
+
+
+def explain_logits_demos() -> list[Demo]:
+    """explain's demonstrations plus made-up logit-lens tokens that fit each latent."""
+    return [({**values, **logit_values(*toks)}, answer)
+            for (values, answer), toks in zip(explain_demos(), (UNITS_LOGITS, PARENS_LOGITS))]
 
 
 def simulate_demos() -> list[Demo]:
@@ -151,7 +161,7 @@ def all_at_once_demos() -> list[Demo]:
     return out
 
 
-DEMOS = {"explain": explain_demos, "refine": refine_demos, "simulate": simulate_demos,
+DEMOS = {"explain": explain_demos, "explain_logits": explain_logits_demos, "refine": refine_demos, "simulate": simulate_demos,
          "detection": detection_demos, "fuzzing": fuzzing_demos, "simulate_logprobs": logprobs_demos,
          "simulate_all_at_once": all_at_once_demos}
 ONE_SECTION = {"simulate_logprobs", "simulate_all_at_once"}  # completions prompts: demonstrations inline

@@ -12,7 +12,7 @@ import pytest
 from explainer import prompts
 from explainer.errors import ExplainerError
 from explainer.explain.agent_loop import Miss, show_misses
-from explainer.explain.llm import REQUIRED_PLACEHOLDERS, prompt_values
+from explainer.explain.llm import REQUIRED_PLACEHOLDERS, logit_values, prompt_values
 from explainer.score.echo import render
 from explainer.score.records import Snippet, SnippetResult
 from explainer.score.simulate import logprobs_prompt, snippet_list
@@ -43,9 +43,11 @@ def _dump(messages: list[dict[str, str]]) -> str:
 def rendered(name: str) -> str:
     """Template `name` rendered with fixed inputs, as the stage that uses it renders it."""
     tpl = prompts.load(name)
-    if name in ("explain", "refine"):
+    if name in ("explain", "refine", "explain_logits"):
         values = prompt_values(EXAMPLES)
         assert values is not None
+        if name == "explain_logits":
+            values = {**values, **logit_values([" villain", "\n", ' "'], ["ly"])}
         if name == "refine":
             toks = [e.tokens for e in EXAMPLES]
             values = {"explanation": "the word a", "score": "0.25", "top_examples": values["top_examples"],

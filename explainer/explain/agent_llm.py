@@ -50,6 +50,9 @@ class _LLMContext:
 
 def _load_templates(settings: Settings) -> tuple[list[prompts.Template], prompts.Template, prompts.Template]:
     a = settings.agent
+    if settings.explain.show_logits:  # the candidates' prompts have no lens tokens: say so rather than drop them
+        raise ExplainerError("explain.show_logits is not supported with --agent yet; run `explainer explain` without "
+                             "--agent for prompts with logit-lens tokens, or drop show_logits")
     names = [n.strip() for n in (a.templates or settings.explain.template).split(",") if n.strip()]
     if not names:
         raise ExplainerError("agent.templates is empty: give a comma list of explainer templates, e.g. explain")

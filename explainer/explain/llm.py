@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from explainer.explain import ngram
 
 REQUIRED_PLACEHOLDERS = ("top_examples",)
+LOGIT_PLACEHOLDERS = ("top_logits", "bottom_logits")  # explain.show_logits: the latent's logit-lens tokens
 # Latents whose examples are read in one query: one round trip instead of one per latent.
 CHUNK = 64
 
@@ -158,6 +159,27 @@ def prompt_values(examples: list[Example]) -> Optional[dict[str, str]]:
     return {"top_examples": block(top), "quantile_examples": block(quantile), "nonactivating_examples": plain or "(none)"}
 
 
+def logit_values(top: list[str], bottom: list[str]) -> dict[str, str]:
+    """Template values of a latent's logit-lens tokens (most promoted first, most suppressed first)."""
+    return {"top_logits": prompts.token_list(top), "bottom_logits": prompts.token_list(bottom)}
+
+
+def load_logits(con: duckdb.DuckDBPyConnection, dict_id: int, latents: list[int]) -> dict[int, dict[str, str]]:
+    """logit_values of each latent from latent_logits (a latent without rows shows "(none)")."""
+    toks: dict[int, dict[str, list[str]]] = {lat: {"top": [], "bottom": []} for lat in latents}
+    for lat, sign, token in con.execute(
+            "SELECT latent, sign, token FROM latent_logits WHERE dict_id = ? AND list_contains(?, latent) "
+            "ORDER BY latent, sign, rank", [dict_id, latents]).fetchall():
+        toks[lat][sign].append(token)
+    return {lat: logit_values(t["top"], t["bottom"]) for lat, t in toks.items()}
+
+
+def explain_template(s: ExplainSettings) -> str:
+    """The template to render: with show_logits the default one becomes its logit-lens variant, which
+    hashes differently, so explanations made with and without the tokens never count as one setup."""
+    return "explain_logits" if s.show_logits and s.template == "explain" else s.template
+
+
 def _explained(con: duckdb.DuckDBPyConnection, dict_id: int, model: str, template_hash: str,
                status: str) -> set[int]:
     rows = con.execute(
@@ -182,10 +204,15 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, dict_id: int,
     if s.explainer != "llm":
         raise ExplainerError(f"explain.explainer = {s.explainer!r} is not the LLM explainer; use explainer = 'llm'")
     resolve_endpoint(settings.llm)  # a missing key fails before anything is written
-    tpl = prompts.load(s.template)
-    tpl.require(REQUIRED_PLACEHOLDERS)
-    tpl.render(top_examples="", quantile_examples="", nonactivating_examples="")  # unknown placeholders fail now
+    tpl = prompts.load(explain_template(s))
+    tpl.require(REQUIRED_PLACEHOLDERS + (LOGIT_PLACEHOLDERS if s.show_logits else ()))
+    tpl.render(top_examples="", quantile_examples="", nonactivating_examples="",  # unknown placeholders fail now
+               **({k: "" for k in LOGIT_PLACEHOLDERS} if s.show_logits else {}))
     latents = store.select_latents(con, dict_id, s.latents)
+    if s.show_logits and not store.one_row(con.execute("SELECT count(*) FROM latent_logits WHERE dict_id = ?",
+                                                       [dict_id]))[0]:
+        raise ExplainerError("explain.show_logits needs logit-lens tokens and this dictionary has none; run "
+                             "`explainer lens` first (residual-stream dictionaries only), or drop show_logits")
     model = settings.llm.model
     done_ok = _explained(con, dict_id, model, tpl.sha256, "ok")
     todo = [lat for lat in latents if lat not in done_ok]
@@ -201,10 +228,11 @@ def _prepare(con: duckdb.DuckDBPyConnection, dict_id: int, chunk: list[int], s: 
              tpl: prompts.Template) -> list[tuple[int, Optional[list[dict[str, str]]]]]:
     """Read and render one chunk of prompts (None: nothing fires)."""
     examples = load_train_examples(con, dict_id, chunk, s)
+    logits = load_logits(con, dict_id, chunk) if s.show_logits else {}
     out = []
     for lat in chunk:
         values = prompt_values(examples[lat])
-        out.append((lat, None if values is None else tpl.render(**values)))
+        out.append((lat, None if values is None else tpl.render(**values, **logits.get(lat, {}))))
     return out
 
 

@@ -126,6 +126,8 @@ def _saved_state(con: duckdb.DuckDBPyConnection, path: Optional[Path], dict_id: 
                         [[rid for rid, _ in done_runs(con, dict_id)]])
             con.execute("DELETE FROM examples WHERE dict_id = ?", [dict_id])
             con.execute("DELETE FROM latents WHERE dict_id = ?", [dict_id])
+            for table in ("latent_histograms", "latent_neighbours", "latent_logits"):  # fixed names
+                con.execute(f"DELETE FROM {table} WHERE dict_id = ?", [dict_id])
     if path is not None and path.exists() and resume:
         state = load_state(path, device)
         if state.meta.get("config_key") != key:
@@ -311,7 +313,8 @@ def _new_state(job: _Job) -> SampleState:
     return new_state(d_sae=job.latents.n_rows, ctx_len=job.settings.corpus.ctx_len,
                      k=job.sae.k, n_top=ss.n_top, n_reservoir=ss.n_reservoir,
                      n_pool=max(ss.nonactivating_pool, ss.n_random), n_zero=ss.n_nonactivating,
-                     acts_dtype=getattr(torch, ss.acts_dtype), device=job.lm.device, meta=meta)
+                     acts_dtype=getattr(torch, ss.acts_dtype), device=job.lm.device, meta=meta,
+                     cooc_cap=ss.cooccurrence_max_latents)
 
 
 def _finish(con: duckdb.DuckDBPyConnection, stream: _Stream, run_id: int) -> dict[str, Any]:
@@ -324,6 +327,7 @@ def _finish(con: duckdb.DuckDBPyConnection, stream: _Stream, run_id: int) -> dic
               "near_duplicates_dropped": stream.dropped,
               "tokens_per_s": (int(state.n_contexts.sum()) - stream.done_before) * T / (time.perf_counter() - stream.t_loop)}
     if job.shard[1] == 1:
+        result.update(_lens(con, job))
         with store.transaction(con):
             stream.pending.write()
             result.update(write_results(con, job.dict_id, state, ss, [stream.contexts.relation()]), complete=True)
@@ -337,6 +341,23 @@ def _finish(con: duckdb.DuckDBPyConnection, stream: _Stream, run_id: int) -> dic
                       parquet=str(Path(ss.parquet).resolve()) if ss.parquet else None)
         store.finish_run(con, run_id, "done", result)
     return result
+
+
+def _lens(con: duckdb.DuckDBPyConnection, job: _Job) -> dict[str, Any]:
+    """Logit lens and decoder neighbours of the kept latents, unless turned off. A model the lens
+    cannot read is a warning here, not a failed run: the samples are worth keeping."""
+    from explainer.sample.outputs import write_lens
+
+    if not job.settings.sample.lens:
+        return {"logit_lens": "off (sample.lens)", "decoder_neighbours": "off (sample.lens)"}
+    try:
+        return write_lens(con, job.dict_id, hook=job.lm.hook, model=getattr(job.lm, "model", None),
+                          W_dec=job.sae.W_dec.detach(),
+                          latent_ids=None if job.latents.ids is None else job.latents.latents(),
+                          token_strings=job.lm.token_strings)
+    except ExplainerError as e:
+        job.warnings.append(f"logit lens and neighbours not written: {e}")
+        return {"logit_lens": f"failed: {e}", "decoder_neighbours": f"failed: {e}"}
 
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str, *, lm: Any = None,

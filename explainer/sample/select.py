@@ -26,6 +26,7 @@ from torch import Tensor
 
 from explainer import embed
 from explainer.sample.latent_map import LatentMap
+from explainer.sample.outputs import write_sampled
 from explainer.sample.state import EMPTY, M31, S, SampleState, hash31, one_thread, sketch_cid, sort_slots, top_cid, top_max
 from explainer.settings import SampleSettings
 from explainer.store import db as store
@@ -349,9 +350,10 @@ def write_results(con: duckdb.DuckDBPyConnection, dict_id: int, state: SampleSta
             rows = latents.to_dictionary(rows)
             if len(rows["latent"]):
                 store.insert_arrow(con, "examples", _examples_table(dict_id, split, kind, rows))
+    sampled = write_sampled(con, dict_id, state)  # histograms and co-occurrence neighbours
     freq = torch.from_numpy(lat["frequency"])
     # Which rule chose the hard negatives, beside the counts: a score's snippets trace back to it.
-    return {"dead_latents": int((freq == 0).sum()), "median_frequency": float(freq.median()),
+    return {"dead_latents": int((freq == 0).sum()), "median_frequency": float(freq.median()), **sampled,
             "hard_negatives": ss.hard_negatives,
             **({"hard_negatives_model": embed.MODEL, "hard_negatives_contexts": len(vectors.cids),
                 "hard_negatives_embed_s": round(embed_s, 2)} if vectors is not None else {})}

@@ -113,7 +113,8 @@ def check_fits(sae: Any, ss: SampleSettings, T: int, latents: LatentMap, device:
     """Refuse a state that cannot fit before hours of work, not with an out-of-memory kill during them."""
     need = state_bytes(d_sae=latents.n_rows, ctx_len=T, k=sae.k, n_top=ss.n_top,
                        n_reservoir=ss.n_reservoir, n_pool=max(ss.nonactivating_pool, ss.n_random),
-                       n_zero=ss.n_nonactivating, acts_bytes=2 if ss.acts_dtype == "float16" else 4)
+                       n_zero=ss.n_nonactivating, acts_bytes=2 if ss.acts_dtype == "float16" else 4,
+                       cooc_cap=ss.cooccurrence_max_latents)
     free = available_bytes(device)
     if free is not None and need > 0.8 * free:
         raise ExplainerError(
