@@ -8,7 +8,9 @@ pays for the upper layers or the LM head (SmolLM2 to layer 15: ~2.5x the full mo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -55,9 +57,13 @@ def _materialize_builtin(name: str) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     folder, gguf = _smollm2_gguf() if name == "smollm2" else _gemma_gguf()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    # The GGUF reader's tqdm bar ignores transformers' switch; it writes to sys.stderr, so
+    # that is pointed elsewhere for the one-time load (errors still raise).
+    with contextlib.redirect_stderr(io.StringIO()):
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model while it still looks quantized.
     model.hf_quantizer = None  # type: ignore[assignment]  # torch's __setattr__ stub admits only Tensor/Module
     if hasattr(model.config, "quantization_config"):
@@ -71,6 +77,15 @@ def _materialize_builtin(name: str) -> Path:
         shutil.rmtree(target)
     tmp.rename(target)
     return target
+
+
+def quiet_transformers() -> None:
+    """Our own bars own the terminal: transformers' tqdm bars (GGUF dequantizing, "Writing model
+    shards") and its warnings stay off."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def resolve(name: str) -> str:
@@ -257,13 +272,10 @@ def _decode_one(tokenizer: Any, token_id: int) -> str:
 def load_model(settings: ModelSettings) -> SubjectModel:
     """Load the subject model named in settings, on its device, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
+    quiet_transformers()
     src = resolve(settings.name)
     device = pick_device(settings.device)
     dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # our own bars own the terminal
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -309,3 +309,14 @@ def test_lone_surrogate_in_jsonl_is_an_error_not_a_tokenizer_crash(tiny_lm: Path
     lm = load_model(ModelSettings(name=str(tiny_lm), layer=0))
     with pytest.raises(ExplainerError, match=rf"{f} line 2: the text holds a lone surrogate"):
         list(iter_contexts(CorpusSettings(source=str(f), ctx_len=4), lm.tokenizer, splits=("train", "heldout")))
+
+
+def test_materializing_a_builtin_model_shows_no_third_party_bar(capfd: pytest.CaptureFixture[str]) -> None:
+    # A fresh cache (the autouse fixture isolates it) dequantizes the packaged GGUF and saves it:
+    # transformers' own tqdm bars ("Writing model shards") must not reach the terminal.
+    from explainer.lm import resolve
+
+    pytest.importorskip("transformers")
+    resolve("smollm2")
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "%|" not in err, err[-500:]
