@@ -30,6 +30,7 @@ from explainer import embed
 from explainer.corpus.contexts import Context, iter_contexts, load_documents
 from explainer.errors import ExplainerError
 from explainer.results import StageResult
+from explainer.sae.distributed import Grid
 from explainer.sae.outliers import OutlierRule, add_histograms, position_histogram
 from explainer.sample.latent_map import LatentMap
 from explainer.sample.runs import db_bytes, db_file, done_runs, parse_shard, previous_result, state_path, summary_counts
@@ -82,6 +83,7 @@ def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
     exclude = {"checkpoint_every", "shard", "force_layer", "parquet"} | ({"max_active"} if topk else set())
     # The default hard-negative rule stays out, so runs from before the setting keep their config keys.
     exclude |= {"hard_negatives"} if settings.sample.hard_negatives == "tokens" else set()
+    exclude |= {"latent_shards"} if settings.sample.latent_shards == 1 else set()
     cfg = {
         "fingerprint": fingerprint, "model": lm.name, "layer": lm.layer, "dtype": str(lm.dtype),
         # Only off the default residual hook, so runs saved before --hook existed keep their key.
@@ -169,14 +171,20 @@ class _Job:
 
 
 def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str, lm: Any,
-          dict_name: Optional[str]) -> _Job:
-    """Load and check the dictionary against the model and settings, and register it."""
+          dict_name: Optional[str], grid: Optional[Grid] = None) -> _Job:
+    """Load and check the dictionary against the model and settings, and register it.
+
+    With a latent-sharded `grid` the job keeps only this rank's slice of the encoder (wide.py)."""
     from explainer.lm import load_model
     from explainer.sae.files import hub_id, resolve_dictionary
     from explainer.sae.formats import fingerprint, load_dictionary
 
     ss = settings.sample
     shard = parse_shard(ss.shard)
+    if ss.latent_shards > 1:
+        from explainer.sample.wide import check_settings
+
+        check_settings(ss, grid.dist.world if grid is not None else 1)
     if ss.n_reservoir < ss.n_quantile:
         raise ExplainerError(f"sample.n_reservoir={ss.n_reservoir} is below n_quantile={ss.n_quantile}; raise it")
     hub = hub_id(sae_path)
@@ -199,6 +207,10 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
     # which would fill the top examples of the latents that happen to fire on them.
     rule = OutlierRule.from_cfg(sae.cfg)
     key, cfg = _config(settings, lm, fp, sae.activation == "topk", rule)
+    if grid is not None and grid.shards > 1:
+        from explainer.sample.wide import shard_encoder
+
+        sae, latents = shard_encoder(sae, grid)
     return _Job(settings, lm, sae, rule, latents, dict_id, name, fp, key, cfg, shard, warnings)
 
 
@@ -361,13 +373,15 @@ def _lens(con: duckdb.DuckDBPyConnection, job: _Job) -> dict[str, Any]:
 
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str, *, lm: Any = None,
-        dict_name: Optional[str] = None, resume: bool = True, progress: Optional[Progress] = None) -> SampleResult:
+        dict_name: Optional[str] = None, resume: bool = True, progress: Optional[Progress] = None,
+        grid: Optional[Grid] = None) -> SampleResult:
     """Sample this dictionary's examples into the DB; resumes a killed run, no-op when done.
 
     resume=False (--restart) discards this dictionary's earlier samples and any checkpoint.
+    `grid`: under torchrun with sample.latent_shards > 1, which latent slice this rank keeps.
     """
     t0 = time.perf_counter()
-    job = _open(con, settings, sae_path, lm, dict_name)
+    job = _open(con, settings, sae_path, lm, dict_name, grid)
     prev = previous_result(con, job.dict_id, job.name, job.key, job.shard_text, resume)
     if prev is not None:
         return job.result(con, prev, t0, already=True)

@@ -1,0 +1,180 @@
+"""`sample --latent-shards R` under torchrun: the encode split by latent, as latent-sharded training does.
+
+The torchrun world is a grid of D data replicas x R latent shards (sae/distributed.py's Grid).
+Every rank of a latent group runs the model over the same contexts (its data replica's share),
+encodes them against its n/R latents only, takes the local top-k, gathers the candidate values
+over the group and keeps those of its own candidates that are in the global top-k: exactly the
+codes of the whole dictionary restricted to its latents, since the global top-k lies within the
+union of the local ones. Its sampler state holds only its latents (a LatentMap over its slice,
+as a `--latents` subset would), so the state, the largest thing a sample run holds, falls ~1/R.
+
+What a rank's state shares across latents (token and context counts, the random and
+non-activating pool's keys) depends only on the contexts and is the same on every rank; the
+pool's codes are its own latents', which is all a latent's examples read. The dictionary's input
+transform (layer_norm) and outlier rule act on the model's activations, identical on every rank.
+
+Each rank writes its own DB; rank 0 then `combine`s them: the contexts once, and the latents,
+examples and histogram rows of every slice (disjoint latents). Co-occurrence neighbours and the
+logit lens need every latent on one rank: they are skipped, with the reason in the run's record
+(`explainer lens` computes the lens from the dictionary file).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import duckdb
+import torch
+from torch import Tensor
+
+from explainer.errors import ExplainerError
+from explainer.sae.distributed import Grid
+from explainer.sae.model import TopKSAE, layer_norm
+from explainer.sae.sparse import sparse_forward
+from explainer.sample.latent_map import LatentMap
+from explainer.sample.runs import done_runs
+from explainer.sample.sampler import SampleResult
+from explainer.sample.sink import DICT_FIELDS
+from explainer.settings import SampleSettings
+from explainer.store import db as store
+
+COOC_SKIPPED = "skipped: a latent-sharded sample (--latent-shards) holds no rank with every latent"
+LENS_SKIPPED = "not computed in a latent-sharded sample: run `explainer lens`"
+
+
+def check_settings(ss: SampleSettings, world: int) -> None:
+    """Refuse what a latent-sharded sample cannot run, before anything is loaded."""
+    r = ss.latent_shards
+    if r == 1:
+        return
+    if world == 1:
+        raise ExplainerError(f"--latent-shards {r} splits the dictionary's latents over torchrun processes; launch "
+                             f"with `torchrun --nproc-per-node {r} -m explainer sample ...` or drop --latent-shards")
+    if world % r:
+        raise ExplainerError(f"--latent-shards {r} does not divide the {world} torchrun processes; "
+                             f"launch a multiple of {r} processes (--nproc-per-node)")
+    if ss.latents != "all":
+        raise ExplainerError(f"--latents {ss.latents} and --latent-shards both pick each rank's latents; "
+                             "drop one of them")
+    if ss.parquet:
+        raise ExplainerError("--parquet with --latent-shards: every latent shard would write the same contexts "
+                             "into the folder; drop --parquet (the contexts go to each rank's DB)")
+
+
+def shard_encoder(sae: TopKSAE, grid: Grid) -> tuple[ShardEncoder, LatentMap]:
+    """This rank's slice of `sae` (the rest is dropped) and the LatentMap of its state rows."""
+    r = grid.shards
+    if sae.activation != "topk":
+        raise ExplainerError(f"--latent-shards supports TopK dictionaries; this one is {sae.activation}, whose "
+                             "latents need no global top-k: sample it without --latent-shards (or with --latents "
+                             "subsets, one run per subset)")
+    if sae.d_sae % r or sae.k >= sae.d_sae // r:
+        raise ExplainerError(f"--latent-shards {r} must divide the dictionary's {sae.d_sae} latents into slices "
+                             f"wider than its k={sae.k}; choose another --latent-shards")
+    width = sae.d_sae // r
+    start = grid.shard * width
+    part = TopKSAE(sae.d_in, width, sae.k, device=sae.device, cfg=sae.cfg, normalize=sae.normalize)
+    with torch.no_grad():
+        part.W_enc.copy_(sae.W_enc[:, start:start + width])
+        part.b_enc.copy_(sae.b_enc[start:start + width])
+        part.b_dec.copy_(sae.b_dec)
+        part.W_dec.copy_(sae.W_dec[start:start + width])
+    part = part.to(sae.W_dec.dtype).eval()
+    return ShardEncoder(part, grid, start, sae.d_sae), LatentMap(width + 1, range(start, start + width))
+
+
+class ShardEncoder:
+    """Encodes against one slice of the latents; the codes are the whole dictionary's exact TopK
+    codes restricted to the slice (the other slots hold value 0). Every rank of the latent group
+    must call `encode` on the same rows: the candidates are gathered over the group."""
+
+    activation = "topk"
+
+    def __init__(self, part: TopKSAE, grid: Grid, start: int, d_sae: int) -> None:
+        self.part, self.grid, self.start = part, grid, start
+        self.d_in, self.d_sae, self.k = part.d_in, d_sae, part.k
+        self.global_topk = True  # False only in the tests' mutation: each slice keeps its own top k
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(values [..., k], dictionary ids [..., k]) of this slice's latents among x's global top k."""
+        p = self.part
+        flat = x.reshape(-1, self.d_in).to(p.W_dec.dtype)
+        if p.normalize == "layer_norm":
+            flat = layer_norm(flat)[0]
+        out = sparse_forward(flat, p.W_enc, p.b_enc, None, p.b_dec, self.k)
+        values = global_topk(out.values, self.grid) if self.global_topk else out.values
+        ids = out.indices + self.start
+        return values.view(*x.shape[:-1], self.k), ids.view(*x.shape[:-1], self.k)
+
+
+def global_topk(values: Tensor, grid: Grid) -> Tensor:
+    """This shard's candidate values [N, k] with those outside the group's global top k zeroed.
+
+    A candidate's identity is implied by its (shard, slot), so only the values travel."""
+    k = values.shape[1]
+    every = torch.cat(grid.all_gather_latent(values.contiguous()), dim=1)
+    won = torch.zeros(every.shape, dtype=torch.bool, device=every.device)
+    won.scatter_(1, every.topk(k, dim=1, sorted=False).indices, True)
+    return values * won[:, grid.shard * k:(grid.shard + 1) * k]
+
+
+# --- rank 0: one DB from the slices ------------------------------------------------------------
+
+
+def _slice_record(path: Path, dict_name: Optional[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dictionary row and finished complete run record of a slice's DB."""
+    src = store.connect(path, read_only=True)
+    try:
+        rows = src.execute(f"SELECT id, {', '.join(DICT_FIELDS)} FROM dictionaries"
+                           + (" WHERE name = ?" if dict_name else ""), [dict_name] if dict_name else []).fetchall()
+        if len(rows) != 1:
+            raise ExplainerError(f"slice DB {path} holds {len(rows)} matching dictionaries; choose one with --dict-name")
+        row = dict(zip(DICT_FIELDS, rows[0][1:]))
+        finished = [res for _, res in done_runs(src, rows[0][0]) if res.get("complete")]
+    finally:
+        src.close()
+    if not finished:
+        raise ExplainerError(f"slice DB {path} has no finished run of {row['name']!r}; rerun the torchrun command")
+    return row, finished[-1]
+
+
+def combine(con: duckdb.DuckDBPyConnection, slice_dbs: Sequence[Path], *, dict_name: Optional[str] = None) -> SampleResult:
+    """Write the latent slices' tables into this DB as one run's: contexts from the first slice
+    (every slice saw the same contexts), latents, examples and histograms from each."""
+    t0 = time.perf_counter()
+    records = [_slice_record(Path(p), dict_name) for p in slice_dbs]
+    row, first = records[0]
+    if any(r["fingerprint"] != row["fingerprint"] or res["n_contexts"] != first["n_contexts"] for r, res in records):
+        raise ExplainerError(f"the slice DBs {', '.join(map(str, slice_dbs))} hold different runs; rerun the torchrun "
+                             "command with --restart")
+    config = row["config"]
+    dict_id = store.register_dictionary(con, **{**row, "config": json.loads(config) if isinstance(config, str)
+                                                else (config or {})})
+    run_id = store.start_run(con, "sample", {"latent_shards": [str(p) for p in slice_dbs]})
+    try:
+        with store.transaction(con):
+            for table in ("contexts", "latents", "examples", "latent_histograms", "latent_neighbours", "latent_logits"):
+                con.execute(f"DELETE FROM {table} WHERE dict_id = ?", [dict_id])  # fixed names
+            for i, path in enumerate(slice_dbs):
+                quoted = str(path).replace("'", "''")
+                src_id = store.one_row(con.execute(f"ATTACH '{quoted}' AS slice{i} (READ_ONLY); SELECT id FROM "
+                                                   f"slice{i}.dictionaries WHERE fingerprint = ?", [row["fingerprint"]]))[0]
+                for table in (["contexts"] if i == 0 else []) + ["latents", "examples", "latent_histograms"]:
+                    con.execute(f"INSERT INTO {table} BY NAME SELECT * REPLACE (? AS dict_id) FROM slice{i}.{table} "
+                                "WHERE dict_id = ?", [dict_id, src_id])
+                con.execute(f"DETACH slice{i}")
+            freq = torch.tensor([f for (f,) in con.execute("SELECT frequency FROM latents WHERE dict_id = ? "
+                                                           "ORDER BY latent", [dict_id]).fetchall()])
+            result = {**first, "dict_id": dict_id, "dict_name": row["name"], "shard": "merged", "complete": True,
+                      "latent_shards": len(slice_dbs), "dead_latents": int((freq == 0).sum()),
+                      "median_frequency": float(freq.median()) if len(freq) else None,
+                      "cooccurrence": COOC_SKIPPED, "logit_lens": LENS_SKIPPED, "decoder_neighbours": LENS_SKIPPED}
+            store.finish_run(con, run_id, "done", result)
+    except BaseException as e:
+        store.finish_run(con, run_id, "failed", {"error": f"{type(e).__name__}: {e}"})
+        raise
+    return SampleResult.from_record(con, result, dict_id=dict_id, dict_name=row["name"], shard="merged",
+                                    already_complete=False, warnings=[], t0=t0)
