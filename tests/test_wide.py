@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from explainer.errors import ExplainerError
 from explainer.sae.distributed import Dist, Grid, make_grid
 from explainer.sae.model import TopKSAE
-from explainer.sample.wide import check_settings, shard_encoder
+from explainer.sample.wide import check_settings, same_start, shard_encoder
 from explainer.settings import SampleSettings
 
 D_IN, D_SAE, K = 8, 32, 4
@@ -84,6 +84,30 @@ def test_a_local_topk_is_not_the_global_one(tmp_path: Path) -> None:
     assert int((got != 0).sum(-1).max()) > K
 
 
+def _start_rank(rank: int, init: str, positions: tuple[int, int], fail: int) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
+                                         timeout=timedelta(seconds=60))
+    try:
+        grid = make_grid(Dist(rank, 2), 2)
+        error = ExplainerError("mine") if rank == fail else None
+        if positions[0] == positions[1] and fail < 0:
+            same_start(grid, error, positions[rank])
+        elif rank == fail:
+            same_start(grid, error, positions[rank])  # the failed rank raises its own error after this
+        else:
+            with pytest.raises(ExplainerError, match="another latent shard failed|stopped at different contexts"):
+                same_start(grid, error, positions[rank])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize(("positions", "fail"), [((5, 5), -1), ((5, 9), -1), ((-1, 5), -1), ((0, 0), 1)])
+def test_latent_shards_start_together_or_all_stop(tmp_path: Path, positions: tuple[int, int], fail: int) -> None:
+    # A kill between the shards' checkpoints leaves them at different contexts; a rank that
+    # failed to start must stop the others before they wait in a gather.
+    mp.spawn(_start_rank, args=(f"file://{tmp_path / 'pg'}", positions, fail), nprocs=2)
+
+
 def test_refusals_name_the_setting() -> None:
     ss = SampleSettings(latent_shards=2)
     with pytest.raises(ExplainerError, match=r"torchrun --nproc-per-node 2"):
@@ -124,8 +148,10 @@ def _histograms(db: Path) -> list[tuple]:
         con.close()
 
 
-def test_two_latent_shards_under_torchrun_equal_one_process(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
-    from tests.test_distributed import _env, _sample_args, _torchrun
+@pytest.mark.parametrize("nproc", [2, 4])  # 2 latent shards; 2 data replicas x 2 latent shards
+def test_two_latent_shards_under_torchrun_equal_one_process(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path,
+                                                            nproc: int) -> None:
+    from tests.test_distributed import _env, _sample_args
     from tests.test_sample import make_sae, tables
 
     sae = make_sae(tmp_path / "sae")
@@ -133,7 +159,9 @@ def test_two_latent_shards_under_torchrun_equal_one_process(tiny_lm: Path, tiny_
                                                                               tmp_path / "one.duckdb")],
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    res = _torchrun([*_sample_args(tiny_lm, tiny_corpus, sae, tmp_path / "two.duckdb"), "--latent-shards", "2"])
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                          "-m", "explainer", *_sample_args(tiny_lm, tiny_corpus, sae, tmp_path / "two.duckdb"),
+                          "--latent-shards", "2"], env=_env(), capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert out["complete"] and out["shard"] == "merged"
@@ -154,8 +182,9 @@ def test_two_latent_shards_under_torchrun_equal_one_process(tiny_lm: Path, tiny_
     finally:
         con.close()
     assert record["latent_shards"] == 2 and record["cooccurrence"].startswith("skipped: a latent-sharded")
-    for r, latents in enumerate(([*range(32)], [*range(32, 64)])):  # each rank kept only its slice
-        con = duckdb.connect(str(tmp_path / f"two.rank{r}of2.duckdb"), read_only=True)
+    slices = [f"two.rank{r}of2.duckdb" for r in range(2)] if nproc == 2 else [f"two.slice{r}of2.duckdb" for r in range(2)]
+    for path, latents in zip(slices, ([*range(32)], [*range(32, 64)])):  # each slice kept only its latents
+        con = duckdb.connect(str(tmp_path / path), read_only=True)
         try:
             assert [i for (i,) in con.execute("SELECT latent FROM latents ORDER BY 1").fetchall()] == latents
         finally:

@@ -383,11 +383,23 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     t0 = time.perf_counter()
     job = _open(con, settings, sae_path, lm, dict_name, grid)
     prev = previous_result(con, job.dict_id, job.name, job.key, job.shard_text, resume)
+    stream, error = None, None
+    try:
+        if prev is None:
+            if settings.sample.hard_negatives == "embedding":
+                embed.model_dir()  # a missing encoder fails now, not after the whole corpus went through
+            stream = _prepare(con, job, resume)
+    except Exception as e:
+        error = e
+    if grid is not None and grid.shards > 1:  # the latent group must encode the same batches together
+        from explainer.sample.wide import same_start
+
+        same_start(grid, error, -1 if stream is None else int(stream.state.meta["next_context"]))
+    if error is not None:
+        raise error
     if prev is not None:
         return job.result(con, prev, t0, already=True)
-    if settings.sample.hard_negatives == "embedding":
-        embed.model_dir()  # a missing encoder fails now, not after the whole corpus went through
-    stream = _prepare(con, job, resume)
+    assert stream is not None  # _prepare ran, or its error was raised above
     run_id = store.start_run(con, "sample", settings.public_dict())
     try:
         with torch.inference_mode():

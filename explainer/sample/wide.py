@@ -121,6 +121,24 @@ def global_topk(values: Tensor, grid: Grid) -> Tensor:
     return values * won[:, grid.shard * k:(grid.shard + 1) * k]
 
 
+def same_start(grid: Grid, error: Optional[BaseException], position: int) -> None:
+    """Check that every latent shard starts at one context (-1: already done), before the first gather.
+
+    A rank that failed to start, or a state saved at another position (a kill between the
+    shards' checkpoints), would otherwise leave the others waiting in a gather, or pair its
+    candidates with another batch's. Raises on every rank alike (the failed one raises its own)."""
+    mine = grid.counts([0 if error is not None else 1, position])
+    every = [t.tolist() for t in grid.all_gather_latent(mine)]
+    if error is not None:
+        return
+    if any(ok == 0 for ok, _ in every):
+        raise ExplainerError(f"another latent shard failed to start (this is shard {grid.shard} of {grid.shards}); "
+                             "see its error")
+    if len({pos for _, pos in every}) > 1:
+        raise ExplainerError(f"the latent shards of this run stopped at different contexts ({[p for _, p in every]}; "
+                             "-1 is finished): a kill between their checkpoints; rerun with --restart")
+
+
 # --- rank 0: one DB from the slices ------------------------------------------------------------
 
 
