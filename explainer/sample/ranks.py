@@ -19,10 +19,10 @@ import torch
 
 from explainer.errors import ExplainerError
 from explainer.sae.distributed import Dist, Grid, make_grid, setup
-from explainer.sample.merge import merge
+from explainer.sample.merge import combine_slices, merge
 from explainer.sample.sampler import Progress, SampleResult
 from explainer.sample.sampler import run as sample_run
-from explainer.sample.wide import check_settings, combine
+from explainer.sample.wide import check_settings
 from explainer.settings import Settings
 from explainer.store import db as store
 
@@ -87,7 +87,7 @@ def _combine_slices(target: Path, grid: Grid, dict_name: Optional[str]) -> Sampl
             with store.connect(path) as con:
                 merge(con, [rank_db(target, d * R + r, world) for d in range(D)], dict_name=dict_name)
     with store.connect(target) as con:
-        return combine(con, slices, dict_name=dict_name)
+        return combine_slices(con, slices, dict_name=dict_name)
 
 
 def _all_ok(dist: Dist, error: Optional[BaseException], device: torch.device) -> None:

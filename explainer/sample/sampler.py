@@ -38,6 +38,7 @@ from explainer.sample.select import write_results
 from explainer.sample.sink import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sample.state import M31, SampleState, load_state, new_state, one_thread, save_state, update
 from explainer.sample.subset import adopt_hook, check_dictionary, check_fits, latent_subset, plan_contexts
+from explainer.sample.wide import check_settings, same_start, shard_encoder
 from explainer.settings import Settings
 from explainer.store import db as store
 from explainer.vocab import SPLITS
@@ -182,8 +183,6 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
     ss = settings.sample
     shard = parse_shard(ss.shard)
     if ss.latent_shards > 1:
-        from explainer.sample.wide import check_settings
-
         check_settings(ss, grid.dist.world if grid is not None else 1)
     if ss.n_reservoir < ss.n_quantile:
         raise ExplainerError(f"sample.n_reservoir={ss.n_reservoir} is below n_quantile={ss.n_quantile}; raise it")
@@ -207,11 +206,10 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
     # which would fill the top examples of the latents that happen to fire on them.
     rule = OutlierRule.from_cfg(sae.cfg)
     key, cfg = _config(settings, lm, fp, sae.activation == "topk", rule)
+    encoder: Any = sae
     if grid is not None and grid.shards > 1:
-        from explainer.sample.wide import shard_encoder
-
-        sae, latents = shard_encoder(sae, grid)
-    return _Job(settings, lm, sae, rule, latents, dict_id, name, fp, key, cfg, shard, warnings)
+        encoder, latents = shard_encoder(sae, grid)  # this rank's slice only; the rest is dropped
+    return _Job(settings, lm, encoder, rule, latents, dict_id, name, fp, key, cfg, shard, warnings)
 
 
 @dataclass
@@ -392,8 +390,6 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     except Exception as e:
         error = e
     if grid is not None and grid.shards > 1:  # the latent group must encode the same batches together
-        from explainer.sample.wide import same_start
-
         same_start(grid, error, -1 if stream is None else int(stream.state.meta["next_context"]))
     if error is not None:
         raise error
