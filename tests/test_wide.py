@@ -108,6 +108,26 @@ def test_latent_shards_start_together_or_all_stop(tmp_path: Path, positions: tup
     mp.spawn(_start_rank, args=(f"file://{tmp_path / 'pg'}", positions, fail), nprocs=2)
 
 
+@pytest.mark.parametrize("normalize", ["none", "layer_norm"])
+def test_a_slice_read_from_the_file_matches_the_whole_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          normalize: str) -> None:
+    from explainer.sae import slices
+    from explainer.sae.formats import fingerprint, load_dictionary, save_dictionary
+
+    folder = save_dictionary(_dictionary(normalize), tmp_path / "sae")
+    monkeypatch.setattr(slices, "BLOCK", 3 * D_SAE)  # several row blocks per matrix
+    whole = load_dictionary(folder)
+    got = slices.read_topk_slice(folder, 8, 8)
+    assert got is not None
+    part, fp = got
+    assert fp == fingerprint(whole)  # the slice registers under the whole dictionary's id
+    assert torch.equal(part.W_enc, whole.W_enc[:, 8:16]) and torch.equal(part.b_enc, whole.b_enc[8:16])
+    assert torch.equal(part.W_dec, whole.W_dec[8:16]) and torch.equal(part.b_dec, whole.b_dec)
+    assert part.normalize == whole.normalize and part.cfg == whole.cfg
+    relu = save_dictionary(TopKSAE(D_IN, D_SAE, D_SAE, activation="relu"), tmp_path / "relu")
+    assert slices.read_topk_slice(relu, 0, 16) is None  # read whole by formats, then refused by wide.py
+
+
 def test_refusals_name_the_setting() -> None:
     ss = SampleSettings(latent_shards=2)
     with pytest.raises(ExplainerError, match=r"torchrun --nproc-per-node 2"):

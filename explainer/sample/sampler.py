@@ -38,7 +38,7 @@ from explainer.sample.select import write_results
 from explainer.sample.sink import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sample.state import M31, SampleState, load_state, new_state, one_thread, save_state, update
 from explainer.sample.subset import adopt_hook, check_dictionary, check_fits, latent_subset, plan_contexts
-from explainer.sample.wide import check_settings, same_start, shard_encoder
+from explainer.sample.wide import check_settings, load_shard, same_start
 from explainer.settings import Settings
 from explainer.store import db as store
 from explainer.vocab import SPLITS
@@ -188,15 +188,19 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
         raise ExplainerError(f"sample.n_reservoir={ss.n_reservoir} is below n_quantile={ss.n_quantile}; raise it")
     hub = hub_id(sae_path)
     sae_path = resolve_dictionary(sae_path)
-    sae = load_dictionary(sae_path, max_active=ss.max_active)
+    sae: Any
+    if grid is not None and grid.shards > 1:  # this rank's slice only (wide.py)
+        sae, sliced, fp = load_shard(sae_path, grid, ss.max_active)
+    else:
+        sae, sliced, fp = load_dictionary(sae_path, max_active=ss.max_active), None, None
     adopted: list[str] = []
     if lm is None:
         settings, adopted = adopt_hook(settings, sae.cfg)
         lm = load_model(settings.model)
     warnings = adopted + check_dictionary(sae, lm, ss)
-    latents = LatentMap.keep(latent_subset(ss.latents, sae.d_sae), sae.d_sae)  # bad input fails before any write
+    latents = sliced or LatentMap.keep(latent_subset(ss.latents, sae.d_sae), sae.d_sae)  # bad input fails before any write
     sae = sae.to(lm.device).eval()
-    fp = fingerprint(sae)
+    fp = fp or fingerprint(sae)
     name = dict_name or ("/".join(hub).strip("/") if hub else sae_path.resolve().name)
     dict_id = store.register_dictionary(
         con, name=name, path="/".join(hub).strip("/") if hub else str(sae_path.resolve()), model=lm.name, hook=lm.hook,
@@ -206,10 +210,7 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
     # which would fill the top examples of the latents that happen to fire on them.
     rule = OutlierRule.from_cfg(sae.cfg)
     key, cfg = _config(settings, lm, fp, sae.activation == "topk", rule)
-    encoder: Any = sae
-    if grid is not None and grid.shards > 1:
-        encoder, latents = shard_encoder(sae, grid)  # this rank's slice only; the rest is dropped
-    return _Job(settings, lm, encoder, rule, latents, dict_id, name, fp, key, cfg, shard, warnings)
+    return _Job(settings, lm, sae, rule, latents, dict_id, name, fp, key, cfg, shard, warnings)
 
 
 @dataclass

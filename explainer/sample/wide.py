@@ -21,14 +21,17 @@ with the reason in the run's record (`explainer lens` computes the lens from the
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from explainer.errors import ExplainerError
 from explainer.sae.distributed import Grid
+from explainer.sae.formats import fingerprint, load_dictionary
 from explainer.sae.model import TopKSAE, layer_norm
+from explainer.sae.slices import read_topk_slice, topk_dims
 from explainer.sae.sparse import sparse_forward
 from explainer.sample.latent_map import LatentMap
 from explainer.settings import SampleSettings
@@ -53,6 +56,32 @@ def check_settings(ss: SampleSettings, world: int) -> None:
                              "into the folder; drop --parquet (the contexts go to each rank's DB)")
 
 
+def _check_width(d_sae: int, k: int, r: int) -> None:
+    if d_sae % r or k >= d_sae // r:
+        raise ExplainerError(f"--latent-shards {r} must divide the dictionary's {d_sae} latents into slices "
+                             f"wider than its k={k}; choose another --latent-shards")
+
+
+def load_shard(folder: Path, grid: Grid, max_active: int) -> tuple[ShardEncoder, LatentMap, str]:
+    """This rank's slice of the dictionary in `folder`, its LatentMap and the whole dictionary's fingerprint.
+
+    A SAELens TopK folder is read slice by slice (sae/slices.py); other formats load whole first."""
+    dims = topk_dims(folder)
+    if dims is not None:
+        d_sae, k = dims[1], dims[2]
+        _check_width(d_sae, k, grid.shards)
+        width = d_sae // grid.shards
+        got = read_topk_slice(folder, grid.shard * width, width)
+        if got is not None:
+            part, fp = got
+            start = grid.shard * width
+            return ShardEncoder(part, grid, start, d_sae), LatentMap(width + 1, range(start, start + width)), fp
+    sae = load_dictionary(folder, max_active=max_active)
+    fp = fingerprint(sae)
+    encoder, latents = shard_encoder(sae, grid)
+    return encoder, latents, fp
+
+
 def shard_encoder(sae: TopKSAE, grid: Grid) -> tuple[ShardEncoder, LatentMap]:
     """This rank's slice of `sae` (the rest is dropped) and the LatentMap of its state rows."""
     r = grid.shards
@@ -60,9 +89,7 @@ def shard_encoder(sae: TopKSAE, grid: Grid) -> tuple[ShardEncoder, LatentMap]:
         raise ExplainerError(f"--latent-shards supports TopK dictionaries; this one is {sae.activation}, whose "
                              "latents need no global top-k: sample it without --latent-shards (or with --latents "
                              "subsets, one run per subset)")
-    if sae.d_sae % r or sae.k >= sae.d_sae // r:
-        raise ExplainerError(f"--latent-shards {r} must divide the dictionary's {sae.d_sae} latents into slices "
-                             f"wider than its k={sae.k}; choose another --latent-shards")
+    _check_width(sae.d_sae, sae.k, r)
     width = sae.d_sae // r
     start = grid.shard * width
     part = TopKSAE(sae.d_in, width, sae.k, device=sae.device, cfg=sae.cfg, normalize=sae.normalize)
@@ -85,7 +112,16 @@ class ShardEncoder:
     def __init__(self, part: TopKSAE, grid: Grid, start: int, d_sae: int) -> None:
         self.part, self.grid, self.start = part, grid, start
         self.d_in, self.d_sae, self.k = part.d_in, d_sae, part.k
+        self.cfg, self.normalize = part.cfg, part.normalize
         self.global_topk = True  # False only in the tests' mutation: each slice keeps its own top k
+
+    def to(self, device: Any) -> ShardEncoder:
+        self.part = self.part.to(device)
+        return self
+
+    def eval(self) -> ShardEncoder:
+        self.part.eval()
+        return self
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values [..., k], dictionary ids [..., k]) of this slice's latents among x's global top k."""
