@@ -209,3 +209,19 @@ def test_two_latent_shards_under_torchrun_equal_one_process(tiny_lm: Path, tiny_
             assert [i for (i,) in con.execute("SELECT latent FROM latents ORDER BY 1").fetchall()] == latents
         finally:
             con.close()
+
+
+def test_one_slice_past_float16_stops_both_ranks(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    from explainer.sae.formats import load_dictionary, save_dictionary
+    from tests.test_distributed import _sample_args, _torchrun
+    from tests.test_sample import make_sae
+
+    sae = load_dictionary(make_sae(tmp_path / "sae"))
+    with torch.no_grad():  # only the second slice's latents reach past float16
+        sae.W_enc[:, 32:].mul_(1e7)
+    folder = save_dictionary(sae, tmp_path / "loud")
+    args = [a for a in _sample_args(tiny_lm, tiny_corpus, folder, tmp_path / "x.duckdb") if "acts_dtype" not in a]
+    res = _torchrun([*args, "--set=sample.acts_dtype=float16", "--latent-shards", "2"])
+    assert res.returncode != 0  # and no hang: rank 0, whose slice fits, does not wait in the next gather
+    assert "beyond float16" in res.stderr
+    assert not (tmp_path / "x.duckdb").exists()

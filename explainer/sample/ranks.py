@@ -7,6 +7,10 @@ After every rank has finished (a collective: a rank that failed makes all of the
 an error, none waits forever), rank 0 merges the shard outputs into the target DB with the
 same exact merge as `explainer merge`. The shard files stay: a rerun finds every shard
 complete and only merges again; delete them once the merged DB is what you want.
+
+With `--latent-shards R` the world is D data replicas x R latent shards: rank d*R + r samples
+context shard d/D against latent slice r only (wide.py), and rank 0 merges each slice over the
+replicas, then writes the slices side by side (merge.combine_slices).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from explainer.sample.select import write_results
 from explainer.sample.sink import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sample.state import M31, SampleState, load_state, new_state, one_thread, save_state, update
 from explainer.sample.subset import adopt_hook, check_dictionary, check_fits, latent_subset, plan_contexts
-from explainer.sample.wide import check_settings, load_shard, same_start
+from explainer.sample.wide import check_settings, group_peak, load_shard, same_start
 from explainer.settings import Settings
 from explainer.store import db as store
 from explainer.vocab import SPLITS
@@ -278,7 +278,7 @@ class _Stream:
         cids = torch.tensor([c.context_id for c in batch], device=vals.device)
         with one_thread(vals.device):
             peak = float(update(state, split, cids, vals.float(), idx, self.ids).max())
-        if self.job.settings.sample.acts_dtype == "float16" and peak > FLOAT16_MAX:
+        if self.job.settings.sample.acts_dtype == "float16" and group_peak(self.job.sae, peak) > FLOAT16_MAX:
             raise ExplainerError(f"latent activations reach {peak:.4g}, beyond float16; "
                                  "rerun with --acts-dtype float32 --restart")
         state.meta["next_context"] = batch[-1].context_id + 1

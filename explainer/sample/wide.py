@@ -135,6 +135,15 @@ class ShardEncoder:
         return values.view(*x.shape[:-1], self.k), ids.view(*x.shape[:-1], self.k)
 
 
+def group_peak(encoder: Any, peak: float) -> float:
+    """The largest of the latent group's peaks (a ShardEncoder's; anything else's own), so a check
+    on it fails on every rank of the group together rather than leaving the others in a gather."""
+    if not isinstance(encoder, ShardEncoder):
+        return peak
+    mine = torch.tensor([peak], dtype=torch.float32, device=encoder.part.W_dec.device)
+    return float(torch.cat(encoder.grid.all_gather_latent(mine)).max())
+
+
 def global_topk(values: Tensor, grid: Grid) -> Tensor:
     """This shard's candidate values [N, k] with those outside the group's global top k zeroed.
 
