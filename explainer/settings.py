@@ -231,6 +231,11 @@ class SampleSettings(Section):
     cooccurrence_max_latents: int = Field(
         8192, ge=0, le=2**17, description="count co-occurring latents per context (Jaccard neighbours) only up to this "
         "many latents: the counts take latents^2 x 4 bytes (8,192: 256 MiB)")
+    latent_shards: int = Field(
+        1, ge=1, le=2**16, description="under torchrun, split the dictionary's latents over this many ranks for a "
+        "dictionary too wide for one (TopK only): each loads 1/R of the encoder and keeps the state of its latents, the "
+        "top-k is global and exact, rank 0 combines the slices; world = data replicas x latent shards; co-occurrence "
+        "neighbours are skipped and the lens is left to `explainer lens`")
     lens: bool = Field(True, description="at the end of a run, write each latent's logit-lens tokens and decoder-cosine "
                        "neighbours (`explainer lens` recomputes them); exact neighbours cost latents^2 x d_in: at 1M "
                        "latents turn this off and run `explainer lens` on a GPU")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import duckdb
+import torch
 
 from explainer.errors import ExplainerError
 from explainer.sample.runs import done_runs, parse_shard, state_path, summary_counts
@@ -125,4 +126,67 @@ def merge(con: duckdb.DuckDBPyConnection, shard_outputs: Sequence[Path | str], *
         store.finish_run(con, run_id, "failed", {"error": f"{type(e).__name__}: {e}"})
         raise
     return SampleResult.from_record(con, result, dict_id=dict_id, dict_name=dict_row["name"], shard="merged",
+                                    already_complete=False, warnings=[], t0=t0)
+
+
+# --- `sample --latent-shards`: one DB from the latent slices (sample/wide.py) ---------------------
+
+
+COOC_SKIPPED = "skipped: a latent-sharded sample (--latent-shards) holds no rank with every latent"
+LENS_SKIPPED = "not computed in a latent-sharded sample: run `explainer lens`"
+
+
+def _slice_record(path: Path, dict_name: Optional[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dictionary row and finished complete run record of a slice's DB."""
+    src = store.connect(path, read_only=True)
+    try:
+        rows = src.execute(f"SELECT id, {', '.join(DICT_FIELDS)} FROM dictionaries"
+                           + (" WHERE name = ?" if dict_name else ""), [dict_name] if dict_name else []).fetchall()
+        if len(rows) != 1:
+            raise ExplainerError(f"slice DB {path} holds {len(rows)} matching dictionaries; choose one with --dict-name")
+        row = dict(zip(DICT_FIELDS, rows[0][1:]))
+        finished = [res for _, res in done_runs(src, rows[0][0]) if res.get("complete")]
+    finally:
+        src.close()
+    if not finished:
+        raise ExplainerError(f"slice DB {path} has no finished run of {row['name']!r}; rerun the torchrun command")
+    return row, finished[-1]
+
+
+def combine_slices(con: duckdb.DuckDBPyConnection, slice_dbs: Sequence[Path], *, dict_name: Optional[str] = None) -> SampleResult:
+    """Write the latent slices' tables into this DB as one run's: contexts from the first slice
+    (every slice saw the same contexts), latents, examples and histograms from each."""
+    t0 = time.perf_counter()
+    records = [_slice_record(Path(p), dict_name) for p in slice_dbs]
+    row, first = records[0]
+    if any(r["fingerprint"] != row["fingerprint"] or res["n_contexts"] != first["n_contexts"] for r, res in records):
+        raise ExplainerError(f"the slice DBs {', '.join(map(str, slice_dbs))} hold different runs; rerun the torchrun "
+                             "command with --restart")
+    config = row["config"]
+    dict_id = store.register_dictionary(con, **{**row, "config": json.loads(config) if isinstance(config, str)
+                                                else (config or {})})
+    run_id = store.start_run(con, "sample", {"latent_shards": [str(p) for p in slice_dbs]})
+    try:
+        with store.transaction(con):
+            for table in ("contexts", "latents", "examples", "latent_histograms", "latent_neighbours", "latent_logits"):
+                con.execute(f"DELETE FROM {table} WHERE dict_id = ?", [dict_id])  # fixed names
+            for i, path in enumerate(slice_dbs):
+                quoted = str(path).replace("'", "''")
+                src_id = store.one_row(con.execute(f"ATTACH '{quoted}' AS slice{i} (READ_ONLY); SELECT id FROM "
+                                                   f"slice{i}.dictionaries WHERE fingerprint = ?", [row["fingerprint"]]))[0]
+                for table in (["contexts"] if i == 0 else []) + ["latents", "examples", "latent_histograms"]:
+                    con.execute(f"INSERT INTO {table} BY NAME SELECT * REPLACE (? AS dict_id) FROM slice{i}.{table} "
+                                "WHERE dict_id = ?", [dict_id, src_id])
+                con.execute(f"DETACH slice{i}")
+            freq = torch.tensor([f for (f,) in con.execute("SELECT frequency FROM latents WHERE dict_id = ? "
+                                                           "ORDER BY latent", [dict_id]).fetchall()])
+            result = {**first, "dict_id": dict_id, "dict_name": row["name"], "shard": "merged", "complete": True,
+                      "latent_shards": len(slice_dbs), "dead_latents": int((freq == 0).sum()),
+                      "median_frequency": float(freq.median()) if len(freq) else None,
+                      "cooccurrence": COOC_SKIPPED, "logit_lens": LENS_SKIPPED, "decoder_neighbours": LENS_SKIPPED}
+            store.finish_run(con, run_id, "done", result)
+    except BaseException as e:
+        store.finish_run(con, run_id, "failed", {"error": f"{type(e).__name__}: {e}"})
+        raise
+    return SampleResult.from_record(con, result, dict_id=dict_id, dict_name=row["name"], shard="merged",
                                     already_complete=False, warnings=[], t0=t0)

@@ -7,6 +7,10 @@ After every rank has finished (a collective: a rank that failed makes all of the
 an error, none waits forever), rank 0 merges the shard outputs into the target DB with the
 same exact merge as `explainer merge`. The shard files stay: a rerun finds every shard
 complete and only merges again; delete them once the merged DB is what you want.
+
+With `--latent-shards R` the world is D data replicas x R latent shards: rank d*R + r samples
+context shard d/D against latent slice r only (wide.py), and rank 0 merges each slice over the
+replicas, then writes the slices side by side (merge.combine_slices).
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from typing import Optional
 import torch
 
 from explainer.errors import ExplainerError
-from explainer.sae.distributed import Dist, setup
-from explainer.sample.merge import merge
+from explainer.sae.distributed import Dist, Grid, make_grid, setup
+from explainer.sample.merge import combine_slices, merge
 from explainer.sample.sampler import Progress, SampleResult
 from explainer.sample.sampler import run as sample_run
+from explainer.sample.wide import check_settings
 from explainer.settings import Settings
 from explainer.store import db as store
 
@@ -47,9 +52,13 @@ def run(settings: Settings, sae_path: Path | str, *, dict_name: Optional[str] = 
         raise ExplainerError(f"--shard {settings.sample.shard} and torchrun both split the contexts; "
                              "drop --shard when running under torchrun (each rank takes rank/world)")
     dist, device = setup(settings.model.device)
+    check_settings(settings.sample, dist.world)
+    grid = make_grid(dist, settings.sample.latent_shards)
     s = settings.model_copy(deep=True)
     s.model.device = device
-    s.sample.shard = f"{dist.rank}/{dist.world}"
+    s.sample.shard = f"{grid.data_rank}/{grid.data_world}"
+    if grid.shards > 1:  # both need every latent on one rank: see wide.py
+        s.sample.cooccurrence_max_latents, s.sample.lens = 0, False
     target = Path(settings.db)
     mine = rank_db(target, dist.rank, dist.world)
     error: Optional[BaseException] = None
@@ -57,16 +66,32 @@ def run(settings: Settings, sae_path: Path | str, *, dict_name: Optional[str] = 
     try:
         with store.connect(mine) as con:
             res = sample_run(con, s, sae_path, dict_name=dict_name, resume=resume,
-                             progress=progress if dist.main else None)
+                             progress=progress if dist.main else None, grid=grid)
     except Exception as e:  # reported after the collective so the other ranks do not wait forever
         error = e
     _all_ok(dist, error, torch.device(device))
     if not dist.main:
         assert res is not None
         return res
+    if grid.shards > 1:
+        return _combine_slices(target, grid, dict_name)
     outputs = [Path(s.sample.parquet)] if s.sample.parquet else [rank_db(target, r, dist.world) for r in range(dist.world)]
     with store.connect(target) as con:
         return merge(con, outputs, dict_name=dict_name)
+
+
+def _combine_slices(target: Path, grid: Grid, dict_name: Optional[str]) -> SampleResult:
+    """Rank 0: merge each latent slice over the data replicas (a slice DB), then combine the slices."""
+    R, D, world = grid.shards, grid.data_world, grid.dist.world
+    if D == 1:
+        slices = [rank_db(target, r, world) for r in range(R)]
+    else:
+        slices = [target.with_name(f"{target.stem}.slice{r}of{R}{target.suffix or '.duckdb'}") for r in range(R)]
+        for r, path in enumerate(slices):
+            with store.connect(path) as con:
+                merge(con, [rank_db(target, d * R + r, world) for d in range(D)], dict_name=dict_name)
+    with store.connect(target) as con:
+        return combine_slices(con, slices, dict_name=dict_name)
 
 
 def _all_ok(dist: Dist, error: Optional[BaseException], device: torch.device) -> None:

@@ -30,6 +30,7 @@ from explainer import embed
 from explainer.corpus.contexts import Context, iter_contexts, load_documents
 from explainer.errors import ExplainerError
 from explainer.results import StageResult
+from explainer.sae.distributed import Grid
 from explainer.sae.outliers import OutlierRule, add_histograms, position_histogram
 from explainer.sample.latent_map import LatentMap
 from explainer.sample.runs import db_bytes, db_file, done_runs, parse_shard, previous_result, state_path, summary_counts
@@ -37,6 +38,7 @@ from explainer.sample.select import write_results
 from explainer.sample.sink import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sample.state import M31, SampleState, load_state, new_state, one_thread, save_state, update
 from explainer.sample.subset import adopt_hook, check_dictionary, check_fits, latent_subset, plan_contexts
+from explainer.sample.wide import check_settings, group_peak, load_shard, same_start
 from explainer.settings import Settings
 from explainer.store import db as store
 from explainer.vocab import SPLITS
@@ -82,6 +84,7 @@ def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
     exclude = {"checkpoint_every", "shard", "force_layer", "parquet"} | ({"max_active"} if topk else set())
     # The default hard-negative rule stays out, so runs from before the setting keep their config keys.
     exclude |= {"hard_negatives"} if settings.sample.hard_negatives == "tokens" else set()
+    exclude |= {"latent_shards"} if settings.sample.latent_shards == 1 else set()
     cfg = {
         "fingerprint": fingerprint, "model": lm.name, "layer": lm.layer, "dtype": str(lm.dtype),
         # Only off the default residual hook, so runs saved before --hook existed keep their key.
@@ -169,27 +172,35 @@ class _Job:
 
 
 def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str, lm: Any,
-          dict_name: Optional[str]) -> _Job:
-    """Load and check the dictionary against the model and settings, and register it."""
+          dict_name: Optional[str], grid: Optional[Grid] = None) -> _Job:
+    """Load and check the dictionary against the model and settings, and register it.
+
+    With a latent-sharded `grid` the job keeps only this rank's slice of the encoder (wide.py)."""
     from explainer.lm import load_model
     from explainer.sae.files import hub_id, resolve_dictionary
     from explainer.sae.formats import fingerprint, load_dictionary
 
     ss = settings.sample
     shard = parse_shard(ss.shard)
+    if ss.latent_shards > 1:
+        check_settings(ss, grid.dist.world if grid is not None else 1)
     if ss.n_reservoir < ss.n_quantile:
         raise ExplainerError(f"sample.n_reservoir={ss.n_reservoir} is below n_quantile={ss.n_quantile}; raise it")
     hub = hub_id(sae_path)
     sae_path = resolve_dictionary(sae_path)
-    sae = load_dictionary(sae_path, max_active=ss.max_active)
+    sae: Any
+    if grid is not None and grid.shards > 1:  # this rank's slice only (wide.py)
+        sae, sliced, fp = load_shard(sae_path, grid, ss.max_active)
+    else:
+        sae, sliced, fp = load_dictionary(sae_path, max_active=ss.max_active), None, None
     adopted: list[str] = []
     if lm is None:
         settings, adopted = adopt_hook(settings, sae.cfg)
         lm = load_model(settings.model)
     warnings = adopted + check_dictionary(sae, lm, ss)
-    latents = LatentMap.keep(latent_subset(ss.latents, sae.d_sae), sae.d_sae)  # bad input fails before any write
+    latents = sliced or LatentMap.keep(latent_subset(ss.latents, sae.d_sae), sae.d_sae)  # bad input fails before any write
     sae = sae.to(lm.device).eval()
-    fp = fingerprint(sae)
+    fp = fp or fingerprint(sae)
     name = dict_name or ("/".join(hub).strip("/") if hub else sae_path.resolve().name)
     dict_id = store.register_dictionary(
         con, name=name, path="/".join(hub).strip("/") if hub else str(sae_path.resolve()), model=lm.name, hook=lm.hook,
@@ -267,7 +278,7 @@ class _Stream:
         cids = torch.tensor([c.context_id for c in batch], device=vals.device)
         with one_thread(vals.device):
             peak = float(update(state, split, cids, vals.float(), idx, self.ids).max())
-        if self.job.settings.sample.acts_dtype == "float16" and peak > FLOAT16_MAX:
+        if self.job.settings.sample.acts_dtype == "float16" and group_peak(self.job.sae, peak) > FLOAT16_MAX:
             raise ExplainerError(f"latent activations reach {peak:.4g}, beyond float16; "
                                  "rerun with --acts-dtype float32 --restart")
         state.meta["next_context"] = batch[-1].context_id + 1
@@ -361,19 +372,31 @@ def _lens(con: duckdb.DuckDBPyConnection, job: _Job) -> dict[str, Any]:
 
 
 def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str, *, lm: Any = None,
-        dict_name: Optional[str] = None, resume: bool = True, progress: Optional[Progress] = None) -> SampleResult:
+        dict_name: Optional[str] = None, resume: bool = True, progress: Optional[Progress] = None,
+        grid: Optional[Grid] = None) -> SampleResult:
     """Sample this dictionary's examples into the DB; resumes a killed run, no-op when done.
 
     resume=False (--restart) discards this dictionary's earlier samples and any checkpoint.
+    `grid`: under torchrun with sample.latent_shards > 1, which latent slice this rank keeps.
     """
     t0 = time.perf_counter()
-    job = _open(con, settings, sae_path, lm, dict_name)
+    job = _open(con, settings, sae_path, lm, dict_name, grid)
     prev = previous_result(con, job.dict_id, job.name, job.key, job.shard_text, resume)
+    stream, error = None, None
+    try:
+        if prev is None:
+            if settings.sample.hard_negatives == "embedding":
+                embed.model_dir()  # a missing encoder fails now, not after the whole corpus went through
+            stream = _prepare(con, job, resume)
+    except Exception as e:
+        error = e
+    if grid is not None and grid.shards > 1:  # the latent group must encode the same batches together
+        same_start(grid, error, -1 if stream is None else int(stream.state.meta["next_context"]))
+    if error is not None:
+        raise error
     if prev is not None:
         return job.result(con, prev, t0, already=True)
-    if settings.sample.hard_negatives == "embedding":
-        embed.model_dir()  # a missing encoder fails now, not after the whole corpus went through
-    stream = _prepare(con, job, resume)
+    assert stream is not None  # _prepare ran, or its error was raised above
     run_id = store.start_run(con, "sample", settings.public_dict())
     try:
         with torch.inference_mode():
