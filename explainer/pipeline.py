@@ -47,12 +47,27 @@ class PipelineResult(StageResult):
         return {}  # its tables are the whole story
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
-        return {"stages": self.stages,
-                "labels: a spread (the best of each frequency decile in turn, one per distinct text; "
-                "chosen on validation; held-out reported)": self.labels}
+        by = sorted({str(r.get("selected_by")) for r in self.labels})
+        title = ("labels: a spread (the best of each frequency decile in turn, one per distinct text), chosen on "
+                 f"validation by {', '.join(by)}; held-out reported with its 95% interval")
+        return {"stages": self.stages, title: [_label_row(r, self.labels) for r in self.labels]}
 
     def to_json(self) -> dict[str, Any]:
         return {"db": str(self.db), "stages": self.stages, "labels": self.labels}
+
+
+def _label_row(r: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A label as the run's closing table shows it: few columns, so the explanation keeps its width
+    in an 80-column log (--json carries every field)."""
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    out = {"latent": r["latent"], "explanation": r["explanation"], "frequency": r["frequency"],
+           "validation": num(r.get("validation")),
+           "held-out [95% CI]": f"{num(r.get('heldout'))} [{num(r.get('ci_low'))}, {num(r.get('ci_high'))}]"}
+    if any(x.get("explainer") != "ngram" for x in rows):  # an LLM label beside the n-gram's, same snippets
+        out.update(explainer=r.get("explainer"), ngram=num(r.get("ngram")))
+    return out
 
 
 def _trained(out: Path) -> bool:

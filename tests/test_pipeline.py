@@ -98,3 +98,19 @@ def test_run_with_an_llm_endpoint_labels_and_scores_the_chosen_latents(
     assert costs >= 10
     assert len(pairs) == 10 and all(n_sets == 1 and n_kinds == 3 for _, _, n_sets, n_kinds in pairs), pairs
     assert labels[0] == 5  # chosen by the LLM simulator's validation score where it scored both explanations
+
+
+def test_run_closing_table_keeps_explanations_readable_in_an_80_column_log(capsys: pytest.CaptureFixture[str]) -> None:
+    from explainer import ui
+    from explainer.pipeline import PipelineResult
+
+    label = {"latent": 2756, "explanation": "fires on 'the' (any case) (strong)", "explainer": "ngram",
+             "selected_by": "simulation/ngram/ngram", "validation": 0.985, "heldout": 0.977, "ci_low": 0.959,
+             "ci_high": 0.989, "ngram": 0.977, "frequency": 0.03005}
+    res = PipelineResult(Path("x.duckdb"), 1, [], [label])
+    ui.show_result(res, as_json=False)  # captured: not a terminal, rich's 80 columns
+    out = capsys.readouterr().out
+    assert "fires on 'the' (any" in out  # wrapped by words, not a column of 5-letter shreds
+    assert "0.977 [0.959," in out and "simulation/ngram/ngram" in out
+    ui.show_result(res, as_json=True)
+    assert json.loads(capsys.readouterr().out)["labels"] == [label]  # --json keeps every field
