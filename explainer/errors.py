@@ -52,6 +52,9 @@ def _one(e: BaseException) -> Optional[str]:
                 "being a full disk; free space (or write to another disk) and rerun")
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return f"cannot access{where}: {e.strerror}; fix its permissions or choose another location"
+    if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+        return (f"cannot write{where}: {e.strerror} (a file or folder of that name is in the way); "
+                "move it or choose another location")
     if type(e).__module__.startswith(("duckdb", "_duckdb")) and (
             "Corrupt database file" in text or "Could not read enough bytes" in text):
         return f"a DuckDB file{where} is damaged ({first}); restore it from a copy or pass another --db"

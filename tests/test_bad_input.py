@@ -566,6 +566,11 @@ def test_environment_messages_are_one_line_and_leave_bugs_alone() -> None:
         assert "/data/y.bin" in (environment_message(outer) or "")
     assert "cannot access /etc/x: Permission denied" in (
         environment_message(PermissionError(errno.EACCES, "Permission denied", "/etc/x")) or "")
+    for err in (FileExistsError(errno.EEXIST, "File exists", "/runs/x.duckdb.sample"),
+                NotADirectoryError(errno.ENOTDIR, "Not a directory", "/runs/x.duckdb.sample/s.pt"),
+                IsADirectoryError(errno.EISDIR, "Is a directory", "/runs/x.duckdb")):
+        msg = environment_message(err) or ""  # something already sits where a file or folder must go
+        assert f"cannot write {err.filename}" in msg and "in the way" in msg and "\n" not in msg
     assert environment_message(ValueError("a bug")) is None
     assert environment_message(KeyError("x")) is None
 

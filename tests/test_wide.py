@@ -229,3 +229,20 @@ def test_one_slice_past_float16_stops_both_ranks(tiny_lm: Path, tiny_corpus: Pat
     assert res.returncode != 0  # and no hang: rank 0, whose slice fits, does not wait in the next gather
     assert "beyond float16" in res.stderr
     assert not (tmp_path / "x.duckdb").exists()
+
+
+def test_a_checkpoint_failing_on_one_slice_stops_both_ranks(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    from tests.test_distributed import _env, _sample_args
+    from tests.test_sample import make_sae
+
+    sae = make_sae(tmp_path / "sae")
+    (tmp_path / "x.rank1of2.duckdb.sample").write_text("")  # rank 1 cannot save its state; rank 0 can
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "explainer", *_sample_args(tiny_lm, tiny_corpus, sae, tmp_path / "x.duckdb"),
+                          "--set=sample.checkpoint_every=3", "--latent-shards", "2"],
+                         env=_env(), capture_output=True, text=True, timeout=150)  # before: rank 0 waited 60 min
+    assert res.returncode != 0
+    assert "error: cannot write" in res.stderr and "x.rank1of2.duckdb.sample" in res.stderr  # rank 1's, one line
+    assert "error: another latent shard failed at a checkpoint (this is shard 0 of 2)" in res.stderr
+    assert "explainer/" not in "".join(line for line in res.stderr.splitlines(True) if "File \"" in line)
+    assert not (tmp_path / "x.duckdb").exists()

@@ -38,7 +38,7 @@ from explainer.sample.select import write_results
 from explainer.sample.sink import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
 from explainer.sample.state import M31, SampleState, load_state, new_state, one_thread, save_state, update
 from explainer.sample.subset import adopt_hook, check_dictionary, check_fits, latent_subset, plan_contexts
-from explainer.sample.wide import check_settings, group_peak, load_shard, same_start
+from explainer.sample.wide import check_settings, group_ok, group_peak, load_shard, same_start
 from explainer.settings import Settings
 from explainer.store import db as store
 from explainer.vocab import SPLITS
@@ -231,10 +231,15 @@ class _Stream:
     t_loop: float = 0.0
 
     def checkpoint(self) -> None:
-        with store.transaction(self.con):
-            self.pending.write()
-        if self.spath is not None:  # after the commit: see the module docstring
-            save_state(self.state, self.spath)
+        error: Optional[BaseException] = None
+        try:
+            with store.transaction(self.con):
+                self.pending.write()
+            if self.spath is not None:  # after the commit: see the module docstring
+                save_state(self.state, self.spath)
+        except Exception as e:  # e.g. a full disk on one rank: every latent shard must hear of it
+            error = e
+        group_ok(self.job.sae, error)
 
     def run(self, progress: Optional[Progress]) -> None:
         """Every batch from the state's position on; the state is complete afterwards."""

@@ -171,3 +171,17 @@ def same_start(grid: Grid, error: Optional[BaseException], position: int) -> Non
     if len({pos for _, pos in every}) > 1:
         raise ExplainerError(f"the latent shards of this run stopped at different contexts ({[p for _, p in every]}; "
                              "-1 is finished): a kill between their checkpoints; rerun with --restart")
+
+
+def group_ok(encoder: Any, error: Optional[BaseException]) -> None:
+    """After a step only some ranks can fail (a checkpoint writes each rank's own files): tell the
+    latent group, so all raise (the failed rank its own error) instead of the others waiting in
+    the next gather until the process group's timeout. A whole-dictionary encoder just re-raises."""
+    if isinstance(encoder, ShardEncoder):
+        grid = encoder.grid
+        every = [int(t.tolist()[0]) for t in grid.all_gather_latent(grid.counts([0 if error is not None else 1]))]
+        if error is None and 0 in every:
+            raise ExplainerError(f"another latent shard failed at a checkpoint (this is shard {grid.shard} of "
+                                 f"{grid.shards}); see its error, fix it and rerun: the shards resume together")
+    if error is not None:
+        raise error
