@@ -100,15 +100,26 @@ def resolve(name: str) -> str:
     raise ExplainerError(f"unknown model {name!r}: use a built-in ({listing}), a Hugging Face id or a local folder")
 
 
-def _decoder_layers(model: Any) -> Any:
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+def first_attribute(model: Any, paths: tuple[str, ...], kind: type = object) -> Optional[Any]:
+    """The first of `paths` (dotted attribute names, e.g. "model.norm") that `model` has as a `kind`,
+    else None: architectures name the same part differently."""
+    for path in paths:
         obj = model
         try:
             for attr in path.split("."):
                 obj = getattr(obj, attr)
         except AttributeError:
             continue
-        return obj
+        if isinstance(obj, kind):
+            return obj
+    return None
+
+
+def _decoder_layers(model: Any) -> Any:
+    found = first_attribute(model, ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
+                                    "model.decoder.layers"))
+    if found is not None:
+        return found
     raise ExplainerError(
         f"cannot find the decoder layers of {type(model).__name__}; supported: Llama/Gemma/GPT-2/NeoX-style models")
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from explainer.errors import ExplainerError
+from explainer.lm import first_attribute
 
 N_LENS = 10           # top and bottom tokens kept per latent
 N_NEIGHBOURS = 10     # nearest latents kept per latent
@@ -48,15 +49,9 @@ def is_residual_hook(hook: str) -> bool:
 
 def final_norm(model: Any) -> Any:
     """The model's final norm module, found by the names the common architectures use."""
-    for path in FINAL_NORMS:
-        obj = model
-        try:
-            for attr in path.split("."):
-                obj = getattr(obj, attr)
-        except AttributeError:
-            continue
-        if isinstance(obj, torch.nn.Module):
-            return obj
+    norm = first_attribute(model, FINAL_NORMS, torch.nn.Module)
+    if norm is not None:
+        return norm
     raise ExplainerError(f"cannot find the final norm of {type(model).__name__} (looked for {', '.join(FINAL_NORMS)}); "
                          "the logit lens needs one: turn it off with --no-lens")
 
