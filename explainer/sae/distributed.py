@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from explainer.errors import ExplainerError
+
 
 @dataclass
 class Dist:
@@ -150,3 +152,16 @@ def make_grid(dist: Dist, shards: int) -> Grid:
         g = torch.distributed.new_group(list(range(r, dist.world, shards)))
         data = g if dist.rank % shards == r else data
     return Grid(dist, shards, latent, data)
+
+
+def check_latent_shards(shards: int, world: int, verb: str) -> None:
+    """Refuse `--latent-shards` outside torchrun or with a world it does not divide (train and sample)."""
+    if shards == 1:
+        return
+    if world == 1:
+        raise ExplainerError(f"--latent-shards {shards} splits the dictionary's latents over torchrun processes; "
+                             f"launch with `torchrun --nproc-per-node {shards} -m explainer {verb} ...` "
+                             "or drop --latent-shards")
+    if world % shards:
+        raise ExplainerError(f"--latent-shards {shards} does not divide the {world} torchrun processes; "
+                             f"launch a multiple of {shards} processes (--nproc-per-node)")

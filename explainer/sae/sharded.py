@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from explainer.errors import ExplainerError
-from explainer.sae.distributed import Grid
+from explainer.sae.distributed import Grid, check_latent_shards
 from explainer.sae.model import TopKSAE
 from explainer.sae.sparse import sparse_decode, sparse_forward
 from explainer.sae.step import Trainer, _sum_sq, default_lr
@@ -36,14 +36,9 @@ from explainer.settings import TrainSettings
 def check_shardable(ts: TrainSettings, world: int) -> None:
     """Refuse a grid the step cannot run, before anything is loaded."""
     r = ts.latent_shards
+    check_latent_shards(r, world, "train")
     if r == 1:
         return
-    if world == 1:
-        raise ExplainerError(f"--latent-shards {r} splits the dictionary over torchrun processes; launch with "
-                             f"`torchrun --nproc-per-node {r} -m explainer train ...` or drop --latent-shards")
-    if world % r:
-        raise ExplainerError(f"--latent-shards {r} does not divide the {world} torchrun processes; "
-                             f"launch a multiple of {r} processes (--nproc-per-node)")
     if ts.n_latents % r or ts.k >= ts.n_latents // r:
         raise ExplainerError(f"--latent-shards {r} must divide --n-latents {ts.n_latents} into shards wider than "
                              f"--k {ts.k}; choose another --latent-shards")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from explainer.errors import ExplainerError
-from explainer.sae.distributed import Grid
+from explainer.sae.distributed import Grid, check_latent_shards
 from explainer.sae.formats import fingerprint, load_dictionary
 from explainer.sae.model import TopKSAE, layer_norm
 from explainer.sae.slices import read_topk_slice, topk_dims
@@ -40,14 +40,9 @@ from explainer.settings import SampleSettings
 def check_settings(ss: SampleSettings, world: int) -> None:
     """Refuse what a latent-sharded sample cannot run, before anything is loaded."""
     r = ss.latent_shards
+    check_latent_shards(r, world, "sample")
     if r == 1:
         return
-    if world == 1:
-        raise ExplainerError(f"--latent-shards {r} splits the dictionary's latents over torchrun processes; launch "
-                             f"with `torchrun --nproc-per-node {r} -m explainer sample ...` or drop --latent-shards")
-    if world % r:
-        raise ExplainerError(f"--latent-shards {r} does not divide the {world} torchrun processes; "
-                             f"launch a multiple of {r} processes (--nproc-per-node)")
     if ss.latents != "all":
         raise ExplainerError(f"--latents {ss.latents} and --latent-shards both pick each rank's latents; "
                              "drop one of them")
