@@ -32,15 +32,7 @@ def verb_arguments(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument("--model", default=None,
                        help="model that wrote the explanations (default: the file's model column, else unknown)")
     if verb == "steer":
-        p.add_argument("latent", type=int, help="latent index")
-        p.add_argument("--prompt", required=True, help="text to continue (shown and generated literally)")
-        p.add_argument("--strength", type=float, required=True,
-                       help="add: S in h += S * d (d the latent's decoder row); clamp: the activation S the latent is set to")
-        p.add_argument("--mode", choices=["add", "clamp"], default="add", help="add the direction, or clamp the latent "
-                       "to --strength: h += (S - a(h)) * d (default: add)")
-        p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate greedily (default: 32)")
-        p.add_argument("--sae", default=None, help="dictionary folder (any format `sample --sae` reads); default: the "
-                                                   "DB's dictionaries.path")
+        _steer_arguments(p)
     if verb == "lens":
         p.add_argument("--sae", default=None, help="the dictionary's folder, when it moved since it was sampled "
                                                    "(default: the path the DB records)")
@@ -90,3 +82,15 @@ def verb_arguments(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument("query", nargs="?", default=None,
                        help="a SQL statement, e.g. \"SELECT * FROM labels LIMIT 5\"; omit it for an interactive prompt")
         p.add_argument("--csv", action="store_true", help="print CSV")
+
+
+def _steer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("latent", type=int, help="latent index")
+    p.add_argument("--prompt", required=True, help="text to continue (shown and generated literally)")
+    p.add_argument("--strength", type=float, required=True,
+                   help="add: S in h += S * d (d the latent's decoder row); clamp: the activation S the latent is set to")
+    p.add_argument("--mode", choices=["add", "clamp"], default="add", help="add the direction, or clamp the latent "
+                   "to --strength: h += (S - a(h)) * d (default: add)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate greedily (default: 32)")
+    p.add_argument("--sae", default=None, help="dictionary folder (any format `sample --sae` reads); default: the "
+                                               "DB's dictionaries.path")

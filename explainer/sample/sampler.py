@@ -35,7 +35,7 @@ from explainer.sae.outliers import OutlierRule, add_histograms, position_histogr
 from explainer.sample.latent_map import LatentMap
 from explainer.sample.runs import db_bytes, db_file, done_runs, parse_shard, previous_result, state_path, summary_counts
 from explainer.sample.select import write_results
-from explainer.sample.sink import DICT_FIELDS, DbContexts, ParquetContexts, pending_table, sink
+from explainer.sample.sink import DICT_FIELDS, DbContexts, ParquetContexts, Pending, sink
 from explainer.sample.state import M31, SampleState, load_state, new_state, one_thread, save_state, update
 from explainer.sample.subset import adopt_hook, check_dictionary, check_fits, latent_subset, plan_contexts
 from explainer.sample.wide import check_settings, group_ok, group_peak, load_shard, same_start
@@ -95,22 +95,6 @@ def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
         **({"outliers": rule.cfg()} if rule is not None else {}),
     }
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16], cfg
-
-
-# --- contexts rows ----------------------------------------------------------------------
-
-
-class _Pending:
-    """Contexts rows waiting for the next checkpoint, and where they go (DB table or Parquet)."""
-
-    def __init__(self, contexts: DbContexts | ParquetContexts, token_strings: Callable[[list[int]], list[str]]) -> None:
-        self.contexts, self.token_strings = contexts, token_strings
-        self.rows: list[Context] = []
-
-    def write(self) -> None:
-        if self.rows:
-            self.contexts.write(pending_table(self.rows, self.token_strings))
-        self.rows = []
 
 
 # --- run -------------------------------------------------------------------------------------
@@ -225,7 +209,7 @@ class _Stream:
     contexts: DbContexts | ParquetContexts
     spath: Optional[Path]             # the state file (None: an in-memory DB keeps none)
     state: SampleState
-    pending: _Pending
+    pending: Pending
     ids: torch.Tensor                 # the global latent id of each state row, on the model's device
     done_before: int = 0              # contexts a resumed state had already counted
     t_loop: float = 0.0
@@ -318,7 +302,7 @@ def _prepare(con: duckdb.DuckDBPyConnection, job: _Job, resume: bool) -> _Stream
     if state is None:
         state = _new_state(job)
     total = len(range(job.shard[0], min(limit, sum(counts.values())), job.shard[1])) * T
-    return _Stream(con, job, docs, limit, total, dropped, contexts, spath, state, _Pending(contexts, lm.token_strings),
+    return _Stream(con, job, docs, limit, total, dropped, contexts, spath, state, Pending(contexts, lm.token_strings),
                    job.latents.hash_ids(lm.device))
 
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from explainer.corpus.contexts import Context
 from explainer.errors import ExplainerError
 from explainer.store import db as store
 
@@ -177,3 +178,16 @@ def sink(con: duckdb.DuckDBPyConnection, dict_id: int, shard: tuple[int, int], p
     if parquet:
         return ParquetContexts(con, dict_id, shard, Path(parquet), dictionary)
     return DbContexts(con, dict_id, shard)
+
+
+class Pending:
+    """Contexts rows waiting for the next checkpoint, and where they go (DB table or Parquet)."""
+
+    def __init__(self, contexts: DbContexts | ParquetContexts, token_strings: Callable[[list[int]], list[str]]) -> None:
+        self.contexts, self.token_strings = contexts, token_strings
+        self.rows: list[Context] = []
+
+    def write(self) -> None:
+        if self.rows:
+            self.contexts.write(pending_table(self.rows, self.token_strings))
+        self.rows = []
