@@ -55,10 +55,30 @@ def _one(e: BaseException) -> Optional[str]:
     if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
         return (f"cannot write{where}: {e.strerror} (a file or folder of that name is in the way); "
                 "move it or choose another location")
+    if _out_of_memory(e, text):
+        first = re.sub(r"^\[enforce fail at [^\]]*\] err == 0\. ", "", first)  # torch's CPU allocator prefix
+        return (f"out of memory ({first}); lower the batch (--batch-size for model passes, --batch-tokens for "
+                "training), or split the dictionary over more processes (--latent-shards under torchrun), and rerun: "
+                "checkpoints resume")
+    if isinstance(e, RuntimeError) and any(t in text for t in _PEER_GONE):
+        return ("another torchrun rank stopped while this one waited for it in a collective; its own error is "
+                "above: fix that and rerun (checkpoints resume)")
     if type(e).__module__.startswith(("duckdb", "_duckdb")) and (
             "Corrupt database file" in text or "Could not read enough bytes" in text):
         return f"a DuckDB file{where} is damaged ({first}); restore it from a copy or pass another --db"
     return None
+
+
+# gloo's and NCCL's words for a peer process that exited mid-collective
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "NCCL communicator was aborted")
+
+
+def _out_of_memory(e: BaseException, text: str) -> bool:
+    import torch
+
+    return (isinstance(e, (MemoryError, torch.OutOfMemoryError))
+            or (isinstance(e, RuntimeError) and ("DefaultCPUAllocator: can't allocate memory" in text
+                                                 or "CUDA out of memory" in text or "MPS backend out of memory" in text)))
 
 
 def _path_in_frames(e: BaseException) -> Optional[str]:

@@ -573,6 +573,23 @@ def test_environment_messages_are_one_line_and_leave_bugs_alone() -> None:
         assert f"cannot write {err.filename}" in msg and "in the way" in msg and "\n" not in msg
     assert environment_message(ValueError("a bug")) is None
     assert environment_message(KeyError("x")) is None
+    assert environment_message(RuntimeError("shape mismatch")) is None
+
+
+def test_out_of_memory_and_a_vanished_peer_are_one_line() -> None:
+    from explainer.errors import environment_message
+
+    with pytest.raises(RuntimeError) as cpu:
+        torch.empty(2**50)  # 4 PiB: the CPU allocator refuses
+    with pytest.raises(MemoryError) as py:
+        bytearray(2**60)
+    for err in (cpu.value, py.value, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")):
+        msg = environment_message(err) or ""
+        assert msg.startswith("out of memory (") and "--batch-size" in msg and "\n" not in msg, msg
+        assert "enforce fail" not in msg
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:21397. This is typically caused by a remote worker crashing.")
+    assert "another torchrun rank stopped" in (environment_message(gloo) or "")
 
 
 def test_a_block_damaged_under_a_running_command_is_one_line(tmp_path: Path,

@@ -134,8 +134,7 @@ def test_refusals_name_the_setting() -> None:
         check_settings(ss, 1)
     with pytest.raises(ExplainerError, match=r"does not divide the 3 torchrun processes"):
         check_settings(ss, 3)
-    with pytest.raises(ExplainerError, match=r"--latents 0-9 and --latent-shards"):
-        check_settings(SampleSettings(latent_shards=2, latents="0-9"), 2)
+    check_settings(SampleSettings(latent_shards=2, latents="0-9"), 2)  # each slice keeps the subset's ids in it
     with pytest.raises(ExplainerError, match=r"drop --parquet"):
         check_settings(SampleSettings(latent_shards=2, parquet="/tmp/x"), 2)
     check_settings(ss, 4)  # 2 data replicas x 2 latent shards
@@ -246,3 +245,85 @@ def test_a_checkpoint_failing_on_one_slice_stops_both_ranks(tiny_lm: Path, tiny_
     assert "error: another latent shard failed at a checkpoint (this is shard 0 of 2)" in res.stderr
     assert "explainer/" not in "".join(line for line in res.stderr.splitlines(True) if "File \"" in line)
     assert not (tmp_path / "x.duckdb").exists()
+
+
+def _rank_fails_mid_pass(rank: int, port: int, args: list[str], out: str) -> None:
+    """One rank of a 2-rank latent-sharded `sample`, as torchrun would start it; rank 1 runs out of
+    memory on its third batch, between the latent group's gathers."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    os.dup2(os.open(f"{out}.{rank}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+    from explainer.cli import main
+    from explainer.sample import sampler
+
+    if rank == 1:
+        real, seen = sampler._Stream.process, [0]
+
+        def process(self: sampler._Stream, batch: list, progress: object) -> None:
+            seen[0] += 1
+            if seen[0] == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (planted on rank 1)")
+            real(self, batch, progress)
+        sampler._Stream.process = process  # type: ignore[method-assign]
+    Path(f"{out}.{rank}.rc").write_text(str(main(args)))
+
+
+def test_a_rank_failing_mid_pass_stops_the_others_at_once(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    """Before: the failed rank went on to the run's closing collective while the other waited in the
+    next batch's gather, and both sat there until the process group's 60-minute timeout."""
+    import socket
+
+    from tests.test_distributed import _sample_args
+    from tests.test_sample import make_sae
+
+    sae = make_sae(tmp_path / "sae")
+    args = [*_sample_args(tiny_lm, tiny_corpus, sae, tmp_path / "x.duckdb"), "--latent-shards", "2"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_fails_mid_pass, args=(r, port, args, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        p.kill()
+    assert not hung, "a rank was still waiting 120 s after the other failed"
+    errs = [Path(f"{out}.{r}.err").read_text() for r in range(2)]
+    assert [Path(f"{out}.{r}.rc").read_text() for r in range(2)] == ["2", "2"], errs
+    assert "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB" in errs[1], errs[1]
+    assert "error: another torchrun rank stopped" in errs[0], errs[0]
+    assert all("Traceback" not in e for e in errs), errs
+    assert not (tmp_path / "x.duckdb").exists()
+
+
+@pytest.mark.parametrize("subset", ["20-40,50", "0-9"])  # across both slices; inside slice 0 only (slice 1 keeps none)
+def test_a_latents_subset_under_latent_shards_equals_one_process(tiny_lm: Path, tiny_corpus: Path, tmp_path: Path,
+                                                                 subset: str) -> None:
+    from tests.test_distributed import _env, _sample_args
+    from tests.test_sample import make_sae, tables
+
+    sae = make_sae(tmp_path / "sae")
+    single = subprocess.run([sys.executable, "-m", "explainer", *_sample_args(tiny_lm, tiny_corpus, sae,
+                                                                              tmp_path / "one.duckdb"),
+                             "--latents", subset], env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "explainer", *_sample_args(tiny_lm, tiny_corpus, sae, tmp_path / "two.duckdb"),
+                          "--latents", subset, "--latent-shards", "2"], env=_env(), capture_output=True, text=True,
+                         timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = tables(tmp_path / "one.duckdb"), tables(tmp_path / "two.duckdb")
+    assert a["contexts"] == b["contexts"]
+    assert [r[:4] for r in a["latents"]] == [r[:4] for r in b["latents"]]
+    assert [r[0] for r in b["latents"]] == [i for lo, hi in ((20, 40), (50, 50)) for i in range(lo, hi + 1)] \
+        if subset != "0-9" else [*range(10)]
+    assert [r[:5] for r in a["examples"]] == [r[:5] for r in b["examples"]]
+    for x, y in zip(a["examples"], b["examples"]):
+        assert x[5] == pytest.approx(y[5], rel=1e-5, abs=1e-6)
+    assert _histograms(tmp_path / "one.duckdb") == _histograms(tmp_path / "two.duckdb")

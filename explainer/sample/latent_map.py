@@ -61,7 +61,8 @@ class LatentMap:
         if device not in self._tables:
             assert self.ids is not None
             ids = torch.tensor(self.ids, dtype=torch.long, device=device)
-            table = torch.full((int(ids[-1]) + 2,), self.n_latents, dtype=torch.long, device=device)
+            top = int(ids[-1]) if len(ids) else -1  # none kept (a latent slice outside --latents): all to the sink
+            table = torch.full((top + 2,), self.n_latents, dtype=torch.long, device=device)
             table[ids] = torch.arange(len(ids), device=device)
             self._tables[device] = table
         return self._tables[device]

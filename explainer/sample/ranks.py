@@ -26,7 +26,7 @@ from explainer.sae.distributed import Dist, Grid, make_grid, setup
 from explainer.sample.merge import combine_slices, merge
 from explainer.sample.sampler import Progress, SampleResult
 from explainer.sample.sampler import run as sample_run
-from explainer.sample.wide import check_settings
+from explainer.sample.wide import check_settings, is_off_step
 from explainer.settings import Settings
 from explainer.store import db as store
 
@@ -68,6 +68,8 @@ def run(settings: Settings, sae_path: Path | str, *, dict_name: Optional[str] = 
             res = sample_run(con, s, sae_path, dict_name=dict_name, resume=resume,
                              progress=progress if dist.main else None, grid=grid)
     except Exception as e:  # reported after the collective so the other ranks do not wait forever
+        if is_off_step(e):  # the latent group waits in another gather: leave now (wide.off_step)
+            raise
         error = e
     _all_ok(dist, error, torch.device(device))
     if not dist.main:

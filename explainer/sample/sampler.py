@@ -38,7 +38,7 @@ from explainer.sample.select import write_results
 from explainer.sample.sink import DICT_FIELDS, DbContexts, ParquetContexts, Pending, sink
 from explainer.sample.state import M31, SampleState, load_state, new_state, one_thread, save_state, update
 from explainer.sample.subset import adopt_hook, check_dictionary, check_fits, latent_subset, plan_contexts
-from explainer.sample.wide import check_settings, group_ok, group_peak, load_shard, same_start
+from explainer.sample.wide import check_settings, group_ok, group_peak, in_step, keep_subset, load_shard, off_step, same_start
 from explainer.settings import Settings
 from explainer.store import db as store
 from explainer.vocab import SPLITS
@@ -182,7 +182,8 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
         settings, adopted = adopt_hook(settings, sae.cfg)
         lm = load_model(settings.model)
     warnings = adopted + check_dictionary(sae, lm, ss)
-    latents = sliced or LatentMap.keep(latent_subset(ss.latents, sae.d_sae), sae.d_sae)  # bad input fails before any write
+    subset = latent_subset(ss.latents, sae.d_sae)  # bad input fails before any write
+    latents = keep_subset(sliced, subset) if sliced is not None else LatentMap.keep(subset, sae.d_sae)
     sae = sae.to(lm.device).eval()
     fp = fp or fingerprint(sae)
     name = dict_name or ("/".join(hub).strip("/") if hub else sae_path.resolve().name)
@@ -268,8 +269,8 @@ class _Stream:
         with one_thread(vals.device):
             peak = float(update(state, split, cids, vals.float(), idx, self.ids).max())
         if self.job.settings.sample.acts_dtype == "float16" and group_peak(self.job.sae, peak) > FLOAT16_MAX:
-            raise ExplainerError(f"latent activations reach {peak:.4g}, beyond float16; "
-                                 "rerun with --acts-dtype float32 --restart")
+            raise in_step(ExplainerError(f"latent activations reach {peak:.4g}, beyond float16; "
+                                         "rerun with --acts-dtype float32 --restart"))
         state.meta["next_context"] = batch[-1].context_id + 1
         self.pending.rows.extend(batch)
         if progress is not None:
@@ -369,10 +370,10 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     `grid`: under torchrun with sample.latent_shards > 1, which latent slice this rank keeps.
     """
     t0 = time.perf_counter()
-    job = _open(con, settings, sae_path, lm, dict_name, grid)
-    prev = previous_result(con, job.dict_id, job.name, job.key, job.shard_text, resume)
-    stream, error = None, None
-    try:
+    stream, error, prev = None, None, None
+    try:  # a latent shard that fails to start must still meet the others in same_start
+        job = _open(con, settings, sae_path, lm, dict_name, grid)
+        prev = previous_result(con, job.dict_id, job.name, job.key, job.shard_text, resume)
         if prev is None:
             if settings.sample.hard_negatives == "embedding":
                 embed.model_dir()  # a missing encoder fails now, not after the whole corpus went through
@@ -389,7 +390,11 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     run_id = store.start_run(con, "sample", settings.public_dict())
     try:
         with torch.inference_mode():
-            stream.run(progress)
+            try:
+                stream.run(progress)
+            except Exception as e:
+                off_step(job.sae, e)
+                raise
             result = _finish(con, stream, run_id)
     except BaseException as e:
         try:

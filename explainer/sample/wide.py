@@ -43,9 +43,6 @@ def check_settings(ss: SampleSettings, world: int) -> None:
     check_latent_shards(r, world, "sample")
     if r == 1:
         return
-    if ss.latents != "all":
-        raise ExplainerError(f"--latents {ss.latents} and --latent-shards both pick each rank's latents; "
-                             "drop one of them")
     if ss.parquet:
         raise ExplainerError("--parquet with --latent-shards: every latent shard would write the same contexts "
                              "into the folder; drop --parquet (the contexts go to each rank's DB)")
@@ -75,6 +72,16 @@ def load_shard(folder: Path, grid: Grid, max_active: int) -> tuple[ShardEncoder,
     fp = fingerprint(sae)
     encoder, latents = shard_encoder(sae, grid)
     return encoder, latents, fp
+
+
+def keep_subset(sliced: LatentMap, subset: Optional[Tensor]) -> LatentMap:
+    """The rows of a slice's state under `--latents`: the subset's ids inside the slice (maybe none:
+    the rank still encodes its slice, since the group's top-k needs every latent's candidates)."""
+    if subset is None or sliced.ids is None:
+        return sliced
+    lo, hi = sliced.ids[0], sliced.ids[-1]
+    kept = subset[(subset >= lo) & (subset <= hi)]
+    return LatentMap(len(kept) + 1, kept.tolist())
 
 
 def shard_encoder(sae: TopKSAE, grid: Grid) -> tuple[ShardEncoder, LatentMap]:
@@ -168,6 +175,31 @@ def same_start(grid: Grid, error: Optional[BaseException], position: int) -> Non
                              "-1 is finished): a kill between their checkpoints; rerun with --restart")
 
 
+_IN_STEP = "_explainer_in_step"  # set on an error every rank of the latent group meets at the same collective
+_OFF_STEP = "_explainer_off_step"  # set on an error one rank met alone mid-pass
+
+
+def in_step(error: BaseException) -> BaseException:
+    """Mark `error` as raised where the whole latent group agreed to stop (after a shared gather)."""
+    setattr(error, _IN_STEP, True)
+    return error
+
+
+def off_step(encoder: Any, error: BaseException) -> None:
+    """Mark an error raised on this rank alone during the pass (an out-of-memory, a dead peer's gather).
+
+    The other ranks of its latent group are then waiting in the next gather, so this rank must
+    leave without entering any other collective (sample/ranks.py checks `is_off_step`): its exit
+    closes its connections and the others' gather fails at once ("connection closed by peer",
+    one line through errors.py), where a mismatched collective would hang until the timeout."""
+    if isinstance(encoder, ShardEncoder) and not getattr(error, _IN_STEP, False):
+        setattr(error, _OFF_STEP, True)
+
+
+def is_off_step(error: Optional[BaseException]) -> bool:
+    return error is not None and getattr(error, _OFF_STEP, False)
+
+
 def group_ok(encoder: Any, error: Optional[BaseException]) -> None:
     """After a step only some ranks can fail (a checkpoint writes each rank's own files): tell the
     latent group, so all raise (the failed rank its own error) instead of the others waiting in
@@ -176,7 +208,10 @@ def group_ok(encoder: Any, error: Optional[BaseException]) -> None:
         grid = encoder.grid
         every = [int(t.tolist()[0]) for t in grid.all_gather_latent(grid.counts([0 if error is not None else 1]))]
         if error is None and 0 in every:
-            raise ExplainerError(f"another latent shard failed at a checkpoint (this is shard {grid.shard} of "
-                                 f"{grid.shards}); see its error, fix it and rerun: the shards resume together")
+            raise in_step(ExplainerError(f"another latent shard failed at a checkpoint (this is shard {grid.shard} "
+                                         f"of {grid.shards}); see its error, fix it and rerun: the shards resume "
+                                         "together"))
+        if error is not None:
+            raise in_step(error)
     if error is not None:
         raise error
