@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from explainer.errors import ExplainerError
 from explainer.sae.distributed import Dist, Grid, make_grid
 from explainer.sae.model import TopKSAE
-from explainer.sae.sharded import ShardedTrainer, check_shardable, init_shard, load_shard_state, shard_checkpoint
+from explainer.sae.sharded import GroupDictionary, ShardedTrainer, check_shardable, init_shard, load_shard_state, shard_checkpoint
 from explainer.sae.step import Trainer
 from explainer.settings import TrainSettings
 
@@ -166,7 +166,8 @@ def test_torchrun_latent_shards_train_resume_and_export_like_one_process(tiny_lm
     def args(out: Path, tokens: int) -> list[str]:
         # One step per shuffle block, so a run stopped after 2 steps saw what a longer one sees first.
         base = _train_args(tiny_lm, tiny_corpus, out) + ["--shuffle-steps", "1", "--tokens", str(tokens)]
-        return base if tokens > 2048 else base + ["--eval-tokens", "0"]  # the shell path, no whole dictionary
+        # 2048: no held-out metrics; 4096: FVU and ΔCE through the shards (GroupDictionary) against one process.
+        return base + (["--ce-tokens", "256"] if tokens > 2048 else ["--eval-tokens", "0"])
 
     single, multi = tmp_path / "single", tmp_path / "shard"
     assert main(args(single, 4096)) == 0  # in-process: one interpreter start fewer
@@ -183,7 +184,9 @@ def test_torchrun_latent_shards_train_resume_and_export_like_one_process(tiny_lm
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), (name, float((x - y).abs().max()))
     m1, m2 = (json.loads((p / "metrics.json").read_text()) for p in (single, multi))
     assert m2["latent_shards"] == 2 and m1["steps"] == m2["steps"] == 4
-    assert m2["fvu"] == pytest.approx(m1["fvu"], rel=1e-3)
+    for key in ("fvu", "fvu_all", "l0", "ce_spliced", "ce_increase"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-3), key
+    assert (m2["never_fired_eval_fraction"], m2["eval_tokens"]) == (m1["never_fired_eval_fraction"], m1["eval_tokens"])
     assert m2["dead_fraction"] == m1["dead_fraction"]
     assert torch.equal(load_file(single / SPARSITY_FILE)["sparsity"], load_file(multi / SPARSITY_FILE)["sparsity"])
     assert not list(tmp_path.glob(".*sharded-weights"))  # moved into the folder, not left beside it
@@ -213,3 +216,38 @@ def test_shards_checkpointed_at_different_steps_are_refused(tmp_path: Path) -> N
     mp.start_processes(_mismatch_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     for rank in range(2):
         assert "stopped at steps [4, 3]" in (tmp_path / f"rank{rank}.txt").read_text()
+
+
+def _group_worker(rank: int, tmp: str, normalize: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/store-{normalize}", rank=rank, world_size=2)
+    try:
+        whole = TopKSAE(D_IN, N_LAT, K, normalize=normalize)
+        whole.init_tied(torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            whole.b_enc.copy_(torch.linspace(-0.3, 0.3, N_LAT))
+            whole.b_dec.normal_(generator=torch.Generator().manual_seed(3))
+        w, grid = N_LAT // 2, make_grid(Dist(rank, 2), 2)
+        part = TopKSAE(D_IN, w, K, normalize=normalize)
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                full = getattr(whole, name)
+                getattr(part, name).copy_(full[:, rank * w:(rank + 1) * w] if name == "W_enc" else
+                                          full[rank * w:(rank + 1) * w] if name in ("b_enc", "W_dec") else full)
+        x = torch.randn(3, 7, D_IN, generator=torch.Generator().manual_seed(4)) * 2 + 1
+        got = GroupDictionary(part, grid).encode_decode(x)
+        torch.save({"got": got, "want": whole.encode_decode(x)}, f"{tmp}/group{rank}-{normalize}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("normalize", ["none", "layer_norm"])
+def test_a_group_of_shards_encodes_and_decodes_as_the_whole_dictionary(tmp_path: Path, normalize: str) -> None:
+    """What the held-out evaluation of a sharded run reads (no rank holds the whole dictionary)."""
+    mp.start_processes(_group_worker, args=(str(tmp_path), normalize), nprocs=2, join=True, start_method="fork")
+    for rank in range(2):
+        r = torch.load(tmp_path / f"group{rank}-{normalize}.pt")
+        (v, i, x_hat), (v1, i1, x_hat1) = r["got"], r["want"]
+        dense = torch.zeros(*v.shape[:-1], N_LAT).scatter_(-1, i, v)
+        dense1 = torch.zeros(*v1.shape[:-1], N_LAT).scatter_(-1, i1, v1)
+        assert torch.allclose(dense, dense1, atol=1e-6)
+        assert torch.allclose(x_hat, x_hat1, rtol=1e-5, atol=1e-5)

@@ -129,6 +129,17 @@ class Grid:
         return parts
 
 
+    def winners(self, values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(every shard's candidate values [N, R*w] in shard order, the mask [N, w] of this shard's
+        candidates among the group's top k of them). Exact: the global top k lies within the union
+        of the local ones. Only values travel; a candidate's latent is implied by its (shard, slot)."""
+        w = values.shape[1]
+        every = torch.cat(self.all_gather_latent(values.detach().contiguous()), dim=1)
+        won = torch.zeros(every.shape, dtype=torch.bool, device=every.device)
+        won.scatter_(1, every.topk(k, dim=1, sorted=False).indices, True)
+        return every, won[:, self.shard * w : (self.shard + 1) * w]
+
+
 def _all_reduce(t: Tensor, group: Any, size: int) -> Tensor:
     if size == 1:
         return t

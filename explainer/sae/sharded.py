@@ -27,7 +27,7 @@ from torch import Tensor
 
 from explainer.errors import ExplainerError
 from explainer.sae.distributed import Grid, check_latent_shards
-from explainer.sae.model import TopKSAE
+from explainer.sae.model import TopKSAE, layer_norm
 from explainer.sae.sparse import sparse_decode, sparse_forward
 from explainer.sae.step import Trainer, _sum_sq, default_lr
 from explainer.settings import TrainSettings
@@ -86,12 +86,9 @@ class ShardedTrainer(Trainer):
 
     def _decode(self, values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """(the group's summed decoding, this shard's winners mask) of the global top-k among the candidates."""
-        g, w = self.grid, values.shape[1]
+        g = self.grid
         if self.global_topk:
-            every = torch.cat(g.all_gather_latent(values.detach()), dim=1)
-            won = torch.zeros(every.shape, dtype=torch.bool, device=every.device)
-            won.scatter_(1, every.topk(k, dim=1, sorted=False).indices, True)
-            mine = won[:, g.shard * w : (g.shard + 1) * w]
+            mine = g.winners(values, k)[1]
         else:
             mine = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
             mine[:, :k] = True
@@ -160,6 +157,46 @@ class ShardedTrainer(Trainer):
     def gather_latent(self, t: Tensor) -> Tensor:
         """A per-latent vector [n/R] of every shard, concatenated [n] (small: counters, not weights)."""
         return torch.cat(self.grid.all_gather_latent(t))
+
+
+class GroupDictionary:
+    """The whole dictionary as one latent shard sees it, for held-out evaluation of a sharded run.
+
+    Every rank of the latent group calls `encode_decode` on the same rows together and gets what
+    a whole TopKSAE would return: the k winning values with their dictionary ids, and x_hat (each
+    shard decodes its own winners; the parts are summed). No rank holds more than its shard."""
+
+    def __init__(self, part: TopKSAE, grid: Grid) -> None:
+        self.part, self.grid = part, grid
+        self.d_in, self.k, self.d_sae = part.d_in, part.k, part.d_sae * grid.shards
+        self.device, self.cfg = part.device, part.cfg
+
+    @property
+    def normalize(self) -> str:
+        return self.part.normalize
+
+    @normalize.setter
+    def normalize(self, value: str) -> None:
+        self.part.normalize = value
+
+    @torch.no_grad()
+    def encode_decode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        p, g, k, w = self.part, self.grid, self.k, self.part.d_sae
+        flat = x.reshape(-1, self.d_in).to(p.W_dec.dtype)
+        z, mu, std = layer_norm(flat) if p.normalize == "layer_norm" else (flat, None, None)
+        f = sparse_forward(z, p.W_enc, p.b_enc, None, p.b_dec, k)
+        every, mine = g.winners(f.values, k)
+        ids = torch.cat(g.all_gather_latent((f.indices + g.shard * w).contiguous()), dim=1)
+        top = every.topk(k, dim=1)
+        x_hat = g.all_reduce_latent(sparse_decode(f.values * mine, f.indices, p.W_dec)) + p.b_dec
+        if mu is not None and std is not None:
+            x_hat = x_hat * std + mu
+        lead = x.shape[:-1]
+        return (top.values.view(*lead, k), ids.gather(1, top.indices).view(*lead, k),
+                x_hat.view(*lead, self.d_in).to(x.dtype))
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.encode_decode(x)[2]
 
 
 # --- checkpoints and the exported dictionary, shard by shard ------------------------------------

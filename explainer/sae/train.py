@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -26,10 +26,18 @@ from explainer.results import StageResult
 from explainer.sae.distributed import Grid, make_grid
 from explainer.sae.files import recover_folder
 from explainer.sae.formats import log10_frequency, save_dictionary
-from explainer.sae.model import TopKSAE, build_sae, layer_norm
+from explainer.sae.model import TopKSAE, layer_norm
 from explainer.sae.outliers import OutlierRule, position_histogram
 from explainer.sae.run_files import CHECKPOINT, METRICS, _check_finite, _check_out, _locked, _save_checkpoint
-from explainer.sae.sharded import ShardedTrainer, check_shardable, init_shard, load_shard_state, shard_checkpoint, write_weights
+from explainer.sae.sharded import (
+    GroupDictionary,
+    ShardedTrainer,
+    check_shardable,
+    init_shard,
+    load_shard_state,
+    shard_checkpoint,
+    write_weights,
+)
 from explainer.sae.step import Trainer, geometric_median
 from explainer.settings import Settings, TrainSettings
 
@@ -293,6 +301,8 @@ def _run(settings: Settings, report: Progress, resume: bool, out: Path, dist: An
     shards = _write_shards(out, r) if r.grid is not None else None
 
     if not dist.main:
+        if shards is not None and r.grid is not None and r.grid.data_rank == 0:
+            _evaluate(settings, lm, documents, r, shards)  # rank 0's latent group evaluates together
         dist.barrier()  # rank 0 evaluates and writes; the others wait for it
         metrics = {"rank": dist.rank, "tokens_per_s": round(tok_s, 1)}
         return TrainResult(out, metrics, trainer.steps, trainer.tokens, seconds, tok_s, state is not None)
@@ -302,18 +312,20 @@ def _run(settings: Settings, report: Progress, resume: bool, out: Path, dist: An
 
 
 def _finish(settings: Settings, lm: Any, documents: Iterable[tuple[str, str]], r: _Run, out: Path, seconds: float, tok_s: float,
-            stats: dict, world: int, report: Progress, shards: Optional[tuple[Path, Tensor]] = None) -> dict[str, Any]:
+            stats: dict, world: int, report: Progress, shards: Optional[_Shards] = None) -> dict[str, Any]:
     """Evaluate the folded dictionary on held-out tokens and save it with its metrics, in one rename.
 
-    A sharded run's weights are already in the file `shards` names, with the fire counts of every latent."""
-    from explainer.sae.evaluate import evaluate
-
+    A sharded run's weights are already in the file `shards` names, with the fire counts of every
+    latent; rank 0's latent group evaluates it shard by shard, and `raw` only describes it."""
     ts, trainer = settings.train, r.trainer
-    raw = r.trainer.sae.folded(r.scale) if shards is None else _sharded_dictionary(ts, r, shards[0])
+    if shards is None:
+        raw = r.trainer.sae.folded(r.scale)
+    else:
+        raw = TopKSAE(shards.part.d_in, ts.n_latents, ts.k, device="meta", cfg=shards.part.cfg)
     raw.normalize = "layer_norm" if ts.normalize == "layernorm" else "none"
     raw.cfg.update(r.rule.cfg())
     report({"stage": "eval"})
-    metrics, eval_counts, eval_tokens = evaluate(lm, raw, settings, documents, r.rule)
+    metrics, eval_counts, eval_tokens = _evaluate(settings, lm, documents, r, shards, raw)
     train_outliers = position_histogram(r.outlier_positions[None])
     metrics.update({
         "dead_fraction": float(trainer.dead_mask().float().mean()), "train_tokens": trainer.tokens,
@@ -325,32 +337,43 @@ def _finish(settings: Settings, lm: Any, documents: Iterable[tuple[str, str]], r
     metrics.setdefault("computed_on", {})["train_tokens, final_train_fvu, dead_fraction"] = (
         "train split, ordinary tokens only (outlier tokens are left out of every training batch)")
     counts, n = (eval_counts, eval_tokens) if eval_tokens else (
-        trainer.fire_counts if shards is None else shards[1], trainer.tokens)
+        trainer.fire_counts if shards is None else shards.fire_counts, trainer.tokens)
     cfg = {"activation_scale_folded": r.scale, "trained_tokens": trainer.tokens, "corpus": settings.corpus.source,
            "sparsity_source": "heldout" if eval_tokens else "train", "seed": ts.seed,
            "train_outlier_tokens": int(r.outlier_positions.sum()), "train_outlier_positions": train_outliers,
            "eval_outlier_tokens": metrics.get("n_outlier_tokens"),
            "eval_outlier_positions": metrics.get("outlier_positions", {})}
     save_dictionary(raw, out, sparsity=log10_frequency(counts.cpu(), n), cfg=cfg,
-                    extra={METRICS: json.dumps(metrics, indent=2) + "\n"}, weights_from=shards and shards[0])
+                    extra={METRICS: json.dumps(metrics, indent=2) + "\n"}, weights_from=shards and shards.path)
     return metrics
 
 
-def _write_shards(out: Path, r: _Run) -> tuple[Path, Tensor]:
+class _Shards(NamedTuple):
+    """A sharded run's end: the whole dictionary's weights file, every latent's fire count, this folded shard."""
+    path: Path
+    fire_counts: Tensor
+    part: TopKSAE
+
+
+def _write_shards(out: Path, r: _Run) -> _Shards:
     """Every rank: the whole folded dictionary's weights file, written shard by shard, and all fire counts."""
     assert r.grid is not None and isinstance(r.trainer, ShardedTrainer)
     path = out.parent / f".{out.name}.sharded-weights"
-    write_weights(path, r.trainer.sae.folded(r.scale), r.grid)
-    return path, r.trainer.gather_latent(r.trainer.fire_counts)
+    part = r.trainer.sae.folded(r.scale)
+    write_weights(path, part, r.grid)
+    return _Shards(path, r.trainer.gather_latent(r.trainer.fire_counts), part)
 
 
-def _sharded_dictionary(ts: TrainSettings, r: _Run, weights: Path) -> TopKSAE:
-    """What rank 0 evaluates and describes: the written dictionary when held-out metrics are asked
-    for (that alone holds the whole of it on one rank), else a shell on the meta device."""
-    sae = r.trainer.sae
-    if ts.eval_tokens == 0:
-        return TopKSAE(sae.d_in, ts.n_latents, ts.k, device="meta", cfg=sae.cfg)
-    from safetensors.torch import load_file
+def _evaluate(settings: Settings, lm: Any, documents: Iterable[tuple[str, str]], r: _Run, shards: Optional[_Shards],
+              raw: Optional[TopKSAE] = None) -> tuple[dict[str, Any], Tensor, int]:
+    """Held-out metrics of the folded dictionary `raw`, or of a sharded run's shards: then every
+    rank of rank 0's latent group calls this on the same contexts (GroupDictionary), no rank
+    holding more than its shard; rank 0 keeps the result."""
+    from explainer.sae.evaluate import evaluate
 
-    t = load_file(str(weights), device=str(sae.device))
-    return build_sae(sae.d_in, ts.n_latents, ts.k, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], sae.cfg).to(sae.device)
+    sae: Any = raw
+    if shards is not None:
+        assert r.grid is not None
+        sae = GroupDictionary(shards.part, r.grid)
+        sae.normalize = "layer_norm" if settings.train.normalize == "layernorm" else "none"
+    return evaluate(lm, sae, settings, documents, r.rule)

@@ -150,11 +150,7 @@ def global_topk(values: Tensor, grid: Grid) -> Tensor:
     """This shard's candidate values [N, k] with those outside the group's global top k zeroed.
 
     A candidate's identity is implied by its (shard, slot), so only the values travel."""
-    k = values.shape[1]
-    every = torch.cat(grid.all_gather_latent(values.contiguous()), dim=1)
-    won = torch.zeros(every.shape, dtype=torch.bool, device=every.device)
-    won.scatter_(1, every.topk(k, dim=1, sorted=False).indices, True)
-    return values * won[:, grid.shard * k:(grid.shard + 1) * k]
+    return values * grid.winners(values, values.shape[1])[1]
 
 
 def same_start(grid: Grid, error: Optional[BaseException], position: int) -> None:
