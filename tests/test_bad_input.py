@@ -301,7 +301,7 @@ def test_changed_sample_settings_point_at_a_flag_that_exists(tiny_lm: Path, tiny
     db = tmp_path / "x.duckdb"
     assert main([str(a) for a in sample_args(tiny_lm, tiny_corpus, sae, db)]) == 0
     changed = sample_args(tiny_lm, tiny_corpus, sae, db, "--set", "sample.n_top=3")
-    fails(changed, capsys, "already sampled into this DB with other settings", "--restart")
+    fails(changed, capsys, "already sampled into this DB with other settings (sample.n_top: 20 -> 3)", "--restart")
     assert main([str(a) for a in changed + ["--restart"]]) == 0
     top = duckdb.connect(str(db), read_only=True).execute(
         "SELECT max(rank) FROM examples WHERE kind = 'top'").fetchone()[0]

@@ -102,7 +102,8 @@ def merge(con: duckdb.DuckDBPyConnection, shard_outputs: Sequence[Path | str], *
                                                 else (config or {})})
     run_id = store.start_run(con, "sample", {"merge": [str(p) for p in shard_outputs]})
     result = {"dict_id": dict_id, "dict_name": dict_row["name"], "config_key": merged.meta["config_key"],
-              "shard": "merged", "n_contexts": summary_counts(merged), "n_tokens": int(merged.n_tokens.sum()),
+              "config": merged.meta.get("config"), "shard": "merged", "n_contexts": summary_counts(merged),
+              "n_tokens": int(merged.n_tokens.sum()),
               "tokens_per_s": 0.0, "parquet": [str(f.resolve()) for f in folders],
               "logit_lens": "not computed by merge (no model here): run `explainer lens`"}
     try:

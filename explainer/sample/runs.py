@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import duckdb
 
@@ -53,17 +53,34 @@ def summary_counts(state: SampleState) -> dict[str, int]:
 
 
 def previous_result(con: duckdb.DuckDBPyConnection, dict_id: int, name: str, key: str, shard: str,
-              resume: bool) -> Optional[dict]:
-    """The result of a finished identical run (a no-op), or None; refuses to mix settings."""
+                    resume: bool, config: Optional[dict[str, Any]] = None) -> Optional[dict]:
+    """The result of a finished identical run (a no-op), or None; refuses to mix settings, naming
+    the ones that changed (runs from before results kept their config name none)."""
     done = done_runs(con, dict_id)
     if not resume:
         return None
     same = [res for _, res in done if res.get("config_key") == key and res.get("shard") in (shard, "merged")]
     if same:
         return same[-1]
-    if any(res.get("config_key") != key for _, res in done):
+    other = [res for _, res in done if res.get("config_key") != key]
+    if other:
+        changed = config_changes(other[-1].get("config"), config)
         raise ExplainerError(
-            f"dictionary {name!r} was already sampled into this DB with other settings; pass --restart to replace "
-            "its samples, or use another --db"
-        )
+            f"dictionary {name!r} was already sampled into this DB with other settings"
+            f"{' (' + '; '.join(changed) + ')' if changed else ''}; pass --restart to replace its samples, "
+            "rerun with the earlier settings, or use another --db")
     return None
+
+
+def config_changes(old: Any, new: Any, prefix: str = "", limit: int = 6) -> list[str]:
+    """`key: old -> new` for each leaf that differs between two config dicts (at most `limit`)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    out: list[str] = []
+    for k in sorted(set(old) | set(new)):
+        a, b, name = old.get(k), new.get(k), f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{name}.", limit)
+        elif a != b:
+            out.append(f"{name}: {'(default)' if a is None else repr(a)} -> {'(default)' if b is None else repr(b)}")
+    return out[:limit]

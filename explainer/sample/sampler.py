@@ -321,7 +321,8 @@ def _new_state(job: _Job) -> SampleState:
 def _finish(con: duckdb.DuckDBPyConnection, stream: _Stream, run_id: int) -> dict[str, Any]:
     """Record the finished pass: latents and examples for a whole run, the final state for a lone shard."""
     job, state, ss, T = stream.job, stream.state, stream.job.settings.sample, stream.job.settings.corpus.ctx_len
-    result = {"dict_id": job.dict_id, "dict_name": job.name, "config_key": job.key, "shard": job.shard_text,
+    result = {"dict_id": job.dict_id, "dict_name": job.name, "config_key": job.key, "config": job.cfg,
+              "shard": job.shard_text,
               "n_contexts": summary_counts(state), "n_tokens": int(state.n_tokens.sum()),
               **({"n_outlier_tokens": state.meta.get("n_outlier_tokens", 0),
                   "outlier_positions": state.meta.get("outlier_positions", {})} if job.rule is not None else {}),
@@ -373,7 +374,7 @@ def run(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | str
     stream, error, prev = None, None, None
     try:  # a latent shard that fails to start must still meet the others in same_start
         job = _open(con, settings, sae_path, lm, dict_name, grid)
-        prev = previous_result(con, job.dict_id, job.name, job.key, job.shard_text, resume)
+        prev = previous_result(con, job.dict_id, job.name, job.key, job.shard_text, resume, job.cfg)
         if prev is None:
             if settings.sample.hard_negatives == "embedding":
                 embed.model_dir()  # a missing encoder fails now, not after the whole corpus went through
