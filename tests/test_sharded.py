@@ -130,7 +130,9 @@ def test_sharded_steps_equal_one_process(tmp_path: Path, world: int, shards: int
     assert _differences(_whole(ranks, shards, "local"), single) != []
 
 
-def test_init_shard_slices_the_single_process_init() -> None:
+@pytest.mark.parametrize("block", [4096, 5])  # one generator block; blocks that straddle the shards
+def test_init_shard_slices_the_single_process_init(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("explainer.sae.model.INIT_BLOCK", block)
     full = TopKSAE(D_IN, N_LAT, K)
     full.init_tied(torch.Generator().manual_seed(0))
     for shard in range(4):
@@ -243,7 +245,8 @@ def _group_worker(rank: int, tmp: str, normalize: str) -> None:
 @pytest.mark.parametrize("normalize", ["none", "layer_norm"])
 def test_a_group_of_shards_encodes_and_decodes_as_the_whole_dictionary(tmp_path: Path, normalize: str) -> None:
     """What the held-out evaluation of a sharded run reads (no rank holds the whole dictionary)."""
-    mp.start_processes(_group_worker, args=(str(tmp_path), normalize), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a forked child's first matmul can hang on the parent's intra-op thread pool
+    mp.start_processes(_group_worker, args=(str(tmp_path), normalize), nprocs=2, join=True, start_method="spawn")
     for rank in range(2):
         r = torch.load(tmp_path / f"group{rank}-{normalize}.pt")
         (v, i, x_hat), (v1, i1, x_hat1) = r["got"], r["want"]

@@ -27,7 +27,9 @@ PROMPT = "the king of Paris and the queen of"
 @pytest.fixture(scope="module")
 def tiny_dict(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sae = TopKSAE(32, 64, 4, cfg={"hook_layer": 1})
-    sae.init_tied(torch.Generator().manual_seed(0))
+    # Seed 1: the scorer tests below need the first two firing latents to change at least 2 of 4
+    # greedy continuations at KL 2 (with seed 0's draw since model.init_rows, one latent changes only one).
+    sae.init_tied(torch.Generator().manual_seed(1))
     return save_dictionary(sae, tmp_path_factory.mktemp("steer") / "dict")
 
 

@@ -45,6 +45,24 @@ def layer_norm(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return centered / (std + LN_EPS), mu, std
 
 
+INIT_BLOCK = 4096  # decoder rows per generator block of the random init
+
+
+def init_rows(generator: Optional[torch.Generator], start: int, stop: int, d_in: int) -> Tensor:
+    """Rows start..stop of the random init [n, d_in]: standard normal, each block of INIT_BLOCK rows
+    from its own generator, seeded from one draw of `generator`. A latent shard (sharded.py) then
+    draws only the blocks its rows lie in, not every row before them (minutes at 16M x 4096), and
+    gets exactly the rows one process would."""
+    base = int(torch.randint(0, 2**62, (1,), generator=generator))
+    parts = []
+    for block in range(start // INIT_BLOCK, (stop - 1) // INIT_BLOCK + 1):
+        g = torch.Generator().manual_seed((base + block * 0x9E3779B97F4A7C15) % 2**63)
+        rows = torch.randn(INIT_BLOCK, d_in, generator=g)  # whole blocks: the same rows whatever the slice
+        at = block * INIT_BLOCK
+        parts.append(rows[max(start, at) - at : min(stop, at + INIT_BLOCK) - at])
+    return torch.cat(parts) if parts else torch.empty(0, d_in)
+
+
 class TopKSAE(nn.Module):
     """W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
 
@@ -87,7 +105,7 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def init_tied(self, generator: Optional[torch.Generator] = None) -> None:
         """Random unit-norm decoder rows, encoder = decoder transposed, zero biases."""
-        rows = torch.randn(self.d_sae, self.d_in, generator=generator).to(self.device)
+        rows = init_rows(generator, 0, self.d_sae, self.d_in).to(self.device)
         self.W_dec.copy_(rows / rows.norm(dim=1, keepdim=True))
         self.W_enc.copy_(self.W_dec.t())
         self.b_enc.zero_()

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from explainer.errors import ExplainerError
 from explainer.sae.distributed import Grid, check_latent_shards
-from explainer.sae.model import TopKSAE, layer_norm
+from explainer.sae.model import TopKSAE, init_rows, layer_norm
 from explainer.sae.sparse import sparse_decode, sparse_forward
 from explainer.sae.step import Trainer, _sum_sq, default_lr
 from explainer.settings import TrainSettings
@@ -48,23 +48,11 @@ def check_shardable(ts: TrainSettings, world: int) -> None:
 
 def init_shard(d_in: int, n_latents: int, k: int, grid: Grid, generator: torch.Generator, device: Any,
                cfg: Optional[dict] = None) -> TopKSAE:
-    """This shard's slice of TopKSAE.init_tied's dictionary, without building the whole one.
-
-    The generator's normal stream is the same drawn in row chunks as in one call, so the rows
-    before the slice are drawn in chunks and dropped."""
+    """This shard's slice of TopKSAE.init_tied's dictionary, drawing only its own rows (model.init_rows)."""
     width = n_latents // grid.shards
     start = grid.shard * width
     sae = TopKSAE(d_in, width, k, device=device, cfg=cfg)
-    chunk = max(1, (1 << 24) // d_in)
-    kept, row = [], 0
-    while row < start + width:
-        n = min(chunk, start + width - row)
-        block = torch.randn(n, d_in, generator=generator)
-        lo, hi = max(start, row), min(start + width, row + n)
-        if lo < hi:
-            kept.append(block[lo - row : hi - row])
-        row += n
-    rows = torch.cat(kept).to(sae.device)
+    rows = init_rows(generator, start, start + width, d_in).to(sae.device)
     with torch.no_grad():
         sae.W_dec.copy_(rows / rows.norm(dim=1, keepdim=True))
         sae.W_enc.copy_(sae.W_dec.t())
