@@ -65,6 +65,10 @@ def build(path: Path, n: int, per_latent: int) -> float:
         SELECT 2 * i + s + 1, i + 1, 1, i, 'simulation', 'ngram', 'ngram', CASE s WHEN 0 THEN 'validation' ELSE 'heldout' END,
                {u} * 0.9 + s * 0.05, 30, 'set' || i, {u} * 0.8, {u}, 0.0, 'ok', now()
         FROM range(?) t(i), range(2) k(s) ORDER BY i, s""", [n])
+    # The ids above were given, not drawn: move the sequences past them, so `explain` and `score`
+    # can add rows to this DB (a primary-key clash otherwise).
+    con.execute("SELECT max(nextval('explanation_ids')) FROM range(?)", [n])
+    con.execute("SELECT max(nextval('score_ids')) FROM range(?)", [2 * n])
     con.execute(f"""INSERT INTO contexts
         SELECT 1, c, 'doc' || c // 10, 'train', list_transform(range(64), lambda j: CAST(hh(c * 64 + j) % {WORDS} AS INTEGER)),
                list_transform(range(64), lambda j: ws[1 + hh(c * 64 + j) % {WORDS}])
