@@ -50,9 +50,9 @@ class Counted(Grid):
         return super().all_reduce_latent(t)
 
 
-def _settings(n: int, k: int) -> TrainSettings:
+def _settings(n: int, k: int, offer: float) -> TrainSettings:
     # dead_tokens below one batch: every latent not fired in a step is dead, so AuxK (and its gather) runs every step.
-    return TrainSettings(n_latents=n, k=k, dead_tokens=1)
+    return TrainSettings(n_latents=n, k=k, dead_tokens=1, auxk_offer=offer)
 
 
 def _batch(batch: int, d: int) -> torch.Tensor:
@@ -79,20 +79,21 @@ def _rank(rank: int, world: int, a: dict[str, Any], out: str) -> None:
     if world == 1:
         sae = TopKSAE(d, n, k)
         sae.init_tied(torch.Generator().manual_seed(0))
-        trainer: Trainer = Trainer(sae, _settings(n, k))
+        trainer: Trainer = Trainer(sae, _settings(n, k, a["offer"]))
         moved: dict[str, int] = {}
     else:
         g = make_grid(Dist(rank, world), world)
         grid = Counted(g.dist, g.shards, g.latent_group, g.data_group)
         grid.moved = moved = {"all_gather": 0, "all_reduce": 0}
         sae = init_shard(d, n, k, grid, torch.Generator().manual_seed(0), "cpu")
-        trainer = ShardedTrainer(sae, _settings(n, k), grid)
+        trainer = ShardedTrainer(sae, _settings(n, k, a["offer"]), grid)
     seconds = _time(trainer, x, a["steps"], moved)
     steps = a["steps"]
     params = sum(p.numel() for p in sae.parameters())
     row = {"rank": rank, "R": world, "n": n, "latents_here": sae.d_sae, "state_gb": 16 * params / GB,
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, "step_s": seconds,
-           **{f"{key}_mb_per_step": v / steps / 1e6 for key, v in moved.items()}}
+           **{f"{key}_mb_per_step": v / steps / 1e6 for key, v in moved.items()},
+           "aux_again": getattr(trainer, "aux_rows_again", 0) / max(getattr(trainer, "aux_rows", 0), 1)}
     Path(f"{out}.rank{rank}").write_text(json.dumps(row))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -118,10 +119,12 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=256, help="tokens per step")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
+    p.add_argument("--auxk-offer", type=float, default=2.0, help="train.auxk_offer (0: every shard sends all k_aux)")
     a = p.parse_args()
     print(f"d={a.d} k={a.k} k_aux={a.d // 2} batch={a.batch} tokens, fp32, gloo on {os.cpu_count()} CPU cores; "
-          f"step = fastest of {a.steps}")
-    print("   n    R  latents/rank  state GB/rank  peak RSS GB/rank  step s  all-gather MB/step  all-reduce MB/step")
+          f"step = fastest of {a.steps}; auxk_offer {a.auxk_offer:g}")
+    print("   n    R  latents/rank  state GB/rank  peak RSS GB/rank  step s  all-gather MB/step  all-reduce MB/step"
+          "  AuxK rows regathered")
     with tempfile.TemporaryDirectory() as tmp:
         for n in a.latents:
             for r in a.shards:
@@ -130,13 +133,14 @@ def main() -> None:
                     print(f"{n:>8} {r:>2}  skipped: needs ~{need:.1f} GB, {free:.1f} GB available")
                     continue
                 out = f"{tmp}/n{n}r{r}"
-                cfg = {"d": a.d, "n": n, "k": a.k, "batch": a.batch, "steps": a.steps}
+                cfg = {"d": a.d, "n": n, "k": a.k, "batch": a.batch, "steps": a.steps, "offer": a.auxk_offer}
                 mp.start_processes(_rank, args=(r, cfg, out), nprocs=r, join=True, start_method="spawn")
                 rows = [json.loads(Path(f"{out}.rank{i}").read_text()) for i in range(r)]
                 worst = max(rows, key=lambda row: row["peak_rss_gb"])
                 print(f"{n:>8} {r:>2}  {worst['latents_here']:>12,}  {worst['state_gb']:>13.3f}  "
                       f"{worst['peak_rss_gb']:>16.2f}  {max(row['step_s'] for row in rows):>6.2f}  "
-                      f"{worst.get('all_gather_mb_per_step', 0):>18.3f}  {worst.get('all_reduce_mb_per_step', 0):>18.3f}")
+                      f"{worst.get('all_gather_mb_per_step', 0):>18.3f}  {worst.get('all_reduce_mb_per_step', 0):>18.3f}"
+                      f"  {worst['aux_again']:>19.1%}")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,10 @@ class TrainSettings(Section):
     adam_eps: float = Field(6.25e-10, gt=0, le=1, description="Adam epsilon (Gao et al. 2024)")
     auxk_coef: float = Field(1 / 32, ge=0, description="weight of the AuxK loss on dead latents")
     k_aux: Optional[int] = Field(None, ge=1, le=2**24, description="latents in the AuxK reconstruction; default d_model / 2")
+    auxk_offer: float = Field(
+        2.0, ge=0, le=2**16, description="with --latent-shards R: each shard first offers its best F x k_aux / R AuxK "
+        "candidates per token, and only tokens where a shard may hold more winners are gathered in full (exact either "
+        "way; 0 gathers all k_aux of every shard)")
     dead_tokens: int = Field(
         100_000,
         ge=1,

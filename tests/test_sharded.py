@@ -27,7 +27,9 @@ from explainer.sae.step import Trainer
 from explainer.settings import TrainSettings
 
 D_IN, N_LAT, K, STEPS, RESUME_AT = 16, 64, 4, 8, 3
-VARIANTS = ("exact", "resumed", "local")
+# offered: each shard offers k_aux / R AuxK candidates first (train.auxk_offer = 1), so rows go both ways;
+# offered-once and local are mutations that must fail.
+VARIANTS = ("exact", "resumed", "local", "offered", "offered-once")
 
 
 def _settings() -> TrainSettings:
@@ -62,11 +64,14 @@ def _single(data: dict[str, Any]) -> dict[str, Any]:
     return _snapshot(t, stats)
 
 
-def _sharded(grid: Grid, data: dict[str, Any]) -> ShardedTrainer:
+def _sharded(grid: Grid, data: dict[str, Any], variant: str = "exact") -> ShardedTrainer:
     sae = init_shard(D_IN, N_LAT, K, grid, torch.Generator().manual_seed(0), "cpu")
     with torch.no_grad():
         sae.b_dec.copy_(data["b_dec"])
-    return ShardedTrainer(sae, _settings(), grid)
+    offer = 1.0 if variant.startswith("offered") else 2.0  # 1.0: 6 / R of each shard's k_aux = 6 offered first
+    t = ShardedTrainer(sae, _settings().model_copy(update={"auxk_offer": offer}), grid)
+    t.global_topk, t.aux_again = variant != "local", variant != "offered-once"
+    return t
 
 
 def _worker(rank: int, world: int, shards: int, tmp: str) -> None:
@@ -76,8 +81,7 @@ def _worker(rank: int, world: int, shards: int, tmp: str) -> None:
         grid = make_grid(Dist(rank, world), shards)
         data, out = _data(), {}
         for variant in VARIANTS:
-            t = _sharded(grid, data)
-            t.global_topk = variant != "local"
+            t = _sharded(grid, data, variant)
             stats = []
             for i, x in enumerate(data["batches"]):
                 if variant == "resumed" and i == RESUME_AT:
@@ -86,7 +90,7 @@ def _worker(rank: int, world: int, shards: int, tmp: str) -> None:
                     t = _sharded(grid, data)  # fresh weights, replaced by the checkpoint's
                     t.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
                 stats.append(t.step(x))
-            out[variant] = _snapshot(t, stats)
+            out[variant] = {**_snapshot(t, stats), "aux_rows": (t.aux_rows, t.aux_rows_again)}
         torch.save(out, f"{tmp}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -128,6 +132,12 @@ def test_sharded_steps_equal_one_process(tmp_path: Path, world: int, shards: int
         assert _differences(ranks[r]["exact"], ranks[r % shards]["exact"]) == []
     # The mutation: a shard decoding its own top k (k x R latents per token) must not pass for exact.
     assert _differences(_whole(ranks, shards, "local"), single) != []
+    # Offering k_aux / R AuxK candidates a shard first is exact: some rows were settled by the offer, some gathered again;
+    # leaving the latter as offered is not.
+    rows, again = ranks[0]["offered"]["aux_rows"]
+    assert 0 < again < rows, (rows, again)
+    assert _differences(_whole(ranks, shards, "offered"), single) == []
+    assert _differences(_whole(ranks, shards, "offered-once"), single) != []
 
 
 @pytest.mark.parametrize("block", [4096, 5])  # one generator block; blocks that straddle the shards

@@ -140,6 +140,30 @@ class Grid:
         return every, won[:, self.shard * w : (self.shard + 1) * w]
 
 
+    def winners_offered(self, values: Tensor, k: int, offer: int, again: bool = True) -> tuple[Tensor, int, int]:
+        """`winners(values, k)[1]` exactly, moving fewer values: each shard first offers only its best
+        `offer` candidates per row. The k-th best offered value t bounds the true k-th from below, so
+        a shard whose (offer+1)-th candidate beats t may hold more winners: only those rows (agreed
+        on by an all-reduce of one flag per row) are then gathered in full.
+        Returns (this shard's winners mask [N, w], rows offered first, rows then gathered in full);
+        with `offer` too large to save anything, or too small to hold k, all rows go in full at once."""
+        n, w = values.shape
+        if offer >= w or offer * self.shards < k:
+            return self.winners(values, k)[1], 0, 0
+        top, order = values.detach().topk(offer + 1, dim=1)  # sorted: best first
+        offered = torch.cat(self.all_gather_latent(top[:, :offer].contiguous()), dim=1)  # [N, R * offer]
+        best = offered.topk(k, dim=1)
+        flags = self.all_reduce_latent((top[:, offer] > best.values[:, -1]).to(torch.int32)) > 0
+        won = torch.zeros(offered.shape, dtype=torch.bool, device=values.device)
+        won.scatter_(1, best.indices, True)
+        mine = torch.zeros(n, w, dtype=torch.bool, device=values.device)
+        mine.scatter_(1, order[:, :offer], won[:, self.shard * offer : (self.shard + 1) * offer])
+        rows = flags.nonzero().flatten()
+        if len(rows) and again:  # `again` is False only in the tests' mutation
+            mine[rows] = self.winners(values[rows], k)[1]
+        return mine, n, len(rows)
+
+
 def _all_reduce(t: Tensor, group: Any, size: int) -> Tensor:
     if size == 1:
         return t

@@ -17,6 +17,7 @@ The update equals one process's on the same global batch up to summation order.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -71,11 +72,19 @@ class ShardedTrainer(Trainer):
         for group in self.opt.param_groups:
             group["lr"] = self.lr
         self.global_topk = True  # False only in the tests' mutation: each shard keeps its own top k
+        self.aux_rows = self.aux_rows_again = 0  # AuxK rows offered first, and those then gathered in full
+        self.aux_again = True  # False only in the tests' mutation: rows a shard may hold more winners of stay as offered
 
-    def _decode(self, values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """(the group's summed decoding, this shard's winners mask) of the global top-k among the candidates."""
+    def _decode(self, values: Tensor, indices: Tensor, k: int, offer: int = 0) -> tuple[Tensor, Tensor]:
+        """(the group's summed decoding, this shard's winners mask) of the global top-k among the candidates.
+
+        `offer` > 0: each shard offers that many candidates first (Grid.winners_offered; exact)."""
         g = self.grid
-        if self.global_topk:
+        if self.global_topk and offer:
+            mine, offered, again = g.winners_offered(values, k, offer, self.aux_again)
+            self.aux_rows += offered
+            self.aux_rows_again += again
+        elif self.global_topk:
             mine = g.winners(values, k)[1]
         else:
             mine = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
@@ -108,7 +117,9 @@ class ShardedTrainer(Trainer):
             pad = width - f.aux_values.shape[1]
             aux_v = torch.cat([f.aux_values, f.aux_values.new_full((len(x), pad), -1.0)], dim=1)
             aux_i = torch.cat([f.aux_indices, f.aux_indices.new_zeros(len(x), pad)], dim=1)
-            aux_hat, _ = self._decode(aux_v, aux_i, min(self.k_aux, n_dead))
+            k_aux = min(self.k_aux, n_dead)
+            offer = math.ceil(s.auxk_offer * k_aux / g.shards) if s.auxk_offer > 0 else 0
+            aux_hat, _ = self._decode(aux_v, aux_i, k_aux, offer)
             if g.shard == 0:
                 aux_hat = aux_hat + sae.b_dec - sae.b_dec.detach()  # b_dec on the path, as in Trainer
             resid = (x - x_hat).detach()

@@ -114,7 +114,7 @@ class TrainResult(StageResult):
 def _run_identity(settings: Settings) -> dict[str, Any]:
     """Settings a resumed run must share with the checkpoint (token count and eval may change)."""
     train = settings.train.model_dump(mode="json")
-    for key in ("out", "tokens", "eval_tokens", "ce_tokens", "checkpoint_every"):
+    for key in ("out", "tokens", "eval_tokens", "ce_tokens", "checkpoint_every", "auxk_offer"):
         train.pop(key)
     model = settings.model.model_dump(mode="json")
     model.pop("batch_size")
@@ -336,6 +336,11 @@ def _finish(settings: Settings, lm: Any, documents: Iterable[tuple[str, str]], r
     })
     metrics.setdefault("computed_on", {})["train_tokens, final_train_fvu, dead_fraction"] = (
         "train split, ordinary tokens only (outlier tokens are left out of every training batch)")
+    if isinstance(trainer, ShardedTrainer) and trainer.aux_rows:
+        metrics["auxk_rows_regathered"] = trainer.aux_rows_again / trainer.aux_rows
+        metrics["computed_on"]["auxk_rows_regathered"] = (
+            f"rank 0's AuxK rows since this process started ({trainer.aux_rows} offered first, train.auxk_offer "
+            f"{ts.auxk_offer:g}): the fraction some shard could hold more winners of, gathered again in full")
     counts, n = (eval_counts, eval_tokens) if eval_tokens else (
         trainer.fire_counts if shards is None else shards.fire_counts, trainer.tokens)
     cfg = {"activation_scale_folded": r.scale, "trained_tokens": trainer.tokens, "corpus": settings.corpus.source,
