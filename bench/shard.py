@@ -119,6 +119,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=256, help="tokens per step")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
+    p.add_argument("--margin", type=float, default=0.8,
+                   help="run a row only if its estimated memory is below this fraction of what is available")
     p.add_argument("--auxk-offer", type=float, default=2.0, help="train.auxk_offer (0: every shard sends all k_aux)")
     a = p.parse_args()
     print(f"d={a.d} k={a.k} k_aux={a.d // 2} batch={a.batch} tokens, fp32, gloo on {os.cpu_count()} CPU cores; "
@@ -129,7 +131,7 @@ def main() -> None:
         for n in a.latents:
             for r in a.shards:
                 need, free = _estimate_gb(a.d, n, a.batch) + 0.4 * (r - 1), _available_gb()
-                if need > 0.8 * free:
+                if need > a.margin * free:
                     print(f"{n:>8} {r:>2}  skipped: needs ~{need:.1f} GB, {free:.1f} GB available")
                     continue
                 out = f"{tmp}/n{n}r{r}"
