@@ -205,10 +205,10 @@ def test_embedding_negatives_without_the_model_fail_before_sampling(tiny_lm: Pat
 def test_default_rule_keeps_earlier_sample_config_keys(tiny_lm: Path) -> None:
     from types import SimpleNamespace
 
-    from explainer.sample import sampler
+    from explainer.sample import runs
 
     lm = SimpleNamespace(name="m", layer=1, dtype="float32", hook="layers.1")
-    _, default = sampler._config(Settings(), lm, "fp", True)
-    _, emb = sampler._config(Settings(sample={"hard_negatives": "embedding"}), lm, "fp", True)
+    _, default = runs.run_config(Settings(), lm, "fp", True)
+    _, emb = runs.run_config(Settings(sample={"hard_negatives": "embedding"}), lm, "fp", True)
     # A DB sampled before the setting existed matches a default run, so it is not resampled.
     assert "hard_negatives" not in default["sample"] and emb["sample"]["hard_negatives"] == "embedding"

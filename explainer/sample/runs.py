@@ -1,8 +1,10 @@
 """What sample and merge read and write about sample runs: shard names, the DB and state
-files, and the result records of earlier runs in the `runs` table."""
+files, the settings a run's results depend on (its config key), and the result records of
+earlier runs in the `runs` table."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -11,7 +13,9 @@ from typing import Any, Optional
 import duckdb
 
 from explainer.errors import ExplainerError
+from explainer.sae.outliers import OutlierRule
 from explainer.sample.state import SampleState
+from explainer.settings import Settings
 from explainer.vocab import SPLITS
 
 
@@ -84,3 +88,23 @@ def config_changes(old: Any, new: Any, prefix: str = "", limit: int = 6) -> list
         elif a != b:
             out.append(f"{name}: {'(default)' if a is None else repr(a)} -> {'(default)' if b is None else repr(b)}")
     return out[:limit]
+
+
+def run_config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
+            rule: Optional[OutlierRule] = None) -> tuple[str, dict[str, Any]]:
+    """What determines the results; a saved state or a finished run counts only if it matches."""
+    # Where the output goes does not change it; max_active only matters without a fixed k.
+    exclude = {"checkpoint_every", "shard", "force_layer", "parquet"} | ({"max_active"} if topk else set())
+    # The default hard-negative rule stays out, so runs from before the setting keep their config keys.
+    exclude |= {"hard_negatives"} if settings.sample.hard_negatives == "tokens" else set()
+    exclude |= {"latent_shards"} if settings.sample.latent_shards == 1 else set()
+    cfg = {
+        "fingerprint": fingerprint, "model": lm.name, "layer": lm.layer, "dtype": str(lm.dtype),
+        # Only off the default residual hook, so runs saved before --hook existed keep their key.
+        **({"hook": lm.hook} if lm.hook != f"layers.{lm.layer}" else {}),
+        "corpus": settings.corpus.model_dump(mode="json"),
+        "sample": settings.sample.model_dump(mode="json", exclude=exclude),
+        # Only when there is a rule, so dictionaries without one keep their earlier config keys.
+        **({"outliers": rule.cfg()} if rule is not None else {}),
+    }
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16], cfg

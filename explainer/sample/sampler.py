@@ -15,8 +15,6 @@ sampler_state.py holds the streaming state, sampler_select.py turns it into tabl
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,7 +31,16 @@ from explainer.results import StageResult
 from explainer.sae.distributed import Grid
 from explainer.sae.outliers import OutlierRule, add_histograms, position_histogram
 from explainer.sample.latent_map import LatentMap
-from explainer.sample.runs import db_bytes, db_file, done_runs, parse_shard, previous_result, state_path, summary_counts
+from explainer.sample.runs import (
+    db_bytes,
+    db_file,
+    done_runs,
+    parse_shard,
+    previous_result,
+    run_config,
+    state_path,
+    summary_counts,
+)
 from explainer.sample.select import write_results
 from explainer.sample.sink import DICT_FIELDS, DbContexts, ParquetContexts, Pending, sink
 from explainer.sample.state import M31, SampleState, load_state, new_state, one_thread, save_state, update
@@ -75,26 +82,6 @@ class SampleResult(StageResult):
                    db_bytes=db_bytes(con), tokens_per_s=0.0 if already_complete else record["tokens_per_s"],
                    wall_s=time.perf_counter() - t0, state_path=record.get("state_path"), warnings=warnings,
                    n_outlier_tokens=record.get("n_outlier_tokens"))
-
-
-def _config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
-            rule: Optional[OutlierRule] = None) -> tuple[str, dict[str, Any]]:
-    """What determines the results; a saved state or a finished run counts only if it matches."""
-    # Where the output goes does not change it; max_active only matters without a fixed k.
-    exclude = {"checkpoint_every", "shard", "force_layer", "parquet"} | ({"max_active"} if topk else set())
-    # The default hard-negative rule stays out, so runs from before the setting keep their config keys.
-    exclude |= {"hard_negatives"} if settings.sample.hard_negatives == "tokens" else set()
-    exclude |= {"latent_shards"} if settings.sample.latent_shards == 1 else set()
-    cfg = {
-        "fingerprint": fingerprint, "model": lm.name, "layer": lm.layer, "dtype": str(lm.dtype),
-        # Only off the default residual hook, so runs saved before --hook existed keep their key.
-        **({"hook": lm.hook} if lm.hook != f"layers.{lm.layer}" else {}),
-        "corpus": settings.corpus.model_dump(mode="json"),
-        "sample": settings.sample.model_dump(mode="json", exclude=exclude),
-        # Only when there is a rule, so dictionaries without one keep their earlier config keys.
-        **({"outliers": rule.cfg()} if rule is not None else {}),
-    }
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16], cfg
 
 
 # --- run -------------------------------------------------------------------------------------
@@ -194,7 +181,7 @@ def _open(con: duckdb.DuckDBPyConnection, settings: Settings, sae_path: Path | s
     # examples: its codes there are extrapolations, often 5-100x the activations it was trained on,
     # which would fill the top examples of the latents that happen to fire on them.
     rule = OutlierRule.from_cfg(sae.cfg)
-    key, cfg = _config(settings, lm, fp, sae.activation == "topk", rule)
+    key, cfg = run_config(settings, lm, fp, sae.activation == "topk", rule)
     return _Job(settings, lm, sae, rule, latents, dict_id, name, fp, key, cfg, shard, warnings)
 
 
