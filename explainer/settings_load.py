@@ -1,4 +1,5 @@
-"""From the sources to one Settings: load_settings() and its one-line errors.
+"""From the sources to one Settings: load_settings() and its one-line errors; config_changes()
+says what differs between two stored settings dicts.
 
 Sources, lowest to highest: field defaults, `--config explainer.toml`, environment
 variables (secrets only: OPENAI_API_KEY, OPENAI_BASE_URL), flags the user typed
@@ -132,3 +133,17 @@ def load_settings(path: Optional[Path] = None, overrides: Optional[dict[str, Any
     except ValidationError as e:
         src = f" (in {path} or flags)" if path else ""
         raise ExplainerError(f"invalid settings{src}: {one_line(e, flags)}") from None
+
+
+def config_changes(old: Any, new: Any, prefix: str = "", limit: int = 6) -> list[str]:
+    """`key: old -> new` for each leaf that differs between two config dicts (at most `limit`)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    out: list[str] = []
+    for k in sorted(set(old) | set(new)):
+        a, b, name = old.get(k), new.get(k), f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{name}.", limit)
+        elif a != b:
+            out.append(f"{name}: {'(default)' if a is None else repr(a)} -> {'(default)' if b is None else repr(b)}")
+    return out[:limit]

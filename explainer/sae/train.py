@@ -40,6 +40,7 @@ from explainer.sae.sharded import (
 )
 from explainer.sae.step import Trainer, geometric_median
 from explainer.settings import Settings, TrainSettings
+from explainer.settings_load import config_changes
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -238,9 +239,7 @@ def _run(settings: Settings, report: Progress, resume: bool, out: Path, dist: An
     total_steps = max(1, ts.tokens // step_tokens)
     if state is not None:
         if state.get("identity") != json.dumps(identity, sort_keys=True):
-            old = json.loads(state.get("identity") or "{}")
-            diff = [f"{sec}.{key}: {old.get(sec, {}).get(key)!r} -> {val!r}" for sec, fields in identity.items()
-                    for key, val in fields.items() if old.get(sec, {}).get(key) != val]
+            diff = config_changes(json.loads(state.get("identity") or "{}"), identity)
             raise ExplainerError(f"{out} holds a run with other settings ({'; '.join(diff) or 'unknown'}); "
                                  "resume with the same settings or choose another --out")
         done = int(state["trainer"]["steps"])
@@ -299,15 +298,13 @@ def _run(settings: Settings, report: Progress, resume: bool, out: Path, dist: An
     tok_s = (trainer.tokens - tokens_before) / max(seconds, 1e-9)
     _check_finite(trainer)
     shards = _write_shards(out, r) if r.grid is not None else None
-
-    if not dist.main:
+    if dist.main:
+        metrics = _finish(settings, lm, documents, r, out, seconds, tok_s, stats, dist.world, report, shards)
+    else:
         if shards is not None and r.grid is not None and r.grid.data_rank == 0:
             _evaluate(settings, lm, documents, r, shards)  # rank 0's latent group evaluates together
-        dist.barrier()  # rank 0 evaluates and writes; the others wait for it
         metrics = {"rank": dist.rank, "tokens_per_s": round(tok_s, 1)}
-        return TrainResult(out, metrics, trainer.steps, trainer.tokens, seconds, tok_s, state is not None)
-    metrics = _finish(settings, lm, documents, r, out, seconds, tok_s, stats, dist.world, report, shards)
-    dist.barrier()
+    dist.barrier()  # rank 0 evaluates and writes; the others wait for it
     return TrainResult(out, metrics, trainer.steps, trainer.tokens, seconds, tok_s, state is not None)
 
 

@@ -16,6 +16,7 @@ from explainer.errors import ExplainerError
 from explainer.sae.outliers import OutlierRule
 from explainer.sample.state import SampleState
 from explainer.settings import Settings
+from explainer.settings_load import config_changes
 from explainer.vocab import SPLITS
 
 
@@ -74,20 +75,6 @@ def previous_result(con: duckdb.DuckDBPyConnection, dict_id: int, name: str, key
             f"{' (' + '; '.join(changed) + ')' if changed else ''}; pass --restart to replace its samples, "
             "rerun with the earlier settings, or use another --db")
     return None
-
-
-def config_changes(old: Any, new: Any, prefix: str = "", limit: int = 6) -> list[str]:
-    """`key: old -> new` for each leaf that differs between two config dicts (at most `limit`)."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return []
-    out: list[str] = []
-    for k in sorted(set(old) | set(new)):
-        a, b, name = old.get(k), new.get(k), f"{prefix}{k}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{name}.", limit)
-        elif a != b:
-            out.append(f"{name}: {'(default)' if a is None else repr(a)} -> {'(default)' if b is None else repr(b)}")
-    return out[:limit]
 
 
 def run_config(settings: Settings, lm: Any, fingerprint: str, topk: bool,
