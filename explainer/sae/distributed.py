@@ -128,7 +128,6 @@ class Grid:
         torch.distributed.all_gather(parts, t.contiguous(), group=self.latent_group)
         return parts
 
-
     def winners(self, values: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """(every shard's candidate values [N, R*w] in shard order, the mask [N, w] of this shard's
         candidates among the group's top k of them). Exact: the global top k lies within the union
@@ -138,7 +137,6 @@ class Grid:
         won = torch.zeros(every.shape, dtype=torch.bool, device=every.device)
         won.scatter_(1, every.topk(k, dim=1, sorted=False).indices, True)
         return every, won[:, self.shard * w : (self.shard + 1) * w]
-
 
     def winners_offered(self, values: Tensor, k: int, offer: int, again: bool = True) -> tuple[Tensor, int, int]:
         """`winners(values, k)[1]` exactly, moving fewer values: each shard first offers only its best

@@ -26,15 +26,20 @@ from explainer.settings import SampleSettings
 from explainer.store import db as store
 
 
+def _dictionary(src: duckdb.DuckDBPyConnection, path: Path, dict_name: Optional[str], kind: str) -> tuple[int, dict[str, Any]]:
+    """(id, row) of the one dictionary (named `dict_name`, if given) of a shard or slice DB."""
+    rows = src.execute(f"SELECT id, {', '.join(DICT_FIELDS)} FROM dictionaries"
+                       + (" WHERE name = ?" if dict_name else ""), [dict_name] if dict_name else []).fetchall()
+    if len(rows) != 1:
+        raise ExplainerError(f"{kind} DB {path} holds {len(rows)} matching dictionaries; choose one with --dict-name")
+    return rows[0][0], dict(zip(DICT_FIELDS, rows[0][1:]))
+
+
 def _shard_db(path: Path, dict_name: Optional[str]) -> tuple[dict[str, Any], SampleState]:
     """The dictionary row and final state of a shard DB."""
     src = store.connect(path, read_only=True)
     try:
-        rows = src.execute(f"SELECT id, {', '.join(DICT_FIELDS)} FROM dictionaries"
-                           + (" WHERE name = ?" if dict_name else ""), [dict_name] if dict_name else []).fetchall()
-        if len(rows) != 1:
-            raise ExplainerError(f"shard DB {path} holds {len(rows)} matching dictionaries; choose one with --dict-name")
-        src_id, row = rows[0][0], dict(zip(DICT_FIELDS, rows[0][1:]))
+        src_id, row = _dictionary(src, path, dict_name, "shard")
         finished = [res for _, res in done_runs(src, src_id) if res.get("state_path")]
     finally:
         src.close()
@@ -141,12 +146,8 @@ def _slice_record(path: Path, dict_name: Optional[str]) -> tuple[dict[str, Any],
     """The dictionary row and finished complete run record of a slice's DB."""
     src = store.connect(path, read_only=True)
     try:
-        rows = src.execute(f"SELECT id, {', '.join(DICT_FIELDS)} FROM dictionaries"
-                           + (" WHERE name = ?" if dict_name else ""), [dict_name] if dict_name else []).fetchall()
-        if len(rows) != 1:
-            raise ExplainerError(f"slice DB {path} holds {len(rows)} matching dictionaries; choose one with --dict-name")
-        row = dict(zip(DICT_FIELDS, rows[0][1:]))
-        finished = [res for _, res in done_runs(src, rows[0][0]) if res.get("complete")]
+        src_id, row = _dictionary(src, path, dict_name, "slice")
+        finished = [res for _, res in done_runs(src, src_id) if res.get("complete")]
     finally:
         src.close()
     if not finished:

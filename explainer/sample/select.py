@@ -67,16 +67,22 @@ def context_vectors(con: duckdb.DuckDBPyConnection, relations: list[str], state:
     contexts sampled, not by latents x pool."""
     tk, pk = state.top_key[:, :EMBED_TOP].cpu(), state.pool_key.cpu()
     ids = torch.cat([top_cid(tk[tk >= 0]), sketch_cid(pk[pk < EMPTY])]).unique()
-    con.register("_vec_ids", pa.table({"context_id": pa.array(ids.numpy(), pa.int64())}))
+    # In id order: the encoder's batches (and so its padding) are then the same on every run.
+    t = _contexts_by_id(con, relations, ids.numpy(), "tokens", ordered=True)
+    vecs = embed.embedder().encode([embed.text_of(tokens) for tokens in t.column("tokens").to_pylist()])
+    return ContextVectors(torch.tensor(t.column("context_id").to_pylist(), dtype=torch.int64), torch.from_numpy(vecs))
+
+
+def _contexts_by_id(con: duckdb.DuckDBPyConnection, relations: list[str], ids: np.ndarray, column: str,
+                    ordered: bool = False) -> pa.Table:
+    """context_id and `column` of the contexts `ids`, read from the given relations (DB table or Parquet)."""
+    con.register("_ids", pa.table({"context_id": pa.array(ids, pa.int64())}))
     try:
-        union = " UNION ALL ".join(f"SELECT context_id, tokens FROM {r}" for r in relations)
-        # In id order: the encoder's batches (and so its padding) are then the same on every run.
-        rows = con.sql(f"SELECT u.context_id, u.tokens FROM ({union}) u SEMI JOIN _vec_ids k USING (context_id) "
-                       "ORDER BY u.context_id").fetchall()
+        union = " UNION ALL ".join(f"SELECT context_id, {column} FROM {r}" for r in relations)
+        return con.sql(f"SELECT u.context_id, u.{column} FROM ({union}) u SEMI JOIN _ids k USING (context_id)"
+                       + (" ORDER BY u.context_id" if ordered else "")).to_arrow_table()
     finally:
-        con.unregister("_vec_ids")
-    vecs = embed.embedder().encode([embed.text_of(tokens) for _, tokens in rows])
-    return ContextVectors(torch.tensor([c for c, _ in rows], dtype=torch.int64), torch.from_numpy(vecs))
+        con.unregister("_ids")
 
 
 def latent_rows(state: SampleState) -> dict[str, Any]:
@@ -286,13 +292,7 @@ def kept_ids(state: SampleState) -> np.ndarray:
 
 def token_table(con: duckdb.DuckDBPyConnection, relations: list[str], ids: np.ndarray, ctx_len: int) -> TokenTable:
     """Token ids of the contexts `ids`, read from the given relations (DB table or Parquet)."""
-    con.register("_kept_ids", pa.table({"context_id": pa.array(ids, pa.int64())}))
-    try:
-        union = " UNION ALL ".join(f"SELECT context_id, token_ids FROM {r}" for r in relations)
-        t = con.sql(f"SELECT u.context_id, u.token_ids FROM ({union}) u "
-                    "SEMI JOIN _kept_ids k USING (context_id)").to_arrow_table()
-    finally:
-        con.unregister("_kept_ids")
+    t = _contexts_by_id(con, relations, ids, "token_ids")
     cids = torch.from_numpy(t.column("context_id").to_numpy().copy())
     flat = t.column("token_ids").combine_chunks().flatten().to_numpy().astype("int64")
     return TokenTable(cids, torch.from_numpy(flat).view(-1, ctx_len))
